@@ -1,0 +1,203 @@
+"""The typed run configuration: the one vocabulary shared by specs, the launcher and the engine.
+
+Plain data only (pydantic, no torch import), so that spec validation and `--dry-run` stay fast.
+Every model forbids unknown keys, so a typo is an error naming the field, never a silent default.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+VARIANTS = ("dense", "dynamic", "static", "structural", "random", "attention")
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """Which network to build: a timm-registered name plus the DynamicViT arguments."""
+
+    name: str = "dynamicvit_tiny_patch8_64"
+    variant: Literal["dense", "dynamic", "static", "structural", "random", "attention"] = "dynamic"
+    keep_ratio: float = Field(0.7, gt=0.0, le=1.0)
+    pruning_loc: Optional[list[int]] = None
+    stage_ratios: Optional[list[float]] = None
+    pool_after_block: Optional[int] = None
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    pretrained: Optional[str] = None  # checkpoint file or URL (DeiT or DynamicViT layout)
+
+
+class DataConfig(Section):
+    """Where images come from. `img_size`/`num_classes` default to the dataset's own."""
+
+    name: Literal["imagenet", "cluttered_mnist", "synthetic"] = "cluttered_mnist"
+    root: Optional[str] = None  # imagenet: folder with train/ and val/; others: cache folder
+    img_size: Optional[int] = Field(None, gt=0)
+    num_classes: Optional[int] = Field(None, gt=0)
+    in_chans: Optional[int] = Field(None, gt=0)
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0  # data generation seed (cluttered_mnist, synthetic); not the training seed
+    # cluttered_mnist
+    canvas: int = Field(64, gt=0)
+    clutter: int = Field(4, ge=0)
+    train_digits: int = Field(4000, gt=0)
+    val_digits: int = Field(1000, gt=0)
+    val_placements: int = Field(2, gt=0)
+    # synthetic
+    train_size: int = Field(256, gt=0)
+    val_size: int = Field(64, gt=0)
+
+
+class AugConfig(Section):
+    """Training augmentation (the official recipe at paper scale; mostly off at tiny scale)."""
+
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    mixup: float = Field(0.8, ge=0.0)
+    cutmix: float = Field(1.0, ge=0.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    random_erasing: float = Field(0.25, ge=0.0, le=1.0)
+
+
+class OptimConfig(Section):
+    """AdamW + cosine with warm-up, as in the official recipe; lr is scaled by global batch / 1024."""
+
+    lr: float = Field(1e-3, gt=0.0)
+    min_lr: float = Field(1e-6, ge=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_epochs: int = Field(5, ge=0)
+    warmup_lr: float = Field(1e-6, ge=0.0)
+    backbone_lr_scale: float = Field(0.01, ge=0.0)
+    backbone_freeze_epochs: int = Field(5, ge=0)
+    lr_base_batch: int = Field(1024, gt=0)
+    clip_grad: Optional[float] = Field(None, gt=0.0)
+
+
+class LossTerm(Section):
+    """One loss term: its weight and an on/off switch (for the loss ablation)."""
+
+    weight: float = Field(1.0, ge=0.0)
+    enabled: bool = True
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.weight > 0
+
+
+def _loss_term(value: Any) -> Any:
+    """Accept the short form `kl: 0.5` as well as `kl: {weight: 0.5, enabled: false}`."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"weight": value}
+    if isinstance(value, bool):
+        return {"enabled": value}
+    return value
+
+
+class LossConfig(Section):
+    """The official DynamicViT loss: CE + 2.0 ratio + 0.5 KL + 0.5 token distillation."""
+
+    cls: LossTerm = LossTerm(weight=1.0)
+    ratio: LossTerm = LossTerm(weight=2.0)
+    kl: LossTerm = LossTerm(weight=0.5)
+    token: LossTerm = LossTerm(weight=0.5)
+
+    @field_validator("cls", "ratio", "kl", "token", mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        return _loss_term(value)
+
+
+class GumbelConfig(Section):
+    """Gumbel-softmax temperature: constant (official, tau=1) or annealed from tau0 to tau1."""
+
+    tau: float = Field(1.0, gt=0.0)  # tau0
+    tau1: Optional[float] = Field(None, gt=0.0)
+    schedule: Literal["constant", "linear", "cosine", "exponential"] = "constant"
+
+
+class TeacherConfig(Section):
+    """The frozen dense teacher: a checkpoint file/URL, or the output folder of another run."""
+
+    checkpoint: Optional[str] = None
+    run_dir: Optional[str] = None
+    model: Optional[str] = None  # defaults to the student's backbone
+
+
+class TrainConfig(Section):
+    epochs: int = Field(30, gt=0)
+    batch_size: int = Field(128, gt=0)  # per process
+    eval_batch_size: Optional[int] = Field(None, gt=0)
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA; always off on CPU
+    ema: Optional[float] = Field(None, gt=0.0, lt=1.0)
+    channels_last: bool = False
+    init_from: Optional[str] = None  # checkpoint or run folder to start the weights from
+    deterministic: bool = False  # masked top-k decisions instead of Gumbel samples
+
+
+class TrackingConfig(Section):
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "dvit-harness"
+    experiment_id: Optional[str] = None
+    parent_run_id: Optional[str] = None
+    run_name: Optional[str] = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    log_checkpoint: bool = True
+    visualize_images: int = Field(4, ge=0)
+
+
+class RunConfig(Section):
+    """Everything one training run needs; its hash is the run key used for idempotence."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    aug: AugConfig = AugConfig()
+    optim: OptimConfig = OptimConfig()
+    losses: LossConfig = LossConfig()
+    gumbel: GumbelConfig = GumbelConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output_dir: str = "runs/debug"
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> "RunConfig":
+        if self.gumbel.schedule != "constant" and self.gumbel.tau1 is None:
+            raise ValueError("gumbel.tau1 is required when gumbel.schedule is not 'constant'")
+        return self
+
+    def run_key(self) -> str:
+        """A stable hash of what determines the result (not where it is written or logged)."""
+        payload = self.model_dump(exclude={"tracking": True, "output_dir": True})
+        blob = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {'a.b.c': value}, the form MLflow params and overrides use."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set tree['a']['b'] = value for 'a.b', creating intermediate dicts."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[leaf] = value
