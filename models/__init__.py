@@ -1,0 +1,17 @@
+"""The DynamicViT family, registered in timm's model registry on import."""
+from models.checkpoint import load_weights, read_state_dict
+from models.dynamic_vit import (
+    MODEL_DEFAULTS,
+    VARIANTS,
+    DynamicViTOutput,
+    DynamicVisionTransformer,
+)
+
+__all__ = [
+    "MODEL_DEFAULTS",
+    "VARIANTS",
+    "DynamicViTOutput",
+    "DynamicVisionTransformer",
+    "load_weights",
+    "read_state_dict",
+]

@@ -1,0 +1,463 @@
+"""DynamicViT: dynamic token sparsification on timm's VisionTransformer.
+
+A small, explicit change to a stock timm ViT (the DeiT definition), in the spirit of ToMe.
+Modifications to `timm.models.vision_transformer.VisionTransformer`:
+  1. `MaskedAttention` replaces `Attention`: with a keep policy it computes the attention
+     weights by hand and masks them so that a dropped token is attended by nobody but itself
+     (the official, differentiable formulation); without one it is timm's fused attention.
+  2. `DynamicBlock` replaces `Block`: it passes the policy to the attention and can return the
+     CLS row of its attention map (for the `attention` variant).
+  3. `score_predictor`: one token selector per pruning stage (before the blocks in
+     `pruning_loc`); `PredictorLG` for `dynamic` (official parameter names), a learned score per
+     token position for `static`, none for `random` / `attention` / `structural` / `dense`.
+  4. Two forward paths. Training (`forward_masked`): all tokens stay in memory and a keep
+     decision per token (Gumbel-softmax, or exact top-k in deterministic mode) masks attention.
+     Inference (`forward_pruned`): per stage the top `int(N * ratio_s)` patch tokens are gathered
+     and the rest are gone, CLS always kept, so the cost per image is fixed and exact.
+  5. `structural`: 2x2 average pooling of the patch-token grid before block `pool_after_block`
+     (CLS untouched) instead of any token selection.
+
+Parameter names are the official checkpoint's (`blocks.*`, `score_predictor.{s}.in_conv.*`,
+`score_predictor.{s}.out_conv.*`), so official and DeiT weights load with strict key matching.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from timm.layers import Attention
+from timm.models import register_model
+from timm.models.vision_transformer import Block, VisionTransformer
+
+VARIANTS = ("dense", "dynamic", "static", "structural", "random", "attention")
+SELECTING_VARIANTS = ("dynamic", "static", "random", "attention")
+MASK_EPS = 1e-6  # the official epsilon of the masked softmax
+POOL_EPS = 1e-6  # guards the predictor's global mean when every token was dropped
+
+
+class DynamicViTOutput(NamedTuple):
+    """What the training losses need from one masked forward pass."""
+
+    logits: Tensor  # (B, num_classes)
+    tokens: Tensor  # final normalised patch tokens (B, N, C); pooled grid for `structural`
+    decision: Optional[Tensor]  # final keep decision over the N patch tokens (B, N), or None
+    keep_fractions: Tensor  # (B, S): kept fraction of the original patch tokens per stage
+
+
+def masked_softmax(attn: Tensor, policy: Tensor) -> Tensor:
+    """Softmax over keys where dropped tokens are attended only by themselves.
+
+    The official formulation: subtract the row max, exp in fp32, multiply by
+    (policy + identity for dropped rows), then (attn + eps/N) / (sum + eps). It stays
+    differentiable in the policy, which is how the predictor learns.
+    """
+    batch, _, tokens, _ = attn.shape
+    keep = policy.reshape(batch, 1, 1, tokens).float()
+    eye = torch.eye(tokens, dtype=torch.float32, device=attn.device).view(1, 1, tokens, tokens)
+    attn_policy = keep + (1.0 - keep) * eye
+    attn = attn - attn.amax(dim=-1, keepdim=True)
+    attn = attn.float().exp() * attn_policy
+    attn = (attn + MASK_EPS / tokens) / (attn.sum(dim=-1, keepdim=True) + MASK_EPS)
+    return attn
+
+
+class MaskedAttention(Attention):
+    """timm's Attention plus an optional keep policy and the CLS attention row.
+
+    Without a policy and without the CLS row request it is timm's fused attention.
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        x: Tensor,
+        policy: Optional[Tensor] = None,
+        return_cls_attn: bool = False,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        cls_attn: Optional[Tensor] = None
+
+        if policy is None and self.fused_attn:
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
+            )
+            if return_cls_attn:  # one extra row: the CLS query against every key
+                cls_row = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)
+                cls_attn = cls_row.softmax(dim=-1).mean(dim=1)[:, 0, 1:]
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if policy is None:
+                attn = attn.softmax(dim=-1)
+            else:
+                attn = masked_softmax(attn, policy).to(q.dtype)
+            if return_cls_attn:
+                cls_attn = attn[:, :, 0, 1:].mean(dim=1)
+            out = self.attn_drop(attn) @ v
+
+        out = out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
+        out = self.proj_drop(self.proj(self.norm(out)))
+        return out, cls_attn
+
+
+class DynamicBlock(Block):
+    """timm's Block whose attention takes a keep policy and can report its CLS attention row."""
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, policy: Optional[Tensor] = None, return_cls_attn: bool = False
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        attn_out, cls_attn = self.attn(self.norm1(x), policy=policy, return_cls_attn=return_cls_attn)
+        x = x + self.drop_path1(self.ls1(attn_out))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, cls_attn
+
+
+class PredictorLG(nn.Module):
+    """The official token-score predictor: local features + policy-weighted global mean.
+
+    Returns log-probabilities (B, N, 2); channel 0 = keep. The first output Linear is applied
+    to the local and global halves separately (equal to the official concat, cheaper: the
+    global half is computed once per image instead of once per token).
+    """
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(embed_dim, embed_dim // 2),
+            nn.GELU(),
+            nn.Linear(embed_dim // 2, embed_dim // 4),
+            nn.GELU(),
+            nn.Linear(embed_dim // 4, 2),
+            nn.LogSoftmax(dim=-1),
+        )
+
+    def forward(self, x: Tensor, policy: Optional[Tensor] = None) -> Tensor:
+        x = self.in_conv(x)
+        half = x.shape[-1] // 2
+        local_x, global_x = x[..., :half], x[..., half:]
+        if policy is None:  # every present token is kept (the gathered inference path)
+            count = x.new_full((x.shape[0], 1, 1), float(x.shape[1]))
+            global_x = global_x.sum(dim=1, keepdim=True)
+        else:
+            policy = policy.unsqueeze(-1)
+            count = policy.sum(dim=1, keepdim=True)
+            global_x = (global_x * policy).sum(dim=1, keepdim=True)
+        global_x = global_x / count.clamp_min(POOL_EPS)  # all dropped: 0 / eps = 0, never NaN
+        first = self.out_conv[0]
+        hidden = F.linear(local_x, first.weight[:, :half], first.bias) + F.linear(global_x, first.weight[:, half:])
+        return self.out_conv[1:](hidden)
+
+
+class StaticPredictor(nn.Module):
+    """`static` variant: one learned keep/drop score per token position, shared by all images."""
+
+    def __init__(self, num_tokens: int) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(num_tokens, 2))
+        nn.init.trunc_normal_(self.logits, std=0.02)
+
+    def forward(self, positions: Tensor) -> Tensor:
+        """Log-probabilities (B, n, 2) of the tokens at `positions` (B, n) of the original grid."""
+        return self.logits.log_softmax(dim=-1)[positions]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def topk_mask(scores: Tensor, keep: Tensor, k: int) -> Tensor:
+    """Hard 0/1 mask of the k highest scores among the tokens still kept."""
+    scores = scores.masked_fill(keep <= 0, float("-inf"))
+    index = scores.topk(k, dim=1, sorted=False).indices
+    return torch.zeros_like(keep).scatter_(1, index, 1.0) * (keep > 0)
+
+
+class DynamicVisionTransformer(VisionTransformer):
+    """A timm ViT (DeiT) with DynamicViT token sparsification; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        variant: str = "dynamic",
+        keep_ratio: float = 0.7,
+        pruning_loc: Optional[Sequence[int]] = (3, 6, 9),
+        stage_ratios: Optional[Sequence[float]] = None,
+        pool_after_block: Optional[int] = None,
+        gumbel_tau: float = 1.0,
+        deterministic: bool = False,
+        **vit_kwargs: Any,
+    ) -> None:
+        _check(variant in VARIANTS, f"variant: must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        _check(
+            isinstance(keep_ratio, (int, float)) and 0.0 < keep_ratio <= 1.0,
+            f"keep_ratio: must be in (0, 1], got {keep_ratio!r}",
+        )
+        _check(gumbel_tau > 0, f"gumbel_tau: must be > 0, got {gumbel_tau!r}")
+        img_size = vit_kwargs.get("img_size", 224)
+        patch_size = vit_kwargs.get("patch_size", 16)
+        for side in (img_size if isinstance(img_size, (tuple, list)) else (img_size, img_size)):
+            _check(
+                side % patch_size == 0,
+                f"img_size: must be a multiple of patch_size {patch_size}, got {img_size}",
+            )
+        super().__init__(block_fn=DynamicBlock, attn_layer=MaskedAttention, **vit_kwargs)
+        depth = len(self.blocks)
+        grid_h, grid_w = self.patch_embed.grid_size
+        self.num_patches = grid_h * grid_w
+        self.variant = variant
+        self.keep_ratio = float(keep_ratio)
+        self.gumbel_tau = float(gumbel_tau)
+        self.deterministic = deterministic
+
+        if variant in SELECTING_VARIANTS:
+            locs = list(pruning_loc) if pruning_loc is not None else []
+            _check(len(locs) > 0, "pruning_loc: must list at least one block index, got none")
+            _check(
+                all(isinstance(loc, int) and 0 <= loc < depth for loc in locs),
+                f"pruning_loc: each location must be a block index in [0, {depth - 1}], got {locs}",
+            )
+            _check(locs == sorted(set(locs)), f"pruning_loc: must be strictly increasing, got {locs}")
+            if variant == "attention":
+                _check(locs[0] >= 1, f"pruning_loc: the attention variant needs a block before each stage (>= 1), got {locs}")
+            ratios = list(stage_ratios) if stage_ratios is not None else [keep_ratio ** (i + 1) for i in range(len(locs))]
+            _check(
+                len(ratios) == len(locs),
+                f"stage_ratios: need one ratio per pruning location ({len(locs)}), got {len(ratios)}",
+            )
+            _check(all(0.0 < r <= 1.0 for r in ratios), f"stage_ratios: each must be in (0, 1], got {ratios}")
+            _check(ratios == sorted(ratios, reverse=True), f"stage_ratios: must not increase, got {ratios}")
+        else:
+            locs, ratios = [], []
+        self.pruning_loc: list[int] = locs
+        self.stage_ratios: list[float] = [float(r) for r in ratios]
+        self.num_keep: list[int] = [int(self.num_patches * r) for r in self.stage_ratios]
+        self._stage_at = {loc: stage for stage, loc in enumerate(locs)}
+
+        self.pool_after_block: Optional[int] = None
+        if variant == "structural":
+            pool_at = depth // 2 if pool_after_block is None else pool_after_block
+            _check(
+                isinstance(pool_at, int) and 1 <= pool_at < depth,
+                f"pool_after_block: must be a block count in [1, {depth - 1}], got {pool_after_block!r}",
+            )
+            _check(
+                grid_h % 2 == 0 and grid_w % 2 == 0,
+                f"img_size: structural pooling needs an even token grid, got {grid_h}x{grid_w}",
+            )
+            self.pool_after_block = pool_at
+
+        if variant == "dynamic":
+            self.score_predictor = nn.ModuleList(PredictorLG(self.embed_dim) for _ in locs)
+        elif variant == "static":
+            self.score_predictor = nn.ModuleList(StaticPredictor(self.num_patches) for _ in locs)
+
+    # ----------------------------------------------------------------------------------- utils
+    def set_gumbel_tau(self, tau: float) -> None:
+        """Set the Gumbel-softmax temperature (a schedule calls this per step)."""
+        _check(tau > 0, f"gumbel_tau: must be > 0, got {tau!r}")
+        self.gumbel_tau = float(tau)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def backbone_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Every parameter except the token selectors (which train at the full learning rate)."""
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("score_predictor.")]
+
+    def _embed(self, x: Tensor) -> Tensor:
+        expected = tuple(self.patch_embed.img_size)
+        if tuple(x.shape[-2:]) != expected:
+            raise ValueError(f"input: expected images of size {expected}, got {tuple(x.shape[-2:])}")
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x)
+
+    def _pool_grid(self, x: Tensor) -> Tensor:
+        """2x2 average pooling of the patch-token grid; CLS untouched."""
+        cls, patches = x[:, :1], x[:, 1:]
+        batch, _, dim = patches.shape
+        grid_h, grid_w = self.patch_embed.grid_size
+        grid = patches.transpose(1, 2).reshape(batch, dim, grid_h, grid_w)
+        pooled = F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
+        return torch.cat([cls, pooled], dim=1)
+
+    def align_teacher_tokens(self, teacher_tokens: Tensor) -> Tensor:
+        """Bring a dense teacher's final patch tokens to this model's token layout."""
+        if self.variant != "structural":
+            return teacher_tokens
+        cls = teacher_tokens.new_zeros(teacher_tokens.shape[0], 1, teacher_tokens.shape[-1])
+        return self._pool_grid(torch.cat([cls, teacher_tokens], dim=1))[:, 1:]
+
+    def _needs_cls_attn(self, block_index: int) -> bool:
+        return self.variant == "attention" and (block_index + 1) in self._stage_at
+
+    # -------------------------------------------------------------------------- training path
+    def _masked_decision(
+        self, stage: int, x: Tensor, keep: Tensor, cls_attn: Optional[Tensor], deterministic: bool
+    ) -> Tensor:
+        """The keep decision (B, N) of one stage over the original patch tokens."""
+        k = self.num_keep[stage]
+        if self.variant == "random":
+            return topk_mask(torch.rand_like(keep), keep, k)
+        if self.variant == "attention":
+            assert cls_attn is not None
+            return topk_mask(cls_attn, keep, k)
+        if self.variant == "dynamic":
+            log_probs = self.score_predictor[stage](x[:, 1:], keep)
+        else:  # static
+            positions = torch.arange(self.num_patches, device=x.device).expand(x.shape[0], -1)
+            log_probs = self.score_predictor[stage](positions)
+        if deterministic:  # exact top-k, straight-through gradient to the keep probability
+            soft = log_probs[..., 0].exp()
+            hard = topk_mask(log_probs[..., 0], keep, k)
+            return (hard + (soft - soft.detach())) * keep  # value exactly 0/1
+        return F.gumbel_softmax(log_probs, tau=self.gumbel_tau, hard=True)[..., 0] * keep
+
+    def forward_masked(self, x: Tensor, deterministic: Optional[bool] = None) -> DynamicViTOutput:
+        """Training path: every token stays in memory, dropped tokens are masked out of attention."""
+        deterministic = self.deterministic if deterministic is None else deterministic
+        x = self._embed(x)
+        batch = x.shape[0]
+        keep = x.new_ones(batch, self.num_patches)
+        policy: Optional[Tensor] = None
+        fractions: list[Tensor] = []
+        cls_attn: Optional[Tensor] = None
+        for index, block in enumerate(self.blocks):
+            if index == self.pool_after_block:
+                x = self._pool_grid(x)
+            stage = self._stage_at.get(index)
+            if stage is not None:
+                keep = self._masked_decision(stage, x, keep, cls_attn, deterministic)
+                fractions.append(keep.mean(dim=1))
+                policy = torch.cat([keep.new_ones(batch, 1), keep], dim=1)
+            x, cls_attn = block(x, policy=policy, return_cls_attn=self._needs_cls_attn(index))
+        x = self.norm(x)
+        logits = self.forward_head(x)
+        keep_fractions = torch.stack(fractions, dim=1) if fractions else x.new_zeros(batch, 0)
+        return DynamicViTOutput(logits, x[:, 1:], keep if fractions else None, keep_fractions)
+
+    # ------------------------------------------------------------------------- inference path
+    def _keep_scores(self, stage: int, patches: Tensor, positions: Tensor, cls_attn: Optional[Tensor]) -> Tensor:
+        """Ranking scores (B, n) of the patch tokens still present."""
+        if self.variant == "dynamic":
+            return self.score_predictor[stage](patches)[..., 0]
+        if self.variant == "static":
+            return self.score_predictor[stage](positions)[..., 0]
+        if self.variant == "attention":
+            assert cls_attn is not None
+            return cls_attn
+        return torch.rand(patches.shape[:2], device=patches.device)
+
+    def forward_pruned(self, x: Tensor, return_positions: bool = False) -> Any:
+        """Inference path: per stage gather the top `int(N * ratio_s)` patch tokens, CLS first.
+
+        With `return_positions`, also returns for each stage the kept positions (B, k_s) in the
+        original patch grid (for visualisations and kept-token counts).
+        """
+        x = self._embed(x)
+        batch, _, dim = x.shape
+        track = return_positions or self.variant == "static"
+        positions = torch.arange(self.num_patches, device=x.device).expand(batch, -1) if track else None
+        kept: list[Tensor] = []
+        cls_attn: Optional[Tensor] = None
+        for index, block in enumerate(self.blocks):
+            if index == self.pool_after_block:
+                x = self._pool_grid(x)
+            stage = self._stage_at.get(index)
+            if stage is not None and self.num_keep[stage] < x.shape[1] - 1:  # else nothing to drop
+                patches = x[:, 1:]
+                scores = self._keep_scores(stage, patches, positions, cls_attn)
+                order = scores.topk(self.num_keep[stage], dim=1, sorted=False).indices
+                patches = patches.gather(1, order.unsqueeze(-1).expand(-1, -1, dim))
+                x = torch.cat([x[:, :1], patches], dim=1)
+                if positions is not None:
+                    positions = positions.gather(1, order)
+                    kept.append(positions)
+            x, cls_attn = block(x, return_cls_attn=self._needs_cls_attn(index))
+        logits = self.forward_head(self.norm(x))
+        return (logits, kept) if return_positions else logits
+
+    def forward(self, x: Tensor) -> Any:  # type: ignore[override]
+        """Training mode: the masked path (a DynamicViTOutput); eval mode: pruned logits."""
+        if self.training:
+            return self.forward_masked(x)
+        return self.forward_pruned(x)
+
+
+# ------------------------------------------------------------------------------ registry
+_FACTORY_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _create(
+    pretrained: bool, spec: dict[str, Any], checkpoint: Optional[str] = None, **kwargs: Any
+) -> DynamicVisionTransformer:
+    """Build a model from its registered spec and the caller's overrides; load weights if asked.
+
+    `checkpoint` is a local file or URL in the official DynamicViT or DeiT layout;
+    `pretrained=True` loads the published DeiT backbone weights (predictors stay initialised).
+    """
+    for key in _FACTORY_KEYS:
+        kwargs.pop(key, None)
+    defaults = {k: v for k, v in spec.items() if not k.startswith("_")}
+    model = DynamicVisionTransformer(**{**defaults, **kwargs})
+    source = checkpoint or (spec.get("_url") if pretrained else None)
+    if pretrained and source is None:
+        raise ValueError("pretrained: this model has no published weights; pass checkpoint=PATH_OR_URL")
+    if source is not None:
+        from models.checkpoint import load_weights
+
+        load_weights(model, source)
+    return model
+
+
+def _deit(embed_dim: int, heads: int, url: Optional[str] = None) -> dict[str, Any]:
+    return dict(
+        img_size=224, patch_size=16, embed_dim=embed_dim, depth=12, num_heads=heads,
+        mlp_ratio=4.0, qkv_bias=True, pruning_loc=(3, 6, 9), _url=url,
+    )
+
+
+_DEIT_URLS = {
+    "small": "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth",
+    "base": "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth",
+}
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    # DeiT-256 (DynamicViT's own small DeiT: embed 256, 4 heads); no public DeiT weights
+    "dynamicvit_deit_256_patch16_224": _deit(256, 4),
+    "dynamicvit_deit_small_patch16_224": _deit(384, 6, _DEIT_URLS["small"]),
+    "dynamicvit_deit_base_patch16_224": _deit(768, 12, _DEIT_URLS["base"]),
+    # The tiny (CPU proxy) scale: 64 px canvas, 8x8 patches -> 64 tokens (shared/reference/proxy.md)
+    "dynamicvit_tiny_patch8_64": dict(
+        img_size=64, patch_size=8, in_chans=1, num_classes=10, embed_dim=96, depth=8, num_heads=3,
+        mlp_ratio=4.0, qkv_bias=True, pruning_loc=(2, 4, 6),
+    ),
+    # For tests: 32 px, 4x4 patches -> 64 tokens, a few thousand parameters per block
+    "dynamicvit_micro_patch4_32": dict(
+        img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=32, depth=4, num_heads=2,
+        mlp_ratio=2.0, qkv_bias=True, pruning_loc=(1, 2, 3),
+    ),
+}
+
+
+def _register(name: str) -> None:
+    spec = MODEL_DEFAULTS[name]
+
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> DynamicVisionTransformer:
+        return _create(pretrained, spec, **kwargs)
+
+    entrypoint.__name__ = name
+    entrypoint.__qualname__ = name
+    entrypoint.__doc__ = f"DynamicViT `{name}`: {spec}"
+    entrypoint.__module__ = __name__
+    globals()[name] = register_model(entrypoint)
+
+
+for _name in MODEL_DEFAULTS:
+    _register(_name)

@@ -1,0 +1,261 @@
+"""The DynamicViT family through its public entry points: timm's factory and the checkpoint loader."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import models
+from harness.measure import count_gflops
+from models.dynamic_vit import MODEL_DEFAULTS, VARIANTS
+
+MICRO = "dynamicvit_micro_patch4_32"
+DEIT_S = "dynamicvit_deit_small_patch16_224"
+
+
+def micro(**kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(MICRO, **kwargs)
+
+
+def images(model, batch: int = 4) -> torch.Tensor:
+    chans = model.patch_embed.proj.in_channels
+    height, width = model.patch_embed.img_size
+    return torch.randn(batch, chans, height, width, generator=torch.Generator().manual_seed(1))
+
+
+# ------------------------------------------------------------------------------- registry
+@pytest.mark.parametrize("name", sorted(MODEL_DEFAULTS))
+def test_every_registered_model_trains_and_infers(name: str) -> None:
+    assert name in timm.list_models("dynamicvit_*")
+    model = timm.create_model(name, keep_ratio=0.7)
+    x = images(model, batch=2)
+    model.train()
+    out = model(x)
+    assert isinstance(out, models.DynamicViTOutput)
+    assert out.logits.shape == (2, model.num_classes)
+    assert out.tokens.shape == (2, model.num_patches, model.embed_dim)
+    assert out.decision.shape == (2, model.num_patches)
+    assert out.keep_fractions.shape == (2, 3)
+    (out.logits.sum() + out.tokens.mean() + out.keep_fractions.sum()).backward()
+    grads = [p.grad for n, p in model.named_parameters() if n.startswith("score_predictor.")]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads), "the predictor must get a gradient through the policy"
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    assert logits.shape == (2, model.num_classes)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_trains_and_infers(variant: str) -> None:
+    model = micro(variant=variant, keep_ratio=0.6)
+    x = images(model)
+    out = model.train()(x)
+    expected_tokens = model.num_patches // 4 if variant == "structural" else model.num_patches
+    assert out.logits.shape == (4, 10)
+    assert out.tokens.shape == (4, expected_tokens, model.embed_dim)
+    stages = 3 if variant in ("dynamic", "static", "random", "attention") else 0
+    assert out.keep_fractions.shape == (4, stages)
+    loss = out.logits.logsumexp(-1).mean() + out.tokens.pow(2).mean()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad():
+        assert model.eval()(x).shape == (4, 10)
+
+
+def test_dense_variant_is_the_timm_vit() -> None:
+    """`dense` computes exactly what timm's plain ViT computes with the same weights."""
+    model = micro(variant="dense").eval()
+    plain = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=32, depth=4,
+        num_heads=2, mlp_ratio=2.0, qkv_bias=True,
+    ).eval()
+    plain.load_state_dict(model.state_dict(), strict=True)
+    x = images(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.forward_masked(x).logits, plain(x), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------- checkpoint layout
+def official_keys(depth: int = 12, stages: int = 3) -> set[str]:
+    """The key set of an official DynamicViT-DeiT checkpoint (shared/reference/dynamicvit.md)."""
+    keys = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"}
+    for wb in ("weight", "bias"):
+        keys |= {f"norm.{wb}", f"head.{wb}"}
+        for b in range(depth):
+            for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+                keys.add(f"blocks.{b}.{part}.{wb}")
+        for s in range(stages):
+            for part in ("in_conv.0", "in_conv.1", "out_conv.0", "out_conv.2", "out_conv.4"):
+                keys.add(f"score_predictor.{s}.{part}.{wb}")
+    return keys
+
+
+def test_parameter_names_match_the_official_checkpoint() -> None:
+    model = timm.create_model(DEIT_S)
+    state = model.state_dict()
+    assert set(state) == official_keys()
+    assert state["pos_embed"].shape == (1, 197, 384)
+    assert model.score_predictor[0].in_conv[0].eps == 1e-5  # predictor LayerNorm
+    assert model.blocks[0].norm1.eps == 1e-6 and model.norm.eps == 1e-6
+
+
+def test_official_checkpoint_round_trip_strict(tmp_path: Path) -> None:
+    source = timm.create_model(DEIT_S)
+    path = tmp_path / "dynamicvit_s_0.7.pth"
+    torch.save({"model": source.state_dict(), "epoch": 29}, path)
+
+    ckpt = torch.load(path, map_location="cpu")
+    target = timm.create_model(DEIT_S)
+    target.load_state_dict(ckpt["model"], strict=True)  # what users do with the model zoo
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+    by_factory = timm.create_model(DEIT_S, checkpoint=str(path))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(by_factory.eval()(x), source.eval()(x), rtol=0, atol=0)
+
+
+def test_deit_backbone_weights_load_with_only_predictors_missing(tmp_path: Path) -> None:
+    deit = timm.create_model("deit_small_patch16_224")
+    path = tmp_path / "deit_small_patch16_224.pth"
+    torch.save({"model": deit.state_dict()}, path)
+    model = timm.create_model(DEIT_S)
+    missing = models.load_weights(model, str(path))
+    assert missing and all(k.startswith("score_predictor.") for k in missing)
+    assert set(missing) == {k for k in official_keys() if k.startswith("score_predictor.")}
+    assert torch.equal(model.blocks[5].mlp.fc1.weight, deit.blocks[5].mlp.fc1.weight)
+    dense = timm.create_model(DEIT_S, variant="dense", checkpoint=str(path)).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), deit.eval()(x), rtol=0, atol=1e-5)
+
+
+def test_checkpoint_with_wrong_keys_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "other.pth"
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, path)
+    with pytest.raises(ValueError, match="missing keys"):
+        models.load_weights(micro(), str(path))
+    with pytest.raises(FileNotFoundError, match="checkpoint: no such file"):
+        models.load_weights(micro(), str(tmp_path / "absent.pth"))
+
+
+def test_checkpoint_url_is_cached_and_offline_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DVIT_CACHE", str(tmp_path))
+    url = "http://127.0.0.1:9/zoo/micro.pth"  # discard port: nothing answers, as offline
+    with pytest.raises(RuntimeError, match="could not download .*offline"):
+        models.load_weights(micro(), url)
+    source = micro()
+    cached = tmp_path / "checkpoints" / "micro.pth"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": source.state_dict()}, cached)
+    target = timm.create_model(MICRO, checkpoint=url)  # served from the cache, no network
+    assert torch.equal(target.head.weight, source.head.weight)
+
+
+# ------------------------------------------------------------------- dropping == masking
+@pytest.mark.parametrize("variant", ["dynamic", "static", "attention"])
+@pytest.mark.parametrize("ratio", [0.9, 0.7, 0.5])
+def test_dropping_tokens_equals_masking_them(variant: str, ratio: float) -> None:
+    model = micro(variant=variant, keep_ratio=ratio).eval()
+    x = images(model, batch=8)
+    with torch.no_grad():
+        masked = model.forward_masked(x, deterministic=True)
+        gathered, kept = model.forward_pruned(x, return_positions=True)
+    torch.testing.assert_close(gathered, masked.logits, rtol=0, atol=1e-4)
+    # and the same tokens survive: the final masked decision marks the last stage's gathered set
+    last = torch.zeros_like(masked.decision).scatter_(1, kept[-1], 1.0)
+    assert torch.equal(last, masked.decision)
+
+
+def test_deterministic_mode_is_the_default_training_path_when_set() -> None:
+    model = micro(deterministic=True).train()
+    x = images(model)
+    first, second = model(x), model(x)
+    assert torch.equal(first.decision, second.decision)
+    gumbel = micro().train()
+    decisions = {tuple(gumbel(x).decision.flatten().tolist()) for _ in range(3)}
+    assert len(decisions) > 1, "Gumbel sampling must vary between passes"
+
+
+# --------------------------------------------------------------------------------- FLOPs
+@pytest.mark.parametrize(
+    "ratio, paper", [(1.0, 4.6), (0.9, 4.0), (0.8, 3.4)]
+)
+def test_deit_s_flops_match_the_paper(ratio: float, paper: float) -> None:
+    assert count_gflops(timm.create_model(DEIT_S, keep_ratio=ratio)) == pytest.approx(paper, abs=0.05)
+
+
+def test_deit_s_07_flops_backbone_matches_paper_and_predictors_are_counted() -> None:
+    """DynamicViT-S/0.7: the backbone counts the paper's 2.9 G; the three predictors add 0.087 G
+    on top (the paper's table does not count them; we report what inference really runs)."""
+    dynamic = count_gflops(timm.create_model(DEIT_S, keep_ratio=0.7))
+    backbone = count_gflops(timm.create_model(DEIT_S, keep_ratio=0.7, variant="random"))
+    assert backbone == pytest.approx(2.9, abs=0.05)
+    assert dynamic - backbone == pytest.approx(0.087, abs=0.002)
+    assert count_gflops(timm.create_model("deit_small_patch16_224")) == pytest.approx(4.6, abs=0.01)
+
+
+def test_kept_token_counts_per_stage() -> None:
+    model = timm.create_model(DEIT_S, keep_ratio=0.7).eval()
+    assert model.num_keep == [137, 96, 67]
+    with torch.no_grad():
+        _, kept = model.forward_pruned(torch.randn(2, 3, 224, 224), return_positions=True)
+    assert [k.shape for k in kept] == [(2, 137), (2, 96), (2, 67)]
+    for earlier, later in zip(kept, kept[1:]):  # every stage keeps a subset of the previous one
+        for row in range(2):
+            assert set(later[row].tolist()) <= set(earlier[row].tolist())
+    custom = micro(pruning_loc=[2], stage_ratios=[0.25])
+    assert custom.num_keep == [16]
+
+
+def test_training_keep_fractions_follow_the_decisions() -> None:
+    model = micro(keep_ratio=0.5, deterministic=True).train()
+    out = model(images(model))
+    torch.testing.assert_close(out.keep_fractions, torch.tensor([[0.5, 0.25, 0.125]]).expand(4, 3))
+
+
+# ---------------------------------------------------------------------------- robustness
+@pytest.mark.parametrize("variant", ["dynamic", "static"])
+def test_no_nan_at_keep_ratio_01(variant: str) -> None:
+    model = micro(variant=variant, keep_ratio=0.1)  # keeps 6, 0, 0 of 64 tokens
+    assert model.num_keep == [6, 0, 0]
+    x = images(model)
+    for deterministic in (False, True):
+        out = model.train().forward_masked(x, deterministic=deterministic)
+        for tensor in (out.logits, out.tokens, out.keep_fractions):
+            assert torch.isfinite(tensor).all()
+        (out.logits.sum() + out.keep_fractions.sum() + out.tokens.sum()).backward()
+        for name, p in model.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), name
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(x)).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(keep_ratio=0.0), "keep_ratio: must be in \\(0, 1\\]"),
+        (dict(keep_ratio=1.5), "keep_ratio: must be in \\(0, 1\\], got 1.5"),
+        (dict(variant="magic"), "variant: must be one of dense, dynamic"),
+        (dict(pruning_loc=[1, 4]), "pruning_loc: each location must be a block index in \\[0, 3\\]"),
+        (dict(pruning_loc=[2, 1]), "pruning_loc: must be strictly increasing"),
+        (dict(pruning_loc=[1, 2], stage_ratios=[0.5]), "stage_ratios: need one ratio per pruning location"),
+        (dict(img_size=30), "img_size: must be a multiple of patch_size 4"),
+        (dict(variant="structural", pool_after_block=4), "pool_after_block: must be a block count in \\[1, 3\\]"),
+        (dict(variant="attention", pruning_loc=[0, 2]), "pruning_loc: the attention variant"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        timm.create_model(MICRO, **kwargs)
+
+
+def test_wrong_input_size_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="input: expected images of size \\(32, 32\\)"):
+        micro().eval()(torch.randn(1, 3, 64, 64))
