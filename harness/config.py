@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-VARIANTS = ("dense", "dynamic", "static", "structural", "random", "attention")
+from harness.catalog import MODEL_DEFAULTS
 
 
 class Section(BaseModel):
@@ -31,6 +31,29 @@ class ModelConfig(Section):
     pool_after_block: Optional[int] = None
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     pretrained: Optional[str] = None  # checkpoint file or URL (DeiT or DynamicViT layout)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in MODEL_DEFAULTS:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(MODEL_DEFAULTS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; registered: {', '.join(MODEL_DEFAULTS)}"
+            raise ValueError(f"unknown model{hint}")
+        return name
+
+    @model_validator(mode="after")
+    def _fits_the_architecture(self) -> "ModelConfig":
+        """Pruning locations and pooling point must lie inside the model's depth (caught before any job)."""
+        depth = MODEL_DEFAULTS[self.name]["depth"]
+        if self.pruning_loc is not None and not all(0 <= loc < depth for loc in self.pruning_loc):
+            raise ValueError(f"pruning_loc: each location must be a block index in [0, {depth - 1}], got {self.pruning_loc}")
+        if self.pool_after_block is not None and not 1 <= self.pool_after_block < depth:
+            raise ValueError(f"pool_after_block: must be in [1, {depth - 1}], got {self.pool_after_block}")
+        if self.stage_ratios is not None and not all(0 < r <= 1 for r in self.stage_ratios):
+            raise ValueError(f"stage_ratios: each must be in (0, 1], got {self.stage_ratios}")
+        return self
 
 
 class DataConfig(Section):
@@ -76,6 +99,8 @@ class OptimConfig(Section):
     backbone_freeze_epochs: int = Field(5, ge=0)
     lr_base_batch: int = Field(1024, gt=0)
     clip_grad: Optional[float] = Field(None, gt=0.0)
+    freeze: list[str] = Field(default_factory=lambda: ["cls_token", "pos_embed"])  # never trained
+    log_every: int = Field(20, gt=0)  # steps between train/loss_step points
 
 
 class LossTerm(Section):
@@ -129,7 +154,7 @@ class TeacherConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(30, gt=0)
+    epochs: int = Field(30, ge=0)  # 0: evaluate the (pretrained) weights only
     batch_size: int = Field(128, gt=0)  # per process
     eval_batch_size: Optional[int] = Field(None, gt=0)
     seed: int = 0
@@ -146,6 +171,7 @@ class TrackingConfig(Section):
     experiment_id: Optional[str] = None
     parent_run_id: Optional[str] = None
     run_name: Optional[str] = None
+    run_id: Optional[str] = None  # a run created by the launcher (status SCHEDULED) to log into
     tags: dict[str, str] = Field(default_factory=dict)
     log_checkpoint: bool = True
     visualize_images: int = Field(4, ge=0)
@@ -201,3 +227,91 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
             node[part] = child
         node = child
     node[leaf] = value
+
+
+# ------------------------------------------------------------------------ loading + errors
+class ConfigError(ValueError):
+    """Invalid user input: one line per problem, `file: field: problem, got X`."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The valid field names of the section that `loc` (minus its last part) points into."""
+    current: Any = model
+    for part in loc[:-1]:
+        fields = getattr(current, "model_fields", {})
+        if part not in fields:
+            return []
+        current = fields[part].annotation
+    return list(getattr(current, "model_fields", {}))
+
+
+def format_validation_error(err: Any, source: str, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """pydantic's ValidationError as one line per problem, naming the file and dotted field."""
+    import difflib
+
+    lines = []
+    for item in err.errors():
+        loc = tuple(item["loc"])
+        field_name = prefix + ".".join(str(p) for p in loc) if loc else prefix.rstrip(".") or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            valid = _fields_at(model, loc)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            message = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+            if valid and not close:
+                message += f"; valid keys: {', '.join(valid)}"
+        lines.append(f"{source}: {field_name}: {message}, got {item.get('input')!r}")
+    return lines
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=value' -> ('a.b', YAML-parsed value), so numbers, lists and null work as expected."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError([f"override {text!r}: expected key=value"])
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """A YAML mapping from `path`; syntax errors name the line."""
+    import yaml
+
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError([f"{path}: YAML syntax error at {where}: {problem}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a mapping at the top level, got {type(data).__name__}"])
+    return data
+
+
+def load_run_config(path: str, overrides: list[str] = ()) -> RunConfig:
+    """Read a run YAML, apply `key=value` overrides, validate. Raises ConfigError."""
+    from pydantic import ValidationError
+
+    data = read_yaml(path)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(data, key, value)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, path, RunConfig)) from None

@@ -1,8 +1,7 @@
 """The DynamicViT family, registered in timm's model registry on import."""
 from models.checkpoint import load_weights, read_state_dict
+from harness.catalog import MODEL_DEFAULTS, VARIANTS
 from models.dynamic_vit import (
-    MODEL_DEFAULTS,
-    VARIANTS,
     DynamicViTOutput,
     DynamicVisionTransformer,
 )

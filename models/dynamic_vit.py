@@ -32,7 +32,8 @@ from timm.layers import Attention
 from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
-VARIANTS = ("dense", "dynamic", "static", "structural", "random", "attention")
+from harness.catalog import MODEL_DEFAULTS, VARIANTS
+
 SELECTING_VARIANTS = ("dynamic", "static", "random", "attention")
 MASK_EPS = 1e-6  # the official epsilon of the masked softmax
 POOL_EPS = 1e-6  # guards the predictor's global mean when every token was dropped
@@ -415,35 +416,6 @@ def _create(
 
         load_weights(model, source)
     return model
-
-
-def _deit(embed_dim: int, heads: int, url: Optional[str] = None) -> dict[str, Any]:
-    return dict(
-        img_size=224, patch_size=16, embed_dim=embed_dim, depth=12, num_heads=heads,
-        mlp_ratio=4.0, qkv_bias=True, pruning_loc=(3, 6, 9), _url=url,
-    )
-
-
-_DEIT_URLS = {
-    "small": "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth",
-    "base": "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth",
-}
-MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    # DeiT-256 (DynamicViT's own small DeiT: embed 256, 4 heads); no public DeiT weights
-    "dynamicvit_deit_256_patch16_224": _deit(256, 4),
-    "dynamicvit_deit_small_patch16_224": _deit(384, 6, _DEIT_URLS["small"]),
-    "dynamicvit_deit_base_patch16_224": _deit(768, 12, _DEIT_URLS["base"]),
-    # The tiny (CPU proxy) scale: 64 px canvas, 8x8 patches -> 64 tokens (shared/reference/proxy.md)
-    "dynamicvit_tiny_patch8_64": dict(
-        img_size=64, patch_size=8, in_chans=1, num_classes=10, embed_dim=96, depth=8, num_heads=3,
-        mlp_ratio=4.0, qkv_bias=True, pruning_loc=(2, 4, 6),
-    ),
-    # For tests: 32 px, 4x4 patches -> 64 tokens, a few thousand parameters per block
-    "dynamicvit_micro_patch4_32": dict(
-        img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=32, depth=4, num_heads=2,
-        mlp_ratio=2.0, qkv_bias=True, pruning_loc=(1, 2, 3),
-    ),
-}
 
 
 def _register(name: str) -> None:

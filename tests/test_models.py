@@ -9,7 +9,7 @@ import torch
 
 import models
 from harness.measure import count_gflops
-from models.dynamic_vit import MODEL_DEFAULTS, VARIANTS
+from harness.catalog import MODEL_DEFAULTS, VARIANTS
 
 MICRO = "dynamicvit_micro_patch4_32"
 DEIT_S = "dynamicvit_deit_small_patch16_224"

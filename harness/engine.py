@@ -1,0 +1,407 @@
+"""The one training engine every run goes through: build, train, evaluate, checkpoint, log.
+
+`run(cfg)` trains one run to the end (or resumes it from `<output_dir>/checkpoint.pth`) and
+returns its final metrics. Rank 0 writes checkpoints and talks to MLflow; every rank trains.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import timm
+import torch
+import yaml
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3, random_seed
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import models
+from harness import checkpointing as ckpt
+from harness.config import RunConfig
+from harness.data import DataBundle, build_data, make_loader, set_epoch
+from harness.distributed import DistEnv, all_reduce_sum, barrier, init_distributed
+from harness.losses import DynamicViTLoss
+from harness.measure import count_gflops, count_params_m, measure_throughput
+from harness.optim import build_optimizer, build_scheduler, current_lrs, gumbel_tau, set_backbone_trainable
+from harness.tracking import RunTracker
+from harness.visualize import kept_token_figure
+
+RESULT = "result.json"  # final metrics of a finished run, beside its checkpoint
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or Inf: the run stops, its last good checkpoint is kept."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM/SIGUSR2 arrived: a checkpoint was written at the last step boundary."""
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGUSR2 into a flag the training loop checks between steps."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignal":
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals to the caller
+            pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class EpochSums:
+    """Running sums of one epoch's train metrics (kept in checkpoints for exact resume)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {key: value / max(self.count, 1) for key, value in self.sums.items()}
+
+
+def build_model(cfg: RunConfig, data: DataBundle) -> models.DynamicVisionTransformer:
+    """The student (or dense) model named by the config, sized to the data."""
+    m = cfg.model
+    kwargs: dict[str, Any] = dict(
+        variant=m.variant,
+        keep_ratio=m.keep_ratio,
+        num_classes=data.num_classes,
+        img_size=data.img_size,
+        in_chans=data.in_chans,
+        drop_path_rate=m.drop_path,
+        deterministic=cfg.train.deterministic,
+        gumbel_tau=cfg.gumbel.tau,
+    )
+    for key in ("pruning_loc", "stage_ratios", "pool_after_block"):
+        if getattr(m, key) is not None:
+            kwargs[key] = getattr(m, key)
+    if m.pretrained:
+        kwargs["checkpoint"] = ckpt.weights_file(m.pretrained)
+    model = timm.create_model(m.name, **kwargs)
+    if cfg.train.init_from:
+        models.load_weights(model, ckpt.weights_file(cfg.train.init_from))
+    return model
+
+
+def build_teacher(cfg: RunConfig, data: DataBundle) -> Optional[nn.Module]:
+    """The frozen dense teacher of the same backbone, or None when no loss needs one."""
+    if not (cfg.losses.kl.active or cfg.losses.token.active) or cfg.model.variant == "dense":
+        return None
+    source = cfg.teacher.checkpoint or cfg.teacher.run_dir
+    if source is None:
+        raise ValueError("teacher: the kl/token losses need teacher.checkpoint or teacher.run_dir, got neither")
+    teacher = timm.create_model(
+        cfg.teacher.model or cfg.model.name,
+        variant="dense",
+        num_classes=data.num_classes,
+        img_size=data.img_size,
+        in_chans=data.in_chans,
+    )
+    models.load_weights(teacher, ckpt.weights_file(source))
+    return teacher.eval().requires_grad_(False)
+
+
+def _criterion(cfg: RunConfig, mixup: Optional[Mixup]) -> nn.Module:
+    if mixup is not None:
+        return SoftTargetCrossEntropy()
+    if cfg.aug.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(cfg.aug.label_smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def _mixup(cfg: RunConfig, num_classes: int) -> Optional[Mixup]:
+    if cfg.aug.mixup <= 0 and cfg.aug.cutmix <= 0:
+        return None
+    return Mixup(
+        mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix,
+        label_smoothing=cfg.aug.label_smoothing, num_classes=num_classes,
+    )
+
+
+def _skip(loader: Iterator, batches: int) -> Iterator:
+    """Continue an epoch after `batches` batches (a mid-epoch resume): same order, same data."""
+    for index, batch in enumerate(loader):
+        if index >= batches:
+            yield batch
+
+
+class Trainer:
+    """Holds one run's objects; `fit()` runs the epochs. Split into steps a reader can follow."""
+
+    def __init__(self, cfg: RunConfig, env: DistEnv) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.out = Path(cfg.output_dir)
+        self.device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
+        random_seed(cfg.train.seed, env.rank)  # torch, numpy (Mixup) and python RNGs
+        self.data = build_data(cfg.data, cfg.aug)
+        self.model = build_model(cfg, self.data).to(self.device)
+        self.teacher = build_teacher(cfg, self.data)
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+        if cfg.train.channels_last and self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        self.train_loader = make_loader(
+            self.data.train, cfg.train.batch_size, train=True, seed=cfg.train.seed,
+            num_workers=cfg.data.num_workers, distributed=env.enabled,
+        )
+        self.val_loader = make_loader(
+            self.data.val, cfg.train.eval_batch_size or cfg.train.batch_size, train=False,
+            seed=cfg.train.seed, num_workers=cfg.data.num_workers, distributed=env.enabled,
+        )
+        self.steps_per_epoch = len(self.train_loader)
+        global_batch = cfg.train.batch_size * env.world_size
+        self.optimizer = build_optimizer(self.model, cfg.optim, global_batch)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.epochs, self.steps_per_epoch)
+        self.ema = ModelEmaV3(self.model, decay=cfg.train.ema) if cfg.train.ema else None
+        self.mixup = _mixup(cfg, self.data.num_classes)
+        self.loss = DynamicViTLoss(cfg.losses, self.model.stage_ratios, _criterion(cfg, self.mixup))
+        self.ddp: nn.Module = (
+            DistributedDataParallel(self.model, device_ids=[env.local_rank] if self.device.type == "cuda" else None)
+            if env.enabled else self.model
+        )
+        use_bf16 = cfg.train.amp and self.device.type == "cuda"
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        self.tracker: Optional[RunTracker] = None
+        self.epoch = 0
+        self.batches_done = 0
+        self.sums = EpochSums()
+        self.history: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "sums": {"sums": self.sums.sums, "count": self.sums.count},
+            "history": self.history,
+            "rng": ckpt.rng_state(),
+            "mlflow_run_id": self.tracker.run_id if self.tracker else None,
+            "run_key": self.cfg.run_key(),
+        }
+
+    def save(self) -> None:
+        if self.env.is_main:
+            ckpt.save_atomic(self.state(), self.out / ckpt.CHECKPOINT)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+        self.sums = EpochSums(dict(state["sums"]["sums"]), state["sums"]["count"])
+        self.history = dict(state["history"])
+        ckpt.restore_rng(state["rng"])
+
+    # ------------------------------------------------------------------------- steps
+    def _tau(self, step: int) -> float:
+        total = max(1, self.cfg.train.epochs * self.steps_per_epoch - 1)
+        return gumbel_tau(self.cfg.gumbel, step / total)
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, step: int) -> dict[str, float]:
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        if self.cfg.train.channels_last and self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        self.model.set_gumbel_tau(self._tau(step))
+        self.scheduler.step_update(step)
+        teacher_out = None
+        with self.autocast():
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t = self.teacher.forward_masked(images)
+                teacher_out = (t.logits, self.model.align_teacher_tokens(t.tokens))
+            output = self.ddp(images)
+            loss, parts = self.loss(output, targets, teacher_out)
+        values = {"loss": loss.detach(), **{f"loss_{k}": v.detach() for k, v in parts.items()}}
+        for stage in range(output.keep_fractions.shape[1]):
+            values[f"keep_stage{stage + 1}"] = output.keep_fractions[:, stage].detach().mean()
+        stacked = torch.stack([v.float() for v in values.values()]).cpu()
+        if not torch.isfinite(stacked).all():
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(values, stacked.tolist()))
+            raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {self.epoch}): {shown}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.clip_grad:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=step)
+        return dict(zip(values, stacked.tolist()))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Top-1/top-5/loss in the pruned inference path; realised keep fraction per stage."""
+        model.eval()
+        totals = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss sum, count
+        for images, targets in self.val_loader:
+            images, targets = images.to(self.device), targets.to(self.device)
+            with self.autocast():
+                logits = model(images).float()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top5 == targets[:, None]
+            totals += torch.tensor([
+                hits[:, 0].sum().item(), hits.any(dim=1).sum().item(),
+                nn.functional.cross_entropy(logits, targets, reduction="sum").item(), len(targets),
+            ], dtype=torch.float64)
+        totals = all_reduce_sum(totals.to(self.device), self.env).cpu()
+        count = max(totals[3].item(), 1.0)
+        metrics = {"acc1": 100 * totals[0].item() / count, "acc5": 100 * totals[1].item() / count,
+                   "loss": totals[2].item() / count}
+        base = getattr(model, "module", model)
+        for stage, keep in enumerate(getattr(base, "num_keep", [])):
+            metrics[f"keep_stage{stage + 1}"] = keep / base.num_patches
+        return metrics
+
+    def train_epoch(self, stop: _StopSignal) -> None:
+        self.model.train()
+        set_epoch(self.train_loader, self.epoch)
+        batches = _skip(iter(self.train_loader), self.batches_done)
+        quiet = not sys.stderr.isatty() or not self.env.is_main
+        bar = tqdm(batches, total=self.steps_per_epoch, initial=self.batches_done, disable=quiet,
+                   desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", leave=False)
+        for images, targets in bar:
+            step = self.epoch * self.steps_per_epoch + self.batches_done
+            values = self.train_step(images, targets, step)
+            self.sums.add(values)
+            self.batches_done += 1
+            if self.tracker and step % self.cfg.optim.log_every == 0:
+                self.tracker.log_metrics({"train/loss_step": values["loss"]}, step=step)
+            bar.set_postfix(loss=f"{values['loss']:.3f}")
+            if stop.received is not None:
+                self.save()
+                raise Preempted(f"signal {stop.received}: checkpoint written at epoch {self.epoch}, "
+                                f"batch {self.batches_done}")
+
+    def epoch_metrics(self, epoch_seconds: float) -> dict[str, float]:
+        train = {f"train/{k}": v for k, v in self.sums.means().items()}
+        val = {f"val/{k}": v for k, v in self.evaluate(self.model).items()}
+        if self.ema is not None:
+            val.update({f"val_ema/{k}": v for k, v in self.evaluate(self.ema.module).items()})
+        lr, lr_backbone = current_lrs(self.optimizer)
+        last_step = (self.epoch + 1) * self.steps_per_epoch - 1
+        extra = {"lr": lr, "lr_backbone": lr_backbone, "tau": self._tau(last_step),
+                 "epoch_time_s": epoch_seconds}
+        return {k: v for k, v in {**train, **val, **extra}.items() if not math.isnan(v)}
+
+    # --------------------------------------------------------------------------- run
+    def final_metrics(self) -> dict[str, float]:
+        """GFLOPs, parameters and images/s of the final model, in the pruned inference path."""
+        model = self.model.eval()
+        batch = min(self.cfg.train.eval_batch_size or self.cfg.train.batch_size, 64)
+        speed = measure_throughput(model, batch, device=self.device, warmup=2, iters=5)
+        return {"gflops": count_gflops(model), "params_m": count_params_m(model),
+                "throughput_img_s": speed.images_per_s}
+
+    def write_artifacts(self) -> None:
+        """The resolved config, kept-token pictures and the final weights, to disk and MLflow."""
+        resolved = self.out / "config.yaml"
+        resolved.write_text(yaml.safe_dump(self.cfg.model_dump(), sort_keys=False))
+        paths = [resolved]
+        n_images = self.cfg.tracking.visualize_images
+        if n_images and self.model.num_keep:
+            images = torch.stack([self.data.val[i][0] for i in range(min(n_images, len(self.data.val)))])
+            with torch.no_grad():
+                _, kept = self.model.eval().forward_pruned(images.to(self.device), return_positions=True)
+            paths.append(kept_token_figure(images, kept, tuple(self.model.patch_embed.grid_size),
+                                           self.data.mean, self.data.std, self.out / "kept_tokens.png"))
+        weights = self.out / ckpt.FINAL_WEIGHTS
+        ckpt.save_atomic({"model": self.model.state_dict()}, weights)
+        if self.cfg.tracking.log_checkpoint:
+            paths.append(weights)
+        for path in paths:
+            self.tracker.log_artifact(path)
+
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        state = ckpt.load(self.out / ckpt.CHECKPOINT)
+        if state is not None:
+            self.restore(state)
+        if self.env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            tags = {"variant": cfg.model.variant, "run_key": cfg.run_key(), "model": cfg.model.name}
+            self.tracker = RunTracker.start(
+                cfg.tracking, params=cfg.model_dump(), tags=tags, async_logging=True,
+                resume_run_id=state["mlflow_run_id"] if state else cfg.tracking.run_id,
+            )
+        try:
+            with _StopSignal() as stop:
+                while self.epoch < cfg.train.epochs:
+                    set_backbone_trainable(self.optimizer, cfg.optim, self.epoch)
+                    started = time.perf_counter()
+                    self.train_epoch(stop)
+                    metrics = self.epoch_metrics(time.perf_counter() - started)
+                    if self.tracker:
+                        self.tracker.log_metrics(metrics, step=self.epoch)
+                    self.history = metrics
+                    self.epoch, self.batches_done, self.sums = self.epoch + 1, 0, EpochSums()
+                    self.save()
+            if not self.history:  # train.epochs == 0: evaluate the given weights as they are
+                self.history = {f"val/{k}": v for k, v in self.evaluate(self.model).items()}
+                if self.tracker:
+                    self.tracker.log_metrics(self.history, step=0)
+            barrier(self.env)
+            final = {**self.history, **self.final_metrics()} if self.env.is_main else {}
+            if self.tracker:
+                self.tracker.log_metrics({k: final[k] for k in ("gflops", "params_m", "throughput_img_s")},
+                                         step=cfg.train.epochs)
+                self.write_artifacts()
+                (self.out / RESULT).write_text(json.dumps(
+                    {"mlflow_run_id": self.tracker.run_id, "run_key": cfg.run_key(), "metrics": final}, indent=2))
+                self.tracker.finish("FINISHED")
+            return final
+        except Preempted:
+            if self.tracker:
+                self.tracker.finish("KILLED")
+            raise
+        except BaseException as err:
+            if self.tracker:
+                self.tracker.set_tags({"error": str(err)[:4000]})
+                self.tracker.finish("FAILED")
+            raise
+
+
+def run(cfg: RunConfig) -> dict[str, float]:
+    """Train (or resume, or just report) one run; returns its final metrics on rank 0."""
+    done = Path(cfg.output_dir) / RESULT
+    if done.is_file():
+        return json.loads(done.read_text())["metrics"]
+    env = init_distributed()
+    return Trainer(cfg, env).fit()

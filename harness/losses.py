@@ -1,0 +1,86 @@
+"""The DynamicViT training objective, one switchable term at a time (for the loss ablation).
+
+loss = w_cls * CE(student, target) + w_ratio * ratio + w_kl * KL(teacher || student)
+       + w_token * MSE(student tokens, teacher tokens over kept tokens)
+as in the official DeiT recipe (weights 1, 2.0, 0.5, 0.5).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.config import LossConfig
+from models.dynamic_vit import DynamicViTOutput
+
+
+def ratio_loss(keep_fractions: Tensor, targets: Sequence[float]) -> Tensor:
+    """Mean over stages of the batch-mean squared gap between kept fraction and target ratio."""
+    if keep_fractions.shape[1] == 0:
+        return keep_fractions.new_zeros(())
+    target = torch.as_tensor(list(targets), dtype=keep_fractions.dtype, device=keep_fractions.device)
+    return (keep_fractions - target).pow(2).mean(dim=0).mean()
+
+
+def kl_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """KL(teacher || student) over classes, summed over classes and averaged over the batch."""
+    return F.kl_div(
+        F.log_softmax(student_logits.float(), dim=-1),
+        F.log_softmax(teacher_logits.float(), dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def token_loss(student_tokens: Tensor, teacher_tokens: Tensor, decision: Optional[Tensor]) -> Tensor:
+    """MSE between final normalised patch tokens, over the tokens the final decision keeps.
+
+    With no token kept anywhere in the batch the term is 0 (the official guard), never NaN.
+    """
+    diff = (student_tokens.float() - teacher_tokens.float()).pow(2)
+    if decision is None:
+        return diff.mean()
+    kept = decision > 0.5
+    if not kept.any():
+        return diff.new_zeros(())
+    return diff[kept].mean()
+
+
+class DynamicViTLoss(nn.Module):
+    """Combines the four terms; returns the total and each weighted-free component for logging."""
+
+    def __init__(self, cfg: LossConfig, stage_ratios: Sequence[float], base_criterion: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.stage_ratios = list(stage_ratios)
+        self.base_criterion = base_criterion
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.cfg.kl.active or self.cfg.token.active
+
+    def forward(
+        self,
+        output: DynamicViTOutput,
+        targets: Tensor,
+        teacher: Optional[tuple[Tensor, Tensor]] = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        parts: dict[str, Tensor] = {}
+        total = output.logits.new_zeros((), dtype=torch.float32)
+        if self.cfg.cls.active:
+            parts["cls"] = self.base_criterion(output.logits.float(), targets)
+            total = total + self.cfg.cls.weight * parts["cls"]
+        if self.cfg.ratio.active and output.keep_fractions.shape[1] > 0:
+            parts["ratio"] = ratio_loss(output.keep_fractions.float(), self.stage_ratios)
+            total = total + self.cfg.ratio.weight * parts["ratio"]
+        if self.needs_teacher and teacher is not None:
+            teacher_logits, teacher_tokens = teacher
+            if self.cfg.kl.active:
+                parts["kl"] = kl_loss(output.logits, teacher_logits)
+                total = total + self.cfg.kl.weight * parts["kl"]
+            if self.cfg.token.active:
+                parts["token"] = token_loss(output.tokens, teacher_tokens, output.decision)
+                total = total + self.cfg.token.weight * parts["token"]
+        return total, parts
