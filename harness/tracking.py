@@ -108,6 +108,12 @@ def _get_or_create_experiment(client: MlflowClient, cfg: TrackingConfig, uri: st
     raise RuntimeError(f"could not get or create experiment {cfg.experiment!r} in {uri}") from error
 
 
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The id of experiment `name`, created if missing (the launcher does this once, before jobs)."""
+    client = MlflowClient(tracking_uri)
+    return _get_or_create_experiment(client, TrackingConfig(experiment=name), tracking_uri)
+
+
 def find_runs(tracking_uri: str, experiment_name: str, filter_string: str = "") -> list[Run]:
     """Active runs of an experiment matching an MLflow filter (e.g. `tags.run_key = 'abc'`).
 

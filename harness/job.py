@@ -1,0 +1,31 @@
+"""The submitit callable: one launched run, preemption-safe.
+
+The engine turns SIGTERM/SIGUSR2 into a checkpoint at the next step boundary and raises
+`Preempted`; this job then hands over to submitit's own USR2 handler, which calls
+`checkpoint()` (inherited from `Checkpointable`: resubmit the same call) and requeues the job.
+The requeued job resumes from the run's checkpoint into the same MLflow run.
+"""
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import submitit
+
+from harness.config import RunConfig
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """`TrainJob()(config_dict)` trains one run through the engine and returns its final metrics."""
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, float]:
+        from harness.engine import Preempted, run
+
+        cfg = RunConfig.model_validate(config)
+        try:
+            return run(cfg)
+        except Preempted as stop:
+            requeue = signal.getsignal(signal.SIGUSR2)
+            if callable(requeue):  # submitit's checkpoint_and_try_requeue: requeues, then exits
+                requeue(signal.SIGUSR2, None)
+            raise stop

@@ -1,0 +1,280 @@
+"""Launch every run of an experiment spec: `python -m harness.launch experiments/table3.yaml`.
+
+Each stage is submitted through submitit as one job array; a stage that depends on another
+waits for it with a SLURM `afterok` dependency, so the launcher returns at once (`--wait`
+follows the runs to the end). Runs whose key is already FINISHED in MLflow are skipped, queued
+or running ones are not submitted twice, failed or killed ones are resubmitted into the same
+MLflow run and resume from their checkpoint; `--rerun` forces fresh runs.
+
+Exit codes: 0 submitted (or all done), 1 a run failed (with --wait or the local executor),
+2 invalid spec or arguments (nothing submitted).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from harness.config import ConfigError, TrackingConfig
+from harness.spec import Expanded, RunPlan, differing_values, load_and_expand
+
+EXIT_FAILED, EXIT_INVALID = 1, 2
+IN_FLIGHT = ("SCHEDULED", "RUNNING")
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("spec", help="experiment spec YAML, e.g. experiments/table3.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted spec overrides, e.g. base.train.epochs=2")
+    parser.add_argument("--scale", help="which of the spec's scales (default: the spec's default_scale)")
+    parser.add_argument("--executor", choices=["auto", "slurm", "local", "debug"], default="auto",
+                        help="auto: SLURM when sbatch is available, else local processes")
+    parser.add_argument("--dry-run", action="store_true", help="print the expanded runs, submit nothing")
+    parser.add_argument("--rerun", action="store_true", help="run again even runs that already finished")
+    parser.add_argument("--wait", action="store_true", help="follow the runs to the end, then report")
+    parser.add_argument("--output-root", default="runs", help="runs/<spec>/<scale>/<stage>/<run>/ (default: runs)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    return parser.parse_intermixed_args(argv)
+
+
+# --------------------------------------------------------------------------------- dry run
+def render_table(expanded: Expanded) -> str:
+    """One row per run: stage, name, row, key, the values that differ between runs, resources."""
+    varying = differing_values(expanded.runs)
+    header = ["stage", "name", "row", "key", *varying, "resources"]
+    rows = []
+    for plan in expanded.runs:
+        flat = _flat(plan)
+        rows.append([plan.stage, plan.name, plan.row, plan.key, *(str(flat.get(k)) for k in varying),
+                     plan.slurm.describe()])
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *rows]]
+    title = f"{expanded.spec.name} ({expanded.scale}): {len(expanded.runs)} runs in stages {' -> '.join(expanded.stage_order)}"
+    return "\n".join([title, *lines])
+
+
+def _flat(plan: RunPlan) -> dict[str, Any]:
+    from harness.config import flatten
+
+    return flatten(plan.config.model_dump(exclude={"output_dir", "tracking"}))
+
+
+# ------------------------------------------------------------------------------ submission
+def choose_executor(name: str) -> str:
+    if name != "auto":
+        return name
+    return "slurm" if shutil.which("sbatch") else "local"
+
+
+def make_executor(cluster: str, folder: Path, plan: RunPlan, spec_name: str, dependency: list[str]) -> Any:
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    res = plan.slurm
+    params: dict[str, Any] = dict(
+        name=f"{spec_name}-{plan.stage}", timeout_min=res.timeout_min, nodes=res.nodes,
+        tasks_per_node=res.tasks_per_node, cpus_per_task=res.cpus_per_task, gpus_per_node=res.gpus_per_node,
+    )
+    if res.mem_gb:
+        params["mem_gb"] = res.mem_gb
+    if cluster == "slurm":
+        extra = dict(res.additional)
+        if dependency:
+            extra["dependency"] = "afterok:" + ":".join(dependency)
+        params.update(slurm_array_parallelism=res.array_parallelism, slurm_additional_parameters=extra)
+        for key in ("partition", "account", "qos", "constraint"):
+            if getattr(res, key):
+                params[f"slurm_{key}"] = getattr(res, key)
+    executor.update_parameters(**params)
+    return executor
+
+
+class Launch:
+    """One launch of a spec: MLflow bookkeeping, then one job array per stage."""
+
+    def __init__(self, expanded: Expanded, tracking_uri: str, cluster: str, rerun: bool) -> None:
+        from mlflow import MlflowClient
+
+        from harness.tracking import ensure_experiment, find_runs
+
+        self.expanded = expanded
+        self.uri = tracking_uri
+        self.cluster = cluster
+        self.rerun = rerun
+        self.client = MlflowClient(tracking_uri)
+        self.experiment_id = ensure_experiment(tracking_uri, expanded.spec.name)
+        existing = find_runs(tracking_uri, expanded.spec.name,
+                             f"tags.kind = 'train' and tags.scale = '{expanded.scale}'")
+        self.by_key: dict[str, list[Any]] = {}
+        for run in existing:
+            self.by_key.setdefault(run.data.tags.get("run_key", ""), []).append(run)
+        parent = self.client.create_run(self.experiment_id, run_name=f"launch-{expanded.scale}", tags={
+            "kind": "launch", "spec": expanded.spec.name, "scale": expanded.scale,
+            "table": expanded.spec.table or "", "executor": cluster})
+        self.parent_id = parent.info.run_id
+        self.jobs: dict[str, list[tuple[RunPlan, Any]]] = {}
+        self.skipped: dict[str, str] = {}
+
+    def decide(self, plan: RunPlan) -> tuple[str, Optional[Any]]:
+        """('skip'|'submit', the existing MLflow run to continue or None)."""
+        runs = self.by_key.get(plan.key, [])
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        flying = [r for r in runs if r.info.status in IN_FLIGHT]
+        if flying:
+            return "in flight", flying[0]
+        if finished and not self.rerun:
+            return "finished", finished[0]
+        if finished:  # --rerun: keep the old outputs beside the new ones, nothing is lost
+            if plan.output_dir.exists():
+                plan.output_dir.rename(plan.output_dir.with_name(f"{plan.output_dir.name}.before-{int(time.time())}"))
+            return "submit", None
+        failed = [r for r in runs if r.info.status in ("FAILED", "KILLED")]
+        return "submit", failed[0] if failed else None
+
+    def prepare(self, plan: RunPlan, continue_run: Optional[Any]) -> dict[str, Any]:
+        """The job's config: tracking set to a child run of this launch, SCHEDULED until it starts."""
+        tags = {**plan.config.tracking.tags, "run_key": plan.key, "variant": plan.variant,
+                "mlflow.parentRunId": self.parent_id}
+        if continue_run is not None:
+            run_id = continue_run.info.run_id
+            for key, value in tags.items():
+                self.client.set_tag(run_id, key, value)
+        else:
+            run_id = self.client.create_run(self.experiment_id, run_name=plan.config.tracking.run_name,
+                                            tags=tags).info.run_id
+        self.client.update_run(run_id, status="SCHEDULED")
+        config = plan.config.model_copy(deep=True)
+        config.tracking.uri = self.uri
+        config.tracking.experiment_id = self.experiment_id
+        config.tracking.parent_run_id = self.parent_id
+        config.tracking.run_id = run_id
+        return {"run_id": run_id, "config": config.model_dump()}
+
+    def submit_stage(self, stage: str, depends_on: list[str]) -> list[tuple[RunPlan, Any]]:
+        from harness.job import TrainJob
+
+        todo: list[tuple[RunPlan, dict[str, Any]]] = []
+        for plan in self.expanded.stage_runs(stage):
+            decision, existing = self.decide(plan)
+            if decision == "submit":
+                todo.append((plan, self.prepare(plan, existing)))
+            else:
+                self.skipped[f"{stage}/{plan.name}"] = decision
+        if not todo:
+            return []
+        folder = todo[0][0].output_dir.parent / "submitit"
+        executor = make_executor(self.cluster, folder, todo[0][0], self.expanded.spec.name, depends_on)
+        jobs = executor.map_array(TrainJob(), [job["config"] for _, job in todo])
+        submitted = []
+        for (plan, job_cfg), job in zip(todo, jobs):
+            self.client.set_tag(job_cfg["run_id"], "slurm_job_id" if self.cluster == "slurm" else "job_id", job.job_id)
+            plan.output_dir.mkdir(parents=True, exist_ok=True)
+            log = plan.output_dir / "job.log"  # the job's log under the run's own name
+            if not log.is_symlink():
+                log.symlink_to(Path(job.paths.stdout).resolve())
+            submitted.append((plan, job))
+        return submitted
+
+    def in_flight_job_ids(self, stage: str) -> list[str]:
+        ids = []
+        for plan in self.expanded.stage_runs(stage):
+            for run in self.by_key.get(plan.key, []):
+                if run.info.status in IN_FLIGHT and run.data.tags.get("slurm_job_id"):
+                    ids.append(run.data.tags["slurm_job_id"])
+        return ids
+
+    def submit_all(self, progress: bool) -> bool:
+        """Submit every stage; locally, wait for each stage before the next. False if a run failed."""
+        ok = True
+        for stage in self.expanded.stage_order:
+            stage_spec = self.expanded.spec.stages[stage]
+            deps = set(stage_spec.after) | {s for s in (stage_spec.init_from, stage_spec.distill_from) if s}
+            dependency = [job.job_id for d in sorted(deps) for _, job in self.jobs.get(d, [])]
+            dependency += [i for d in sorted(deps) for i in self.in_flight_job_ids(d)]
+            self.jobs[stage] = self.submit_stage(stage, dependency)
+            print(f"{stage}: submitted {len(self.jobs[stage])}, skipped "
+                  f"{sum(1 for k in self.skipped if k.startswith(stage + '/'))}", file=sys.stderr)
+            if self.cluster != "slurm" and self.jobs[stage]:
+                ok = wait_for(self.jobs[stage], progress, desc=stage) and ok
+                if not ok:
+                    print(f"{stage}: a run failed; later stages are not submitted", file=sys.stderr)
+                    break
+        return ok
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent_id, status=status)
+
+
+def wait_for(jobs: list[tuple[RunPlan, Any]], progress: bool, desc: str = "runs") -> bool:
+    """Follow jobs to the end with a progress bar of finished runs; False if any failed."""
+    from tqdm import tqdm
+
+    pending = list(jobs)
+    failed = []
+    with tqdm(total=len(jobs), desc=desc, unit="run", disable=not progress) as bar:
+        while pending:
+            for plan, job in list(pending):
+                if job.done():
+                    pending.remove((plan, job))
+                    try:
+                        job.result()
+                    except Exception as err:  # the job's own log has the traceback
+                        failed.append(plan)
+                        first = str(err).strip().splitlines()
+                        print(f"\n{plan.stage}/{plan.name} failed: {first[-1] if first else err} "
+                              f"(log: {plan.output_dir / 'job.log'})", file=sys.stderr)
+                    bar.update(1)
+            time.sleep(1)
+    return not failed
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    output_root = str(Path(args.output_root).resolve())
+    try:
+        expanded = load_and_expand(args.spec, args.overrides, args.scale, output_root)
+    except ConfigError as err:  # includes SpecError and YAML syntax errors
+        print(err, file=sys.stderr)
+        return EXIT_INVALID
+    if args.dry_run:
+        print(render_table(expanded))
+        return 0
+
+    from harness.tracking import resolve_tracking_uri
+
+    cluster = choose_executor(args.executor)
+    uri = resolve_tracking_uri(TrackingConfig(uri=args.tracking_uri))
+    launch = Launch(expanded, uri, cluster, args.rerun)
+    progress = sys.stderr.isatty()
+    ok = launch.submit_all(progress)
+    if ok and args.wait and cluster == "slurm":
+        ok = wait_for([j for jobs in launch.jobs.values() for j in jobs], progress)
+    launch.finish("FINISHED" if ok else "FAILED")
+    submitted = sum(len(j) for j in launch.jobs.values())
+    print(f"{expanded.spec.name} ({expanded.scale}): {submitted} submitted, {len(launch.skipped)} skipped "
+          f"({', '.join(sorted(set(launch.skipped.values()))) or 'none'}); MLflow experiment "
+          f"{expanded.spec.name!r} at {uri}, parent run {launch.parent_id}")
+    if ok and args.wait:
+        report(expanded, uri)
+    return 0 if ok else EXIT_FAILED
+
+
+def report(expanded: Expanded, uri: str) -> None:
+    """After --wait: regenerate the spec's tables (analysis notebooks) and point to the MLflow UI."""
+    notebooks = expanded.spec.notebooks
+    if notebooks:
+        from analysis.report import run_notebooks
+
+        out = Path("reports") / expanded.spec.name / expanded.scale
+        print(run_notebooks(expanded.spec.name, expanded.scale, uri, notebooks, str(out)))
+        print(f"tables and figures: {out}/")
+    print(f"compare the runs: mlflow ui --backend-store-uri {uri}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""Experiment specs: a YAML family of runs, validated and expanded into RunPlans.
+
+A spec names a paper table, a `base` run configuration, `scales` (at least `tiny` and `paper`)
+and `stages` (e.g. `teacher`, then `students` that start from and distil from it). Each stage
+expands `runs:` (named `variants`, a `grid` product and `zip`ped lists) into runs. Every run's
+configuration is the merge, in order, of: base, the scale, the stage, the stage at this scale,
+the variant, its grid/zip values. Each layer may use nested or dotted keys.
+
+Plain data and pydantic only: loading and expanding a spec never imports torch.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from harness.config import (
+    ConfigError,
+    RunConfig,
+    flatten,
+    format_validation_error,
+    parse_override,
+    read_yaml,
+    set_dotted,
+)
+
+STAGE_KEYS = {"after", "init_from", "distill_from", "runs", "slurm", "scales", "row"}
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SlurmResources(Strict):
+    """Resources of one stage's jobs; unset values fall back to the scale's, then these defaults."""
+
+    partition: Optional[str] = None
+    nodes: int = Field(1, gt=0)
+    gpus_per_node: int = Field(0, ge=0)
+    tasks_per_node: int = Field(1, gt=0)
+    cpus_per_task: int = Field(2, gt=0)
+    mem_gb: Optional[float] = Field(None, gt=0)
+    timeout_min: int = Field(60, gt=0)
+    array_parallelism: int = Field(64, gt=0)
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    additional: dict[str, Any] = Field(default_factory=dict)  # extra sbatch parameters
+
+    def describe(self) -> str:
+        gpus = f"{self.nodes}x{self.gpus_per_node} GPU" if self.gpus_per_node else f"{self.nodes} node CPU"
+        return f"{gpus}, {self.cpus_per_task} cpu/task, {self.timeout_min} min"
+
+
+class Variant(Strict):
+    name: str
+    row: Optional[str] = None  # the paper table's row id; defaults to the name
+    set: dict[str, Any] = Field(default_factory=dict)  # config overrides (dotted or nested keys)
+
+
+class Runs(Strict):
+    variants: list[Variant] = Field(default_factory=list)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    zip: dict[str, list[Any]] = Field(default_factory=dict)
+
+
+class Stage(Strict):
+    after: list[str] = Field(default_factory=list)
+    init_from: Optional[str] = None  # a stage name: its run's weights start this stage's runs
+    distill_from: Optional[str] = None  # a stage name: its run is the teacher
+    runs: Runs = Runs()
+    slurm: dict[str, Any] = Field(default_factory=dict)
+    scales: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    row: Optional[str] = None
+    config: dict[str, Any] = Field(default_factory=dict)  # every other key: run configuration
+
+    @field_validator("after", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class Scale(Strict):
+    slurm: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class Spec(Strict):
+    name: str
+    description: str = ""
+    table: Optional[str] = None
+    default_scale: str = "tiny"
+    notebooks: list[str] = Field(default_factory=list)
+    base: dict[str, Any] = Field(default_factory=dict)
+    scales: dict[str, Scale]
+    stages: dict[str, Stage]
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not NAME.match(name):
+            raise ValueError("must be letters, digits, '_', '-', '.'")
+        return name
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One run to submit: where it sits in the spec and the exact configuration it trains."""
+
+    stage: str
+    name: str
+    row: str
+    variant: str
+    config: RunConfig
+    slurm: SlurmResources
+
+    @property
+    def key(self) -> str:
+        return self.config.run_key()
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+@dataclass(frozen=True)
+class Expanded:
+    spec: Spec
+    path: str
+    scale: str
+    stage_order: list[str]
+    runs: list[RunPlan]
+
+    def stage_runs(self, stage: str) -> list[RunPlan]:
+        return [r for r in self.runs if r.stage == stage]
+
+
+class SpecError(ConfigError):
+    """Everything wrong with a spec, one line per problem, reported before anything runs."""
+
+
+# --------------------------------------------------------------------------------- loading
+def _split_stage(raw: Any) -> Any:
+    """Stage keys that are not control keys are run configuration (readable specs)."""
+    if not isinstance(raw, dict):
+        return raw
+    control = {k: v for k, v in raw.items() if k in STAGE_KEYS}
+    control["config"] = {k: v for k, v in raw.items() if k not in STAGE_KEYS}
+    return control
+
+
+def _split_scale(raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        return raw
+    return {"slurm": raw.get("slurm", {}), "config": {k: v for k, v in raw.items() if k != "slurm"}}
+
+
+def _nested(layer: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys -> nested dicts, so `model.keep_ratio: 0.5` and `model: {keep_ratio: 0.5}` agree."""
+    out: dict[str, Any] = {}
+    for key, value in layer.items():
+        if isinstance(value, dict) and "." not in key:
+            value = _nested(value)
+            existing = out.get(key)
+            out[key] = _merge(existing, value) if isinstance(existing, dict) else value
+        else:
+            set_dotted(out, key, value)
+    return out
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_spec(path: str, overrides: list[str] = ()) -> Spec:
+    """Read and validate the spec's structure (not yet its runs). Raises SpecError."""
+    raw = read_yaml(path)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    if isinstance(raw.get("stages"), dict):
+        raw["stages"] = {name: _split_stage(stage) for name, stage in raw["stages"].items()}
+    if isinstance(raw.get("scales"), dict):
+        raw["scales"] = {name: _split_scale(scale) for name, scale in raw["scales"].items()}
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as err:
+        lines = [line.replace(".config.", ".") for line in format_validation_error(err, path, Spec)]
+        raise SpecError(lines) from None
+    return spec
+
+
+# ------------------------------------------------------------------------------- expansion
+def _stage_order(spec: Spec, path: str) -> tuple[list[str], list[str]]:
+    """Stages in dependency order, and the problems with their references."""
+    errors: list[str] = []
+    deps: dict[str, set[str]] = {}
+    for name, stage in spec.stages.items():
+        wanted = set(stage.after)
+        for field, ref in (("init_from", stage.init_from), ("distill_from", stage.distill_from)):
+            if ref is not None:
+                wanted.add(ref)
+                if ref not in spec.stages:
+                    errors.append(f"{path}: stages.{name}.{field}: no stage named {ref!r}, got {ref!r}")
+        for ref in stage.after:
+            if ref not in spec.stages:
+                known = ", ".join(spec.stages)
+                errors.append(f"{path}: stages.{name}.after: no stage named {ref!r} (stages: {known}), got {ref!r}")
+        if name in wanted:
+            errors.append(f"{path}: stages.{name}.after: a stage cannot depend on itself, got {name!r}")
+        deps[name] = {d for d in wanted if d in spec.stages and d != name}
+    order: list[str] = []
+    remaining = dict(deps)
+    while remaining:
+        ready = sorted(n for n, d in remaining.items() if d <= set(order))
+        if not ready:
+            cycle = ", ".join(sorted(remaining))
+            errors.append(f"{path}: stages: dependency cycle among {cycle}, got {cycle}")
+            break
+        order.extend(ready)
+        for n in ready:
+            remaining.pop(n)
+    return order, errors
+
+
+def _combinations(runs: Runs, where: str, path: str, errors: list[str]) -> list[tuple[str, dict[str, Any], list[tuple[str, dict]]]]:
+    """(name suffix, values, provenance layers) for every grid x zip combination."""
+    lengths = {len(v) for v in runs.zip.values()}
+    if len(lengths) > 1:
+        errors.append(f"{path}: {where}.zip: lists must have equal lengths, got {sorted(lengths)}")
+        return []
+    zipped = list(zip(*runs.zip.values())) if runs.zip else [()]
+    grid_values = list(itertools.product(*runs.grid.values())) if runs.grid else [()]
+    combos = []
+    for zip_row in zipped:
+        for grid_row in grid_values:
+            values = dict(zip(runs.grid, grid_row)) | dict(zip(runs.zip, zip_row))
+            suffix = "-".join(f"{k.split('.')[-1]}{v}" for k, v in values.items())
+            layers = [(f"{where}.grid.{k}" if k in runs.grid else f"{where}.zip.{k}", _nested({k: v}))
+                      for k, v in values.items()]
+            combos.append((suffix, values, layers))
+    return combos
+
+
+def _locate(field: str, layers: list[tuple[str, dict]]) -> str:
+    """The spec location that set `field` last (for an error message), else base."""
+    for where, layer in reversed(layers):
+        for key in flatten(layer):
+            if key == field or key.startswith(field + ".") or field.startswith(key + "."):
+                return where if where.endswith("." + key) else f"{where}.{field}"
+    return f"base.{field}"
+
+
+def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str = "runs") -> Expanded:
+    """Every run of the spec at `scale`, validated. Raises SpecError listing every problem."""
+    scale = scale or spec.default_scale
+    errors: list[str] = []
+    if scale not in spec.scales:
+        raise SpecError([f"{path}: scale: unknown scale, expected one of {', '.join(spec.scales)}, got {scale!r}"])
+    order, order_errors = _stage_order(spec, path)
+    errors += order_errors
+    scale_spec = spec.scales[scale]
+    plans: list[RunPlan] = []
+    for stage_name in order:
+        stage = spec.stages[stage_name]
+        where = f"stages.{stage_name}"
+        layers_base = [
+            ("base", _nested(spec.base)),
+            (f"scales.{scale}", _nested(scale_spec.config)),
+            (where, _nested(stage.config)),
+            (f"{where}.scales.{scale}", _nested(stage.scales.get(scale, {}))),
+        ]
+        try:
+            slurm = SlurmResources.model_validate(_merge(scale_spec.slurm, stage.slurm))
+        except ValidationError as err:
+            errors += format_validation_error(err, path, SlurmResources, prefix=f"{where}.slurm.")
+            slurm = SlurmResources()
+        variants = stage.runs.variants or [Variant(name=stage_name, row=stage.row)]
+        for index, variant in enumerate(variants):
+            v_where = f"{where}.runs.variants[{index}].set" if stage.runs.variants else where
+            for suffix, _, combo_layers in _combinations(stage.runs, f"{where}.runs", path, errors):
+                name = "-".join(p for p in (variant.name, suffix) if p)
+                layers = layers_base + [(v_where, _nested(variant.set))] + combo_layers
+                merged: dict[str, Any] = {}
+                for _, layer in layers:
+                    merged = _merge(merged, layer)
+                row = variant.row or stage.row or variant.name
+                merged = _merge(merged, _derived(spec, scale, stage_name, stage, name, row, output_root, merged))
+                try:
+                    config = RunConfig.model_validate(merged)
+                except ValidationError as err:
+                    for item in err.errors():
+                        field = ".".join(str(p) for p in item["loc"])
+                        single = format_validation_error(_Single(item), path, RunConfig)[0]
+                        errors.append(single.replace(f"{path}: {field}:", f"{path}: {_locate(field, layers)}:", 1))
+                    continue
+                errors += _check_data(config, path, layers)
+                plans.append(RunPlan(stage_name, name, row, config.model.variant, config, slurm))
+    errors += _check_references(spec, plans, path)
+    names = [(p.stage, p.name) for p in plans]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        errors.append(f"{path}: stages.{dup[0]}.runs: two runs are both named {dup[1]!r}")
+    if errors:
+        raise SpecError(list(dict.fromkeys(errors)))
+    return Expanded(spec, path, scale, order, plans)
+
+
+class _Single:
+    """Adapter: format one pydantic error item with the shared formatter."""
+
+    def __init__(self, item: dict[str, Any]) -> None:
+        self.item = item
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [self.item]
+
+
+def stage_dir(spec: Spec, scale: str, stage: str, output_root: str) -> Path:
+    return Path(output_root) / spec.name / scale / stage
+
+
+def _derived(spec: Spec, scale: str, stage_name: str, stage: Stage, name: str, row: str,
+             output_root: str, merged: dict[str, Any]) -> dict[str, Any]:
+    """What the spec fixes for every run: where it writes, how it is tagged, its stage inputs."""
+    derived: dict[str, Any] = {
+        "output_dir": str(stage_dir(spec, scale, stage_name, output_root) / name),
+        "tracking": {
+            "experiment": spec.name,
+            "run_name": f"{stage_name}/{name}",
+            "tags": {**merged.get("tracking", {}).get("tags", {}), "spec": spec.name, "table": spec.table or "",
+                     "row": row, "scale": scale, "stage": stage_name, "kind": "train"},
+        },
+    }
+    if stage.init_from in spec.stages:
+        set_dotted(derived, "train.init_from", str(_single_run_dir(spec, scale, stage.init_from, output_root)))
+    if stage.distill_from in spec.stages:
+        set_dotted(derived, "teacher.run_dir", str(_single_run_dir(spec, scale, stage.distill_from, output_root)))
+    return derived
+
+
+def _single_run_dir(spec: Spec, scale: str, stage_name: str, output_root: str) -> Path:
+    stage = spec.stages[stage_name]
+    name = stage.runs.variants[0].name if stage.runs.variants else stage_name
+    return stage_dir(spec, scale, stage_name, output_root) / name
+
+
+def _check_references(spec: Spec, plans: list[RunPlan], path: str) -> list[str]:
+    errors = []
+    for name, stage in spec.stages.items():
+        for field, ref in (("init_from", stage.init_from), ("distill_from", stage.distill_from)):
+            if ref in spec.stages:
+                count = sum(1 for p in plans if p.stage == ref)
+                if count != 1:
+                    errors.append(f"{path}: stages.{name}.{field}: stage {ref!r} must have exactly one run, got {count}")
+    return errors
+
+
+def _check_data(config: RunConfig, path: str, layers: list[tuple[str, dict]]) -> list[str]:
+    """A dataset folder that the chosen scale needs must exist before anything is submitted."""
+    if config.data.name != "imagenet":
+        return []
+    root = config.data.root
+    where = _locate("data.root", layers)
+    if root is None:
+        return [f"{path}: {where}: required for data.name imagenet, got None"]
+    if not Path(root).expanduser().is_dir():
+        return [f"{path}: {where}: no such folder, got {root!r}"]
+    return []
+
+
+def differing_values(plans: list[RunPlan]) -> list[str]:
+    """Dotted config keys whose values differ between runs (what a dry-run table shows)."""
+    flats = [flatten(p.config.model_dump(exclude={"output_dir", "tracking"})) for p in plans]
+    keys = sorted({k for f in flats for k in f})
+    return [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
+
+
+def load_and_expand(path: str, overrides: list[str] = (), scale: Optional[str] = None,
+                    output_root: str = "runs") -> Expanded:
+    return expand(load_spec(path, overrides), path, scale, output_root)
+

@@ -1,0 +1,61 @@
+"""Where a spec's runs stand: `python -m harness.status experiments/table3.yaml [--scale tiny]`.
+
+One row per run of the spec: state in MLflow (or 'not launched'), epochs done, best val/acc1,
+job id and MLflow run id. Reads MLflow only; submits nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from harness.config import ConfigError, TrackingConfig
+from harness.spec import load_and_expand
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.status", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("spec")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--scale")
+    parser.add_argument("--output-root", default="runs")
+    parser.add_argument("--tracking-uri")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        expanded = load_and_expand(args.spec, args.overrides, args.scale, str(Path(args.output_root).resolve()))
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+
+    from mlflow import MlflowClient
+
+    from harness.tracking import find_runs, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(TrackingConfig(uri=args.tracking_uri))
+    client = MlflowClient(uri)
+    runs = find_runs(uri, expanded.spec.name, f"tags.kind = 'train' and tags.scale = '{expanded.scale}'")
+    latest: dict[str, object] = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+        latest[run.data.tags.get("run_key", "")] = run
+    header = ["stage", "name", "state", "epoch", "best val/acc1", "job id", "mlflow run id"]
+    rows = []
+    for plan in expanded.runs:
+        run = latest.get(plan.key)
+        if run is None:
+            rows.append([plan.stage, plan.name, "not launched", "-", "-", "-", "-"])
+            continue
+        history = client.get_metric_history(run.info.run_id, "val/acc1")
+        best = f"{max(m.value for m in history):.2f}" if history else "-"
+        tags = run.data.tags
+        rows.append([plan.stage, plan.name, run.info.status, f"{len(history)}/{plan.config.train.epochs}", best,
+                     tags.get("slurm_job_id") or tags.get("job_id", "-"), run.info.run_id])
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    for line in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
