@@ -1,0 +1,165 @@
+"""Regenerate a spec's report: execute its notebook(s) headless, print the Markdown table.
+
+    python -m analysis.report experiments/table3.yaml [--scale tiny] [--tracking-uri URI]
+                                                      [--output-dir DIR]
+
+Each notebook gets the papermill parameters `tracking_uri`, `experiment` (the spec name),
+`scale` and `output_dir` (plus `table` when the spec names one) and writes
+`<output_dir>/<notebook stem>.{md,tex,csv}`, its figures and the executed notebook there.
+Default output: `reports/<spec>/<scale>/` under the current directory.
+Exit codes: 0 done, 1 a notebook failed, 2 invalid input (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+REPO = Path(__file__).resolve().parents[1]
+EXIT_FAILED, EXIT_INVALID = 1, 2
+
+
+class ReportError(ValueError):
+    """Invalid input, said in one line: `path: field: problem, got X`."""
+
+
+@dataclass
+class ReportSpec:
+    """The few spec keys a report needs (until `harness.spec.load_spec` provides them)."""
+
+    name: str
+    table: Optional[str] = None
+    default_scale: Optional[str] = None
+    notebooks: list[str] = field(default_factory=list)
+
+
+def read_report_spec(path: Union[str, Path]) -> ReportSpec:
+    """Top-level `name`, `table`, `default_scale`, `notebooks` of a spec YAML; nothing else is read.
+
+    Kept to this one function so that `harness.spec.load_spec` can replace it.
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ReportError(f"{path}: cannot read: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ReportError(f"{path}: YAML syntax error{where}: {getattr(err, 'problem', None) or err}") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ReportError(f"{path}: name: required, a non-empty string, got {name!r}")
+    for key in ("table", "default_scale"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise ReportError(f"{path}: {key}: expected a string, got {data[key]!r}")
+    notebooks = data.get("notebooks") or [f"analysis/{name}.ipynb"]  # absent or [] -> the default
+    if not isinstance(notebooks, list) or not all(isinstance(n, str) for n in notebooks):
+        raise ReportError(f"{path}: notebooks: expected a list of notebook paths, got {notebooks!r}")
+    return ReportSpec(name, data.get("table"), data.get("default_scale"), notebooks)
+
+
+def resolve_notebook(path: str, spec_path: Union[str, Path] = "") -> Path:
+    """A notebook path as given, else relative to the repository root (where `analysis/` lives)."""
+    for candidate in (Path(path), REPO / path):
+        if candidate.is_file():
+            return candidate.resolve()
+    prefix = f"{spec_path}: " if spec_path else ""
+    raise ReportError(f"{prefix}notebooks: no such notebook, got {path!r}")
+
+
+def run_notebooks(spec_name: str, scale: str, tracking_uri: str, notebooks: list[str], output_dir: str,
+                  table: Optional[str] = None) -> str:
+    """Execute each notebook with papermill (kernel python3, cwd = repo root); return their tables.
+
+    The returned Markdown is each notebook's `<output_dir>/<stem>.md`, read back from disk,
+    so it is exactly what the notebook wrote. Raises papermill's PapermillExecutionError when
+    a cell fails; the executed notebook (with the traceback) is kept in `output_dir`.
+    """
+    import papermill
+
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    texts = []
+    for notebook in notebooks:
+        source = resolve_notebook(notebook)
+        parameters = {"tracking_uri": tracking_uri, "experiment": spec_name, "scale": scale,
+                      "output_dir": str(out)}
+        if table:
+            parameters["table"] = table
+        papermill.execute_notebook(
+            str(source), str(out / source.name), parameters=parameters, kernel_name="python3",
+            cwd=str(REPO), progress_bar=False, log_output=False,
+        )
+        written = out / f"{source.stem}.md"
+        if not written.is_file():
+            raise RuntimeError(f"{source}: ran, but wrote no {written} (each notebook must write <stem>.md)")
+        texts.append(written.read_text())
+    return "\n".join(texts)
+
+
+def _check_store(tracking_uri: str, experiment: str) -> None:
+    """Refuse before starting a kernel: a missing SQLite file or experiment is a typo, not an empty table."""
+    from analysis.collect import experiment_exists
+
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise ReportError(f"--tracking-uri: no such SQLite file, got {tracking_uri!r}")
+    try:
+        exists = experiment_exists(tracking_uri, experiment)
+    except Exception as err:  # unreachable server, not a database, ...
+        raise ReportError(f"--tracking-uri: cannot read the tracking store ({type(err).__name__}), "
+                          f"got {tracking_uri!r}") from None
+    if not exists:
+        raise ReportError(f"name: no MLflow experiment of that name at {tracking_uri}, got {experiment!r}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("spec", help="experiment spec YAML (reads name, table, default_scale, notebooks)")
+    parser.add_argument("--scale", help="tiny or paper (default: the spec's default_scale, else tiny)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--output-dir", help="where tables and figures go (default: reports/<spec>/<scale>/)")
+    args = parser.parse_args(argv)
+    try:
+        spec = read_report_spec(args.spec)
+        notebooks = [str(resolve_notebook(n, args.spec)) for n in spec.notebooks]
+        if spec.table is not None:
+            from analysis.reference import resolve_table
+
+            try:
+                resolve_table(spec.table)
+            except KeyError as err:
+                raise ReportError(f"{args.spec}: {err.args[0]}") from None
+        from harness.config import TrackingConfig
+        from harness.tracking import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(TrackingConfig(uri=args.tracking_uri))
+        scale = args.scale or spec.default_scale or "tiny"
+        _check_store(uri, spec.name)
+    except ReportError as err:
+        print(err, file=sys.stderr)
+        return EXIT_INVALID
+    output_dir = args.output_dir or f"reports/{spec.name}/{scale}"
+    from papermill.exceptions import PapermillExecutionError
+
+    try:
+        print(run_notebooks(spec.name, scale, uri, notebooks, output_dir, spec.table), end="")
+    except PapermillExecutionError as err:
+        print(f"{args.spec}: notebook failed at cell {err.exec_count}: {err.ename}: {err.evalue} "
+              f"(see the executed notebook in {output_dir})", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Paper table vs reproduction: join collected runs with `reference.yaml` by row id, render.
+
+Every paper row appears, in the paper's order. A row with no finished run stays NaN and is
+rendered "missing" (never 0, which would read as a result); a row whose model this harness
+does not implement (LV-ViT) is rendered "not available". Runs whose row is not in the paper
+are appended ("not in paper"), so that a typo in a spec's row id shows instead of vanishing.
+The renderers are our own (no `tabulate`, which is not a declared dependency).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import pandas as pd
+
+from analysis.reference import load_reference, table_info
+
+# column names of the built table (its public schema)
+ROW, MODEL, KEEP = "row", "model", "keep ratio"
+GFLOPS_PAPER, GFLOPS_REPRO = "GFLOPs (paper)", "GFLOPs (reproduced)"
+TOP1_PAPER, TOP1_REPRO, STD, DELTA = "top-1 (paper)", "top-1 (reproduced)", "std", "delta"
+GAP_PAPER, GAP_REPRO = "gap to anchor (paper)", "gap to anchor (reproduced)"
+SPEED_PAPER, SPEED_REPRO = "img/s (paper)", "img/s (reproduced)"
+RUNS, RUNS_FROM, STATUS = "runs", "runs from", "status"
+
+REPRODUCED, MISSING, NOT_AVAILABLE, NOT_IN_PAPER = "reproduced", "missing", "not available", "not in paper"
+DASH = "—"
+PROXY_NOTE = (
+    "Reproduced numbers are the tiny CPU proxy (cluttered MNIST, a small ViT), not ImageNet: "
+    "compare each row's gap to the anchor row, not absolute top-1; `delta` is across datasets."
+)
+_REPRODUCED_COLUMNS = (GFLOPS_REPRO, TOP1_REPRO, STD, DELTA, GAP_REPRO, SPEED_REPRO)
+
+
+def _aggregate(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per row: mean/std of top-1 over its runs (std needs >= 2), mean cost, run count."""
+    runs = runs[runs["row"].notna()] if "row" in runs else runs.iloc[0:0]
+    if runs.empty:
+        return pd.DataFrame(columns=["acc1", "std", "gflops", "speed", "runs"], dtype=float)
+    grouped = runs.groupby("row", sort=False)
+    return pd.DataFrame({
+        "acc1": grouped["acc1"].mean(),
+        "std": grouped["acc1"].std(ddof=1),  # NaN for a single run: no spread to report
+        "gflops": grouped["gflops"].mean(),
+        "speed": grouped["throughput_img_s"].mean(),
+        "runs": grouped["run_id"].count(),
+    })
+
+
+def _single_scale(runs: pd.DataFrame) -> Optional[str]:
+    scales = sorted(runs["scale"].dropna().unique()) if "scale" in runs else []
+    if len(scales) > 1:
+        raise ValueError(f"runs: mix scales {scales}; collect one scale (collect_runs(..., scale=...))")
+    return str(scales[0]) if scales else None
+
+
+def _gaps(out: pd.DataFrame, anchors: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 minus the anchor row's of the same model, paper and reproduced (NaN without one)."""
+    index = {(row, model): i for i, (row, model) in enumerate(zip(out[ROW], out[MODEL]))}
+    at = [index.get((anchor, model)) if isinstance(anchor, str) else None for anchor, model in zip(anchors, out[MODEL])]
+
+    def gap(column: str) -> np.ndarray:
+        values = out[column].to_numpy(dtype=float)
+        return values - np.array([values[i] if i is not None else np.nan for i in at])
+
+    return gap(TOP1_PAPER), gap(TOP1_REPRO)
+
+
+def _runs_source(ref: pd.DataFrame, agg: pd.DataFrame) -> list[Optional[str]]:
+    """Whose runs fill each paper row: its own, else its `same_as` row's, else none (missing)."""
+    sources: list[Optional[str]] = []
+    for row, same, available in zip(ref["row"], ref["same_as"], ref["available"]):
+        if available and row in agg.index:
+            sources.append(row)
+        elif available and isinstance(same, str) and same in agg.index:
+            sources.append(same)
+        else:
+            sources.append(None)
+    return sources
+
+
+def build_table(runs: pd.DataFrame, table: str) -> pd.DataFrame:
+    """The paper's `table` (id like `table3` or name like `sparsification-strategies`) beside the runs.
+
+    `runs` is `collect_runs(...)` output of one scale. The result keeps numbers numeric (NaN where
+    there is nothing) with a `status` column; `df.attrs` carries title, scale and notes
+    for the renderers.
+    """
+    ref = load_reference(table)
+    info = table_info(table)
+    scale = _single_scale(runs)
+    agg = _aggregate(runs)
+    shared = _runs_source(ref, agg)
+    picked = agg.reindex(pd.Index(shared, dtype=object))  # None -> an all-NaN row
+    out = pd.DataFrame({
+        ROW: ref["row"].to_numpy(),
+        MODEL: ref["model"].to_numpy(),
+        KEEP: ref["keep_ratio"].to_numpy(),
+        GFLOPS_PAPER: ref["gflops"].to_numpy(),
+        GFLOPS_REPRO: picked["gflops"].to_numpy(dtype=float),
+        TOP1_PAPER: ref["top1"].to_numpy(),
+        TOP1_REPRO: picked["acc1"].to_numpy(dtype=float),
+        STD: picked["std"].to_numpy(dtype=float),
+        SPEED_PAPER: ref["throughput"].to_numpy(),
+        SPEED_REPRO: picked["speed"].to_numpy(dtype=float),
+        RUNS: picked["runs"].fillna(0).to_numpy(dtype=int),
+        RUNS_FROM: shared,
+        STATUS: [
+            NOT_AVAILABLE if not available else (REPRODUCED if s is not None else MISSING)
+            for s, available in zip(shared, ref["available"])
+        ],
+    })
+    extra = agg[~agg.index.isin(ref["row"])]
+    if not extra.empty:
+        out = pd.concat([out, pd.DataFrame({
+            ROW: extra.index, GFLOPS_REPRO: extra["gflops"].to_numpy(dtype=float),
+            TOP1_REPRO: extra["acc1"].to_numpy(dtype=float), STD: extra["std"].to_numpy(dtype=float),
+            SPEED_REPRO: extra["speed"].to_numpy(dtype=float), RUNS: extra["runs"].to_numpy(dtype=int),
+            RUNS_FROM: extra.index, STATUS: NOT_IN_PAPER,
+        })], ignore_index=True)
+    out[DELTA] = out[TOP1_REPRO] - out[TOP1_PAPER]
+    out[GAP_PAPER], out[GAP_REPRO] = _gaps(out, list(ref["anchor"]) + [None] * len(extra))
+    columns = [ROW, MODEL, KEEP, GFLOPS_PAPER, GFLOPS_REPRO, TOP1_PAPER, TOP1_REPRO, STD, DELTA,
+               GAP_PAPER, GAP_REPRO, SPEED_PAPER, SPEED_REPRO, RUNS, RUNS_FROM, STATUS]
+    if ref["throughput"].isna().all():  # only Table 1 reports speed
+        columns = [c for c in columns if c not in (SPEED_PAPER, SPEED_REPRO)]
+    out = out[columns]
+    notes = [f"{info['gap_note']}; std: sample standard deviation over a row's runs (seeds)."]
+    if scale == "tiny":
+        notes.insert(0, PROXY_NOTE)
+    out.attrs = {"table": info["table"], "title": info["title"], "name": info["name"],
+                 "scale": scale, "notes": notes}
+    return out
+
+
+# ------------------------------------------------------------------------------ rendering
+def _paper(value: Any) -> str:
+    """A paper number as the paper prints it (4.0, 76.53, 1337.7): Python's shortest repr."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return DASH
+    return repr(round(float(value), 4))
+
+
+def _number(fmt: str) -> Callable[[Any], str]:
+    def render(value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return DASH
+        return format(value, fmt)
+    return render
+
+
+_FORMATS: dict[str, Callable[[Any], str]] = {
+    KEEP: _paper, GFLOPS_PAPER: _paper, GFLOPS_REPRO: _number(".3g"),
+    TOP1_PAPER: _paper, TOP1_REPRO: _number(".2f"), STD: _number(".2f"), DELTA: _number("+.2f"),
+    GAP_PAPER: _number("+.2f"), GAP_REPRO: _number("+.2f"), SPEED_PAPER: _paper,
+    SPEED_REPRO: _number(".0f"), RUNS: _number("d"),
+}
+_HIDDEN = (RUNS_FROM, STATUS)  # shown through the cells they explain
+
+
+def display_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Every cell as the text the renderers print: "missing" / "not available" / "—", never 0."""
+    shown = pd.DataFrame(index=df.index)
+    for column in df.columns:
+        if column in _HIDDEN:
+            continue
+        render = _FORMATS.get(column, lambda v: DASH if v is None or v != v else str(v))
+        shown[column] = [render(v) for v in df[column]]
+    for i in df.index:
+        status, source = df.at[i, STATUS], df.at[i, RUNS_FROM]
+        if status in (MISSING, NOT_AVAILABLE):
+            for column in _REPRODUCED_COLUMNS:
+                if column in shown:
+                    shown.at[i, column] = DASH
+            shown.at[i, TOP1_REPRO] = status
+        if isinstance(source, str) and source != df.at[i, ROW]:
+            shown.at[i, ROW] = f"{df.at[i, ROW]} (= {source})"
+        if status == NOT_IN_PAPER:
+            shown.at[i, ROW] = f"{df.at[i, ROW]} (not in paper)"
+    return shown
+
+
+def _caption(df: pd.DataFrame) -> str:
+    attrs = df.attrs
+    if not attrs.get("title"):
+        return ""
+    scale = f", scale {attrs['scale']}" if attrs.get("scale") else ""
+    return f"{attrs['title']} ({attrs['table']}: {attrs['name']}{scale})"
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub Markdown table, with the table's title above and its notes below."""
+    shown = display_frame(df)
+
+    def escape(text: Any) -> str:
+        return str(text).replace("|", "\\|")
+
+    numeric = [c not in (ROW, MODEL) for c in shown.columns]
+    lines = ["| " + " | ".join(escape(c) for c in shown.columns) + " |",
+             "|" + "|".join("---:" if right else "---" for right in numeric) + "|"]
+    lines += ["| " + " | ".join(escape(v) for v in row) + " |" for row in shown.itertuples(index=False)]
+    caption = _caption(df)
+    head = [f"**{caption}**", ""] if caption else []
+    tail = [""] + [f"- {note}" for note in df.attrs.get("notes", [])] if df.attrs.get("notes") else []
+    return "\n".join(head + lines + tail) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "—": "---"}
+
+
+def _latex_escape(text: Any) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def to_latex(df: pd.DataFrame) -> str:
+    """A booktabs `table` environment (needs \\usepackage{booktabs}); notes as a footnote-size line."""
+    shown = display_frame(df)
+    align = "".join("l" if c in (ROW, MODEL) else "r" for c in shown.columns)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{align}}}", r"\toprule",
+             " & ".join(_latex_escape(c) for c in shown.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(_latex_escape(v) for v in row) + r" \\" for row in shown.itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    caption = _caption(df)
+    if caption:
+        lines.append(rf"\caption{{{_latex_escape(caption)}}}")
+    for note in df.attrs.get("notes", []):
+        lines.append(rf"\par\footnotesize {_latex_escape(note.replace('`', ''))}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(df: pd.DataFrame, path: Union[str, Path]) -> Path:
+    """The numbers as numbers (empty cell where there is none) plus the `status` column."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+    return path
+
+
+def write_tables(df: pd.DataFrame, output_dir: Union[str, Path], stem: str) -> dict[str, Path]:
+    """`<stem>.md`, `<stem>.tex` and `<stem>.csv` in `output_dir`; what the notebooks call."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(to_markdown(df))
+    (out / f"{stem}.tex").write_text(to_latex(df))
+    return {"md": out / f"{stem}.md", "tex": out / f"{stem}.tex", "csv": to_csv(df, out / f"{stem}.csv")}
