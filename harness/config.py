@@ -195,6 +195,10 @@ class RunConfig(Section):
     def _check_schedule(self) -> "RunConfig":
         if self.gumbel.schedule != "constant" and self.gumbel.tau1 is None:
             raise ValueError("gumbel.tau1 is required when gumbel.schedule is not 'constant'")
+        distils = self.losses.kl.active or self.losses.token.active
+        if distils and self.model.variant != "dense" and not (self.teacher.checkpoint or self.teacher.run_dir):
+            raise ValueError("teacher: the kl/token losses need teacher.checkpoint or teacher.run_dir "
+                             "(or switch them off: losses.kl=0 losses.token=0)")
         return self
 
     def run_key(self) -> str:
@@ -249,23 +253,34 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
-def format_validation_error(err: Any, source: str, model: type[BaseModel], prefix: str = "") -> list[str]:
-    """pydantic's ValidationError as one line per problem, naming the file and dotted field."""
+def validation_problems(err: Any, model: type[BaseModel]) -> list[tuple[str, str]]:
+    """pydantic's ValidationError as (dotted field, 'problem, got X') pairs."""
     import difflib
 
-    lines = []
+    problems = []
     for item in err.errors():
         loc = tuple(item["loc"])
-        field_name = prefix + ".".join(str(p) for p in loc) if loc else prefix.rstrip(".") or "(top level)"
-        message = item["msg"]
+        message = item["msg"].removeprefix("Value error, ")
+        value = item.get("input")
+        head, _, rest = message.partition(": ")
+        if item["type"] == "value_error" and rest and head in _fields_at(model, loc + ("",)):
+            loc, message = loc + (head,), rest  # a section-level check naming one of its fields
+            value = value.get(head) if isinstance(value, dict) else value
         if item["type"] == "extra_forbidden":
             valid = _fields_at(model, loc)
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
             message = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
             if valid and not close:
                 message += f"; valid keys: {', '.join(valid)}"
-        lines.append(f"{source}: {field_name}: {message}, got {item.get('input')!r}")
-    return lines
+        got = "" if ", got " in message else f", got {value!r}"
+        problems.append((".".join(str(p) for p in loc), f"{message}{got}"))
+    return problems
+
+
+def format_validation_error(err: Any, source: str, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per problem, naming the file and the dotted field."""
+    return [f"{source}: {prefix + field if field else prefix.rstrip('.') or '(top level)'}: {problem}"
+            for field, problem in validation_problems(err, model)]
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -26,6 +26,7 @@ from harness.config import (
     parse_override,
     read_yaml,
     set_dotted,
+    validation_problems,
 )
 
 STAGE_KEYS = {"after", "init_from", "distill_from", "runs", "slurm", "scales", "row"}
@@ -300,10 +301,8 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
                 try:
                     config = RunConfig.model_validate(merged)
                 except ValidationError as err:
-                    for item in err.errors():
-                        field = ".".join(str(p) for p in item["loc"])
-                        single = format_validation_error(_Single(item), path, RunConfig)[0]
-                        errors.append(single.replace(f"{path}: {field}:", f"{path}: {_locate(field, layers)}:", 1))
+                    errors += [f"{path}: {_locate(field, layers)}: {problem}"
+                               for field, problem in validation_problems(err, RunConfig)]
                     continue
                 errors += _check_data(config, path, layers)
                 plans.append(RunPlan(stage_name, name, row, config.model.variant, config, slurm))
@@ -314,16 +313,6 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
     if errors:
         raise SpecError(list(dict.fromkeys(errors)))
     return Expanded(spec, path, scale, order, plans)
-
-
-class _Single:
-    """Adapter: format one pydantic error item with the shared formatter."""
-
-    def __init__(self, item: dict[str, Any]) -> None:
-        self.item = item
-
-    def errors(self) -> list[dict[str, Any]]:
-        return [self.item]
 
 
 def stage_dir(spec: Spec, scale: str, stage: str, output_root: str) -> Path:
