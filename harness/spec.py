@@ -29,7 +29,7 @@ from harness.config import (
     validation_problems,
 )
 
-STAGE_KEYS = {"after", "init_from", "distill_from", "runs", "slurm", "scales", "row"}
+STAGE_KEYS = {"after", "init_from", "distill_from", "runs", "slurm", "scales", "row", "only_scales"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -62,6 +62,7 @@ class Variant(Strict):
     name: str
     row: Optional[str] = None  # the paper table's row id; defaults to the name
     set: dict[str, Any] = Field(default_factory=dict)  # config overrides (dotted or nested keys)
+    scales: dict[str, dict[str, Any]] = Field(default_factory=dict)  # overrides at one scale only
 
 
 class Runs(Strict):
@@ -78,6 +79,7 @@ class Stage(Strict):
     slurm: dict[str, Any] = Field(default_factory=dict)
     scales: dict[str, dict[str, Any]] = Field(default_factory=dict)
     row: Optional[str] = None
+    only_scales: list[str] = Field(default_factory=list)  # run this stage at these scales only (default: all)
     config: dict[str, Any] = Field(default_factory=dict)  # every other key: run configuration
 
     @field_validator("after", mode="before")
@@ -271,6 +273,7 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
         raise SpecError([f"{path}: scale: unknown scale, expected one of {', '.join(spec.scales)}, got {scale!r}"])
     order, order_errors = _stage_order(spec, path)
     errors += order_errors
+    order = _at_scale(spec, order, scale)
     scale_spec = spec.scales[scale]
     plans: list[RunPlan] = []
     for stage_name in order:
@@ -292,7 +295,10 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
             v_where = f"{where}.runs.variants[{index}].set" if stage.runs.variants else where
             for suffix, _, combo_layers in _combinations(stage.runs, f"{where}.runs", path, errors):
                 name = "-".join(p for p in (variant.name, suffix) if p)
-                layers = layers_base + [(v_where, _nested(variant.set))] + combo_layers
+                layers = layers_base + [(v_where, _nested(variant.set))]
+                if scale in variant.scales:
+                    layers.append((f"{where}.runs.variants[{index}].scales.{scale}", _nested(variant.scales[scale])))
+                layers += combo_layers
                 merged: dict[str, Any] = {}
                 for _, layer in layers:
                     merged = _merge(merged, layer)
@@ -306,13 +312,24 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
                     continue
                 errors += _check_data(config, path, layers)
                 plans.append(RunPlan(stage_name, name, row, config.model.variant, config, slurm))
-    errors += _check_references(spec, plans, path)
+    errors += _check_references(spec, plans, path, order)
     names = [(p.stage, p.name) for p in plans]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         errors.append(f"{path}: stages.{dup[0]}.runs: two runs are both named {dup[1]!r}")
     if errors:
         raise SpecError(list(dict.fromkeys(errors)))
     return Expanded(spec, path, scale, order, plans)
+
+
+def _at_scale(spec: Spec, order: list[str], scale: str) -> list[str]:
+    """Stages that run at `scale`: those not limited to other scales, nor depending on such a stage."""
+    kept: list[str] = []
+    for name in order:
+        stage = spec.stages[name]
+        deps = set(stage.after) | {s for s in (stage.init_from, stage.distill_from) if s}
+        if (not stage.only_scales or scale in stage.only_scales) and deps <= set(kept):
+            kept.append(name)
+    return kept
 
 
 def stage_dir(spec: Spec, scale: str, stage: str, output_root: str) -> Path:
@@ -344,9 +361,10 @@ def _single_run_dir(spec: Spec, scale: str, stage_name: str, output_root: str) -
     return stage_dir(spec, scale, stage_name, output_root) / name
 
 
-def _check_references(spec: Spec, plans: list[RunPlan], path: str) -> list[str]:
+def _check_references(spec: Spec, plans: list[RunPlan], path: str, order: list[str]) -> list[str]:
     errors = []
-    for name, stage in spec.stages.items():
+    for name in order:
+        stage = spec.stages[name]
         for field, ref in (("init_from", stage.init_from), ("distill_from", stage.distill_from)):
             if ref in spec.stages:
                 count = sum(1 for p in plans if p.stage == ref)
