@@ -36,34 +36,17 @@ class ReportSpec:
 
 
 def read_report_spec(path: Union[str, Path]) -> ReportSpec:
-    """Top-level `name`, `table`, `default_scale`, `notebooks` of a spec YAML; nothing else is read.
-
-    Kept to this one function so that `harness.spec.load_spec` can replace it.
-    """
-    import yaml
+    """The spec's `name`, `table`, `default_scale` and `notebooks`, read by `harness.spec.load_spec`
+    (so a report refuses exactly the specs the launcher refuses)."""
+    from harness.config import ConfigError
+    from harness.spec import load_spec
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ReportError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ReportError(f"{path}: cannot read: {err}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ReportError(f"{path}: YAML syntax error{where}: {getattr(err, 'problem', None) or err}") from None
-    if not isinstance(data, dict):
-        raise ReportError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    name = data.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise ReportError(f"{path}: name: required, a non-empty string, got {name!r}")
-    for key in ("table", "default_scale"):
-        if data.get(key) is not None and not isinstance(data[key], str):
-            raise ReportError(f"{path}: {key}: expected a string, got {data[key]!r}")
-    notebooks = data.get("notebooks") or [f"analysis/{name}.ipynb"]  # absent or [] -> the default
-    if not isinstance(notebooks, list) or not all(isinstance(n, str) for n in notebooks):
-        raise ReportError(f"{path}: notebooks: expected a list of notebook paths, got {notebooks!r}")
-    return ReportSpec(name, data.get("table"), data.get("default_scale"), notebooks)
+        spec = load_spec(str(path))
+    except ConfigError as err:
+        raise ReportError(str(err)) from None
+    notebooks = spec.notebooks or [f"analysis/{spec.name}.ipynb"]  # absent or [] -> the default
+    return ReportSpec(spec.name, spec.table, spec.default_scale, notebooks)
 
 
 def resolve_notebook(path: str, spec_path: Union[str, Path] = "") -> Path:

@@ -271,7 +271,7 @@ def report(expanded: Expanded, uri: str) -> None:
         from analysis.report import run_notebooks
 
         out = Path("reports") / expanded.spec.name / expanded.scale
-        print(run_notebooks(expanded.spec.name, expanded.scale, uri, notebooks, str(out)))
+        print(run_notebooks(expanded.spec.name, expanded.scale, uri, notebooks, str(out), expanded.spec.table))
         print(f"tables and figures: {out}/")
     print(f"compare the runs: mlflow ui --backend-store-uri {uri}")
 

@@ -255,9 +255,7 @@ def test_notebooks_are_paired_and_parameterised() -> None:
 
 def test_report_cli_runs_the_table3_notebook_headless(store: dict[str, Any]) -> None:
     tmp, client = store["tmp"], store["client"]
-    spec = tmp / "table3.yaml"
-    spec.write_text(yaml.safe_dump({"name": EXPERIMENT, "table": TABLE_NAME, "default_scale": "tiny",
-                                    "stages": {"ignored": {}}}))
+    spec = REPO / "experiments" / "table3.yaml"  # the real spec: its name, table and notebook
     out = tmp / "report"
     result = subprocess.run([sys.executable, "-m", "analysis.report", str(spec), "--tracking-uri", store["uri"],
                              "--output-dir", str(out)], cwd=tmp, capture_output=True, text=True, timeout=600)
@@ -279,13 +277,16 @@ def test_report_cli_runs_the_table3_notebook_headless(store: dict[str, Any]) -> 
         assert _is_png(png), png
 
 
+MINIMAL_SPEC = "scales: {tiny: {}}\nstages: {only: {}}\n"  # what every spec needs besides these lines
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "no such file"),
     ("name: [unclosed", "YAML syntax error at line 1"),
-    ("table: keep-ratio\n", "name: required"),
-    ("name: table3\nnotebooks: [analysis/nope.ipynb]\n", "notebooks: no such notebook"),
-    ("name: table3\ntable: table9\n", "table: unknown table"),
-    ("name: never-launched\nnotebooks: [analysis/table3.ipynb]\n", "no MLflow experiment of that name"),
+    ("table: keep-ratio\n" + MINIMAL_SPEC, "name: Field required"),
+    ("name: table3\nnotebooks: [analysis/nope.ipynb]\n" + MINIMAL_SPEC, "notebooks: no such notebook"),
+    ("name: table3\ntable: table9\n" + MINIMAL_SPEC, "table: unknown table"),
+    ("name: never-launched\nnotebooks: [analysis/table3.ipynb]\n" + MINIMAL_SPEC, "no MLflow experiment of that name"),
 ])
 def test_report_cli_bad_input_is_one_line_exit_2(store: dict[str, Any], tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str], content: Optional[str],
@@ -300,7 +301,7 @@ def test_report_cli_bad_input_is_one_line_exit_2(store: dict[str, Any], tmp_path
 
 def test_report_cli_refuses_a_store_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = tmp_path / "spec.yaml"
-    spec.write_text("name: table3\n")
+    spec.write_text("name: table3\n" + MINIMAL_SPEC)
     missing = f"sqlite:///{tmp_path}/nothing-here.db"
     assert report.main([str(spec), "--tracking-uri", missing]) == 2
     assert "no such SQLite file" in capsys.readouterr().err
