@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -297,8 +297,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def read_yaml(path: str) -> dict[str, Any]:
-    """A YAML mapping from `path`; syntax errors name the line."""
+def read_yaml(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A YAML mapping from `path` with `key=value` overrides applied; syntax errors name the line."""
     import yaml
 
     try:
@@ -312,9 +312,12 @@ def read_yaml(path: str) -> dict[str, Any]:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError([f"{path}: YAML syntax error at {where}: {problem}"]) from None
     if data is None:
-        return {}
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: expected a mapping at the top level, got {type(data).__name__}"])
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(data, key, value)
     return data
 
 
@@ -322,10 +325,7 @@ def load_run_config(path: str, overrides: list[str] = ()) -> RunConfig:
     """Read a run YAML, apply `key=value` overrides, validate. Raises ConfigError."""
     from pydantic import ValidationError
 
-    data = read_yaml(path)
-    for text in overrides:
-        key, value = parse_override(text)
-        set_dotted(data, key, value)
+    data = read_yaml(path, overrides)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:

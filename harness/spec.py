@@ -23,7 +23,6 @@ from harness.config import (
     RunConfig,
     flatten,
     format_validation_error,
-    parse_override,
     read_yaml,
     set_dotted,
     validation_problems,
@@ -188,10 +187,7 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def load_spec(path: str, overrides: list[str] = ()) -> Spec:
     """Read and validate the spec's structure (not yet its runs). Raises SpecError."""
-    raw = read_yaml(path)
-    for text in overrides:
-        key, value = parse_override(text)
-        set_dotted(raw, key, value)
+    raw = read_yaml(path, overrides)
     if isinstance(raw.get("stages"), dict):
         raw["stages"] = {name: _split_stage(stage) for name, stage in raw["stages"].items()}
     if isinstance(raw.get("scales"), dict):
