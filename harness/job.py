@@ -7,6 +7,7 @@ The requeued job resumes from the run's checkpoint into the same MLflow run.
 """
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -19,8 +20,13 @@ class TrainJob(submitit.helpers.Checkpointable):
     """`TrainJob()(config_dict)` trains one run through the engine and returns its final metrics."""
 
     def __call__(self, config: dict[str, Any]) -> dict[str, float]:
+        import torch
+
         from harness.engine import Preempted, run
 
+        threads = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("DVIT_NUM_THREADS")
+        if threads:  # the cores this job was given, not every core of the node
+            torch.set_num_threads(int(threads))
         cfg = RunConfig.model_validate(config)
         try:
             return run(cfg)

@@ -12,6 +12,7 @@ Exit codes: 0 submitted (or all done), 1 a run failed (with --wait or the local 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -169,16 +170,32 @@ class Launch:
             return []
         folder = todo[0][0].output_dir.parent / "submitit"
         executor = make_executor(self.cluster, folder, todo[0][0], self.expanded.spec.name, depends_on)
-        jobs = executor.map_array(TrainJob(), [job["config"] for _, job in todo])
-        submitted = []
+        if self.cluster == "slurm":  # one array; SLURM caps its concurrency (array_parallelism)
+            return self._record(todo, executor.map_array(TrainJob(), [job["config"] for _, job in todo]))
+        # Local processes: as many at once as the cores allow, each with its cpus_per_task threads.
+        cpus = todo[0][0].slurm.cpus_per_task
+        os.environ["DVIT_NUM_THREADS"] = str(cpus)
+        at_once = max(1, min(todo[0][0].slurm.array_parallelism, (os.cpu_count() or 1) // cpus))
+        submitted: list[tuple[RunPlan, Any]] = []
+        for start in range(0, len(todo), at_once):
+            chunk = todo[start:start + at_once]
+            jobs = self._record(chunk, executor.map_array(TrainJob(), [job["config"] for _, job in chunk]))
+            submitted += jobs
+            if start + at_once < len(todo):
+                for _, job in jobs:
+                    job.wait()
+        return submitted
+
+    def _record(self, todo: list[tuple[RunPlan, dict[str, Any]]], jobs: list[Any]) -> list[tuple[RunPlan, Any]]:
+        """Tag each MLflow run with its job id; link the job's log into the run's folder."""
         for (plan, job_cfg), job in zip(todo, jobs):
             self.client.set_tag(job_cfg["run_id"], "slurm_job_id" if self.cluster == "slurm" else "job_id", job.job_id)
             plan.output_dir.mkdir(parents=True, exist_ok=True)
             log = plan.output_dir / "job.log"  # the job's log under the run's own name
-            if not log.is_symlink():
-                log.symlink_to(Path(job.paths.stdout).resolve())
-            submitted.append((plan, job))
-        return submitted
+            if log.is_symlink():
+                log.unlink()
+            log.symlink_to(Path(job.paths.stdout).resolve())
+        return [(plan, job) for (plan, _), job in zip(todo, jobs)]
 
     def in_flight_job_ids(self, stage: str) -> list[str]:
         ids = []
