@@ -195,11 +195,12 @@ class RunConfig(Section):
     def _check_schedule(self) -> "RunConfig":
         if self.gumbel.schedule != "constant" and self.gumbel.tau1 is None:
             raise ValueError("gumbel.tau1 is required when gumbel.schedule is not 'constant'")
-        distils = self.losses.kl.active or self.losses.token.active
-        if distils and self.model.variant != "dense" and not (self.teacher.checkpoint or self.teacher.run_dir):
-            raise ValueError("teacher: the kl/token losses need teacher.checkpoint or teacher.run_dir "
-                             "(or switch them off: losses.kl=0 losses.token=0)")
         return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        """The KL or token loss is on for a pruned model: a dense teacher must be given."""
+        return self.model.variant != "dense" and (self.losses.kl.active or self.losses.token.active)
 
     def run_key(self) -> str:
         """A stable hash of what determines the result (not where it is written or logged)."""

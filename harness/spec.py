@@ -307,6 +307,10 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
                                for field, problem in validation_problems(err, RunConfig)]
                     continue
                 errors += _check_data(config, path, layers)
+                if config.needs_teacher and not (config.teacher.checkpoint or config.teacher.run_dir):
+                    errors.append(f"{path}: {where}.distill_from: the kl/token losses need a teacher "
+                                  f"(distill_from: STAGE, or teacher.checkpoint, or losses.kl=0 losses.token=0), "
+                                  f"got none for run {name!r}")
                 plans.append(RunPlan(stage_name, name, row, config.model.variant, config, slurm))
     errors += _check_references(spec, plans, path, order)
     names = [(p.stage, p.name) for p in plans]

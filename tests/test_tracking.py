@@ -47,7 +47,7 @@ def test_run_lifecycle_and_resume(sqlite_uri: str, tmp_path: Path) -> None:
     exp_id = client.create_experiment("lifecycle", artifact_location=(tmp_path / "art").as_uri())
     parent = client.create_run(exp_id, run_name="parent").info.run_id
     config = RunConfig()
-    config.model.pruning_loc = list(range(2000))  # a value longer than MLflow allows
+    config.model.pretrained = "/weights/" + "x" * 7000 + ".pth"  # a value longer than MLflow allows
     cfg = TrackingConfig(
         uri=sqlite_uri, experiment="lifecycle", run_name="dynamic", parent_run_id=parent,
         tags={"spec": "table3"},
@@ -70,7 +70,7 @@ def test_run_lifecycle_and_resume(sqlite_uri: str, tmp_path: Path) -> None:
     assert run.data.params["optim.lr"] == "0.001"
     assert run.data.params["losses.kl.weight"] == "0.5"
     assert run.data.params["model.pretrained"] == "None"
-    assert run.data.params["model.pruning_loc"].endswith("[truncated]")
+    assert run.data.params["model.pretrained"].endswith("[truncated]")
     tags = run.data.tags
     assert tags["mlflow.parentRunId"] == parent
     assert tags["spec"] == "table3" and tags["variant"] == "dynamic"
