@@ -2,6 +2,8 @@
 
 `run(cfg)` trains one run to the end (or resumes it from `<output_dir>/checkpoint.pth`) and
 returns its final metrics. Rank 0 writes checkpoints and talks to MLflow; every rank trains.
+`run(cfg, on_epoch=f)` also calls `f(epoch, metrics)` after each epoch (a search's pruner);
+`f` raising `Pruned` stops the run: MLflow status KILLED, tag `trial_state=PRUNED`.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import timm
 import torch
@@ -45,6 +47,17 @@ class NonFiniteLoss(RuntimeError):
 
 class Preempted(RuntimeError):
     """SIGTERM/SIGUSR2 arrived: a checkpoint was written at the last step boundary."""
+
+
+class Pruned(RuntimeError):
+    """Raised by an `on_epoch` callback to stop a run early (a search pruning its trial).
+
+    The run ends KILLED, not FINISHED, so that nothing that collects finished runs mistakes a
+    stopped-early run for a result; its tag `trial_state=PRUNED` says why.
+    """
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]  # (0-based epoch, that epoch's logged metrics)
 
 
 class _StopSignal:
@@ -349,7 +362,8 @@ class Trainer:
         for path in paths:
             self.tracker.log_artifact(path)
 
-    def fit(self) -> dict[str, float]:
+    def fit(self, on_epoch: Optional[EpochCallback] = None) -> dict[str, float]:
+        """Train the remaining epochs; `on_epoch` runs on rank 0 after each epoch's metrics are logged."""
         cfg = self.cfg
         state = ckpt.load(self.out / ckpt.CHECKPOINT)
         if state is not None:
@@ -371,6 +385,8 @@ class Trainer:
                     if self.tracker:
                         self.tracker.log_metrics(metrics, step=self.epoch)
                     self.history = metrics
+                    if on_epoch is not None and self.env.is_main:
+                        on_epoch(self.epoch, dict(metrics))
                     self.epoch, self.batches_done, self.sums = self.epoch + 1, 0, EpochSums()
                     self.save()
             if not self.history:  # train.epochs == 0: evaluate the given weights as they are
@@ -391,6 +407,11 @@ class Trainer:
             if self.tracker:
                 self.tracker.finish("KILLED")
             raise
+        except Pruned:
+            if self.tracker:
+                self.tracker.set_tags({"trial_state": "PRUNED"})
+                self.tracker.finish("KILLED")
+            raise
         except BaseException as err:
             if self.tracker:
                 self.tracker.set_tags({"error": str(err)[:4000]})
@@ -398,10 +419,14 @@ class Trainer:
             raise
 
 
-def run(cfg: RunConfig) -> dict[str, float]:
-    """Train (or resume, or just report) one run; returns its final metrics on rank 0."""
+def run(cfg: RunConfig, on_epoch: Optional[EpochCallback] = None) -> dict[str, float]:
+    """Train (or resume, or just report) one run; returns its final metrics on rank 0.
+
+    `on_epoch(epoch, metrics)` is called after each epoch's metrics are logged, on rank 0 only (so
+    stopping early is for single-process runs); raising `Pruned` in it ends the run and re-raises.
+    """
     done = Path(cfg.output_dir) / RESULT
     if done.is_file():
         return json.loads(done.read_text())["metrics"]
     env = init_distributed()
-    return Trainer(cfg, env).fit()
+    return Trainer(cfg, env).fit(on_epoch)

@@ -1,0 +1,124 @@
+"""Which Optuna storage a study lives in, as plain data every process opens the same way.
+
+SQLite for one worker; a JournalStorage file for several workers on one machine; an RDB URL
+(PostgreSQL) for workers on several nodes. RDB storages (SQLite included) get Optuna's
+heartbeat, so that a trial whose process died is failed by `fail_stale_trials`; Optuna 5's
+JournalStorage has no heartbeat (it does not implement BaseHeartbeat), so for journal files the
+driver fails the trials of workers it sees end (harness/search/driver.py).
+"""
+import shlex
+import subprocess
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Optional
+
+from harness.config import ConfigError
+from harness.search.spec import SearchPlan
+
+if TYPE_CHECKING:
+    import optuna
+
+
+@dataclass(frozen=True)
+class StorageChoice:
+    """Where the study lives; plain data, so that every worker opens the same storage."""
+
+    kind: Literal["sqlite", "journal", "rdb"]
+    location: str  # a URL (sqlite, rdb) or a journal file path: what optuna-dashboard accepts too
+    heartbeat_interval: int = 30
+    grace_period: Optional[int] = None
+
+    @classmethod
+    def parse(cls, text: str, heartbeat_interval: int = 30, grace_period: Optional[int] = None) -> "StorageChoice":
+        """`sqlite:///F` (relative F made absolute), `dialect://...` (RDB), anything else a journal file."""
+        if text.startswith("sqlite:///"):
+            file = Path(text[len("sqlite:///"):]).expanduser().resolve()
+            return cls("sqlite", f"sqlite:///{file}", heartbeat_interval, grace_period)
+        if "://" in text:
+            return cls("rdb", text, heartbeat_interval, grace_period)
+        return cls("journal", str(Path(text).expanduser().resolve()), heartbeat_interval, grace_period)
+
+    @property
+    def heartbeat(self) -> bool:
+        """RDB storages (SQLite included) record heartbeats; Optuna 5's JournalStorage does not."""
+        return self.kind != "journal"
+
+    def open(self) -> "optuna.storages.BaseStorage":
+        import optuna
+        from optuna.storages.journal import JournalFileBackend
+
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        if self.kind == "journal":
+            Path(self.location).parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(self.location))
+        if self.kind == "sqlite":
+            Path(self.location[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            engine: dict[str, Any] = {"connect_args": {"timeout": 60}}  # a reader must wait, not fail
+        else:
+            engine = {"pool_pre_ping": True}
+        return optuna.storages.RDBStorage(self.location, engine_kwargs=engine,
+                                          heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period)
+
+    def dashboard(self) -> str:
+        return f"optuna-dashboard {shlex.quote(self.location)}"
+
+
+def _slurm_nodes(partition: Optional[str]) -> Optional[int]:
+    """How many nodes the partition has (None if sinfo cannot say)."""
+    command = ["sinfo", "-h", "-o", "%D"] + (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout
+        return sum(int(n) for n in out.split())
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def choose_storage(plan: SearchPlan, cluster: str) -> StorageChoice:
+    """SQLite for one worker; a journal file for several on one machine; an RDB URL across nodes."""
+    spec = plan.section.storage
+    workers = plan.section.workers
+    where = f"{plan.path}: search.storage.url"
+    one_machine = cluster != "slurm" or _slurm_nodes(plan.slurm.partition) == 1
+    if spec.url == "auto":
+        if workers == 1:
+            return StorageChoice.parse(f"sqlite:///{plan.study_dir / 'study.db'}", spec.heartbeat_interval,
+                                       spec.grace_period)
+        if one_machine:
+            return StorageChoice.parse(str(plan.study_dir / "study.journal"))
+        raise ConfigError([f"{where}: {workers} workers may run on different SLURM nodes: give an RDB URL "
+                           f"(postgresql://USER@HOST/DB), got 'auto'"])
+    choice = StorageChoice.parse(spec.url, spec.heartbeat_interval, spec.grace_period)
+    if choice.kind == "sqlite" and workers > 1:
+        raise ConfigError([f"{where}: SQLite is for one process; {workers} workers need a journal file (one "
+                           f"machine) or an RDB URL (several nodes), got {spec.url!r}"])
+    if choice.kind == "journal" and workers > 1 and not one_machine:
+        raise ConfigError([f"{where}: a journal file is for workers on one machine; SLURM may spread {workers} "
+                           f"workers over nodes: give an RDB URL (postgresql://USER@HOST/DB), got {spec.url!r}"])
+    return choice
+
+
+def open_study(location: str, study: Optional[str] = None) -> "optuna.Study":
+    """A study from a storage URL or journal file (what the notebook and the tests use)."""
+    import optuna
+
+    storage = StorageChoice.parse(location).open()
+    if study is None:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        if len(names) != 1:
+            raise ValueError(f"storage {location}: name the study, one of {names}")
+        study = names[0]
+    return optuna.load_study(study_name=study, storage=storage)
+
+
+def find_search(tracking_uri: str, experiment: str, scale: Optional[str] = None) -> tuple[str, str]:
+    """(storage, study) of the latest search logged in an MLflow experiment (its parent run's tags)."""
+    from harness.tracking import find_runs
+
+    filters = "tags.kind = 'search'" + (f" and tags.scale = '{scale}'" if scale else "")
+    runs = sorted(find_runs(tracking_uri, experiment, filters), key=lambda r: r.info.start_time or 0)
+    if not runs:
+        raise LookupError(f"no search in MLflow experiment {experiment!r} (scale {scale or 'any'}) at {tracking_uri}")
+    return runs[-1].data.tags["storage"], runs[-1].data.tags["study"]
+
+
