@@ -127,7 +127,7 @@ def build_model(cfg: RunConfig, data: DataBundle) -> models.DynamicVisionTransfo
 
 def build_teacher(cfg: RunConfig, data: DataBundle) -> Optional[nn.Module]:
     """The frozen dense teacher of the same backbone, or None when no loss needs one."""
-    if not (cfg.losses.kl.active or cfg.losses.token.active) or cfg.model.variant == "dense":
+    if not cfg.needs_teacher:
         return None
     source = cfg.teacher.checkpoint or cfg.teacher.run_dir
     if source is None:
