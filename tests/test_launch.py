@@ -206,6 +206,8 @@ def test_slurm_launch_with_afterok_dependency(tmp_path: Path) -> None:
                             capture_output=True, text=True)
     assert status.returncode == 0
     assert status.stdout.count("FINISHED") == 3 and teacher_job in status.stdout
+    again = launch(tmp_path, path, "--executor", "slurm")
+    assert again.returncode == 0 and "0 submitted, 3 skipped (finished)" in again.stdout, again.stdout
 
 
 @pytest.mark.slurm
