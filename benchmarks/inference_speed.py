@@ -1,21 +1,35 @@
 """Inference speed: dense DeiT-S (timm) against DynamicViT-S at keep ratios 0.9 / 0.8 / 0.7.
 
-All models are measured side by side in one run, interleaved round by round so that any drift
-of the machine hits every model alike; the reported rate is the median over rounds.
+All models are measured side by side in one process, interleaved batch by batch: a round times
+one batch of every model (the order reverses every other round), so that drift or another
+process on the machine hits the models of one round alike. Reported per model: the median batch
+time over rounds as images/s, the speed-up as the ratio of those medians and as the median of
+the per-round ratios (each the dense batch time over the model's batch time in the same round),
+with its interquartile range, and the FLOPs ratio (multiply-adds of one image, predictors
+included, `harness.measure.count_gflops`). Eval mode, no_grad, the pruned (gathered) path.
+Before a round (at most every `--gate-every` seconds) the script waits up to `--idle-wait`
+seconds until no other process is runnable, and reports how long it waited.
 
-    python benchmarks/inference_speed.py [--batch-sizes 32 1] [--device cpu|cuda] [--rounds 5]
+    python benchmarks/inference_speed.py [--batch-sizes 32 1] [--rounds 30 200]
+                                         [--device cpu|cuda] [--bf16]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
+import sys
+import time
+from pathlib import Path
 
 import timm
 import torch
 
-import models  # noqa: F401  (registers the DynamicViT family)
-from harness.measure import count_gflops, measure_throughput
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402,F401  (registers the DynamicViT family)
+from harness.measure import count_gflops, input_shape  # noqa: E402
 
 RATIOS = (0.9, 0.8, 0.7)
 
@@ -24,45 +38,207 @@ def machine(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
-    return f"{cpu} CPU, {torch.get_num_threads()} threads"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({platform.machine()}) CPU, {torch.get_num_threads()} torch threads"
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def others_running(samples: int = 5, interval: float = 0.1) -> int:
+    """How many runnable threads other than this one, at most over a few samples of /proc/stat
+    (taken while this process computes nothing, so its own torch threads are idle)."""
+    busiest = 0
+    for _ in range(samples):
+        try:
+            for line in Path("/proc/stat").read_text().splitlines():
+                if line.startswith("procs_running"):
+                    busiest = max(busiest, int(line.split()[1]) - 1)
+        except OSError:
+            return 0
+        time.sleep(interval)
+    return busiest
+
+
+def wait_for_idle(max_wait_s: float, threshold: int = 0) -> tuple[float, int]:
+    """Before a round: wait (at most `max_wait_s`) until no other thread is runnable.
+    Returns (seconds waited, runnable others at the last check)."""
+    start = time.perf_counter()
+    busy = others_running()
+    while busy > threshold and time.perf_counter() - start < max_wait_s:
+        time.sleep(1.0)
+        busy = others_running()
+    return time.perf_counter() - start, busy
+
+
+def per_batch(values: list[int], batches: list[int], name: str) -> list[int]:
+    if len(values) == 1:
+        return values * len(batches)
+    if len(values) != len(batches):
+        raise SystemExit(f"--{name}: give one value or one per batch size ({len(batches)}), got {values}")
+    return values
+
+
+class PartTimer:
+    """Forward hooks that add up the wall time of every block (by its token count) and of every
+    token-score predictor of a model; `rest` = total - parts (embedding, selection, head)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.parts: dict[str, float] = {}
+        self._start: dict[int, float] = {}
+        self.handles = []
+        modules = [("blocks N={}", b) for b in model.blocks]
+        modules += [("predictors", m) for m in getattr(model, "score_predictor", [])]
+        for label, module in modules:
+            self.handles.append(module.register_forward_pre_hook(self._pre))
+            self.handles.append(module.register_forward_hook(self._post(label)))
+
+    def _pre(self, module: torch.nn.Module, args: tuple) -> None:
+        self._start[id(module)] = time.perf_counter()
+
+    def _post(self, label: str):
+        def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+            key = label.format(args[0].shape[1]) if "{}" in label else label
+            self.parts[key] = self.parts.get(key, 0.0) + time.perf_counter() - self._start[id(module)]
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def breakdown(models_: dict[str, torch.nn.Module], batch: int, rounds: int, timed) -> None:
+    """Median ms per forward pass of each part, dense vs DynamicViT, interleaved by batch."""
+    first = next(iter(models_.values()))
+    images = torch.randn(batch, *input_shape(first), device=next(first.parameters()).device)
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in models_}
+    timers = {name: PartTimer(model) for name, model in models_.items()}
+    for name, model in models_.items():
+        timed(model, images)
+    for _ in range(rounds):
+        for name, model in models_.items():
+            timers[name].parts = {}
+            total = timed(model, images)
+            parts = dict(timers[name].parts)
+            parts["embedding, token selection, head"] = total - sum(parts.values())
+            parts["total"] = total
+            for key, value in parts.items():
+                samples[name].setdefault(key, []).append(value)
+    for timer in timers.values():
+        timer.remove()
+    print(f"\nwhere the time goes, batch {batch} ({rounds} interleaved rounds, median ms per forward pass; "
+          f"load average {loadavg()})")
+    print("| part | " + " | ".join(models_) + " |")
+    print("|---|" + "---|" * len(models_))
+    keys: list[str] = []
+    for name in models_:
+        keys += [k for k in samples[name] if k not in keys and k != "total"]
+    keys.append("total")
+    for key in keys:
+        cells = [f"{statistics.median(samples[n][key]) * 1e3:.1f}" if key in samples[n] else "" for n in models_]
+        print(f"| {key} | " + " | ".join(cells) + " |")
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return q[0], q[2]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds")
-    parser.add_argument("--iters", type=int, default=10, help="timed batches per round")
+    parser.add_argument("--rounds", type=int, nargs="+", default=[30, 200],
+                        help="interleaved rounds, one batch per model each (one value, or one per batch size)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches per model first")
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--idle-wait", type=float, default=60.0,
+                        help="wait up to this many seconds for other processes to leave the CPU "
+                             "before a round (0: never wait)")
+    parser.add_argument("--breakdown", type=int, default=0, metavar="ROUNDS",
+                        help="also time the parts (blocks by token count, predictors, rest) of the dense "
+                             "model and the last keep ratio's model, over this many rounds per batch size")
+    parser.add_argument("--gate-every", type=float, default=5.0,
+                        help="check for other processes before a round at most every this many seconds")
     args = parser.parse_args()
+    rounds = per_batch(args.rounds, args.batch_sizes, "rounds")
+    device = torch.device(args.device)
 
     candidates = {"DeiT-S (timm, dense)": timm.create_model("deit_small_patch16_224")}
-    for ratio in RATIOS:
+    for ratio in args.ratios:
         candidates[f"DynamicViT-S/{ratio}"] = timm.create_model(
             "dynamicvit_deit_small_patch16_224", keep_ratio=ratio
         )
     gflops = {name: count_gflops(model) for name, model in candidates.items()}
-    dtype = torch.bfloat16 if args.bf16 else None
+    for model in candidates.values():
+        model.to(device).eval()
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+    )
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    @torch.no_grad()
+    def timed(model: torch.nn.Module, images: torch.Tensor) -> float:
+        sync()
+        start = time.perf_counter()
+        with autocast():
+            model(images)
+        sync()
+        return time.perf_counter() - start
+
     print(f"machine: {machine(args.device)}; torch {torch.__version__}, timm {timm.__version__}")
-    for batch in args.batch_sizes:
-        rates: dict[str, list[float]] = {name: [] for name in candidates}
-        for _ in range(args.rounds):
-            for name, model in candidates.items():
-                result = measure_throughput(
-                    model, batch, device=args.device, warmup=3, iters=args.iters, dtype=dtype
-                )
-                rates[name].append(result.images_per_s)
-        dense_name = next(iter(candidates))
-        dense_rate = statistics.median(rates[dense_name])
-        print(f"\nbatch {batch}")
-        print(f"| model | GFLOPs | images/s | speed-up vs dense | FLOPs ratio |")
-        print(f"|---|---|---|---|---|")
-        for name in candidates:
-            rate = statistics.median(rates[name])
+    print(f"command: {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}")
+    names = list(candidates)
+    dense_name = names[0]
+    for batch, n_rounds in zip(args.batch_sizes, rounds):
+        images = torch.randn(batch, *input_shape(candidates[dense_name]), device=device)
+        for model in candidates.values():
+            for _ in range(args.warmup):
+                timed(model, images)
+        load_before = loadavg()
+        times: dict[str, list[float]] = {name: [] for name in candidates}
+        waited, busy_rounds, last_gate = 0.0, 0, -float("inf")
+        for round_ in range(n_rounds):
+            if args.idle_wait > 0 and time.perf_counter() - last_gate >= args.gate_every:
+                seconds, busy = wait_for_idle(args.idle_wait)
+                waited, busy_rounds = waited + seconds, busy_rounds + (busy > 0)
+                last_gate = time.perf_counter()
+            for name in names if round_ % 2 == 0 else names[::-1]:
+                times[name].append(timed(candidates[name], images))
+        dense_time = statistics.median(times[dense_name])
+        print(f"\nbatch {batch}: {n_rounds} rounds (one batch per model each); load average "
+              f"(1/5/15 min) before {load_before}, after {loadavg()}; waited {waited:.0f} s for an "
+              f"idle CPU, {busy_rounds} check(s) still found other processes running")
+        print("| model | GFLOPs | images/s (median) | speed-up vs dense (ratio of medians) "
+              "| median per-round speed-up [IQR] | FLOPs ratio |")
+        print("|---|---|---|---|---|---|")
+        for name in names:
+            median = statistics.median(times[name])
+            per_round = [d / t for d, t in zip(times[dense_name], times[name])]
+            low, high = quartiles(per_round)
             print(
-                f"| {name} | {gflops[name]:.3f} | {rate:.1f} | {rate / dense_rate:.2f}x "
-                f"| {gflops[dense_name] / gflops[name]:.2f}x |"
+                f"| {name} | {gflops[name]:.3f} | {batch / median:.1f} | {dense_time / median:.3f}x "
+                f"| {statistics.median(per_round):.3f}x [{low:.2f}-{high:.2f}] "
+                f"| {gflops[dense_name] / gflops[name]:.3f}x |"
             )
+        if args.breakdown:
+            if args.idle_wait > 0:
+                wait_for_idle(args.idle_wait)
+            breakdown({n: candidates[n] for n in (dense_name, names[-1])}, batch, args.breakdown, timed)
 
 
 if __name__ == "__main__":

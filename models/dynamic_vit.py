@@ -53,7 +53,8 @@ def masked_softmax(attn: Tensor, policy: Tensor) -> Tensor:
 
     The official formulation: subtract the row max, exp in fp32, multiply by
     (policy + identity for dropped rows), then (attn + eps/N) / (sum + eps). It stays
-    differentiable in the policy, which is how the predictor learns.
+    differentiable in the policy, which is how the predictor learns. This is the reference;
+    `masked_attention` computes `masked_softmax(q k^T * scale, policy) @ v` faster.
     """
     batch, _, tokens, _ = attn.shape
     keep = policy.reshape(batch, 1, 1, tokens).float()
@@ -65,11 +66,101 @@ def masked_softmax(attn: Tensor, policy: Tensor) -> Tensor:
     return attn
 
 
+class _MaskedAttentionFn(torch.autograd.Function):
+    """`masked_softmax(q k^T * scale, policy) @ v` and its exact gradient, in fewer passes.
+
+    Notation (per batch and head): a = (q * scale) k^T, m_i = max_j a_ij, x = exp(a - m),
+    P_ij = policy_j + (1 - policy_j) [i == j], e = x P, S_i = sum_j e_ij, c = eps / N,
+    w_i = 1 / (S_i + eps), out = (e + c) w (the official weights), result O = out v.
+
+    Forward: y = softmax(a) = x / Z_i is one fused pass; its row max is 1 / Z_i (x = 1 at the
+    argmax), so x = y Z without computing exp(a - m) separately. P is never built: it is policy_j
+    off the diagonal and policy_j + (1 - policy_j) on it, so y P v = y (policy v) + a diagonal
+    term, and S comes from the same matmul (a column of policy appended to v). Neither P nor the
+    weights `out` are materialised; the only N x N tensor kept for backward is y.
+    Backward, with g = dO v^T and r_i = sum_j g_ij out_ij = dO_i . O_i:
+      t_ij := dL/dP_ij = w_i (g_ij - r_i) x_ij,   dL/da_ij = t_ij P_ij + [j == argmax_i] dL/dm_i,
+      dL/dm_i = -sum_j t_ij P_ij = -w_i (eps r_i - c sum_j g_ij)   (routed to the argmax, as
+      autograd routes it through torch.max; it only matters where S_i is of the order of eps),
+      dL/dpolicy_j = sum over heads and rows i != j of t_ij.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float) -> Tensor:
+        batch, heads, tokens, dim = q.shape
+        qs = q * scale
+        y = torch.softmax(qs @ k.transpose(-2, -1), dim=-1)  # x / Z
+        y_max, argmax = y.max(dim=-1, keepdim=True)  # 1 / Z, at the argmax of a
+        keep = policy.reshape(batch, 1, tokens, 1)  # indexes keys (and rows, on the diagonal)
+        diag_minus_keep = (keep + (1.0 - keep)) - keep  # P_ii - policy_i, P_ii as the reference builds it
+        y_diag_corr = y.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * diag_minus_keep
+        both = y @ torch.cat([v * keep, keep.expand(batch, heads, tokens, 1)], dim=-1)
+        # In units of y (a factor 1 / Z per row): S / Z = both[..., dim] + y_diag_corr and
+        # inv = Z w = 1 / (S / Z + eps / Z); O = (y P v + (c / Z) sum_j v_j) * inv.
+        inv = (both[..., dim:] + y_diag_corr).add_(y_max, alpha=MASK_EPS).reciprocal_()
+        out = torch.addcmul(both[..., :dim], y_diag_corr, v)
+        out.addcmul_(y_max, v.sum(dim=-2, keepdim=True), value=MASK_EPS / tokens).mul_(inv)
+        ctx.save_for_backward(qs, k, v, policy, y, y_max, inv, argmax, out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
+        qs, k, v, policy, y, y_max, inv, argmax, out = ctx.saved_tensors
+        batch, heads, tokens, dim = qs.shape
+        need_q, need_k, need_v, need_policy = ctx.needs_input_grad[:4]
+        grad_out = grad_out.contiguous()
+        keep = policy.reshape(batch, 1, tokens, 1)
+        diag_minus_keep = (keep + (1.0 - keep)) - keep
+        y_diag = y.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+        r = (grad_out * out).sum(dim=-1, keepdim=True)
+        w_grad = grad_out * inv  # Z_i w_i dO_i
+        grad_q = grad_k = grad_v = grad_policy = None
+        if need_v:  # dv_j = sum_i out_ij dO_i
+            grad_v = (y.transpose(-2, -1) @ w_grad).mul_(keep)
+            grad_v.addcmul_(y_diag * diag_minus_keep, w_grad)
+            grad_v.add_((w_grad * y_max).sum(dim=-2, keepdim=True), alpha=MASK_EPS / tokens)
+        if not (need_q or need_k or need_policy):
+            return None, None, grad_v, None, None
+        t = w_grad @ v.transpose(-2, -1)
+        t.sub_(r * inv).mul_(y)  # w_i (g_ij - r_i) x_ij
+        t_diag = t.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+        if need_policy:  # P_ij depends on policy_j off the diagonal only
+            grad_policy = (t.sum(dim=(1, 2)) - t_diag.sum(dim=(1, 3))).reshape(policy.shape)
+        if need_q or need_k:
+            t_diag_corr = t_diag * diag_minus_keep  # dL/da_ii - t_ii policy_i
+            g_sum = grad_out @ v.sum(dim=-2).unsqueeze(-1)  # sum_j g_ij
+            grad_max = (r * MASK_EPS).sub_(g_sum, alpha=MASK_EPS / tokens).mul_(inv * y_max).neg_()
+            index = argmax.expand(batch, heads, tokens, dim)
+            if need_q:
+                grad_q = t @ (k * keep)
+                grad_q.addcmul_(t_diag_corr, k).addcmul_(grad_max, k.gather(2, index)).mul_(ctx.scale)
+            if need_k:
+                grad_k = (t.transpose(-2, -1) @ qs).mul_(keep)
+                grad_k.addcmul_(t_diag_corr, qs).scatter_add_(2, index, grad_max * qs)
+        return grad_q, grad_k, grad_v, grad_policy, None
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float) -> Tensor:
+    """`masked_softmax((q * scale) @ k^T, policy) @ v` for fp32 q/k/v (B, H, N, d), policy (B, N).
+
+    Equal to the reference formula up to float rounding (forward and every gradient, including
+    the one with respect to the policy), with fewer passes over the B x H x N x N tensor.
+    """
+    return _MaskedAttentionFn.apply(q, k, v, policy, scale)
+
+
 class MaskedAttention(Attention):
     """timm's Attention plus an optional keep policy and the CLS attention row.
 
-    Without a policy and without the CLS row request it is timm's fused attention.
+    Without a policy and without the CLS row request it is timm's fused attention. With a policy,
+    fp32 inputs (no autocast) and no attention dropout it is `masked_attention`; otherwise, or with
+    `fused_masked_attn = False`, the reference `masked_softmax` path, which materialises the
+    attention weights.
     """
+
+    fused_masked_attn: bool = True
 
     def forward(  # type: ignore[override]
         self,
@@ -90,6 +181,16 @@ class MaskedAttention(Attention):
             if return_cls_attn:  # one extra row: the CLS query against every key
                 cls_row = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)
                 cls_attn = cls_row.softmax(dim=-1).mean(dim=1)[:, 0, 1:]
+        elif (
+            policy is not None
+            and self.fused_masked_attn
+            and not return_cls_attn
+            and not (self.training and self.attn_drop.p > 0)
+            and q.dtype == torch.float32
+            and policy.dtype == torch.float32
+            and not torch.is_autocast_enabled(q.device.type)
+        ):
+            out = masked_attention(q, k, v, policy, self.scale)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if policy is None:
@@ -373,11 +474,11 @@ class DynamicVisionTransformer(VisionTransformer):
                 x = self._pool_grid(x)
             stage = self._stage_at.get(index)
             if stage is not None and self.num_keep[stage] < x.shape[1] - 1:  # else nothing to drop
-                patches = x[:, 1:]
-                scores = self._keep_scores(stage, patches, positions, cls_attn)
+                scores = self._keep_scores(stage, x[:, 1:], positions, cls_attn)
                 order = scores.topk(self.num_keep[stage], dim=1, sorted=False).indices
-                patches = patches.gather(1, order.unsqueeze(-1).expand(-1, -1, dim))
-                x = torch.cat([x[:, :1], patches], dim=1)
+                # one gather of CLS (row 0) and the kept patch tokens (rows order + 1): no cat copy
+                rows = torch.cat([order.new_zeros(batch, 1), order + 1], dim=1)
+                x = x.gather(1, rows.unsqueeze(-1).expand(-1, -1, dim))
                 if positions is not None:
                     positions = positions.gather(1, order)
                     kept.append(positions)

@@ -259,3 +259,103 @@ def test_bad_arguments_name_the_argument(kwargs: dict, field: str) -> None:
 def test_wrong_input_size_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="input: expected images of size \\(32, 32\\)"):
         micro().eval()(torch.randn(1, 3, 64, 64))
+
+
+# ------------------------------------------------------------- masked attention (fast path)
+def reference_masked_attention(q, k, v, policy, scale, eps=1e-6):
+    """The official formula, written out plainly (in the inputs' dtype, so float64 stays float64):
+    exp of row-max-shifted logits times (policy + (1 - policy) * I), then (attn + eps/N) / (sum + eps)."""
+    attn = (q * scale) @ k.transpose(-2, -1)
+    batch, _, tokens, _ = attn.shape
+    keep = policy.reshape(batch, 1, 1, tokens)
+    eye = torch.eye(tokens, dtype=attn.dtype).view(1, 1, tokens, tokens)
+    attn_policy = keep + (1.0 - keep) * eye
+    attn = (attn - attn.amax(dim=-1, keepdim=True)).exp() * attn_policy
+    attn = (attn + eps / tokens) / (attn.sum(dim=-1, keepdim=True) + eps)
+    return attn @ v
+
+
+def attention_case(case: str, dtype: torch.dtype, seed: int = 0):
+    """q, k, v (B, H, N, d) and a policy (B, N) with CLS kept, for one regime of the formula."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, heads, tokens, dim = 3, 2, 11, 5
+    sharpness = 15.0 if case == "sharp" else 1.0  # sharp: kept rows whose mass is ~eps (S ~ eps)
+    q = torch.randn(batch, heads, tokens, dim, generator=gen, dtype=dtype) * sharpness
+    k = torch.randn(batch, heads, tokens, dim, generator=gen, dtype=dtype)
+    v = torch.randn(batch, heads, tokens, dim, generator=gen, dtype=dtype)
+    policy = (torch.rand(batch, tokens, generator=gen, dtype=dtype) > 0.5).to(dtype)
+    if case == "all_dropped":
+        policy[1] = 0.0
+    policy[:, 0] = 1.0
+    if case == "soft":  # a non-binary policy, as a straight-through estimator can produce
+        policy = torch.rand(batch, tokens, generator=gen, dtype=dtype)
+    return q, k, v, policy
+
+
+def value_and_grads(fn, q, k, v, policy, scale):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, policy)]
+    out = fn(*leaves, scale)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    (out * weight.to(out.dtype)).sum().backward()
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("case", ["binary", "sharp", "all_dropped", "soft"])
+def test_masked_attention_matches_the_formula_values_and_gradients(case: str) -> None:
+    """The fast masked attention equals the official formula: output and the gradients with
+    respect to q, k, v and the policy, to float64 rounding (the max's gradient included)."""
+    q, k, v, policy = attention_case(case, torch.float64)
+    expected = value_and_grads(reference_masked_attention, q, k, v, policy, 0.37)
+    got = value_and_grads(models.dynamic_vit.masked_attention, q, k, v, policy, 0.37)
+    for name, want, have in zip(["out", "dq", "dk", "dv", "dpolicy"], expected, got):
+        torch.testing.assert_close(have, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("case", ["binary", "sharp"])
+def test_masked_attention_fp32_is_within_float_rounding(case: str) -> None:
+    """fp32 (the training dtype): the output within 1e-6 of the fp32 reference (`masked_softmax`),
+    and the output and every gradient as close to the exact (float64) formula as that reference is."""
+    q, k, v, policy = attention_case(case, torch.float64, seed=1)
+    exact = value_and_grads(reference_masked_attention, q, k, v, policy, 0.37)
+    args32 = [t.float() for t in (q, k, v, policy)]
+    fast = value_and_grads(models.dynamic_vit.masked_attention, *args32, 0.37)
+    ref32 = value_and_grads(
+        lambda q, k, v, p, s: models.dynamic_vit.masked_softmax((q * s) @ k.transpose(-2, -1), p) @ v,
+        *args32, 0.37,
+    )
+    torch.testing.assert_close(fast[0], ref32[0], rtol=0, atol=1e-6)
+    for name, want, have, ref in zip(["out", "dq", "dk", "dv", "dpolicy"], exact, fast, ref32):
+        ref_err = (ref.double() - want).abs().max().item()
+        err = (have.double() - want).abs().max().item()
+        assert err <= max(4 * ref_err, 1e-6 * want.abs().max().item()), (name, err, ref_err)
+
+
+def test_masked_attention_gradcheck() -> None:
+    q, k, v, policy = attention_case("binary", torch.float64, seed=2)
+    small = [t[:2, :, :6, :3].clone() if t.ndim == 4 else t[:2, :6].clone() for t in (q, k, v, policy)]
+    leaves = [t.requires_grad_() for t in small]
+    assert torch.autograd.gradcheck(
+        lambda *a: models.dynamic_vit.masked_attention(*a, 0.5), leaves, eps=1e-6, atol=1e-6
+    )
+
+
+def test_fused_and_reference_masked_paths_train_alike() -> None:
+    """The whole masked training forward/backward: fast path == reference masked softmax path
+    (logits, final tokens and every parameter gradient, predictors included)."""
+    results = []
+    for fused in (True, False):
+        model = micro(keep_ratio=0.6, deterministic=True).train()
+        for module in model.modules():
+            if isinstance(module, models.dynamic_vit.MaskedAttention):
+                module.fused_masked_attn = fused
+        out = model(images(model))
+        (out.logits.logsumexp(-1).mean() + out.tokens.pow(2).mean() + out.keep_fractions.sum()).backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (fast, fast_grads), (ref, ref_grads) = results
+    torch.testing.assert_close(fast.logits, ref.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast.tokens, ref.tokens, rtol=0, atol=1e-5)
+    assert fast_grads.keys() == ref_grads.keys()
+    assert any(n.startswith("score_predictor.") and g.abs().sum() > 0 for n, g in fast_grads.items())
+    for name in ref_grads:
+        scale = ref_grads[name].abs().max().item()
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-4, atol=1e-5 * max(scale, 1e-3), msg=name)
