@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="dotted spec overrides, e.g. base.train.epochs=2")
     parser.add_argument("--scale", help="which of the spec's scales (default: the spec's default_scale)")
     parser.add_argument("--executor", choices=["auto", "slurm", "local", "debug"], default="auto",
-                        help="auto: SLURM when sbatch is available, else local processes")
+                        help="auto: SLURM when its controller answers (sinfo), else local processes")
     parser.add_argument("--dry-run", action="store_true", help="print the expanded runs, submit nothing")
     parser.add_argument("--rerun", action="store_true", help="run again even runs that already finished")
     parser.add_argument("--wait", action="store_true", help="follow the runs to the end, then report")
@@ -66,10 +67,34 @@ def _flat(plan: RunPlan) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ submission
+def slurm_reachable(timeout_s: float = 15.0) -> tuple[bool, str]:
+    """Whether a SLURM controller answers (`sinfo`), and why not when it does not.
+
+    `sbatch` on the PATH is not enough: the client packages are often installed on a laptop or
+    a login node whose controller is down, and every submission would then fail.
+    """
+    if not shutil.which("sbatch"):
+        return False, "no sbatch on the PATH"
+    try:
+        probe = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True,
+                               timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return False, f"sinfo failed: {error}"
+    if probe.returncode != 0:
+        lines = (probe.stderr or probe.stdout).strip().splitlines()
+        return False, f"sinfo: {lines[-1] if lines else f'exit {probe.returncode}'}"
+    return True, ""
+
+
 def choose_executor(name: str) -> str:
+    """`auto`: SLURM when a controller answers, else local processes (and say why)."""
     if name != "auto":
         return name
-    return "slurm" if shutil.which("sbatch") else "local"
+    reachable, why = slurm_reachable()
+    if not reachable and shutil.which("sbatch"):
+        print(f"SLURM is installed but not reachable ({why}); running local processes "
+              "(--executor slurm to insist)", file=sys.stderr)
+    return "slurm" if reachable else "local"
 
 
 def make_executor(cluster: str, folder: Path, plan: RunPlan, spec_name: str, dependency: list[str]) -> Any:

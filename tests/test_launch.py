@@ -173,6 +173,29 @@ def test_local_launch_is_idempotent(tmp_path: Path) -> None:
     assert any(p.name.startswith("teacher.before-") for p in (tmp_path / "runs/mini/tiny/teacher").iterdir())
 
 
+def test_auto_executor_falls_back_to_local_when_the_controller_is_down(tmp_path: Path, monkeypatch, capsys) -> None:
+    """SLURM client installed, controller down (a laptop with the packages, a stopped cluster).
+
+    Fixture, labelled: `sbatch` and `sinfo` here are two-line scripts standing in for the SLURM
+    client of such a machine; `sinfo` fails the way the real one does without a controller.
+    """
+    from harness.launch import choose_executor
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sinfo").write_text(
+        "#!/bin/sh\necho 'slurm_load_partitions: Unable to contact slurm controller (connect failure)' >&2\nexit 1\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    assert choose_executor("auto") == "local"
+    assert "Unable to contact slurm controller" in capsys.readouterr().err
+    assert choose_executor("slurm") == "slurm"  # an explicit choice is kept
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert choose_executor("auto") == "local"
+
+
 def slurm_available() -> bool:
     if not shutil.which("sbatch"):
         return False

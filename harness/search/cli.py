@@ -26,7 +26,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, help="parallel worker jobs (default: the spec's search.workers)")
     parser.add_argument("--trials", type=int, help="global budget of complete + pruned trials (default: search.trials)")
     parser.add_argument("--executor", choices=["auto", "slurm", "local"], default="auto",
-                        help="auto: SLURM when sbatch is available, else local processes")
+                        help="auto: SLURM when its controller answers (sinfo), else local processes")
     parser.add_argument("--storage", help="Optuna storage: sqlite:///FILE, postgresql://..., or a journal file "
                                           "(default: the spec's search.storage, auto)")
     parser.add_argument("--output-root", default="runs", help="runs/<spec>/<scale>/<study>/ (default: runs)")
