@@ -197,18 +197,21 @@ class Launch:
         executor = make_executor(self.cluster, folder, todo[0][0], self.expanded.spec.name, depends_on)
         if self.cluster == "slurm":  # one array; SLURM caps its concurrency (array_parallelism)
             return self._record(todo, executor.map_array(TrainJob(), [job["config"] for _, job in todo]))
-        # Local processes: as many at once as the cores allow, each with its cpus_per_task threads.
+        # Local processes: as many at once as the cores allow, each with its cpus_per_task threads;
+        # a slot that frees up starts the next run at once (runs of one stage differ in length).
         cpus = todo[0][0].slurm.cpus_per_task
         os.environ["DVIT_NUM_THREADS"] = str(cpus)
         at_once = max(1, min(todo[0][0].slurm.array_parallelism, (os.cpu_count() or 1) // cpus))
         submitted: list[tuple[RunPlan, Any]] = []
-        for start in range(0, len(todo), at_once):
-            chunk = todo[start:start + at_once]
-            jobs = self._record(chunk, executor.map_array(TrainJob(), [job["config"] for _, job in chunk]))
-            submitted += jobs
-            if start + at_once < len(todo):
-                for _, job in jobs:
-                    job.wait()
+        running: list[Any] = []
+        for entry in todo:
+            while len(running) >= at_once:
+                running = [job for job in running if not job.done()]
+                if len(running) >= at_once:
+                    time.sleep(0.5)
+            (pair,) = self._record([entry], [executor.submit(TrainJob(), entry[1]["config"])])
+            submitted.append(pair)
+            running.append(pair[1])
         return submitted
 
     def _record(self, todo: list[tuple[RunPlan, dict[str, Any]]], jobs: list[Any]) -> list[tuple[RunPlan, Any]]:
