@@ -1,6 +1,7 @@
 """The DynamicViT family through its public entry points: timm's factory and the checkpoint loader."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,25 @@ def test_deit_s_07_flops_backbone_matches_paper_and_predictors_are_counted() -> 
     assert backbone == pytest.approx(2.9, abs=0.05)
     assert dynamic - backbone == pytest.approx(0.087, abs=0.002)
     assert count_gflops(timm.create_model("deit_small_patch16_224")) == pytest.approx(4.6, abs=0.01)
+
+
+def test_the_papers_gflops_column_is_fvcore_truncated_to_one_decimal() -> None:
+    """Where 2.9 comes from: fvcore's count (its matmuls equal ours; it adds layer norms) cut,
+    not rounded, to one decimal gives the paper's 4.6 / 4.0 / 3.4 / 2.9 at every keep ratio,
+    predictors included (rounding would give 3.5 and 3.0)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    for ratio, paper in [(1.0, 4.6), (0.9, 4.0), (0.8, 3.4), (0.7, 2.9)]:
+        model = timm.create_model(DEIT_S, keep_ratio=ratio).eval()
+        for block in model.blocks:
+            block.attn.fused_attn = False  # fvcore cannot see inside fused attention
+        analysis = FlopCountAnalysis(model, torch.randn(1, 3, 224, 224))
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        by_op = analysis.by_operator()
+        matmuls = (by_op["linear"] + by_op["matmul"] + by_op["conv"]) / 1e9
+        assert matmuls == pytest.approx(count_gflops(timm.create_model(DEIT_S, keep_ratio=ratio)), abs=1e-3)
+        assert math.floor(analysis.total() / 1e8) / 10 == paper, (ratio, analysis.total() / 1e9)
 
 
 def test_kept_token_counts_per_stage() -> None:
