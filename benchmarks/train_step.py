@@ -26,7 +26,6 @@ every `optim.log_every` = 20 steps, so its real overhead is that figure / 20.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -50,18 +49,11 @@ from harness.optim import build_optimizer  # noqa: E402
 from harness.tracking import RunTracker  # noqa: E402
 from models.dynamic_vit import MaskedAttention  # noqa: E402
 from inference_speed import loadavg, wait_for_idle  # noqa: E402
+from inference_speed import machine as cpu_machine  # noqa: E402
 
 
 def machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({platform.machine()}), {torch.get_num_threads()} torch threads; torch {torch.__version__}, timm {timm.__version__}"
+    return f"{cpu_machine('cpu')}; torch {torch.__version__}, timm {timm.__version__}"
 
 
 def soft_batch(batch: int, chans: int, size: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
