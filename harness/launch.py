@@ -4,7 +4,8 @@ Each stage is submitted through submitit as one job array; a stage that depends 
 waits for it with a SLURM `afterok` dependency, so the launcher returns at once (`--wait`
 follows the runs to the end). Runs whose key is already FINISHED in MLflow are skipped, queued
 or running ones are not submitted twice, failed or killed ones are resubmitted into the same
-MLflow run and resume from their checkpoint; `--rerun` forces fresh runs.
+MLflow run and resume from their checkpoint, and so are runs that MLflow still shows RUNNING
+whose process or SLURM job is gone (killed hard); `--rerun` forces fresh runs.
 
 Exit codes: 0 submitted (or all done), 1 a run failed (with --wait or the local executor),
 2 invalid spec or arguments (nothing submitted).
@@ -120,6 +121,36 @@ def make_executor(cluster: str, folder: Path, plan: RunPlan, spec_name: str, dep
     return executor
 
 
+SLURM_ALIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
+               "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT")
+
+
+def job_alive(tags: dict[str, str]) -> bool:
+    """Whether the job behind a SCHEDULED/RUNNING run still exists; True when that cannot be told.
+
+    A job killed hard never marks its MLflow run, which would otherwise block its relaunch until
+    `--rerun` (and `--rerun` starts over instead of resuming from the checkpoint).
+    """
+    if tags.get("job_id"):  # a local process on this machine: submitit's local job id is its pid
+        try:
+            os.kill(int(tags["job_id"].split("_")[0]), 0)
+        except ProcessLookupError:
+            return False
+        except (ValueError, PermissionError):
+            return True
+        return True
+    if tags.get("slurm_job_id") and shutil.which("squeue"):
+        try:
+            queue = subprocess.run(["squeue", "--noheader", "--jobs", tags["slurm_job_id"], "--states=all",
+                                    "--format=%T"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return True
+        if queue.returncode != 0:  # a job SLURM has forgotten, or no controller to ask
+            return "invalid job id" not in queue.stderr.lower()
+        return any(state.strip() in SLURM_ALIVE for state in queue.stdout.split())
+    return True
+
+
 class Launch:
     """One launch of a spec: MLflow bookkeeping, then one job array per stage."""
 
@@ -151,8 +182,12 @@ class Launch:
         runs = self.by_key.get(plan.key, [])
         finished = [r for r in runs if r.info.status == "FINISHED"]
         flying = [r for r in runs if r.info.status in IN_FLIGHT]
-        if flying:
+        if flying and job_alive(flying[0].data.tags):
             return "in flight", flying[0]
+        if flying:  # killed hard (SIGKILL, out of memory, a crashed machine): it never marked its run
+            print(f"{plan.stage}/{plan.name}: MLflow says {flying[0].info.status} but its job is gone; "
+                  "resubmitting it to resume from its checkpoint", file=sys.stderr)
+            return "submit", flying[0]
         if finished and not self.rerun:
             return "finished", finished[0]
         if finished:  # --rerun: keep the old outputs beside the new ones, nothing is lost
@@ -229,7 +264,7 @@ class Launch:
         ids = []
         for plan in self.expanded.stage_runs(stage):
             for run in self.by_key.get(plan.key, []):
-                if run.info.status in IN_FLIGHT and run.data.tags.get("slurm_job_id"):
+                if run.info.status in IN_FLIGHT and run.data.tags.get("slurm_job_id") and job_alive(run.data.tags):
                     ids.append(run.data.tags["slurm_job_id"])
         return ids
 

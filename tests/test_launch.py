@@ -173,6 +173,44 @@ def test_local_launch_is_idempotent(tmp_path: Path) -> None:
     assert any(p.name.startswith("teacher.before-") for p in (tmp_path / "runs/mini/tiny/teacher").iterdir())
 
 
+def test_a_run_killed_hard_is_resumed_by_the_next_launch(tmp_path: Path) -> None:
+    """SIGKILL to the launcher and its job (a crash, the OOM killer): MLflow still says RUNNING.
+    The next launch sees that the job is gone and resumes the same MLflow run."""
+    import os
+    import signal
+
+    spec = yaml.safe_load(yaml.safe_dump(MINI))
+    spec["stages"] = {"teacher": spec["stages"]["teacher"]}
+    spec["base"]["train"]["epochs"] = 3
+    path = write_spec(tmp_path, spec)
+    cmd = [sys.executable, "-m", "harness.launch", str(path), "--output-root", str(tmp_path / "runs"),
+           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--executor", "local"]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    checkpoint = tmp_path / "runs/mini/tiny/teacher/teacher/checkpoint.pth"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline:  # killed after its first epoch
+        time.sleep(0.2)
+    assert checkpoint.exists(), "the run never wrote its first checkpoint"
+    (run,) = train_runs(tmp_path)
+    job_pid = int(run.data.tags["job_id"].split("_")[0])
+    os.killpg(launcher.pid, signal.SIGKILL)
+    os.kill(job_pid, signal.SIGKILL)
+    launcher.wait(timeout=30)
+    time.sleep(0.5)
+    (stale,) = train_runs(tmp_path)
+    assert stale.info.status == "RUNNING"
+
+    again = launch(tmp_path, path, "--executor", "local")
+    assert again.returncode == 0, again.stderr
+    assert "its job is gone; resubmitting it" in again.stderr
+    (resumed,) = train_runs(tmp_path)
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(run.info.run_id, "val/acc1")
+    steps = [m.step for m in history]  # resumed, not restarted: no epoch twice (epoch 0's point may
+    assert len(steps) == len(set(steps)) and {1, 2} <= set(steps)  # die queued in the killed process)
+
+
 def test_auto_executor_falls_back_to_local_when_the_controller_is_down(tmp_path: Path, monkeypatch, capsys) -> None:
     """SLURM client installed, controller down (a laptop with the packages, a stopped cluster).
 
