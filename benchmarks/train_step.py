@@ -48,7 +48,7 @@ from harness.losses import DynamicViTLoss  # noqa: E402
 from harness.optim import build_optimizer  # noqa: E402
 from harness.tracking import RunTracker  # noqa: E402
 from models.dynamic_vit import MaskedAttention  # noqa: E402
-from inference_speed import loadavg, wait_for_idle  # noqa: E402
+from inference_speed import loadavg, quartiles, wait_for_idle  # noqa: E402
 from inference_speed import machine as cpu_machine  # noqa: E402
 
 
@@ -173,7 +173,7 @@ def step_benchmark(args: argparse.Namespace) -> dict[str, float]:
     dense_ms = median_ms(times["dense"])
     def per_round(name: str) -> str:
         ratios = [s / d for s, d in zip(times[name], times["dense"])]
-        low, high = statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else (ratios[0], ratios[0])
+        low, high = quartiles(ratios)
         return f"{statistics.median(ratios):.3f}x [{low:.2f}-{high:.2f}]"
 
     print(f"\nmachine: {machine()}")
@@ -252,7 +252,7 @@ def logging_benchmark(args: argparse.Namespace, deit_step_ms: float | None) -> N
     logged_ms = median_ms([lg for lg, _ in pairs])
     diffs = [(lg - p) * 1e3 for lg, p in pairs]
     diff_ms = statistics.median(diffs)
-    diff_low, diff_high = statistics.quantiles(diffs, n=4)[::2] if len(diffs) > 1 else (diff_ms, diff_ms)
+    diff_low, diff_high = quartiles(diffs)
     sync_ms = median_ms(sync_s)
     print(f"\nMLflow logging overhead: tiny scale (dynamicvit_tiny_patch8_64, batch 128 x 1 x 64 x 64, "
           f"teacher included), SQLite in a temp dir, async_logging=True, {len(values)} values per call; "

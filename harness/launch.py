@@ -74,8 +74,6 @@ def slurm_reachable(timeout_s: float = 15.0) -> tuple[bool, str]:
     `sbatch` on the PATH is not enough: the client packages are often installed on a laptop or
     a login node whose controller is down, and every submission would then fail.
     """
-    if not shutil.which("sbatch"):
-        return False, "no sbatch on the PATH"
     try:
         probe = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True,
                                timeout=timeout_s)
@@ -91,8 +89,10 @@ def choose_executor(name: str) -> str:
     """`auto`: SLURM when a controller answers, else local processes (and say why)."""
     if name != "auto":
         return name
+    if not shutil.which("sbatch"):
+        return "local"
     reachable, why = slurm_reachable()
-    if not reachable and shutil.which("sbatch"):
+    if not reachable:
         print(f"SLURM is installed but not reachable ({why}); running local processes "
               "(--executor slurm to insist)", file=sys.stderr)
     return "slurm" if reachable else "local"
@@ -121,6 +121,17 @@ def make_executor(cluster: str, folder: Path, plan: RunPlan, spec_name: str, dep
     return executor
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine exists (one owned by another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 SLURM_ALIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
                "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT")
 
@@ -132,13 +143,8 @@ def job_alive(tags: dict[str, str]) -> bool:
     `--rerun` (and `--rerun` starts over instead of resuming from the checkpoint).
     """
     if tags.get("job_id"):  # a local process on this machine: submitit's local job id is its pid
-        try:
-            os.kill(int(tags["job_id"].split("_")[0]), 0)
-        except ProcessLookupError:
-            return False
-        except (ValueError, PermissionError):
-            return True
-        return True
+        pid = tags["job_id"].split("_")[0]
+        return process_alive(int(pid)) if pid.isdigit() else True
     if tags.get("slurm_job_id") and shutil.which("squeue"):
         try:
             queue = subprocess.run(["squeue", "--noheader", "--jobs", tags["slurm_job_id"], "--states=all",
@@ -176,13 +182,20 @@ class Launch:
         self.parent_id = parent.info.run_id
         self.jobs: dict[str, list[tuple[RunPlan, Any]]] = {}
         self.skipped: dict[str, str] = {}
+        self._job_alive: dict[str, bool] = {}
+
+    def job_alive(self, run: Any) -> bool:
+        """`job_alive` of an in-flight run, asked once per launch (it may call `squeue`)."""
+        if run.info.run_id not in self._job_alive:
+            self._job_alive[run.info.run_id] = job_alive(run.data.tags)
+        return self._job_alive[run.info.run_id]
 
     def decide(self, plan: RunPlan) -> tuple[str, Optional[Any]]:
         """('skip'|'submit', the existing MLflow run to continue or None)."""
         runs = self.by_key.get(plan.key, [])
         finished = [r for r in runs if r.info.status == "FINISHED"]
         flying = [r for r in runs if r.info.status in IN_FLIGHT]
-        if flying and job_alive(flying[0].data.tags):
+        if flying and self.job_alive(flying[0]):
             return "in flight", flying[0]
         if flying:  # killed hard (SIGKILL, out of memory, a crashed machine): it never marked its run
             print(f"{plan.stage}/{plan.name}: MLflow says {flying[0].info.status} but its job is gone; "
@@ -264,7 +277,7 @@ class Launch:
         ids = []
         for plan in self.expanded.stage_runs(stage):
             for run in self.by_key.get(plan.key, []):
-                if run.info.status in IN_FLIGHT and run.data.tags.get("slurm_job_id") and job_alive(run.data.tags):
+                if run.info.status in IN_FLIGHT and run.data.tags.get("slurm_job_id") and self.job_alive(run):
                     ids.append(run.data.tags["slurm_job_id"])
         return ids
 

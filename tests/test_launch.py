@@ -235,9 +235,9 @@ def test_auto_executor_falls_back_to_local_when_the_controller_is_down(tmp_path:
 
 
 def slurm_available() -> bool:
-    if not shutil.which("sbatch"):
-        return False
-    return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+    from harness.launch import slurm_reachable
+
+    return bool(shutil.which("sbatch")) and slurm_reachable(timeout_s=30)[0]
 
 
 needs_slurm = pytest.mark.skipif(not slurm_available(), reason="no SLURM cluster (bash scripts/slurm-local.sh start)")

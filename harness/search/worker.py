@@ -21,6 +21,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from harness.config import RunConfig, set_dotted
+from harness.launch import process_alive
 from harness.search.spec import FINAL_METRICS, Dimension, PrunerSpec, SamplerSpec, SearchSection
 from harness.search.storage import StorageChoice
 
@@ -104,13 +105,7 @@ def process_gone(attrs: dict[str, Any]) -> bool:
     pid = attrs.get("worker_pid")
     if not pid or attrs.get("host") != socket.gethostname():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        return False
-    return False
+    return not process_alive(int(pid))
 
 
 def worker_id() -> str:
