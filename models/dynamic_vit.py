@@ -14,6 +14,8 @@ Modifications to `timm.models.vision_transformer.VisionTransformer`:
      decision per token (Gumbel-softmax, or exact top-k in deterministic mode) masks attention.
      Inference (`forward_pruned`): per stage the top `int(N * ratio_s)` patch tokens are gathered
      and the rest are gone, CLS always kept, so the cost per image is fixed and exact.
+     `random` and `attention` learn nothing about which tokens to keep, so they also train on
+     the gathered tokens (`forward_gathered_train`: the masked path's result at the pruned cost).
   5. `structural`: 2x2 average pooling of the patch-token grid before block `pool_after_block`
      (CLS untouched) instead of any token selection.
 
@@ -35,6 +37,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from harness.catalog import MODEL_DEFAULTS, VARIANTS
 
 SELECTING_VARIANTS = ("dynamic", "static", "random", "attention")
+UNLEARNED_SELECTION = ("random", "attention")  # nothing learned chooses their tokens: train gathered
 MASK_EPS = 1e-6  # the official epsilon of the masked softmax
 POOL_EPS = 1e-6  # guards the predictor's global mean when every token was dropped
 
@@ -445,8 +448,8 @@ class DynamicVisionTransformer(VisionTransformer):
         keep_fractions = torch.stack(fractions, dim=1) if fractions else x.new_zeros(batch, 0)
         return DynamicViTOutput(logits, x[:, 1:], keep if fractions else None, keep_fractions)
 
-    # ------------------------------------------------------------------------- inference path
-    def _keep_scores(self, stage: int, patches: Tensor, positions: Tensor, cls_attn: Optional[Tensor]) -> Tensor:
+    # ------------------------------------------------------------------------- gathered path
+    def _keep_scores(self, stage: int, patches: Tensor, positions: Optional[Tensor], cls_attn: Optional[Tensor]) -> Tensor:
         """Ranking scores (B, n) of the patch tokens still present."""
         if self.variant == "dynamic":
             return self.score_predictor[stage](patches)[..., 0]
@@ -455,17 +458,18 @@ class DynamicVisionTransformer(VisionTransformer):
         if self.variant == "attention":
             assert cls_attn is not None
             return cls_attn
-        return torch.rand(patches.shape[:2], device=patches.device)
+        # random: one draw per original position, as the masked path draws, then the present ones
+        assert positions is not None
+        return torch.rand(positions.shape[0], self.num_patches, device=patches.device).gather(1, positions)
 
-    def forward_pruned(self, x: Tensor, return_positions: bool = False) -> Any:
-        """Inference path: per stage gather the top `int(N * ratio_s)` patch tokens, CLS first.
+    def _forward_gathered(self, x: Tensor, track: bool) -> tuple[Tensor, list[Tensor]]:
+        """Blocks with per-stage top-`int(N * ratio_s)` gathers, CLS first; final normalised tokens.
 
-        With `return_positions`, also returns for each stage the kept positions (B, k_s) in the
-        original patch grid (for visualisations and kept-token counts).
+        With `track`, also the kept positions (B, k_s) in the original patch grid per stage.
         """
         x = self._embed(x)
         batch, _, dim = x.shape
-        track = return_positions or self.variant == "static"
+        track = track or self.variant in ("static", "random")
         positions = torch.arange(self.num_patches, device=x.device).expand(batch, -1) if track else None
         kept: list[Tensor] = []
         cls_attn: Optional[Tensor] = None
@@ -481,16 +485,46 @@ class DynamicVisionTransformer(VisionTransformer):
                 x = x.gather(1, rows.unsqueeze(-1).expand(-1, -1, dim))
                 if positions is not None:
                     positions = positions.gather(1, order)
-                    kept.append(positions)
+            if stage is not None and positions is not None:
+                kept.append(positions)
             x, cls_attn = block(x, return_cls_attn=self._needs_cls_attn(index))
-        logits = self.forward_head(self.norm(x))
+        return self.norm(x), kept
+
+    def forward_pruned(self, x: Tensor, return_positions: bool = False) -> Any:
+        """Inference path: per stage gather the top `int(N * ratio_s)` patch tokens, CLS first.
+
+        With `return_positions`, also returns for each stage the kept positions (B, k_s) in the
+        original patch grid (for visualisations and kept-token counts).
+        """
+        x, kept = self._forward_gathered(x, track=return_positions)
+        logits = self.forward_head(x)
         return (logits, kept) if return_positions else logits
 
+    def forward_gathered_train(self, x: Tensor) -> DynamicViTOutput:
+        """Training path of `random` and `attention`: the inference gathers, the masked path's output.
+
+        Nothing they choose by is learned, so no gradient has to reach the dropped tokens, and a
+        masked token reaches no kept token (up to the masked softmax's 1e-6 epsilon): training on
+        the gathered tokens gives `forward_masked`'s logits, kept tokens and decisions (tested)
+        at the pruned cost. Dropped positions of `tokens` are zeros; the token loss skips them.
+        """
+        x, kept = self._forward_gathered(x, track=True)
+        logits = self.forward_head(x)
+        batch, _, dim = x.shape
+        final = kept[-1]  # random and attention have at least one stage
+        tokens = x.new_zeros(batch, self.num_patches, dim).scatter(1, final.unsqueeze(-1).expand(-1, -1, dim), x[:, 1:])
+        decision = x.new_zeros(batch, self.num_patches).scatter_(1, final, 1.0)
+        fractions = torch.tensor([p.shape[1] / self.num_patches for p in kept], dtype=x.dtype, device=x.device)
+        return DynamicViTOutput(logits, tokens, decision, fractions.expand(batch, -1))
+
     def forward(self, x: Tensor) -> Any:  # type: ignore[override]
-        """Training mode: the masked path (a DynamicViTOutput); eval mode: pruned logits."""
-        if self.training:
-            return self.forward_masked(x)
-        return self.forward_pruned(x)
+        """Training mode: the masked path (a DynamicViTOutput; gathered for random/attention);
+        eval mode: pruned logits."""
+        if not self.training:
+            return self.forward_pruned(x)
+        if self.variant in UNLEARNED_SELECTION:
+            return self.forward_gathered_train(x)
+        return self.forward_masked(x)
 
 
 # ------------------------------------------------------------------------------ registry

@@ -174,6 +174,33 @@ def test_dropping_tokens_equals_masking_them(variant: str, ratio: float) -> None
     assert torch.equal(last, masked.decision)
 
 
+@pytest.mark.parametrize("variant", ["random", "attention"])
+def test_random_and_attention_train_on_gathered_tokens_as_if_masked(variant: str) -> None:
+    """Their training path gathers (pruned cost) yet gives the masked path's outputs and gradients."""
+    model = micro(variant=variant, keep_ratio=0.7).train()
+    x = images(model, batch=8)
+
+    def loss_and_grads(forward):
+        torch.manual_seed(3)  # the same random draws for both paths
+        out = forward(x)
+        model.zero_grad()
+        kept = out.decision[..., None]
+        (out.logits.square().sum() + (out.tokens * kept).square().sum()).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    masked, masked_grads = loss_and_grads(model.forward_masked)
+    gathered, gathered_grads = loss_and_grads(model)
+    assert torch.equal(gathered.decision, masked.decision)
+    assert gathered.decision.sum(dim=1).eq(model.num_keep[-1]).all()
+    torch.testing.assert_close(gathered.keep_fractions, masked.keep_fractions)
+    torch.testing.assert_close(gathered.logits, masked.logits, rtol=0, atol=1e-4)
+    kept = masked.decision[..., None]
+    torch.testing.assert_close(gathered.tokens, masked.tokens * kept, rtol=0, atol=1e-4)
+    assert gathered_grads.keys() == masked_grads.keys()
+    for name, grad in masked_grads.items():
+        torch.testing.assert_close(gathered_grads[name], grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
 def test_deterministic_mode_is_the_default_training_path_when_set() -> None:
     model = micro(deterministic=True).train()
     x = images(model)
