@@ -36,7 +36,6 @@ from harness.losses import DynamicViTLoss
 from harness.measure import count_gflops, count_params_m, measure_throughput
 from harness.optim import build_optimizer, build_scheduler, current_lrs, gumbel_tau, set_backbone_trainable
 from harness.tracking import RunTracker
-from harness.visualize import kept_token_figure
 
 RESULT = "result.json"  # final metrics of a finished run, beside its checkpoint
 
@@ -323,11 +322,18 @@ class Trainer:
                 raise Preempted(f"signal {stop.received}: checkpoint written at epoch {self.epoch}, "
                                 f"batch {self.batches_done}")
 
+    def validates_this_epoch(self) -> bool:
+        """Every `train.eval_every` epochs and always after the last (the result is the final model's)."""
+        done = self.epoch + 1
+        return done % self.cfg.train.eval_every == 0 or done == self.cfg.train.epochs
+
     def epoch_metrics(self, epoch_seconds: float) -> dict[str, float]:
         train = {f"train/{k}": v for k, v in self.sums.means().items()}
-        val = {f"val/{k}": v for k, v in self.evaluate(self.model).items()}
-        if self.ema is not None:
-            val.update({f"val_ema/{k}": v for k, v in self.evaluate(self.ema.module).items()})
+        val: dict[str, float] = {}
+        if self.validates_this_epoch():
+            val = {f"val/{k}": v for k, v in self.evaluate(self.model).items()}
+            if self.ema is not None:
+                val.update({f"val_ema/{k}": v for k, v in self.evaluate(self.ema.module).items()})
         lr, lr_backbone = current_lrs(self.optimizer)
         last_step = (self.epoch + 1) * self.steps_per_epoch - 1
         extra = {"lr": lr, "lr_backbone": lr_backbone, "tau": self._tau(last_step),
@@ -350,6 +356,8 @@ class Trainer:
         paths = [resolved]
         n_images = self.cfg.tracking.visualize_images
         if n_images and self.model.num_keep:
+            from harness.visualize import kept_token_figure  # matplotlib: imported only to draw
+
             images = torch.stack([self.data.val[i][0] for i in range(min(n_images, len(self.data.val)))])
             with torch.no_grad():
                 _, kept = self.model.eval().forward_pruned(images.to(self.device), return_positions=True)

@@ -200,3 +200,14 @@ def test_overrides_on_the_command_line(tmp_path: Path) -> None:
     (run,) = runs(tmp_path)
     assert run.data.params["train.epochs"] == "1" and run.data.params["model.variant"] == "static"
     assert "train/loss_kl" not in run.data.metrics and "train/loss_ratio" in run.data.metrics
+
+
+def test_eval_every_validates_every_nth_and_the_last_epoch(tmp_path: Path) -> None:
+    result = train(write_config(tmp_path, "sparse-eval", train__epochs=3, train__eval_every=2))
+    assert result.returncode == 0, result.stderr
+    (run,) = runs(tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")] == [1, 2]
+    result_json = json.loads((tmp_path / "sparse-eval" / "result.json").read_text())
+    assert result_json["metrics"]["val/acc1"] == run.data.metrics["val/acc1"]
