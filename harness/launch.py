@@ -256,7 +256,7 @@ class Launch:
             while len(running) >= at_once:
                 running = [job for job in running if not job.done()]
                 if len(running) >= at_once:
-                    time.sleep(0.5)
+                    time.sleep(0.2)
             (pair,) = self._record([entry], [executor.submit(TrainJob(), entry[1]["config"])])
             submitted.append(pair)
             running.append(pair[1])
@@ -322,7 +322,8 @@ def wait_for(jobs: list[tuple[RunPlan, Any]], progress: bool, desc: str = "runs"
                         print(f"\n{plan.stage}/{plan.name} failed: {first[-1] if first else err} "
                               f"(log: {plan.output_dir / 'job.log'})", file=sys.stderr)
                     bar.update(1)
-            time.sleep(1)
+            if pending:
+                time.sleep(0.2)
     return not failed
 
 
