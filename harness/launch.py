@@ -229,7 +229,14 @@ class Launch:
         config.tracking.run_id = run_id
         return {"run_id": run_id, "config": config.model_dump()}
 
-    def submit_stage(self, stage: str, depends_on: list[str]) -> list[tuple[RunPlan, Any]]:
+    def submit_stage(self, stage: str, depends_on: list[str], progress: bool = False) -> tuple[list[tuple[RunPlan, Any]], bool]:
+        """Submit the stage's runs that need it; (jobs, False if a run failed).
+
+        SLURM: one job array, returned at once. Local processes: as many at once as the cores
+        allow, each with its cpus_per_task threads, a freed slot starting the next run at once
+        (runs of one stage differ in length); returns when the stage is done, its progress bar
+        counting finished runs from the first.
+        """
         from harness.job import TrainJob
 
         todo: list[tuple[RunPlan, dict[str, Any]]] = []
@@ -239,28 +246,34 @@ class Launch:
                 todo.append((plan, self.prepare(plan, existing)))
             else:
                 self.skipped[f"{stage}/{plan.name}"] = decision
+        skipped = sum(1 for k in self.skipped if k.startswith(stage + "/"))
         if not todo:
-            return []
+            print(f"{stage}: nothing to submit, skipped {skipped}", file=sys.stderr)
+            return [], True
         folder = todo[0][0].output_dir.parent / "submitit"
         executor = make_executor(self.cluster, folder, todo[0][0], self.expanded.spec.name, depends_on)
         if self.cluster == "slurm":  # one array; SLURM caps its concurrency (array_parallelism)
-            return self._record(todo, executor.map_array(TrainJob(), [job["config"] for _, job in todo]))
-        # Local processes: as many at once as the cores allow, each with its cpus_per_task threads;
-        # a slot that frees up starts the next run at once (runs of one stage differ in length).
+            jobs = self._record(todo, executor.map_array(TrainJob(), [job["config"] for _, job in todo]))
+            print(f"{stage}: submitted {len(jobs)}, skipped {skipped}", file=sys.stderr)
+            return jobs, True
         cpus = todo[0][0].slurm.cpus_per_task
         os.environ["DVIT_NUM_THREADS"] = str(cpus)
         at_once = max(1, min(todo[0][0].slurm.array_parallelism, (os.cpu_count() or 1) // cpus))
+        print(f"{stage}: running {len(todo)} here, {min(at_once, len(todo))} at a time ({cpus} thread(s) each), "
+              f"skipped {skipped}", file=sys.stderr)
         submitted: list[tuple[RunPlan, Any]] = []
-        running: list[Any] = []
-        for entry in todo:
-            while len(running) >= at_once:
-                running = [job for job in running if not job.done()]
-                if len(running) >= at_once:
-                    time.sleep(0.2)
-            (pair,) = self._record([entry], [executor.submit(TrainJob(), entry[1]["config"])])
-            submitted.append(pair)
-            running.append(pair[1])
-        return submitted
+        running: list[tuple[RunPlan, Any]] = []
+        with Finished(len(todo), progress, stage) as finished:
+            for entry in todo:
+                while len(running) >= at_once:
+                    running = finished.collect(running)
+                    if len(running) >= at_once:
+                        time.sleep(POLL_S)
+                (pair,) = self._record([entry], [executor.submit(TrainJob(), entry[1]["config"])])
+                submitted.append(pair)
+                running.append(pair)
+            finished.wait(running)
+        return submitted, not finished.failed
 
     def _record(self, todo: list[tuple[RunPlan, dict[str, Any]]], jobs: list[Any]) -> list[tuple[RunPlan, Any]]:
         """Tag each MLflow run with its job id; link the job's log into the run's folder."""
@@ -282,49 +295,80 @@ class Launch:
         return ids
 
     def submit_all(self, progress: bool) -> bool:
-        """Submit every stage; locally, wait for each stage before the next. False if a run failed."""
-        ok = True
+        """Submit every stage; locally, run each stage to its end before the next. False if a run failed."""
         for stage in self.expanded.stage_order:
             stage_spec = self.expanded.spec.stages[stage]
             deps = set(stage_spec.after) | {s for s in (stage_spec.init_from, stage_spec.distill_from) if s}
             dependency = [job.job_id for d in sorted(deps) for _, job in self.jobs.get(d, [])]
             dependency += [i for d in sorted(deps) for i in self.in_flight_job_ids(d)]
-            self.jobs[stage] = self.submit_stage(stage, dependency)
-            print(f"{stage}: submitted {len(self.jobs[stage])}, skipped "
-                  f"{sum(1 for k in self.skipped if k.startswith(stage + '/'))}", file=sys.stderr)
-            if self.cluster != "slurm" and self.jobs[stage]:
-                ok = wait_for(self.jobs[stage], progress, desc=stage) and ok
-                if not ok:
-                    print(f"{stage}: a run failed; later stages are not submitted", file=sys.stderr)
-                    break
-        return ok
+            self.jobs[stage], stage_ok = self.submit_stage(stage, dependency, progress)
+            if not stage_ok:
+                print(f"{stage}: a run failed; later stages are not submitted", file=sys.stderr)
+                return False
+        return True
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_id, status=status)
 
 
+POLL_S = 0.2  # how often finished local processes are looked for
+
+
+def failure_line(err: BaseException) -> str:
+    """The exception line of a failed job's traceback (submitit wraps it between dashed lines,
+    followed by log paths), else the error's last line."""
+    lines = [line.strip() for line in str(err).strip().splitlines()]
+    dashes = [i for i, line in enumerate(lines) if line and set(line) == {"-"}]
+    if len(dashes) >= 2:
+        inside = [line for line in lines[dashes[-2] + 1:dashes[-1]] if line]
+        if inside:
+            return inside[-1]
+    return next((line for line in reversed(lines) if line), repr(err))
+
+
+class Finished:
+    """Counts a stage's finished jobs on a progress bar and keeps the failed ones."""
+
+    def __init__(self, total: int, progress: bool, desc: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="run", disable=not progress)
+        self.failed: list[RunPlan] = []
+
+    def __enter__(self) -> "Finished":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+
+    def collect(self, pending: list[tuple[RunPlan, Any]]) -> list[tuple[RunPlan, Any]]:
+        """Count the jobs of `pending` that are done (saying which failed); return the others."""
+        still = []
+        for plan, job in pending:
+            if not job.done():
+                still.append((plan, job))
+                continue
+            try:
+                job.result()
+            except Exception as err:  # the job's own log has the traceback
+                self.failed.append(plan)
+                print(f"\n{plan.stage}/{plan.name} failed: {failure_line(err)} "
+                      f"(log: {plan.output_dir / 'job.log'})", file=sys.stderr)
+            self.bar.update(1)
+        return still
+
+    def wait(self, pending: list[tuple[RunPlan, Any]]) -> None:
+        while pending:
+            pending = self.collect(pending)
+            if pending:
+                time.sleep(POLL_S)
+
+
 def wait_for(jobs: list[tuple[RunPlan, Any]], progress: bool, desc: str = "runs") -> bool:
     """Follow jobs to the end with a progress bar of finished runs; False if any failed."""
-    from tqdm import tqdm
-
-    pending = list(jobs)
-    failed = []
-    with tqdm(total=len(jobs), desc=desc, unit="run", disable=not progress) as bar:
-        while pending:
-            for plan, job in list(pending):
-                if job.done():
-                    pending.remove((plan, job))
-                    try:
-                        job.result()
-                    except Exception as err:  # the job's own log has the traceback
-                        failed.append(plan)
-                        first = str(err).strip().splitlines()
-                        print(f"\n{plan.stage}/{plan.name} failed: {first[-1] if first else err} "
-                              f"(log: {plan.output_dir / 'job.log'})", file=sys.stderr)
-                    bar.update(1)
-            if pending:
-                time.sleep(0.2)
-    return not failed
+    with Finished(len(jobs), progress, desc) as finished:
+        finished.wait(list(jobs))
+    return not finished.failed
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -146,6 +146,20 @@ def test_dry_run_of_a_100_run_sweep_without_torch(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ submission
+def test_a_failed_local_run_stops_the_launch_before_the_next_stage(tmp_path: Path) -> None:
+    spec = yaml.safe_load(yaml.safe_dump(MINI))
+    spec["stages"]["teacher"]["optim"]["lr"] = 1e30  # the second step's loss is not finite
+    result = launch(tmp_path, write_spec(tmp_path, spec), "--executor", "local", "--wait")
+    assert result.returncode == 1, result.stderr
+    assert "teacher: running 1 here, 1 at a time" in result.stderr
+    assert "teacher/teacher failed: " in result.stderr and "non-finite loss" in result.stderr
+    assert "teacher: a run failed; later stages are not submitted" in result.stderr
+    (run,) = train_runs(tmp_path)  # no student was created
+    assert run.data.tags["stage"] == "teacher" and run.info.status == "FAILED"
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+
+
 def test_local_launch_is_idempotent(tmp_path: Path) -> None:
     path = write_spec(tmp_path, MINI)
     first = launch(tmp_path, path, "--executor", "local")
