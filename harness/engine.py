@@ -383,6 +383,8 @@ class Trainer:
                 cfg.tracking, params=cfg.model_dump(), tags=tags, async_logging=True,
                 resume_run_id=state["mlflow_run_id"] if state else cfg.tracking.run_id,
             )
+            if state is not None and self.history:  # lost if the last run was killed hard
+                self.tracker.log_metrics_if_missing(self.history, step=self.epoch - 1)
         try:
             with _StopSignal() as stop:
                 while self.epoch < cfg.train.epochs:

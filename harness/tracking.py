@@ -229,6 +229,21 @@ class RunTracker:
         else:
             self._queue.put(batch)
 
+    def log_metrics_if_missing(self, metrics: Mapping[str, Any], step: int) -> bool:
+        """Log `metrics` at `step` unless the run has them already; True if they were logged.
+
+        A job killed hard loses the points still queued for the background thread; its resume
+        passes the checkpoint's copy of the last epoch's metrics here. One `log_metrics` call is
+        one `log_batch`, written whole or not at all, so looking for one key's point tells.
+        """
+        if not metrics:
+            return False
+        probe = next(iter(metrics))
+        if any(m.step == step for m in self.client.get_metric_history(self._run_id, probe)):
+            return False
+        self.log_metrics(metrics, step)
+        return True
+
     def _send(self, batch: list[Metric]) -> None:
         """log_batch in chunks, retrying transient failures (locked SQLite, server restart)."""
         for i in range(0, len(batch), MAX_METRICS_PER_BATCH):

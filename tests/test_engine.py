@@ -211,3 +211,29 @@ def test_eval_every_validates_every_nth_and_the_last_epoch(tmp_path: Path) -> No
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")] == [1, 2]
     result_json = json.loads((tmp_path / "sparse-eval" / "result.json").read_text())
     assert result_json["metrics"]["val/acc1"] == run.data.metrics["val/acc1"]
+
+
+def test_resume_logs_the_last_epochs_metrics_again_only_if_mlflow_lost_them(tmp_path: Path) -> None:
+    """A hard kill loses the metric points still queued for the async logger. Simulated here by
+    deleting the last epoch's points from the SQLite store after a finished run, then resuming
+    from its checkpoint (result.json removed): the checkpoint's copy is logged once, not twice."""
+    import sqlite3
+
+    config = write_config(tmp_path, "lost", train__epochs=2)
+    assert train(config).returncode == 0
+    (run,) = runs(tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    logged = [m.value for m in client.get_metric_history(run.info.run_id, "val/acc1") if m.step == 1]
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        db.execute("DELETE FROM metrics WHERE run_uuid = ? AND step = 1 AND key != 'train/loss_step'",
+                   (run.info.run_id,))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")] == [0]
+
+    for _ in range(2):  # the second resume finds the points and logs nothing
+        (tmp_path / "lost" / "result.json").unlink()
+        result = train(config)
+        assert result.returncode == 0, result.stderr
+        history = client.get_metric_history(run.info.run_id, "val/acc1")
+        assert sorted(m.step for m in history) == [0, 1]
+        assert [m.value for m in history if m.step == 1] == logged
+    assert len(runs(tmp_path)) == 1 and runs(tmp_path)[0].info.status == "FINISHED"
