@@ -265,10 +265,7 @@ class Launch:
         running: list[tuple[RunPlan, Any]] = []
         with Finished(len(todo), progress, stage) as finished:
             for entry in todo:
-                while len(running) >= at_once:
-                    running = finished.collect(running)
-                    if len(running) >= at_once:
-                        time.sleep(POLL_S)
+                running = finished.wait(running, leave=at_once - 1)  # a free slot
                 (pair,) = self._record([entry], [executor.submit(TrainJob(), entry[1]["config"])])
                 submitted.append(pair)
                 running.append(pair)
@@ -357,11 +354,13 @@ class Finished:
             self.bar.update(1)
         return still
 
-    def wait(self, pending: list[tuple[RunPlan, Any]]) -> None:
-        while pending:
+    def wait(self, pending: list[tuple[RunPlan, Any]], leave: int = 0) -> list[tuple[RunPlan, Any]]:
+        """Collect finished jobs until at most `leave` of `pending` are still running; those."""
+        pending = self.collect(pending)
+        while len(pending) > leave:
+            time.sleep(POLL_S)
             pending = self.collect(pending)
-            if pending:
-                time.sleep(POLL_S)
+        return pending
 
 
 def wait_for(jobs: list[tuple[RunPlan, Any]], progress: bool, desc: str = "runs") -> bool:

@@ -229,20 +229,18 @@ class RunTracker:
         else:
             self._queue.put(batch)
 
-    def log_metrics_if_missing(self, metrics: Mapping[str, Any], step: int) -> bool:
-        """Log `metrics` at `step` unless the run has them already; True if they were logged.
+    def log_metrics_if_missing(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log `metrics` at `step` unless the run has them already.
 
         A job killed hard loses the points still queued for the background thread; its resume
         passes the checkpoint's copy of the last epoch's metrics here. One `log_metrics` call is
         one `log_batch`, written whole or not at all, so looking for one key's point tells.
         """
         if not metrics:
-            return False
+            return
         probe = next(iter(metrics))
-        if any(m.step == step for m in self.client.get_metric_history(self._run_id, probe)):
-            return False
-        self.log_metrics(metrics, step)
-        return True
+        if not any(m.step == step for m in self.client.get_metric_history(self._run_id, probe)):
+            self.log_metrics(metrics, step)
 
     def _send(self, batch: list[Metric]) -> None:
         """log_batch in chunks, retrying transient failures (locked SQLite, server restart)."""
