@@ -280,19 +280,26 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Top-1/top-5/loss in the pruned inference path; realised keep fraction per stage."""
+        """Top-1/top-5/loss in the pruned inference path; realised keep fraction per stage.
+
+        Runs on a copy of the torch RNG state: iterating the val loader draws a seed and the
+        `random` variant draws its selections, and neither may shift the training stream, so that
+        a run's training does not depend on how often it validates (`train.eval_every`).
+        """
         model.eval()
         totals = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss sum, count
-        for images, targets in self.val_loader:
-            images, targets = images.to(self.device), targets.to(self.device)
-            with self.autocast():
-                logits = model(images).float()
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits = top5 == targets[:, None]
-            totals += torch.tensor([
-                hits[:, 0].sum().item(), hits.any(dim=1).sum().item(),
-                nn.functional.cross_entropy(logits, targets, reduction="sum").item(), len(targets),
-            ], dtype=torch.float64)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for images, targets in self.val_loader:
+                images, targets = images.to(self.device), targets.to(self.device)
+                with self.autocast():
+                    logits = model(images).float()
+                top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                hits = top5 == targets[:, None]
+                totals += torch.tensor([
+                    hits[:, 0].sum().item(), hits.any(dim=1).sum().item(),
+                    nn.functional.cross_entropy(logits, targets, reduction="sum").item(), len(targets),
+                ], dtype=torch.float64)
         totals = all_reduce_sum(totals.to(self.device), self.env).cpu()
         count = max(totals[3].item(), 1.0)
         metrics = {"acc1": 100 * totals[0].item() / count, "acc5": 100 * totals[1].item() / count,

@@ -237,3 +237,25 @@ def test_resume_logs_the_last_epochs_metrics_again_only_if_mlflow_lost_them(tmp_
         assert sorted(m.step for m in history) == [0, 1]
         assert [m.value for m in history if m.step == 1] == logged
     assert len(runs(tmp_path)) == 1 and runs(tmp_path)[0].info.status == "FINISHED"
+
+
+def test_how_often_a_run_validates_does_not_change_its_training(tmp_path: Path) -> None:
+    """Validation draws from torch's RNG (the val loader's seed, the `random` variant's picks);
+    it runs on a copy of the RNG state, so validating after every epoch or only after the last
+    trains the same model: the same second-epoch loss and the same final accuracy."""
+    results = {}
+    for every in (1, 2):
+        name = f"every{every}"
+        config = write_config(tmp_path, name, model__variant="random", model__keep_ratio=0.7,
+                              train__eval_every=every, tracking__experiment=name)
+        result = train(config, "losses.kl=0", "losses.token=0")
+        assert result.returncode == 0, result.stderr
+        (run,) = runs(tmp_path, name)
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        history = {k: [m.value for m in client.get_metric_history(run.info.run_id, k)]
+                   for k in ("train/loss", "val/acc1", "val/loss")}
+        results[every] = history
+    assert len(results[1]["val/acc1"]) == 2 and len(results[2]["val/acc1"]) == 1
+    assert results[1]["train/loss"] == results[2]["train/loss"]
+    assert results[1]["val/acc1"][-1] == results[2]["val/acc1"][-1]
+    assert results[1]["val/loss"][-1] == results[2]["val/loss"][-1]
