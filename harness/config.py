@@ -157,7 +157,7 @@ class TrainConfig(Section):
     epochs: int = Field(30, ge=0)  # 0: evaluate the (pretrained) weights only
     batch_size: int = Field(128, gt=0)  # per process
     eval_batch_size: Optional[int] = Field(None, gt=0)
-    eval_every: int = Field(1, ge=1)  # validate every N epochs; the last epoch always validates
+    eval_every: int = Field(1, ge=1)  # validate every N epochs (the last always); training is the same either way
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA; always off on CPU
     ema: Optional[float] = Field(None, gt=0.0, lt=1.0)
