@@ -48,8 +48,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             continue
         history = client.get_metric_history(run.info.run_id, "val/acc1")
         best = f"{max(m.value for m in history):.2f}" if history else "-"
+        # every epoch logs its time; val/acc1 only every train.eval_every epochs
+        epochs = {m.step for m in client.get_metric_history(run.info.run_id, "epoch_time_s")}
         tags = run.data.tags
-        rows.append([plan.stage, plan.name, run.info.status, f"{len(history)}/{plan.config.train.epochs}", best,
+        rows.append([plan.stage, plan.name, run.info.status, f"{len(epochs)}/{plan.config.train.epochs}", best,
                      tags.get("slurm_job_id") or tags.get("job_id", "-"), run.info.run_id])
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     for line in [header, *rows]:

@@ -181,9 +181,17 @@ def test_local_launch_is_idempotent(tmp_path: Path) -> None:
     half = launch(tmp_path, write_spec(tmp_path, spec), "--executor", "local")
     assert half.returncode == 0 and "1 submitted, 3 skipped" in half.stdout, half.stdout
     assert len(train_runs(tmp_path)) == 4
-    rerun = launch(tmp_path, path, "--executor", "local", "--rerun", "stages.students.runs.variants=[]",
-                   "stages.students.row=dense-student")
+    dense_student = ["stages.students.runs.variants=[]", "stages.students.row=dense-student",
+                     "stages.students.train.epochs=2", "stages.students.train.eval_every=2"]
+    rerun = launch(tmp_path, path, "--executor", "local", "--rerun", *dense_student)
     assert rerun.returncode == 0, rerun.stderr
+    status = subprocess.run([sys.executable, "-m", "harness.status", str(path), *dense_student,
+                             "--output-root", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert status.returncode == 0, status.stderr
+    rows = {line.split()[1]: line.split() for line in status.stdout.splitlines()[1:]}
+    assert rows["teacher"][2:4] == ["FINISHED", "1/1"]
+    assert rows["students"][2:4] == ["FINISHED", "2/2"]  # validated once, trained two epochs
     assert any(p.name.startswith("teacher.before-") for p in (tmp_path / "runs/mini/tiny/teacher").iterdir())
 
 
