@@ -61,6 +61,14 @@ def launch(tmp: Path, spec: Path, *args: str, timeout: int = 900) -> subprocess.
     )
 
 
+def status(tmp: Path, spec: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "harness.status", str(spec), "--output-root", str(tmp / "runs"),
+         "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", *args],
+        cwd=tmp, capture_output=True, text=True,
+    )
+
+
 def train_runs(tmp: Path, experiment: str = "mini") -> list:
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     exp = client.get_experiment_by_name(experiment)
@@ -185,11 +193,9 @@ def test_local_launch_is_idempotent(tmp_path: Path) -> None:
                      "stages.students.train.epochs=2", "stages.students.train.eval_every=2"]
     rerun = launch(tmp_path, path, "--executor", "local", "--rerun", *dense_student)
     assert rerun.returncode == 0, rerun.stderr
-    status = subprocess.run([sys.executable, "-m", "harness.status", str(path), *dense_student,
-                             "--output-root", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
-                            cwd=tmp_path, capture_output=True, text=True)
-    assert status.returncode == 0, status.stderr
-    rows = {line.split()[1]: line.split() for line in status.stdout.splitlines()[1:]}
+    table = status(tmp_path, path, *dense_student)
+    assert table.returncode == 0, table.stderr
+    rows = {line.split()[1]: line.split() for line in table.stdout.splitlines()[1:]}
     assert rows["teacher"][2:4] == ["FINISHED", "1/1"]
     assert rows["students"][2:4] == ["FINISHED", "2/2"]  # validated once, trained two epochs
     assert any(p.name.startswith("teacher.before-") for p in (tmp_path / "runs/mini/tiny/teacher").iterdir())
@@ -284,11 +290,9 @@ def test_slurm_launch_with_afterok_dependency(tmp_path: Path) -> None:
     (teacher_end,) = sacct(teacher_job, "End")
     (student_start,) = sacct(student_job, "Start")
     assert student_start >= teacher_end  # ISO timestamps: afterok held the students back
-    status = subprocess.run([sys.executable, "-m", "harness.status", str(path), "--output-root", str(tmp_path / "runs"),
-                             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"], cwd=tmp_path,
-                            capture_output=True, text=True)
-    assert status.returncode == 0
-    assert status.stdout.count("FINISHED") == 3 and teacher_job in status.stdout
+    table = status(tmp_path, path)
+    assert table.returncode == 0
+    assert table.stdout.count("FINISHED") == 3 and teacher_job in table.stdout
     again = launch(tmp_path, path, "--executor", "slurm")
     assert again.returncode == 0 and "0 submitted, 3 skipped (finished)" in again.stdout, again.stdout
 
