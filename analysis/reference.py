@@ -15,7 +15,7 @@ import yaml
 REFERENCE_FILE = Path(__file__).with_name("reference.yaml")
 COLUMNS = [
     "table", "table_name", "row", "model", "variant", "keep_ratio", "top1", "gflops",
-    "throughput", "available", "anchor", "same_as", "source", "note",
+    "throughput", "available", "anchor", "same_as", "source", "note", "top5", "scale",
 ]
 
 
@@ -62,7 +62,7 @@ def load_reference(table: Optional[str] = None, path: Path = REFERENCE_FILE) -> 
         for row in spec["rows"]:
             records.append({"table": table_id, "table_name": spec["name"], **spec.get("defaults", {}), **row})
     frame = pd.DataFrame.from_records(records).reindex(columns=COLUMNS)
-    for column in ("keep_ratio", "top1", "gflops", "throughput"):
+    for column in ("keep_ratio", "top1", "top5", "gflops", "throughput"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
     frame["available"] = frame["available"].fillna(True).astype(bool)
     return frame
