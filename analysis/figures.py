@@ -39,7 +39,8 @@ def _save(fig: Any, path: PathLike) -> Path:
 def _repro_label(runs: pd.DataFrame) -> str:
     scales = sorted(runs["scale"].dropna().unique()) if "scale" in runs else []
     scale = scales[0] if len(scales) == 1 else "mixed" if scales else "?"
-    where = "tiny CPU proxy: cluttered MNIST" if scale == "tiny" else "ImageNet-1k" if scale == "paper" else scale
+    where = {"tiny": "tiny CPU proxy: cluttered MNIST", "paper": "ImageNet-1k",
+             "imagenet100": "ImageNet-100, 1000-way"}.get(scale, scale)
     return f"reproduced ({where})"
 
 

@@ -109,7 +109,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", help="experiment spec YAML (reads name, table, default_scale, notebooks)")
-    parser.add_argument("--scale", help="tiny or paper (default: the spec's default_scale, else tiny)")
+    parser.add_argument("--scale", help="tiny, paper or imagenet100 (default: the spec's default_scale, else tiny)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     parser.add_argument("--output-dir", help="where tables and figures go (default: reports/<spec>/<scale>/)")
     args = parser.parse_args(argv)

@@ -61,6 +61,9 @@ class DataConfig(Section):
 
     name: Literal["imagenet", "cluttered_mnist", "synthetic"] = "cluttered_mnist"
     root: Optional[str] = None  # imagenet: folder with train/ and val/; others: cache folder
+    # imagenet: read only these classes, labelled by their ImageNet-1k index (num_classes 1000), so
+    # a pretrained 1000-class head and teacher apply: a shipped list (`imagenet100`) or a file of wnids
+    classes: Optional[str] = None
     img_size: Optional[int] = Field(None, gt=0)
     num_classes: Optional[int] = Field(None, gt=0)
     in_chans: Optional[int] = Field(None, gt=0)
@@ -75,6 +78,13 @@ class DataConfig(Section):
     # synthetic
     train_size: int = Field(256, gt=0)
     val_size: int = Field(64, gt=0)
+
+    @model_validator(mode="after")
+    def _classes_need_imagenet(self) -> "DataConfig":
+        if self.classes is not None and self.name != "imagenet":
+            raise ValueError(f"classes: a class subset applies to imagenet only (data.name is {self.name}), "
+                             f"got {self.classes!r}")
+        return self
 
 
 class AugConfig(Section):

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
+from torchvision.datasets import ImageFolder
 
+from harness.class_lists import IMAGENET1K_CLASSES, subset_labels
 from harness.config import AugConfig, DataConfig
 
 MNIST_MEAN, MNIST_STD = 0.13, 0.3
@@ -277,16 +279,53 @@ def _class_dirs(path: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
 
 
-def _image_folder(path: Path, transform: Any) -> Dataset:
-    """ImageFolder, with a one-line error naming the first class folder that holds no images."""
-    from torchvision.datasets import ImageFolder
+class ClassFolder(ImageFolder):
+    """ImageFolder over the given class folders with the given labels (ImageFolder itself reads
+    every folder and numbers them 0..n-1: a class subset keeps its ImageNet-1k labels instead)."""
 
-    ds = ImageFolder(str(path), transform=transform, allow_empty=True)
-    counts = np.bincount(np.asarray(ds.targets, dtype=np.int64), minlength=len(ds.classes))
-    empty = [name for name, count in zip(ds.classes, counts) if count == 0]
+    def __init__(self, root: Path, transform: Any, class_to_idx: dict[str, int]):
+        self.given = dict(class_to_idx)
+        super().__init__(str(root), transform=transform, allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return sorted(self.given), dict(self.given)
+
+
+def _image_folder(path: Path, transform: Any, class_to_idx: dict[str, int]) -> Dataset:
+    """The class folders of `class_to_idx` under `path`; a one-line error names the first that holds no images."""
+    ds = ClassFolder(path, transform, class_to_idx)
+    found = set(ds.targets)
+    empty = [name for name in ds.classes if class_to_idx[name] not in found]
     if empty:
         raise _bad("root", f"class folder has no images ({len(empty)} empty)", str(path / empty[0]))
     return ds
+
+
+def _imagenet_classes(cfg: DataConfig, root: Path) -> tuple[dict[str, int], int]:
+    """Which class folders to read, each one's label, and the number of classes the model predicts.
+
+    Without `data.classes`: every folder of train/, numbered in sorted order. With it: only the
+    listed wnids, from a full ImageNet folder or one holding just them, each labelled with its
+    ImageNet-1k index, so the model keeps 1000 classes and a pretrained head and teacher apply.
+    """
+    if cfg.classes is not None:
+        class_to_idx = subset_labels(cfg.classes, root)
+        if cfg.num_classes is not None and cfg.num_classes != IMAGENET1K_CLASSES:
+            raise _bad("num_classes", f"must be {IMAGENET1K_CLASSES} (or unset) with data.classes: the labels "
+                       "are ImageNet-1k indices", cfg.num_classes)
+        return class_to_idx, IMAGENET1K_CLASSES
+    train_classes = _class_dirs(root / "train")
+    if not train_classes:
+        raise _bad("root", "no class folders", str(root / "train"))
+    val_classes = _class_dirs(root / "val")
+    if val_classes != train_classes:
+        missing = sorted(set(train_classes) - set(val_classes))[:5]
+        extra = sorted(set(val_classes) - set(train_classes))[:5]
+        problem = f"val/ classes differ from train/ (missing in val: {missing}, extra: {extra})"
+        raise _bad("root", problem, str(root / "val"))
+    if cfg.num_classes is not None and cfg.num_classes != len(train_classes):
+        raise _bad("num_classes", f"{root / 'train'} has {len(train_classes)} class folders", cfg.num_classes)
+    return {name: index for index, name in enumerate(train_classes)}, len(train_classes)
 
 
 def _build_imagenet(cfg: DataConfig, aug: AugConfig) -> DataBundle:
@@ -301,17 +340,7 @@ def _build_imagenet(cfg: DataConfig, aug: AugConfig) -> DataBundle:
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise _bad("root", f"missing {split}/ folder (expected root/{split}/<class>/*.JPEG)", str(root / split))
-    train_classes = _class_dirs(root / "train")
-    if not train_classes:
-        raise _bad("root", "no class folders", str(root / "train"))
-    val_classes = _class_dirs(root / "val")
-    if val_classes != train_classes:
-        missing = sorted(set(train_classes) - set(val_classes))[:5]
-        extra = sorted(set(val_classes) - set(train_classes))[:5]
-        problem = f"val/ classes differ from train/ (missing in val: {missing}, extra: {extra})"
-        raise _bad("root", problem, str(root / "val"))
-    if cfg.num_classes is not None and cfg.num_classes != len(train_classes):
-        raise _bad("num_classes", f"{root / 'train'} has {len(train_classes)} class folders", cfg.num_classes)
+    class_to_idx, num_classes = _imagenet_classes(cfg, root)
 
     size = cfg.img_size or 224
     mean, std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
@@ -322,9 +351,9 @@ def _build_imagenet(cfg: DataConfig, aug: AugConfig) -> DataBundle:
     val_tf = create_transform(
         input_size=size, is_training=False, interpolation="bicubic", crop_pct=0.875, mean=mean, std=std
     )
-    train = _image_folder(root / "train", train_tf)
-    val = _image_folder(root / "val", val_tf)
-    return DataBundle(train, val, len(train_classes), size, 3, mean, std)
+    train = _image_folder(root / "train", train_tf, class_to_idx)
+    val = _image_folder(root / "val", val_tf, class_to_idx)
+    return DataBundle(train, val, num_classes, size, 3, mean, std)
 
 
 # --------------------------------------------------------------------------- synthetic

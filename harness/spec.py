@@ -383,6 +383,14 @@ def _check_data(config: RunConfig, path: str, layers: list[tuple[str, dict]]) ->
         return [f"{path}: {where}: required for data.name imagenet, got None"]
     if not Path(root).expanduser().is_dir():
         return [f"{path}: {where}: no such folder, got {root!r}"]
+    if config.data.classes is not None:  # a class subset: its list is valid and its folders exist
+        from harness.class_lists import ClassListError, subset_labels
+
+        try:
+            subset_labels(config.data.classes, Path(root).expanduser())
+        except ClassListError as err:
+            field, _, problem = str(err).partition(": ")
+            return [f"{path}: {_locate(field, layers)}: {problem}"]
     return []
 
 
