@@ -29,7 +29,9 @@ _SOURCES: dict[str, tuple[str, str]] = {
     "gflops": ("metrics.gflops", "float"),
     "params_m": ("metrics.params_m", "float"),
     "throughput_img_s": ("metrics.throughput_img_s", "float"),
-    "acc1": ("metrics.val/acc1", "float"),
+    "acc1": ("metrics.val/acc1_best", "float"),  # what the official code reports; see collect_runs
+    "acc1_final": ("metrics.val/acc1", "float"),
+    "acc1_ema_best": ("metrics.val_ema/acc1_best", "float"),
     "acc5": ("metrics.val/acc5", "float"),
     "val_loss": ("metrics.val/loss", "float"),
     **{f"train_keep_stage{s}": (f"metrics.train/keep_stage{s}", "float") for s in (1, 2, 3)},
@@ -83,7 +85,10 @@ def collect_runs(tracking_uri: str, experiment: str, scale: Optional[str] = None
 
     Training runs are those tagged `kind=train`, or untagged `kind` but carrying a `row` tag
     (runs made before the launcher set `kind`); launch (parent) runs are left out. Metrics are
-    each run's latest value, i.e. the final epoch; `keep_ratio` is 1.0 for the dense variant
+    each run's latest value, i.e. the final epoch, except `acc1`: the best epoch's top-1
+    (`val/acc1_best`), the number both official scripts report (`max_accuracy`), or the final
+    epoch's for runs logged before the harness recorded the best (`acc1_final` is always the final
+    epoch's; with EMA on, `acc1_ema_best` is the EMA model's best); `keep_ratio` is 1.0 for the dense variant
     (its `model.keep_ratio` param is unused). A run repeated with the same `run_key`
     (same config and seed) counts once, the newest, so that a re-launch never looks like an
     extra seed. An experiment that does not exist yields an empty frame.
@@ -115,6 +120,7 @@ def collect_runs(tracking_uri: str, experiment: str, scale: Optional[str] = None
     frame["end_time"] = raw["end_time"]
     frame["variant"] = frame["variant"].where(frame["variant"].notna(), column("params.model.variant"))
     frame = _typed(frame)
+    frame["acc1"] = frame["acc1"].fillna(frame["acc1_final"])  # runs from before val/acc1_best existed
     frame.loc[frame["variant"] == "dense", "keep_ratio"] = 1.0  # a dense model keeps every token
     keyed = frame["run_key"].notna()
     frame = pd.concat([frame[keyed].drop_duplicates("run_key", keep="first"), frame[~keyed]])

@@ -133,7 +133,9 @@ def build_table(runs: pd.DataFrame, table: str) -> pd.DataFrame:
     if ref["throughput"].isna().all():  # only Table 1 reports speed
         columns = [c for c in columns if c not in (SPEED_PAPER, SPEED_REPRO)]
     out = out[columns]
-    notes = [f"{info['gap_note']}; std: sample standard deviation over a row's runs (seeds)."]
+    notes = [f"{info['gap_note']}; std: sample standard deviation over a row's runs (seeds).",
+             "top-1 (reproduced): the best epoch's val top-1 of the (non-EMA) model, the number the "
+             "official code reports (max_accuracy); with validation after the last epoch only, the final model's."]
     if scale in SCALE_NOTES:
         notes.insert(0, SCALE_NOTES[scale])
     out.attrs = {"table": info["table"], "title": info["title"], "name": info["name"],

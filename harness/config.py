@@ -98,16 +98,26 @@ class AugConfig(Section):
 
 
 class OptimConfig(Section):
-    """AdamW + cosine with warm-up, as in the official recipe; lr is scaled by global batch / 1024."""
+    """AdamW and the official learning-rate rules (harness/optim.py); the recipe fills every value.
+
+    `sched`: `step` = HEAD's utils.cosine_scheduler (linear warm-up from `warmup_lr` inside the
+    total, then cosine to `min_lr`, set every step); `epoch` = the 2021 adjust_learning_rate
+    (cosine over all epochs, set once per epoch, no warm-up). `backbone_lr_rule`: `scale` = the
+    schedule x `backbone_lr_scale` (HEAD); `min` = min(peak x `backbone_lr_scale`, schedule) (2021).
+    Either way the backbone's lr is 0 for its first `backbone_freeze_epochs`.
+    """
 
     lr: float = Field(1e-3, gt=0.0)
     min_lr: float = Field(1e-6, ge=0.0)
     weight_decay: float = Field(0.05, ge=0.0)
     warmup_epochs: int = Field(5, ge=0)
-    warmup_lr: float = Field(1e-6, ge=0.0)
+    warmup_lr: float = Field(0.0, ge=0.0)
+    sched: Literal["step", "epoch"] = "step"
     backbone_lr_scale: float = Field(0.01, ge=0.0)
+    backbone_lr_rule: Literal["scale", "min"] = "scale"
     backbone_freeze_epochs: int = Field(5, ge=0)
-    lr_base_batch: int = Field(1024, gt=0)
+    predictor_decay: Literal["matrices", "all"] = "matrices"  # all: also the predictors' biases and norms
+    lr_base_batch: Optional[int] = Field(None, gt=0)  # lr x global batch / this; None: lr used as given
     clip_grad: Optional[float] = Field(None, gt=0.0)
     freeze: list[str] = Field(default_factory=lambda: ["cls_token", "pos_embed"])  # never trained
     log_every: int = Field(20, gt=0)  # steps between train/loss_step points
@@ -169,8 +179,9 @@ class TrainConfig(Section):
     eval_batch_size: Optional[int] = Field(None, gt=0)
     eval_every: int = Field(1, ge=1)  # validate every N epochs (the last always); training is the same either way
     seed: int = 0
-    amp: bool = True  # bf16 autocast on CUDA; always off on CPU
-    ema: Optional[float] = Field(None, gt=0.0, lt=1.0)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # on CUDA; fp16 adds a GradScaler; the CPU runs fp32
+    ema: Optional[float] = Field(None, gt=0.0, lt=1.0)  # EMA decay per step; None: no EMA model
+    repeated_aug: bool = False  # the 2021 RASampler: every image 3 times per epoch, spread over the ranks
     channels_last: bool = False
     init_from: Optional[str] = None  # checkpoint or run folder to start the weights from
     deterministic: bool = False  # masked top-k decisions instead of Gumbel samples
@@ -188,9 +199,27 @@ class TrackingConfig(Section):
     visualize_images: int = Field(4, ge=0)
 
 
-class RunConfig(Section):
-    """Everything one training run needs; its hash is the run key used for idempotence."""
+RecipeName = Literal["dynamicvit-2021", "dynamicvit-tpami"]
 
+
+def _deep_merge(below: dict[str, Any], above: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(below)
+    for key, value in above.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class RunConfig(Section):
+    """Everything one training run needs; its hash is the run key used for idempotence.
+
+    `recipe` names an official training recipe (harness/recipes.py) whose values lie beneath
+    everything given here: a value set explicitly wins, an unset one is the recipe's.
+    """
+
+    recipe: RecipeName = "dynamicvit-tpami"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     aug: AugConfig = AugConfig()
@@ -201,6 +230,19 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     output_dir: str = "runs/debug"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_beneath(cls, data: Any) -> Any:
+        """Lay the recipe's preset under the given values (an unknown recipe is left to the field check)."""
+        from harness.recipes import DEFAULT_RECIPE, RECIPES, preset
+
+        if not isinstance(data, dict):
+            return data
+        name = data.get("recipe", DEFAULT_RECIPE)
+        if not isinstance(name, str) or name not in RECIPES:
+            return data
+        return _deep_merge(preset(name), data)
 
     @model_validator(mode="after")
     def _check_schedule(self) -> "RunConfig":

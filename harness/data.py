@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -406,15 +407,50 @@ class EpochSampler(Sampler[int]):
         return iter(torch.randperm(self.n, generator=gen).tolist())
 
 
+class RepeatedAugSampler(Sampler[int]):
+    """Repeated augmentation as the 2021 code sampled it (samplers.py RASampler, DeiT's).
+
+    Per epoch: a permutation of the dataset from a generator seeded by `seed + epoch` (the
+    official seeds with the epoch alone, i.e. seed 0), each index written 3 times in a row, the
+    list padded from its start to a multiple of the replicas; replica `rank` takes every
+    `replicas`-th index from position `rank`, and keeps only the first
+    `floor(len(dataset) // 256 * 256 / replicas)` of them. So an epoch still visits about as many
+    samples as the dataset has, but each image is seen up to 3 times, by different replicas, under
+    different random augmentations.
+    """
+
+    REPEATS = 3
+
+    def __init__(self, dataset: Dataset, seed: int, replicas: int = 1, rank: int = 0):
+        self.n, self.seed, self.epoch = len(dataset), seed, 0  # type: ignore[arg-type]
+        self.replicas, self.rank = replicas, rank
+        self.per_replica = math.ceil(self.n * self.REPEATS / replicas)
+        self.selected = (self.n // 256 * 256) // replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.selected
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=gen).repeat_interleave(self.REPEATS).tolist()
+        total = self.per_replica * self.replicas
+        order += order[: total - len(order)]
+        return iter(order[self.rank:total:self.replicas][: self.selected])
+
+
 def make_loader(
-    dataset: Dataset, batch_size: int, train: bool, seed: int, num_workers: int, distributed: bool = False
+    dataset: Dataset, batch_size: int, train: bool, seed: int, num_workers: int, distributed: bool = False,
+    repeated_aug: bool = False,
 ) -> DataLoader:
     """A loader whose batches are reproducible given (seed, epoch): call `set_epoch(loader, epoch)` each epoch.
 
     Train shuffles with a generator seeded by seed + epoch (DistributedSampler does the same per
     rank) and drops the last partial batch; val keeps order (the distributed val sampler pads the
     last batch with repeats, as DeiT does). Workers are not persistent, so each epoch's workers
-    see the dataset's new epoch.
+    see the dataset's new epoch. `repeated_aug` (train only) samples with `RepeatedAugSampler`.
     """
     if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ValueError("distributed: torch.distributed is not initialised, got distributed=True")
@@ -422,6 +458,14 @@ def make_loader(
     rank = 0
     if distributed:
         rank = torch.distributed.get_rank()
+    if train and repeated_aug:
+        replicas = torch.distributed.get_world_size() if distributed else 1
+        sampler = RepeatedAugSampler(dataset, seed, replicas, rank)
+        if len(sampler) < batch_size:
+            raise ValueError(
+                f"train.repeated_aug: the 2021 sampler keeps floor({len(dataset)} / 256) * 256 / {replicas} "  # type: ignore[arg-type]
+                f"= {len(sampler)} images per process, fewer than one batch of {batch_size}, got repeated_aug=True")
+    elif distributed:
         sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)
     elif train:
         sampler = EpochSampler(dataset, seed)

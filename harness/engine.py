@@ -34,7 +34,7 @@ from harness.data import DataBundle, build_data, make_loader, set_epoch
 from harness.distributed import DistEnv, all_reduce_sum, barrier, init_distributed
 from harness.losses import DynamicViTLoss
 from harness.measure import count_gflops, count_params_m, measure_throughput
-from harness.optim import build_optimizer, build_scheduler, current_lrs, gumbel_tau, set_backbone_trainable
+from harness.optim import build_optimizer, build_schedule, current_lrs, gumbel_tau
 from harness.tracking import RunTracker
 
 RESULT = "result.json"  # final metrics of a finished run, beside its checkpoint
@@ -159,6 +159,17 @@ def _mixup(cfg: RunConfig, num_classes: int) -> Optional[Mixup]:
     )
 
 
+def precision_plan(precision: str, device_type: str) -> tuple[Optional[torch.dtype], bool]:
+    """(autocast dtype or None, whether a GradScaler scales the loss) for a run's `train.precision`.
+
+    fp16 is the 2021 code's `torch.cuda.amp.autocast()` + NativeScaler; fp32 is HEAD's default;
+    bf16 needs no scaler. Autocast applies on CUDA only: the CPU always trains in fp32.
+    """
+    if device_type != "cuda" or precision == "fp32":
+        return None, False
+    return (torch.float16, True) if precision == "fp16" else (torch.bfloat16, False)
+
+
 def _skip(loader: Iterator, batches: int) -> Iterator:
     """Continue an epoch after `batches` batches (a mid-epoch resume): same order, same data."""
     for index, batch in enumerate(loader):
@@ -185,6 +196,7 @@ class Trainer:
         self.train_loader = make_loader(
             self.data.train, cfg.train.batch_size, train=True, seed=cfg.train.seed,
             num_workers=cfg.data.num_workers, distributed=env.enabled,
+            repeated_aug=cfg.train.repeated_aug,
         )
         self.val_loader = make_loader(
             self.data.val, cfg.train.eval_batch_size or cfg.train.batch_size, train=False,
@@ -193,7 +205,7 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         global_batch = cfg.train.batch_size * env.world_size
         self.optimizer = build_optimizer(self.model, cfg.optim, global_batch)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.epochs, self.steps_per_epoch)
+        self.lr_schedule = build_schedule(cfg.optim, global_batch, cfg.train.epochs, self.steps_per_epoch)
         self.ema = ModelEmaV3(self.model, decay=cfg.train.ema) if cfg.train.ema else None
         self.mixup = _mixup(cfg, self.data.num_classes)
         self.loss = DynamicViTLoss(cfg.losses, self.model.stage_ratios, _criterion(cfg, self.mixup))
@@ -201,25 +213,29 @@ class Trainer:
             DistributedDataParallel(self.model, device_ids=[env.local_rank] if self.device.type == "cuda" else None)
             if env.enabled else self.model
         )
-        use_bf16 = cfg.train.amp and self.device.type == "cuda"
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        dtype, scaled = precision_plan(cfg.train.precision, self.device.type)
+        self.precision = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]  # as run
+        self.autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype is not None else nullcontext
+        self.scaler = torch.amp.GradScaler("cuda", enabled=scaled)
         self.tracker: Optional[RunTracker] = None
         self.epoch = 0
         self.batches_done = 0
         self.sums = EpochSums()
         self.history: dict[str, float] = {}
+        self.best: dict[str, float] = {}  # val/acc1_best and its epoch (and val_ema/...), as the official code reports
 
     # ------------------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "epoch": self.epoch,
             "batches_done": self.batches_done,
             "sums": {"sums": self.sums.sums, "count": self.sums.count},
             "history": self.history,
+            "best": self.best,
             "rng": ckpt.rng_state(),
             "mlflow_run_id": self.tracker.run_id if self.tracker else None,
             "run_key": self.cfg.run_key(),
@@ -232,12 +248,14 @@ class Trainer:
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if self.ema and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.epoch, self.batches_done = state["epoch"], state["batches_done"]
         self.sums = EpochSums(dict(state["sums"]["sums"]), state["sums"]["count"])
         self.history = dict(state["history"])
+        self.best = dict(state.get("best", {}))
         ckpt.restore_rng(state["rng"])
 
     # ------------------------------------------------------------------------- steps
@@ -253,7 +271,7 @@ class Trainer:
         if self.cfg.train.channels_last and self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         self.model.set_gumbel_tau(self._tau(step))
-        self.scheduler.step_update(step)
+        self.lr_schedule.apply(self.optimizer, step)
         teacher_out = None
         with self.autocast():
             if self.teacher is not None:
@@ -270,10 +288,12 @@ class Trainer:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(values, stacked.tolist()))
             raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {self.epoch}): {shown}")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         if self.cfg.optim.clip_grad:
+            self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped by the scaler (fp16) when a gradient is inf/NaN
+        self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model, step=step)
         return dict(zip(values, stacked.tolist()))
@@ -341,11 +361,25 @@ class Trainer:
             val = {f"val/{k}": v for k, v in self.evaluate(self.model).items()}
             if self.ema is not None:
                 val.update({f"val_ema/{k}": v for k, v in self.evaluate(self.ema.module).items()})
+            val.update(self.update_best(val))
         lr, lr_backbone = current_lrs(self.optimizer)
         last_step = (self.epoch + 1) * self.steps_per_epoch - 1
         extra = {"lr": lr, "lr_backbone": lr_backbone, "tau": self._tau(last_step),
                  "epoch_time_s": epoch_seconds}
         return {k: v for k, v in {**train, **val, **extra}.items() if not math.isnan(v)}
+
+    def update_best(self, val: dict[str, float]) -> dict[str, float]:
+        """The best top-1 so far and its (0-based) epoch, per evaluated model: what the official code reports.
+
+        Both official scripts print and keep `max_accuracy` over the epochs (2021
+        main_dynamic_vit.py:528, HEAD main.py:564-570; HEAD also `max_accuracy_ema`, :586-592).
+        """
+        for prefix in ("val", "val_ema"):
+            acc = val.get(f"{prefix}/acc1")
+            if acc is not None and acc > self.best.get(f"{prefix}/acc1_best", -math.inf):
+                self.best[f"{prefix}/acc1_best"] = acc
+                self.best[f"{prefix}/acc1_best_epoch"] = float(self.epoch)
+        return dict(self.best)
 
     # --------------------------------------------------------------------------- run
     def final_metrics(self) -> dict[str, float]:
@@ -385,7 +419,8 @@ class Trainer:
             self.restore(state)
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            tags = {"variant": cfg.model.variant, "run_key": cfg.run_key(), "model": cfg.model.name}
+            tags = {"variant": cfg.model.variant, "run_key": cfg.run_key(), "model": cfg.model.name,
+                    "recipe": cfg.recipe, "precision": self.precision}
             self.tracker = RunTracker.start(
                 cfg.tracking, params=cfg.model_dump(), tags=tags, async_logging=True,
                 resume_run_id=state["mlflow_run_id"] if state else cfg.tracking.run_id,
@@ -395,7 +430,6 @@ class Trainer:
         try:
             with _StopSignal() as stop:
                 while self.epoch < cfg.train.epochs:
-                    set_backbone_trainable(self.optimizer, cfg.optim, self.epoch)
                     started = time.perf_counter()
                     self.train_epoch(stop)
                     metrics = self.epoch_metrics(time.perf_counter() - started)
@@ -408,6 +442,7 @@ class Trainer:
                     self.save()
             if not self.history:  # train.epochs == 0: evaluate the given weights as they are
                 self.history = {f"val/{k}": v for k, v in self.evaluate(self.model).items()}
+                self.history.update(self.update_best(self.history))
                 if self.tracker:
                     self.tracker.log_metrics(self.history, step=0)
             barrier(self.env)

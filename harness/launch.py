@@ -47,14 +47,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------------- dry run
 def render_table(expanded: Expanded) -> str:
-    """One row per run: stage, name, row, key, the values that differ between runs, resources."""
-    varying = differing_values(expanded.runs)
-    header = ["stage", "name", "row", "key", *varying, "resources"]
+    """One row per run: stage, name, row, key, recipe, the values that differ between runs, resources."""
+    varying = [k for k in differing_values(expanded.runs) if k != "recipe"]
+    header = ["stage", "name", "row", "key", "recipe", *varying, "resources"]
     rows = []
     for plan in expanded.runs:
         flat = _flat(plan)
-        rows.append([plan.stage, plan.name, plan.row, plan.key, *(str(flat.get(k)) for k in varying),
-                     plan.slurm.describe()])
+        rows.append([plan.stage, plan.name, plan.row, plan.key, plan.config.recipe,
+                     *(str(flat.get(k)) for k in varying), plan.slurm.describe()])
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *rows]]
     title = f"{expanded.spec.name} ({expanded.scale}): {len(expanded.runs)} runs in stages {' -> '.join(expanded.stage_order)}"

@@ -1,80 +1,120 @@
-"""Optimiser, learning-rate schedule and Gumbel temperature schedule of the official recipe.
+"""Optimiser, the official learning-rate rules and the Gumbel temperature schedule.
 
-AdamW with four parameter groups (predictor/backbone x decay/no-decay); the backbone trains at
-`backbone_lr_scale` of the learning rate and not at all (lr 0) for its first
-`backbone_freeze_epochs`; cls_token and pos_embed stay frozen. timm's cosine schedule with
-warm-up is stepped per update and honours each group's `lr_scale`.
+AdamW over named parameter groups (predictor / backbone, with and without weight decay), as the
+official code builds them; `cls_token` and `pos_embed` stay frozen. `LRSchedule` gives every
+group's learning rate at every optimiser step from the config alone (no state, so a resumed
+run continues on the same curve). The two official rules (see harness/recipes.py for sources):
+
+- `sched: step` (HEAD, utils.cosine_scheduler + engine.py): per step `it` of `T` steps with
+  `W` warm-up steps, `s(it) = linspace(warmup_lr, peak, W)[it]` for it < W, else
+  `min_lr + (peak - min_lr) (1 + cos(pi (it - W) / (T - W))) / 2`;
+- `sched: epoch` (2021, adjust_learning_rate): once per epoch `e` of `E`,
+  `s(e) = min_lr + (peak - min_lr) (1 + cos(pi e / E)) / 2`.
+
+The predictors get `s`; the backbone gets `s x backbone_lr_scale` (`backbone_lr_rule: scale`) or
+`min(peak x backbone_lr_scale, s)` (`min`), and 0 while `epoch < backbone_freeze_epochs`.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from harness.config import GumbelConfig, OptimConfig
 
 PREDICTOR_PREFIX = "score_predictor."
+# Group names, as the official code names them (2021 main_dynamic_vit.py:194-196; HEAD optim_factory.py).
+PREDICTOR_DECAY, PREDICTOR_NO_DECAY = "predictor", "predictor_no_decay"
+BACKBONE_DECAY, BACKBONE_NO_DECAY = "base_decay", "base_no_decay"
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
-    """The recipe's linear scaling rule: lr x global batch / 1024."""
-    return cfg.lr * global_batch / cfg.lr_base_batch
+    """The peak lr: `lr x global batch / lr_base_batch`, or `lr` as given when lr_base_batch is None."""
+    return cfg.lr if cfg.lr_base_batch is None else cfg.lr * global_batch / cfg.lr_base_batch
+
+
+def is_predictor(name: str) -> bool:
+    return name.startswith(PREDICTOR_PREFIX)
+
+
+def group_of(name: str, param: nn.Parameter, cfg: OptimConfig, skip: set[str]) -> str:
+    """Which optimiser group a trainable parameter belongs to (no decay: 1-D, biases, `skip`)."""
+    plain = param.ndim <= 1 or name.endswith(".bias") or name in skip
+    if is_predictor(name):
+        return PREDICTOR_DECAY if cfg.predictor_decay == "all" or not plain else PREDICTOR_NO_DECAY
+    return BACKBONE_NO_DECAY if plain else BACKBONE_DECAY
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> torch.optim.AdamW:
-    """AdamW over predictor and backbone groups; 1-D params, biases and tokens get no decay."""
+    """AdamW over the named groups; frozen parameters (`cfg.freeze`) get requires_grad False."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    groups: dict[str, list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if any(name == f or name.startswith(f + ".") for f in cfg.freeze):
             param.requires_grad_(False)
         if not param.requires_grad:
             continue
-        is_predictor = name.startswith(PREDICTOR_PREFIX)
-        decay = param.ndim > 1 and name not in skip and not name.endswith(".bias")
-        groups.setdefault((is_predictor, decay), []).append(param)
+        groups.setdefault(group_of(name, param, cfg, skip), []).append(param)
     lr = scaled_lr(cfg, global_batch)
+    order = (PREDICTOR_DECAY, PREDICTOR_NO_DECAY, BACKBONE_NO_DECAY, BACKBONE_DECAY)
     param_groups = [
         {
-            "params": params,
-            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "params": groups[name],
+            "name": name,
+            "weight_decay": cfg.weight_decay if name in (PREDICTOR_DECAY, BACKBONE_DECAY) else 0.0,
             "lr": lr,
-            "lr_scale": 1.0 if is_predictor else cfg.backbone_lr_scale,
-            "is_predictor": is_predictor,
+            "is_predictor": name.startswith("predictor"),
         }
-        for (is_predictor, decay), params in sorted(groups.items())
+        for name in order if name in groups
     ]
-    return torch.optim.AdamW(param_groups, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=lr, weight_decay=cfg.weight_decay, eps=1e-8)
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int
-) -> CosineLRScheduler:
-    """Cosine to min_lr with linear warm-up, in optimiser updates (so warm-up is smooth)."""
-    base = optimizer.param_groups[0]["lr"]
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=max(1, epochs * steps_per_epoch),
-        lr_min=min(cfg.min_lr, base),
-        warmup_t=cfg.warmup_epochs * steps_per_epoch,
-        warmup_lr_init=min(cfg.warmup_lr, base),
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
+@dataclass(frozen=True)
+class LRSchedule:
+    """Every group's learning rate at every step, from the config (stateless)."""
+
+    cfg: OptimConfig
+    peak: float
+    epochs: int
+    steps_per_epoch: int
+
+    def base(self, step: int) -> float:
+        """The schedule's value (the predictors' lr) at optimiser step `step`."""
+        cfg = self.cfg
+        if cfg.sched == "epoch":
+            epoch = step // self.steps_per_epoch
+            return cfg.min_lr + (self.peak - cfg.min_lr) * (1 + math.cos(math.pi * epoch / max(self.epochs, 1))) / 2
+        warmup = cfg.warmup_epochs * self.steps_per_epoch
+        if step < warmup:  # numpy.linspace(warmup_lr, peak, warmup)[step]
+            return cfg.warmup_lr + (self.peak - cfg.warmup_lr) * (step / (warmup - 1) if warmup > 1 else 1.0)
+        cosine_steps = max(self.epochs * self.steps_per_epoch - warmup, 1)
+        return cfg.min_lr + (self.peak - cfg.min_lr) * (1 + math.cos(math.pi * (step - warmup) / cosine_steps)) / 2
+
+    def backbone(self, step: int) -> float:
+        """The backbone's lr: 0 while frozen, else the recipe's rule."""
+        cfg = self.cfg
+        if step // self.steps_per_epoch < cfg.backbone_freeze_epochs:
+            return 0.0
+        if cfg.backbone_lr_rule == "min":
+            return min(self.peak * cfg.backbone_lr_scale, self.base(step))
+        return self.base(step) * cfg.backbone_lr_scale
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Set every group's lr for optimiser step `step` (0-based, counted over the whole run)."""
+        predictor, backbone = self.base(step), self.backbone(step)
+        for group in optimizer.param_groups:
+            group["lr"] = predictor if group["is_predictor"] else backbone
 
 
-def set_backbone_trainable(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epoch: int) -> None:
-    """Backbone groups: lr_scale 0 during the first `backbone_freeze_epochs`, then the recipe's."""
-    frozen = epoch < cfg.backbone_freeze_epochs
-    for group in optimizer.param_groups:
-        if not group["is_predictor"]:
-            group["lr_scale"] = 0.0 if frozen else cfg.backbone_lr_scale
+def build_schedule(cfg: OptimConfig, global_batch: int, epochs: int, steps_per_epoch: int) -> LRSchedule:
+    return LRSchedule(cfg, scaled_lr(cfg, global_batch), epochs, max(steps_per_epoch, 1))
 
 
 def current_lrs(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
-    """(predictor lr, backbone lr) as set by the schedule; NaN where a group is absent."""
+    """(predictor lr, backbone lr) as last set; NaN where a group is absent."""
     lrs = {True: math.nan, False: math.nan}
     for group in optimizer.param_groups:
         lrs[group["is_predictor"]] = group["lr"]

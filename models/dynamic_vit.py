@@ -240,6 +240,17 @@ class PredictorLG(nn.Module):
             nn.Linear(embed_dim // 4, 2),
             nn.LogSoftmax(dim=-1),
         )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official init (dyvit.py `_init_weights`): Linear weights trunc normal std 0.02, biases 0, norms 1/0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor, policy: Optional[Tensor] = None) -> Tensor:
         x = self.in_conv(x)

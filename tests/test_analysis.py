@@ -59,8 +59,11 @@ TINY_RUN = {
 def _fixture_run(client: MlflowClient, experiment_id: str, parent: str, *, row: Optional[str], seed: int,
                  acc1: list[float], variant: str = "dynamic", scale: str = "tiny", kind: Optional[str] = "train",
                  status: str = "FINISHED", run_key: Optional[str] = None, end_time: Optional[int] = None,
-                 gflops: float = 0.0396) -> str:
-    """A FIXTURE standing in for one training run: tags, params and metrics as the launcher logs them."""
+                 gflops: float = 0.0396, log_best: bool = False) -> str:
+    """A FIXTURE standing in for one training run: tags, params and metrics as the launcher logs them.
+
+    `log_best`: also the running best (`val/acc1_best`, `val/acc1_best_epoch`) per epoch, as the
+    engine logs it today; without it the run looks like one logged before the engine did."""
     run_id = client.create_run(experiment_id).info.run_id
     tags = {"mlflow.parentRunId": parent, "spec": EXPERIMENT, "table": TABLE_NAME, "variant": variant,
             "scale": scale, "stage": "students", "run_key": run_key or f"key-{run_id[:8]}"}
@@ -72,6 +75,8 @@ def _fixture_run(client: MlflowClient, experiment_id: str, parent: str, *, row: 
               "train.seed": str(seed), "train.epochs": str(len(acc1)), "losses.kl.enabled": "True"}
     now = int(time.time() * 1000)
     metrics = [Metric("val/acc1", value, now, step) for step, value in enumerate(acc1)]
+    if log_best:
+        metrics += [Metric("val/acc1_best", max(acc1[:step + 1]), now, step) for step in range(len(acc1))]
     metrics += [Metric(key, value, now, len(acc1) - 1) for key, value in {
         "val/acc5": min(100.0, acc1[-1] + 30), "val/loss": 1.0, "train/loss": 1.2,
         "train/keep_stage1": 0.8, "train/keep_stage2": 0.6, "train/keep_stage3": 0.45,
@@ -172,6 +177,20 @@ def test_collect_runs_counts_finished_training_runs_only(store: dict[str, Any]) 
     assert runs.loc[runs["row"] == "a/static", "variant"].item() == "static"
     assert len(collect.collect_runs(store["uri"], EXPERIMENT)) == len(runs) + 1  # + the paper-scale run
     assert collect.collect_runs(store["uri"], "no-such-experiment").empty
+
+
+def test_collect_reads_the_best_epoch_as_the_official_code_reports(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment(EXPERIMENT)
+    parent = client.create_run(experiment_id).info.run_id
+    new = _fixture_run(client, experiment_id, parent, row="a/dynamic", seed=0, acc1=[50.0, 61.5, 58.0], log_best=True)
+    old = _fixture_run(client, experiment_id, parent, row="a/dynamic", seed=1, acc1=[50.0, 61.5, 58.0])
+    runs = collect.collect_runs(uri, EXPERIMENT).set_index("run_id")
+    assert runs.loc[new, "acc1"] == 61.5 and runs.loc[new, "acc1_final"] == 58.0
+    assert runs.loc[old, "acc1"] == 58.0  # logged before the best existed: the final epoch, as before
+    notes = tables.build_table(runs.reset_index(), TABLE_NAME).attrs["notes"]
+    assert any("best epoch" in note for note in notes)
 
 
 # ------------------------------------------------------------------------------- tables
