@@ -7,7 +7,8 @@ Each notebook gets the papermill parameters `tracking_uri`, `experiment` (the sp
 `scale` and `output_dir` (plus `table` when the spec names one) and writes
 `<output_dir>/<notebook stem>.{md,tex,csv}`, its figures and the executed notebook there.
 Default output: `reports/<spec>/<scale>/` under the current directory.
-Exit codes: 0 done, 1 a notebook failed, 2 invalid input (one line on stderr).
+Exit codes: 0 done, 1 a notebook failed or the tracking server did not answer, 2 invalid input
+(one line on stderr: an unknown scale, a missing notebook or table, a store that does not exist).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class ReportSpec:
     table: Optional[str] = None
     default_scale: Optional[str] = None
     notebooks: list[str] = field(default_factory=list)
+    scales: list[str] = field(default_factory=list)
 
 
 def read_report_spec(path: Union[str, Path]) -> ReportSpec:
@@ -46,7 +48,7 @@ def read_report_spec(path: Union[str, Path]) -> ReportSpec:
     except ConfigError as err:
         raise ReportError(str(err)) from None
     notebooks = spec.notebooks or [f"analysis/{spec.name}.ipynb"]  # absent or [] -> the default
-    return ReportSpec(spec.name, spec.table, spec.default_scale, notebooks)
+    return ReportSpec(spec.name, spec.table, spec.default_scale, notebooks, list(spec.scales))
 
 
 def resolve_notebook(path: str, spec_path: Union[str, Path] = "") -> Path:
@@ -88,14 +90,17 @@ def run_notebooks(spec_name: str, scale: str, tracking_uri: str, notebooks: list
     return "\n".join(texts)
 
 
-def _check_store(tracking_uri: str, experiment: str) -> None:
+def _check_store(tracking_uri: str, experiment: str, source: str = "--tracking-uri") -> None:
     """Refuse before starting a kernel: a missing SQLite file or experiment is a typo, not an empty table."""
     from analysis.collect import experiment_exists
+    from harness.config import ConfigError
+    from harness.store import bound_requests, check_store
 
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
-        if not db.is_file():
-            raise ReportError(f"--tracking-uri: no such SQLite file, got {tracking_uri!r}")
+    try:
+        check_store(tracking_uri, source, must_exist=True, write=False)
+    except ConfigError as err:
+        raise ReportError(str(err)) from None
+    bound_requests()
     try:
         exists = experiment_exists(tracking_uri, experiment)
     except Exception as err:  # unreachable server, not a database, ...
@@ -113,8 +118,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     parser.add_argument("--output-dir", help="where tables and figures go (default: reports/<spec>/<scale>/)")
     args = parser.parse_args(argv)
+    from harness.errors import handle
+
+    return handle("analysis.report", lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         spec = read_report_spec(args.spec)
+        scale = args.scale or spec.default_scale or "tiny"
+        if spec.scales and scale not in spec.scales:
+            raise ReportError(f"--scale: not a scale of {args.spec} (its scales: {', '.join(spec.scales)}), "
+                              f"got {scale!r}")
         notebooks = [str(resolve_notebook(n, args.spec)) for n in spec.notebooks]
         if spec.table is not None:
             from analysis.reference import resolve_table
@@ -123,12 +138,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 resolve_table(spec.table)
             except KeyError as err:
                 raise ReportError(f"{args.spec}: {err.args[0]}") from None
-        from harness.config import TrackingConfig
-        from harness.tracking import resolve_tracking_uri
+        from harness.store import resolve_uri
 
-        uri = resolve_tracking_uri(TrackingConfig(uri=args.tracking_uri))
-        scale = args.scale or spec.default_scale or "tiny"
-        _check_store(uri, spec.name)
+        uri, source = resolve_uri(args.tracking_uri)
+        _check_store(uri, spec.name, source)
     except ReportError as err:
         print(err, file=sys.stderr)
         return EXIT_INVALID

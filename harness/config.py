@@ -308,8 +308,10 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def validation_problems(err: Any, model: type[BaseModel]) -> list[tuple[str, str]]:
-    """pydantic's ValidationError as (dotted field, 'problem, got X') pairs."""
+    """pydantic's ValidationError as (dotted field, 'problem, got X') pairs (X shown bounded)."""
     import difflib
+
+    from harness.errors import show
 
     problems = []
     for item in err.errors():
@@ -326,7 +328,7 @@ def validation_problems(err: Any, model: type[BaseModel]) -> list[tuple[str, str
             message = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
             if valid and not close:
                 message += f"; valid keys: {', '.join(valid)}"
-        got = "" if ", got " in message else f", got {value!r}"
+        got = "" if ", got " in message else f", got {show(value)}"
         problems.append((".".join(str(p) for p in loc), f"{message}{got}"))
     return problems
 
@@ -341,34 +343,88 @@ def parse_override(text: str) -> tuple[str, Any]:
     """'a.b=value' -> ('a.b', YAML-parsed value), so numbers, lists and null work as expected."""
     import yaml
 
-    if "=" not in text:
-        raise ConfigError([f"override {text!r}: expected key=value"])
-    key, raw = text.split("=", 1)
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not all(part.strip() for part in key.split(".")):
+        raise ConfigError([f"override {text!r}: expected key=value with a dotted key, e.g. train.epochs=2"])
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key, value
+
+
+MAX_SPEC_BYTES = 4 << 20  # a spec or run config is a few kB; more is the wrong file
+MAX_VALUES = 100_000  # values in a loaded document once YAML aliases are expanded
+
+
+def _count_values(data: Any, limit: int) -> int:
+    """How many values `data` holds with aliases expanded, counting no further than `limit`."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
+def _read_text(path: str) -> str:
+    """The file's text, or a ConfigError saying in one line why it is not a readable text file."""
+    import os
+
+    try:
+        if os.path.isdir(path):
+            raise ConfigError([f"{path}: is a folder, not a YAML file"])
+        size = os.path.getsize(path)
+        if size > MAX_SPEC_BYTES:
+            raise ConfigError([f"{path}: too large for a YAML spec or config ({size} bytes), "
+                               f"got a file over {MAX_SPEC_BYTES} bytes"])
+        with open(path, "rb") as handle:
+            blob = handle.read()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except PermissionError:
+        raise ConfigError([f"{path}: not readable (permission denied)"]) from None
+    except OSError as err:
+        raise ConfigError([f"{path}: cannot be read ({err.strerror or err})"]) from None
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"{path}: not UTF-8 text (a binary file?), got byte 0x{blob[err.start]:02x} "
+                           f"at position {err.start}"]) from None
+    if "\x00" in text:
+        raise ConfigError([f"{path}: not a text file (NUL byte at position {text.index(chr(0))})"])
+    return text
 
 
 def read_yaml(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """A YAML mapping from `path` with `key=value` overrides applied; syntax errors name the line."""
+    """A YAML mapping from `path` with `key=value` overrides applied; syntax errors name the line.
+
+    Every way a file can be wrong is one ConfigError line: missing, a folder, unreadable, binary,
+    not UTF-8, too large, invalid YAML, not a mapping, or aliases that expand without bound.
+    """
     import yaml
 
+    text = _read_text(path)
     try:
-        with open(path) as handle:
-            data = yaml.safe_load(handle)
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: no such file"]) from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError([f"{path}: YAML syntax error at {where}: {problem}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: YAML nested too deeply"]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: expected a mapping at the top level, got {type(data).__name__}"])
+    if _count_values(data, MAX_VALUES) > MAX_VALUES:
+        raise ConfigError([f"{path}: YAML aliases expand to more than {MAX_VALUES} values (an alias bomb?), "
+                           f"got more than {MAX_VALUES}"])
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(data, key, value)

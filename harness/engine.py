@@ -413,8 +413,10 @@ class Trainer:
 
     def fit(self, on_epoch: Optional[EpochCallback] = None) -> dict[str, float]:
         """Train the remaining epochs; `on_epoch` runs on rank 0 after each epoch's metrics are logged."""
+        from harness import runstate  # the folder, checkpoint and MLflow run are this run key's (or refused)
+
         cfg = self.cfg
-        state = ckpt.load(self.out / ckpt.CHECKPOINT)
+        state = runstate.load_checkpoint(self.out / ckpt.CHECKPOINT, cfg)
         if state is not None:
             self.restore(state)
         if self.env.is_main:
@@ -425,6 +427,7 @@ class Trainer:
                 cfg.tracking, params=cfg.model_dump(), tags=tags, async_logging=True,
                 resume_run_id=state["mlflow_run_id"] if state else cfg.tracking.run_id,
             )
+            runstate.bind(self.out, cfg.run_key(), self.tracker.run_id)
             if state is not None and self.history:  # lost if the last run was killed hard
                 self.tracker.log_metrics_if_missing(self.history, step=self.epoch - 1)
         try:
@@ -477,8 +480,12 @@ def run(cfg: RunConfig, on_epoch: Optional[EpochCallback] = None) -> dict[str, f
     `on_epoch(epoch, metrics)` is called after each epoch's metrics are logged, on rank 0 only (so
     stopping early is for single-process runs); raising `Pruned` in it ends the run and re-raises.
     """
-    done = Path(cfg.output_dir) / RESULT
-    if done.is_file():
-        return json.loads(done.read_text())["metrics"]
-    env = init_distributed()
-    return Trainer(cfg, env).fit(on_epoch)
+    from harness import runstate
+
+    with runstate.failure_marks_run(cfg):  # a job that dies before training marks its run FAILED, with why
+        done = runstate.finished_metrics(cfg)  # refuses a folder, result or checkpoint of another run key
+        if done is not None:
+            runstate.mark_finished_if_open(cfg)
+            return done
+        env = init_distributed()
+        return Trainer(cfg, env).fit(on_epoch)

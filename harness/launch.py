@@ -7,22 +7,33 @@ or running ones are not submitted twice, failed or killed ones are resubmitted i
 MLflow run and resume from their checkpoint, and so are runs that MLflow still shows RUNNING
 whose process or SLURM job is gone (killed hard); `--rerun` forces fresh runs.
 
-Exit codes: 0 submitted (or all done), 1 a run failed (with --wait or the local executor),
-2 invalid spec or arguments (nothing submitted).
+A run's folder is bound to its run key and MLflow run (harness/runstate.py): a folder that holds
+another configuration's state is moved aside (`<run>.before-<time>`) before its new run starts.
+Runs left SCHEDULED by a launch that was killed before it submitted them are resubmitted; a
+launch killed hard is marked KILLED by the next one.
+
+Exit codes: 0 submitted (or all done), 1 a run failed (with --wait or the local executor) or the
+environment stopped the launch (an unreachable tracking server), 2 invalid spec, arguments or
+files (one line each; nothing written, nothing submitted).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from harness.config import ConfigError, TrackingConfig
+from harness import runstate
+from harness.config import ConfigError
+from harness.errors import EnvironmentProblem, handle
 from harness.spec import Expanded, RunPlan, differing_values, load_and_expand
+from harness.store import bound_requests, check_store, resolve_uri
 
 EXIT_FAILED, EXIT_INVALID = 1, 2
 IN_FLIGHT = ("SCHEDULED", "RUNNING")
@@ -146,21 +157,38 @@ def job_alive(tags: dict[str, str]) -> bool:
         pid = tags["job_id"].split("_")[0]
         return process_alive(int(pid)) if pid.isdigit() else True
     if tags.get("slurm_job_id") and shutil.which("squeue"):
+        job = tags["slurm_job_id"]
         try:
-            queue = subprocess.run(["squeue", "--noheader", "--jobs", tags["slurm_job_id"], "--states=all",
-                                    "--format=%T"], capture_output=True, text=True, timeout=30)
+            queue = subprocess.run(["squeue", "--noheader", "--jobs", job, "--states=all",
+                                    "--format=%T %r"], capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             return True
         if queue.returncode != 0:  # a job SLURM has forgotten, or no controller to ask
             return "invalid job id" not in queue.stderr.lower()
-        return any(state.strip() in SLURM_ALIVE for state in queue.stdout.split())
+        rows = [line.split(None, 1) + [""] for line in queue.stdout.strip().splitlines() if line.strip()]
+        if any(state == "PENDING" and reason.strip() == "DependencyNeverSatisfied" for state, reason, *_ in rows):
+            # waits for a stage that failed: it would never start; cancel it so that a resubmission replaces it
+            subprocess.run(["scancel", job], capture_output=True, timeout=30)
+            return False
+        return any(state in SLURM_ALIVE for state, *_ in rows)
     return True
+
+
+def launcher_alive(tags: dict[str, str]) -> bool:
+    """Whether the launch that created a run (its parent run's tags) may still be submitting it."""
+    host, pid = tags.get("launcher_host"), tags.get("launcher_pid", "")
+    if host is None or not pid.isdigit():
+        return False  # a launch from before these tags: long gone
+    if host != socket.gethostname():
+        return True  # another machine's process: cannot be told from here
+    return int(pid) != os.getpid() and process_alive(int(pid))
 
 
 class Launch:
     """One launch of a spec: MLflow bookkeeping, then one job array per stage."""
 
-    def __init__(self, expanded: Expanded, tracking_uri: str, cluster: str, rerun: bool) -> None:
+    def __init__(self, expanded: Expanded, tracking_uri: str, cluster: str, rerun: bool,
+                 output_root: Optional[Path] = None) -> None:
         from mlflow import MlflowClient
 
         from harness.tracking import ensure_experiment, find_runs
@@ -169,6 +197,7 @@ class Launch:
         self.uri = tracking_uri
         self.cluster = cluster
         self.rerun = rerun
+        self.root = output_root
         self.client = MlflowClient(tracking_uri)
         self.experiment_id = ensure_experiment(tracking_uri, expanded.spec.name)
         existing = find_runs(tracking_uri, expanded.spec.name,
@@ -176,18 +205,35 @@ class Launch:
         self.by_key: dict[str, list[Any]] = {}
         for run in existing:
             self.by_key.setdefault(run.data.tags.get("run_key", ""), []).append(run)
+        self.launches = {run.info.run_id: run for run in find_runs(
+            tracking_uri, expanded.spec.name, "tags.kind = 'launch' and attributes.status = 'RUNNING'")}
+        for run in self.launches.values():  # killed hard (SIGKILL): nobody marked it
+            if not launcher_alive(run.data.tags):
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                run.info._status = "KILLED"
         parent = self.client.create_run(self.experiment_id, run_name=f"launch-{expanded.scale}", tags={
             "kind": "launch", "spec": expanded.spec.name, "scale": expanded.scale,
-            "table": expanded.spec.table or "", "executor": cluster})
+            "table": expanded.spec.table or "", "executor": cluster,
+            "launcher_host": socket.gethostname(), "launcher_pid": str(os.getpid())})
         self.parent_id = parent.info.run_id
         self.jobs: dict[str, list[tuple[RunPlan, Any]]] = {}
         self.skipped: dict[str, str] = {}
         self._job_alive: dict[str, bool] = {}
 
     def job_alive(self, run: Any) -> bool:
-        """`job_alive` of an in-flight run, asked once per launch (it may call `squeue`)."""
+        """`job_alive` of an in-flight run, asked once per launch (it may call `squeue`).
+
+        A run with no job id was created SCHEDULED by a launch that never submitted it (killed
+        mid-stage, or its submission failed): it is alive only while that launch still runs.
+        """
         if run.info.run_id not in self._job_alive:
-            self._job_alive[run.info.run_id] = job_alive(run.data.tags)
+            tags = run.data.tags
+            if tags.get("job_id") or tags.get("slurm_job_id"):
+                alive = job_alive(tags)
+            else:
+                parent = self.launches.get(tags.get("mlflow.parentRunId", ""))
+                alive = parent is not None and parent.info.status == "RUNNING" and launcher_alive(parent.data.tags)
+            self._job_alive[run.info.run_id] = alive
         return self._job_alive[run.info.run_id]
 
     def decide(self, plan: RunPlan) -> tuple[str, Optional[Any]]:
@@ -198,14 +244,17 @@ class Launch:
         if flying and self.job_alive(flying[0]):
             return "in flight", flying[0]
         if flying:  # killed hard (SIGKILL, out of memory, a crashed machine): it never marked its run
-            print(f"{plan.stage}/{plan.name}: MLflow says {flying[0].info.status} but its job is gone; "
+            tags = flying[0].data.tags
+            gone = "its job is gone" if tags.get("job_id") or tags.get("slurm_job_id") else \
+                "it was never submitted (its launch was interrupted)"
+            print(f"{plan.stage}/{plan.name}: MLflow says {flying[0].info.status} but {gone}; "
                   "resubmitting it to resume from its checkpoint", file=sys.stderr)
             return "submit", flying[0]
         if finished and not self.rerun:
             return "finished", finished[0]
         if finished:  # --rerun: keep the old outputs beside the new ones, nothing is lost
             if plan.output_dir.exists():
-                plan.output_dir.rename(plan.output_dir.with_name(f"{plan.output_dir.name}.before-{int(time.time())}"))
+                runstate.move_aside(plan.output_dir, self.root)
             return "submit", None
         failed = [r for r in runs if r.info.status in ("FAILED", "KILLED")]
         return "submit", failed[0] if failed else None
@@ -214,6 +263,11 @@ class Launch:
         """The job's config: tracking set to a child run of this launch, SCHEDULED until it starts."""
         tags = {**plan.config.tracking.tags, "run_key": plan.key, "variant": plan.variant,
                 "mlflow.parentRunId": self.parent_id}
+        if continue_run is not None and not runstate.folder_is_resumable(plan.output_dir, plan.key,
+                                                                         continue_run.info.run_id):
+            print(f"{plan.stage}/{plan.name}: {plan.output_dir} holds another run's state; starting a new MLflow "
+                  f"run instead of continuing {continue_run.info.run_id}", file=sys.stderr)
+            continue_run = None
         if continue_run is not None:
             run_id = continue_run.info.run_id
             for key, value in tags.items():
@@ -222,6 +276,10 @@ class Launch:
             run_id = self.client.create_run(self.experiment_id, run_name=plan.config.tracking.run_name,
                                             tags=tags).info.run_id
         self.client.update_run(run_id, status="SCHEDULED")
+        moved = runstate.claim(plan.output_dir, plan.key, run_id, self.root, resume=continue_run is not None)
+        if moved is not None:
+            print(f"{plan.stage}/{plan.name}: {plan.output_dir} held another run's state (another run key or "
+                  f"MLflow run); kept as {moved.name}, the run starts clean", file=sys.stderr)
         config = plan.config.model_copy(deep=True)
         config.tracking.uri = self.uri
         config.tracking.experiment_id = self.experiment_id
@@ -253,7 +311,12 @@ class Launch:
         folder = todo[0][0].output_dir.parent / "submitit"
         executor = make_executor(self.cluster, folder, todo[0][0], self.expanded.spec.name, depends_on)
         if self.cluster == "slurm":  # one array; SLURM caps its concurrency (array_parallelism)
-            jobs = self._record(todo, executor.map_array(TrainJob(), [job["config"] for _, job in todo]))
+            try:
+                array = executor.map_array(TrainJob(), [job["config"] for _, job in todo])
+            except Exception as err:  # sbatch refused: the runs never got a job
+                self.fail_unsubmitted(todo, err)
+                raise EnvironmentProblem(f"{stage}: SLURM refused the submission: {failure_line(err)}") from None
+            jobs = self._record(todo, array)
             print(f"{stage}: submitted {len(jobs)}, skipped {skipped}", file=sys.stderr)
             return jobs, True
         cpus = todo[0][0].slurm.cpus_per_task
@@ -271,6 +334,12 @@ class Launch:
                 running.append(pair)
             finished.wait(running)
         return submitted, not finished.failed
+
+    def fail_unsubmitted(self, todo: list[tuple[RunPlan, dict[str, Any]]], err: BaseException) -> None:
+        """Runs whose submission failed are FAILED with the reason, not SCHEDULED forever."""
+        for _, job_cfg in todo:
+            self.client.set_tag(job_cfg["run_id"], "error", f"submission failed: {failure_line(err)}"[:4000])
+            self.client.set_terminated(job_cfg["run_id"], "FAILED")
 
     def _record(self, todo: list[tuple[RunPlan, dict[str, Any]]], jobs: list[Any]) -> list[tuple[RunPlan, Any]]:
         """Tag each MLflow run with its job id; link the job's log into the run's folder."""
@@ -370,28 +439,80 @@ def wait_for(jobs: list[tuple[RunPlan, Any]], progress: bool, desc: str = "runs"
     return not finished.failed
 
 
+def check_report_inputs(expanded: Expanded) -> None:
+    """The spec's notebooks and paper table must exist before any run trains for them."""
+    spec, path = expanded.spec, expanded.path
+    if not spec.notebooks:
+        return
+    from analysis.report import ReportError, resolve_notebook
+
+    problems = []
+    for index, notebook in enumerate(spec.notebooks):
+        try:
+            resolve_notebook(notebook)
+        except ReportError:
+            problems.append(f"{path}: notebooks[{index}]: no such notebook, got {notebook!r}")
+    if spec.table:
+        from analysis.reference import resolve_table
+
+        try:
+            resolve_table(spec.table)
+        except KeyError as err:
+            problems.append(f"{path}: {err.args[0]}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def check_output_root(root: Path) -> None:
+    """The output root must be a writable folder (created if missing) before anything is submitted."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError([f"--output-root: cannot create the folder ({err.strerror}), got {str(root)!r}"]) from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError([f"--output-root: not writable, got {str(root)!r}"])
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (scancel of a launcher job, `kill`, harness.cancel): stop like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    output_root = str(Path(args.output_root).resolve())
-    try:
-        expanded = load_and_expand(args.spec, args.overrides, args.scale, output_root)
-    except ConfigError as err:  # includes SpecError and YAML syntax errors
-        print(err, file=sys.stderr)
-        return EXIT_INVALID
+    return handle("harness.launch", lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    output_root = Path(args.output_root).resolve()
+    expanded = load_and_expand(args.spec, args.overrides, args.scale, str(output_root))
+    check_report_inputs(expanded)
     if args.dry_run:
         print(render_table(expanded))
         return 0
-
-    from harness.tracking import resolve_tracking_uri
-
+    uri, source = resolve_uri(args.tracking_uri)
+    check_store(uri, source, must_exist=False, write=True)
+    check_output_root(output_root)
+    bound_requests()
     cluster = choose_executor(args.executor)
-    uri = resolve_tracking_uri(TrackingConfig(uri=args.tracking_uri))
-    launch = Launch(expanded, uri, cluster, args.rerun)
+    launch = Launch(expanded, uri, cluster, args.rerun, output_root)
     progress = sys.stderr.isatty()
-    ok = launch.submit_all(progress)
-    if ok and args.wait and cluster == "slurm":
-        ok = wait_for([j for jobs in launch.jobs.values() for j in jobs], progress)
-    launch.finish("FINISHED" if ok else "FAILED")
+    status = "KILLED"  # unless the launch gets to the end
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        ok = launch.submit_all(progress)
+        if ok and args.wait and cluster == "slurm":
+            ok = wait_for([j for jobs in launch.jobs.values() for j in jobs], progress)
+        status = "FINISHED" if ok else "FAILED"
+    except Exception:
+        status = "FAILED"
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        launch.finish(status)
     submitted = sum(len(j) for j in launch.jobs.values())
     print(f"{expanded.spec.name} ({expanded.scale}): {submitted} submitted, {len(launch.skipped)} skipped "
           f"({', '.join(sorted(set(launch.skipped.values()))) or 'none'}); MLflow experiment "

@@ -14,22 +14,33 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from harness.config import (
     ConfigError,
     RunConfig,
     flatten,
     format_validation_error,
+    parse_override,
     read_yaml,
     set_dotted,
     validation_problems,
 )
+from harness.errors import show
+from harness.inputs import check_run_inputs
 
 STAGE_KEYS = {"after", "init_from", "distill_from", "runs", "slurm", "scales", "row", "only_scales"}
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")  # names are folder names: never a path, never '..'
+NAME_RULE = "must be 1-100 letters, digits, '_', '-', '.', starting with a letter or digit (it names a folder)"
+CLI = "(command line)"  # the layer of `key=value` overrides of run config keys, applied after every other
+
+
+def _check_name(name: object) -> object:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise ValueError(NAME_RULE)
+    return name
 
 
 class Strict(BaseModel):
@@ -62,6 +73,11 @@ class Variant(Strict):
     row: Optional[str] = None  # the paper table's row id; defaults to the name
     set: dict[str, Any] = Field(default_factory=dict)  # config overrides (dotted or nested keys)
     scales: dict[str, dict[str, Any]] = Field(default_factory=dict)  # overrides at one scale only
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return _check_name(name)  # type: ignore[return-value]
 
 
 class Runs(Strict):
@@ -102,12 +118,22 @@ class Spec(Strict):
     scales: dict[str, Scale]
     stages: dict[str, Stage]
 
+    _edits: list[tuple[str, str, Any]] = PrivateAttr(default_factory=list)  # command-line spec edits
+    _cli: dict[str, Any] = PrivateAttr(default_factory=dict)  # command-line run config overrides
+    _cli_texts: dict[str, str] = PrivateAttr(default_factory=dict)  # their dotted key -> as typed
+
     @field_validator("name")
     @classmethod
     def _safe_name(cls, name: str) -> str:
-        if not NAME.match(name):
-            raise ValueError("must be letters, digits, '_', '-', '.'")
-        return name
+        return _check_name(name)  # type: ignore[return-value]
+
+    @field_validator("scales", "stages")
+    @classmethod
+    def _safe_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        bad = [key for key in value if not NAME.match(str(key))]
+        if bad:
+            raise ValueError(f"{show(bad[0])}: {NAME_RULE}, got {show(bad[0])}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -185,9 +211,32 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_spec(path: str, overrides: list[str] = ()) -> Spec:
-    """Read and validate the spec's structure (not yet its runs). Raises SpecError."""
-    raw = read_yaml(path, overrides)
+def _split_overrides(path: str, overrides: Sequence[str]) -> tuple[list[str], list[tuple[str, str, Any]], dict[str, str]]:
+    """Command-line overrides: spec edits (`base.…`, `scales.…`, `stages.…`, `name=…`) and run config
+    keys (`train.epochs=2`), which apply to every run after every spec layer."""
+    edits, cli, texts = [], [], {}
+    for text in overrides:
+        key, value = parse_override(text)
+        head = key.split(".")[0]
+        if head in Spec.model_fields:
+            edits.append((text, key, value))
+        elif head in RunConfig.model_fields:
+            cli.append(text)
+            texts[key] = text
+        else:
+            raise SpecError([f"{path}: {key}: unknown override key: a spec key ({', '.join(Spec.model_fields)}) "
+                             f"or a run config key ({', '.join(RunConfig.model_fields)}), got {show(text)}"])
+    return [text for text, _, _ in edits], edits, texts
+
+
+def load_spec(path: str, overrides: Sequence[str] = ()) -> Spec:
+    """Read and validate the spec's structure (not yet its runs). Raises SpecError.
+
+    Overrides of spec keys edit the spec before it is validated; overrides of run config keys
+    are kept on the spec and applied by `expand` to every run, after every layer.
+    """
+    spec_texts, edits, cli_texts = _split_overrides(path, overrides)
+    raw = read_yaml(path, spec_texts)
     if isinstance(raw.get("stages"), dict):
         raw["stages"] = {name: _split_stage(stage) for name, stage in raw["stages"].items()}
     if isinstance(raw.get("scales"), dict):
@@ -197,6 +246,10 @@ def load_spec(path: str, overrides: list[str] = ()) -> Spec:
     except ValidationError as err:
         lines = [line.replace(".config.", ".") for line in format_validation_error(err, path, Spec)]
         raise SpecError(lines) from None
+    cli: dict[str, Any] = {}
+    for text in cli_texts.values():
+        set_dotted(cli, *parse_override(text))
+    spec._edits, spec._cli, spec._cli_texts = edits, cli, cli_texts
     return spec
 
 
@@ -239,30 +292,112 @@ def _combinations(runs: Runs, where: str, path: str, errors: list[str]) -> list[
     if len(lengths) > 1:
         errors.append(f"{path}: {where}.zip: lists must have equal lengths, got {sorted(lengths)}")
         return []
+    empty = [f"{kind}.{key}" for kind, lists in (("grid", runs.grid), ("zip", runs.zip))
+             for key, values in lists.items() if not values]
+    if empty:  # the product would be no run at all: the stage would silently disappear
+        errors.append(f"{path}: {where}.{empty[0]}: an empty list expands to no runs, got []")
+        return []
     zipped = list(zip(*runs.zip.values())) if runs.zip else [()]
     grid_values = list(itertools.product(*runs.grid.values())) if runs.grid else [()]
     combos = []
     for zip_row in zipped:
         for grid_row in grid_values:
             values = dict(zip(runs.grid, grid_row)) | dict(zip(runs.zip, zip_row))
-            suffix = "-".join(f"{k.split('.')[-1]}{v}" for k, v in values.items())
+            suffix = "-".join(f"{k.split('.')[-1]}{_name_part(v)}" for k, v in values.items())
             layers = [(f"{where}.grid.{k}" if k in runs.grid else f"{where}.zip.{k}", _nested({k: v}))
                       for k, v in values.items()]
             combos.append((suffix, values, layers))
     return combos
 
 
+def _name_part(value: Any) -> str:
+    """A grid/zip value as part of a run name (a folder name): path separators and the like become '_'."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(value))[:40]
+
+
+def _sets(layer: dict[str, Any], field: str) -> bool:
+    return any(key == field or key.startswith(field + ".") or field.startswith(key + ".") for key in flatten(layer))
+
+
 def _locate(field: str, layers: list[tuple[str, dict]]) -> str:
     """The spec location that set `field` last (for an error message), else base."""
     for where, layer in reversed(layers):
-        for key in flatten(layer):
-            if key == field or key.startswith(field + ".") or field.startswith(key + "."):
-                return where if where.endswith("." + key) else f"{where}.{field}"
+        if _sets(layer, field):
+            if where == CLI:
+                return f"{field} {CLI}"
+            key = next(k for k in flatten(layer) if k == field or k.startswith(field + ".") or field.startswith(k + "."))
+            return where if where.endswith("." + key) else f"{where}.{field}"
     return f"base.{field}"
 
 
-def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str = "runs") -> Expanded:
-    """Every run of the spec at `scale`, validated. Raises SpecError listing every problem."""
+_MISSING = object()
+
+
+def _get_dotted(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+DERIVED = "(set by the launcher for every run)"
+
+
+def _lost_override(path: str, label: str, field: str, value: Any, later: list[tuple[str, dict]],
+                   merged: dict[str, Any], run: str) -> list[str]:
+    """A command-line override that a later layer undoes: one line naming that layer."""
+    for leaf, want in flatten(_nested({field: value})).items():
+        have = _get_dotted(merged, leaf)
+        if have == want:
+            continue
+        setter = next((where for where, layer in reversed(later) if _sets(layer, leaf)), None)
+        if setter is None:
+            continue
+        if setter == DERIVED:
+            return [f"{path}: {label}: cannot be overridden, the launcher sets {leaf} for every run (output_dir: "
+                    f"--output-root; tracking: the spec's name; train.init_from, teacher.run_dir: the stage's "
+                    f"init_from, distill_from), got {show(want)}"]
+        return [f"{path}: {label}: has no effect on run {run}: {setter} sets {leaf} = {show(have)} after it; "
+                f"pass {leaf}={show(want)} (applied after every layer) or override {setter}, got {show(want)}"]
+    return []
+
+
+def _shadowed(spec: Spec, path: str, layers: list[tuple[str, dict]], derived: dict[str, Any],
+              merged: dict[str, Any], run: str, reported: set[str]) -> list[str]:
+    """Command-line overrides that do not reach this run's configuration (refused, never ignored)."""
+    problems: list[str] = []
+    later_all = [*layers, (DERIVED, derived)]
+    for text, key, value in spec._edits:
+        owners = [i for i, (where, _) in enumerate(layers) if key.startswith(where + ".")]
+        if not owners or text in reported:
+            continue
+        owner = max(owners, key=lambda i: len(layers[i][0]))
+        field = key[len(layers[owner][0]) + 1:]
+        if field.split(".")[0] not in RunConfig.model_fields:
+            continue  # a control key (runs, slurm, after...): not a config value
+        lost = _lost_override(path, key, field, value, later_all[owner + 1:], merged, run)
+        if lost:
+            reported.add(text)
+            problems += lost
+    for field, text in spec._cli_texts.items():
+        if text not in reported:
+            lost = _lost_override(path, f"{field} {CLI}", field, parse_override(text)[1], [(DERIVED, derived)],
+                                  merged, run)
+            if lost:
+                reported.add(text)
+                problems += lost
+    return problems
+
+
+def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str = "runs",
+           check_files: bool = True) -> Expanded:
+    """Every run of the spec at `scale`, validated. Raises SpecError listing every problem.
+
+    `check_files`: also check that the files and folders the runs read exist and look usable
+    (datasets, pretrained weights); a command that only reads MLflow (status) skips this.
+    """
     scale = scale or spec.default_scale
     errors: list[str] = []
     if scale not in spec.scales:
@@ -272,6 +407,8 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
     order = _at_scale(spec, order, scale)
     scale_spec = spec.scales[scale]
     plans: list[RunPlan] = []
+    reported: set[str] = set()  # command-line overrides already refused
+    invalid: set[str] = set()  # stages with a run refused above (their references are not counted)
     for stage_name in order:
         stage = spec.stages[stage_name]
         where = f"stages.{stage_name}"
@@ -289,30 +426,50 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
         variants = stage.runs.variants or [Variant(name=stage_name, row=stage.row)]
         for index, variant in enumerate(variants):
             v_where = f"{where}.runs.variants[{index}].set" if stage.runs.variants else where
-            for suffix, _, combo_layers in _combinations(stage.runs, f"{where}.runs", path, errors):
+            combos = _combinations(stage.runs, f"{where}.runs", path, errors)
+            if not combos:
+                invalid.add(stage_name)
+            for suffix, _, combo_layers in combos:
                 name = "-".join(p for p in (variant.name, suffix) if p)
                 layers = layers_base + [(v_where, _nested(variant.set))]
                 if scale in variant.scales:
                     layers.append((f"{where}.runs.variants[{index}].scales.{scale}", _nested(variant.scales[scale])))
                 layers += combo_layers
+                if spec._cli:
+                    layers.append((CLI, spec._cli))
+                if not NAME.match(name):
+                    errors.append(f"{path}: {where}.runs: the run name {show(name)} {NAME_RULE}; name the variant "
+                                  f"or shorten the grid, got {show(name)}")
+                    invalid.add(stage_name)
+                    continue
                 merged: dict[str, Any] = {}
                 for _, layer in layers:
                     merged = _merge(merged, layer)
                 row = variant.row or stage.row or variant.name
-                merged = _merge(merged, _derived(spec, scale, stage_name, stage, name, row, output_root, merged))
+                derived = _derived(spec, scale, stage_name, stage, name, row, output_root, merged)
+                merged = _merge(merged, derived)
+                shadowed = _shadowed(spec, path, layers, derived, merged, f"{stage_name}/{name}", reported)
+                if shadowed:
+                    errors += shadowed
+                    invalid.add(stage_name)
+                    continue
                 try:
                     config = RunConfig.model_validate(merged)
                 except ValidationError as err:
                     errors += [f"{path}: {_locate(field, layers)}: {problem}"
                                for field, problem in validation_problems(err, RunConfig)]
+                    invalid.add(stage_name)
                     continue
-                errors += _check_data(config, path, layers)
+                if check_files:
+                    errors += _check_data(config, path, layers)
+                    produced = flatten({k: v for k, v in derived.items() if k in ("train", "teacher")})
+                    errors += check_run_inputs(config, path, lambda field: _locate(field, layers), produced)
                 if config.needs_teacher and not (config.teacher.checkpoint or config.teacher.run_dir):
                     errors.append(f"{path}: {where}.distill_from: the kl/token losses need a teacher "
                                   f"(distill_from: STAGE, or teacher.checkpoint, or losses.kl=0 losses.token=0), "
                                   f"got none for run {name!r}")
                 plans.append(RunPlan(stage_name, name, row, config.model.variant, config, slurm))
-    errors += _check_references(spec, plans, path, order)
+    errors += _check_references(spec, plans, path, order, invalid)
     names = [(p.stage, p.name) for p in plans]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         errors.append(f"{path}: stages.{dup[0]}.runs: two runs are both named {dup[1]!r}")
@@ -361,12 +518,13 @@ def _single_run_dir(spec: Spec, scale: str, stage_name: str, output_root: str) -
     return stage_dir(spec, scale, stage_name, output_root) / name
 
 
-def _check_references(spec: Spec, plans: list[RunPlan], path: str, order: list[str]) -> list[str]:
+def _check_references(spec: Spec, plans: list[RunPlan], path: str, order: list[str],
+                      invalid: set[str] = frozenset()) -> list[str]:
     errors = []
     for name in order:
         stage = spec.stages[name]
         for field, ref in (("init_from", stage.init_from), ("distill_from", stage.distill_from)):
-            if ref in spec.stages:
+            if ref in spec.stages and ref not in invalid:
                 count = sum(1 for p in plans if p.stage == ref)
                 if count != 1:
                     errors.append(f"{path}: stages.{name}.{field}: stage {ref!r} must have exactly one run, got {count}")
@@ -401,7 +559,7 @@ def differing_values(plans: list[RunPlan]) -> list[str]:
     return [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
 
 
-def load_and_expand(path: str, overrides: list[str] = (), scale: Optional[str] = None,
-                    output_root: str = "runs") -> Expanded:
-    return expand(load_spec(path, overrides), path, scale, output_root)
+def load_and_expand(path: str, overrides: Sequence[str] = (), scale: Optional[str] = None,
+                    output_root: str = "runs", check_files: bool = True) -> Expanded:
+    return expand(load_spec(path, overrides), path, scale, output_root, check_files)
 

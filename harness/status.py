@@ -1,7 +1,9 @@
 """Where a spec's runs stand: `python -m harness.status experiments/table3.yaml [--scale tiny]`.
 
 One row per run of the spec: state in MLflow (or 'not launched'), epochs done, best val/acc1,
-job id and MLflow run id. Reads MLflow only; submits nothing.
+job id and MLflow run id. Reads MLflow only; submits nothing, creates nothing: a tracking store
+that does not exist (a mistyped `--tracking-uri`) or does not answer is said in one line.
+Exit codes: 0 shown, 1 the tracking server did not answer, 2 invalid spec or arguments.
 """
 from __future__ import annotations
 
@@ -10,30 +12,34 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from harness.config import ConfigError, TrackingConfig
+from harness.errors import handle
 from harness.spec import load_and_expand
+from harness.store import bound_requests, check_store, resolve_uri
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.status", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("spec")
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--scale")
+    parser.add_argument("spec", help="experiment spec YAML, e.g. experiments/table3.yaml")
+    parser.add_argument("overrides", nargs="*", help="the launch's overrides (they change the run keys)")
+    parser.add_argument("--scale", help="which of the spec's scales (default: the spec's default_scale)")
     parser.add_argument("--output-root", default="runs")
-    parser.add_argument("--tracking-uri")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     args = parser.parse_intermixed_args(argv)
-    try:
-        expanded = load_and_expand(args.spec, args.overrides, args.scale, str(Path(args.output_root).resolve()))
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        return 2
+    return handle("harness.status", lambda: show(args))
+
+
+def show(args: argparse.Namespace) -> int:
+    expanded = load_and_expand(args.spec, args.overrides, args.scale, str(Path(args.output_root).resolve()),
+                               check_files=False)  # reads MLflow only: the runs' input files do not matter
+    uri, source = resolve_uri(args.tracking_uri)
+    check_store(uri, source, must_exist=True, write=False)
+    bound_requests()
 
     from mlflow import MlflowClient
 
-    from harness.tracking import find_runs, resolve_tracking_uri
+    from harness.tracking import find_runs
 
-    uri = resolve_tracking_uri(TrackingConfig(uri=args.tracking_uri))
     client = MlflowClient(uri)
     runs = find_runs(uri, expanded.spec.name, f"tags.kind = 'train' and tags.scale = '{expanded.scale}'")
     latest: dict[str, object] = {}

@@ -42,12 +42,9 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
 
     Absolute, so that jobs started from another working directory write to the same store.
     """
-    if cfg.uri:
-        return cfg.uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    from harness.store import resolve_uri
+
+    return resolve_uri(cfg.uri)[0]
 
 
 def code_version() -> str:

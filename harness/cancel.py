@@ -1,0 +1,112 @@
+"""Cancel a spec's queued and running work: `python -m harness.cancel experiments/table3.yaml [--scale tiny]`.
+
+Stops, for the spec's MLflow experiment at one scale: the launches still running on this
+machine (so that they submit nothing more), every SLURM job of a queued or running run
+(`scancel`: SLURM marks it CANCELLED, and the job does not requeue itself), every local job
+process (TERM: the engine writes a checkpoint and stops); then marks those runs KILLED (tag
+`cancelled`). A later launch resumes them from their checkpoints. Runs that already ended are
+left alone; nothing is deleted.
+Exit codes: 0 done (also when nothing was in flight), 1 the tracking server did not answer or
+`scancel` failed, 2 invalid spec or arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from harness.errors import EnvironmentProblem, handle
+from harness.spec import load_spec
+from harness.store import bound_requests, check_store, resolve_uri
+
+IN_FLIGHT = "attributes.status = 'SCHEDULED' or attributes.status = 'RUNNING'"
+
+
+def _signal_local(pid_text: str, host: Optional[str] = None) -> bool:
+    """TERM a process of this machine (a local job or a launcher); False if it is not here."""
+    pid = pid_text.split("_")[0]
+    if not pid.isdigit() or (host is not None and host != socket.gethostname()) or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def cancel(experiment: str, scale: str, uri: str) -> list[str]:
+    """Stop the experiment's launches and jobs at `scale`, mark the runs KILLED; one line per run."""
+    from mlflow import MlflowClient
+
+    from harness.tracking import find_runs
+
+    client = MlflowClient(uri)
+    where = f"tags.scale = '{scale}'"
+    runs = [r for r in find_runs(uri, experiment, f"tags.kind = 'train' and {where}") if r.info.status in
+            ("SCHEDULED", "RUNNING")]
+    launches = [r for r in find_runs(uri, experiment, f"tags.kind = 'launch' and {where}") if r.info.status == "RUNNING"]
+    for launch in launches:  # first, so that no launch submits the next run or stage meanwhile
+        _signal_local(launch.data.tags.get("launcher_pid", ""), launch.data.tags.get("launcher_host"))
+    slurm_ids = sorted({r.data.tags["slurm_job_id"] for r in runs if r.data.tags.get("slurm_job_id")})
+    if slurm_ids:
+        if not shutil.which("scancel"):
+            raise EnvironmentProblem(f"scancel: not found, got SLURM jobs {', '.join(slurm_ids)} to cancel")
+        done = subprocess.run(["scancel", *slurm_ids], capture_output=True, text=True, timeout=60)
+        if done.returncode != 0 and "invalid job id" not in done.stderr.lower():
+            raise EnvironmentProblem(f"scancel: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}, "
+                                     f"got jobs {', '.join(slurm_ids)}")
+    lines = []
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("slurm_job_id"):
+            how = f"SLURM job {tags['slurm_job_id']} cancelled"
+        elif tags.get("job_id"):
+            how = f"local job {tags['job_id']} " + ("stopped" if _signal_local(tags["job_id"]) else "not running")
+        else:
+            how = "never submitted"
+        client.set_tag(run.info.run_id, "cancelled", stamp)
+        client.set_terminated(run.info.run_id, "KILLED")
+        lines.append(f"{tags.get('stage', '?')}/{run.info.run_name or run.info.run_id}: {how}; MLflow run "
+                     f"{run.info.run_id} KILLED")
+    for launch in launches:
+        client.set_terminated(launch.info.run_id, "KILLED")
+    return lines
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.cancel", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("spec", help="experiment spec YAML, e.g. experiments/table3.yaml")
+    parser.add_argument("--scale", help="which of the spec's scales (default: the spec's default_scale)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    args = parser.parse_args(argv)
+    return handle("harness.cancel", lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    from harness.config import ConfigError
+
+    spec = load_spec(args.spec)
+    scale = args.scale or spec.default_scale
+    if scale not in spec.scales:
+        raise ConfigError([f"{args.spec}: scale: unknown scale, expected one of {', '.join(spec.scales)}, got {scale!r}"])
+    uri, source = resolve_uri(args.tracking_uri)
+    check_store(uri, source, must_exist=True, write=True)
+    bound_requests()
+    lines = cancel(spec.name, scale, uri)
+    for line in lines:
+        print(line)
+    print(f"{spec.name} ({scale}): {len(lines)} run(s) cancelled", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

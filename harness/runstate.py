@@ -1,0 +1,232 @@
+"""A run folder belongs to exactly one run: one run key and one MLflow run id.
+
+`run.json` in the folder records both (written by the launcher when it hands the folder to a
+run, and by the engine when a run starts); `result.json` and `checkpoint.pth` carry them too.
+Every use checks them against the config at hand: a folder written by another configuration
+(an override changed, a variant renamed onto another's folder) or for another MLflow run is
+refused with a message naming the folder and both keys, or, by the launcher, moved aside so
+that the new run starts clean. Nothing is ever resumed, returned or logged across runs.
+
+Plain standard library and the config: the launcher checks folders without importing torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from harness.config import ConfigError, RunConfig
+
+BINDING = "run.json"
+RESULT = "result.json"  # the engine's final metrics (harness.engine.RESULT)
+CHECKPOINT = "checkpoint.pth"  # the engine's resume point (harness.checkpointing.CHECKPOINT)
+STATE_FILES = (CHECKPOINT, RESULT, "model.pth")
+
+
+class StaleRunFolder(ConfigError):
+    """A run folder holds another run's state (one line: the folder, both keys, what to do)."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__([line])
+
+
+@dataclass(frozen=True)
+class Binding:
+    run_key: str
+    mlflow_run_id: Optional[str]
+
+
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise StaleRunFolder(f"{path}: unreadable ({type(err).__name__}: {str(err)[:200]}); move the run "
+                             f"folder away to start the run over") from None
+    return data if isinstance(data, dict) else None
+
+
+def read_binding(folder: Path) -> Optional[Binding]:
+    """Which run the folder belongs to (`run.json`, else `result.json`), or None if it says nothing."""
+    for name in (BINDING, RESULT):
+        data = _read_json(folder / name)
+        if data and data.get("run_key"):
+            return Binding(str(data["run_key"]), data.get("mlflow_run_id"))
+    return None
+
+
+def holds_state(folder: Path) -> bool:
+    """Whether a run has written anything to resume or reuse in `folder`."""
+    return any((folder / name).exists() for name in STATE_FILES)
+
+
+def bind(folder: Path, run_key: str, mlflow_run_id: Optional[str]) -> None:
+    """Record (atomically) that `folder` belongs to this run key and MLflow run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{BINDING}.", dir=folder)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"run_key": run_key, "mlflow_run_id": mlflow_run_id}, handle)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, folder / BINDING)
+
+
+def mismatch(folder: Path, run_key: str, mlflow_run_id: Optional[str] = None) -> Optional[str]:
+    """Why `folder` is not this run's (one line), or None when it is, or says nothing."""
+    bound = read_binding(folder)
+    if bound is None:
+        return None
+    if bound.run_key != run_key:
+        return (f"{folder}: holds the state of run key {bound.run_key}, this configuration's run key is {run_key} "
+                f"(the configuration changed since the folder was written); move the folder away or choose "
+                f"another output_dir, got run key {run_key}")
+    if mlflow_run_id and bound.mlflow_run_id and bound.mlflow_run_id != mlflow_run_id:
+        return (f"{folder}: belongs to MLflow run {bound.mlflow_run_id} (run key {run_key}), this job logs to "
+                f"MLflow run {mlflow_run_id}; move the folder away to start over, got run id {mlflow_run_id}")
+    return None
+
+
+def check_folder(cfg: RunConfig) -> None:
+    """Refuse a folder that holds another run's state (StaleRunFolder)."""
+    problem = mismatch(Path(cfg.output_dir), cfg.run_key(), cfg.tracking.run_id)
+    if problem:
+        raise StaleRunFolder(problem)
+
+
+def check_checkpoint(path: Path, state: dict[str, Any], cfg: RunConfig) -> None:
+    """The checkpoint must be this run's: same run key, same MLflow run when the job names one."""
+    key = state.get("run_key")
+    if key != cfg.run_key():
+        raise StaleRunFolder(f"{path}: written by run key {key}, this configuration's run key is {cfg.run_key()}; "
+                             f"move the folder away or choose another output_dir, got run key {cfg.run_key()}")
+    run_id = cfg.tracking.run_id
+    if run_id and state.get("mlflow_run_id") and state["mlflow_run_id"] != run_id:
+        raise StaleRunFolder(f"{path}: belongs to MLflow run {state['mlflow_run_id']}, this job logs to MLflow run "
+                             f"{run_id}; move the folder away to start over, got run id {run_id}")
+
+
+def load_checkpoint(path: Path, cfg: RunConfig) -> Optional[dict[str, Any]]:
+    """The run's checkpoint (checked against `cfg`), None if there is none; one line if it is unreadable."""
+    from harness import checkpointing
+
+    if path.exists() and not path.is_file():
+        raise StaleRunFolder(f"{path}: not a file, got a {'folder' if path.is_dir() else 'special file'}")
+    try:
+        state = checkpointing.load(path)
+    except Exception as err:  # empty, truncated, not a checkpoint: torch raises many kinds
+        message = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise StaleRunFolder(f"{path}: cannot be loaded ({type(err).__name__}: {message}); it is corrupt or "
+                             f"truncated: move it away to start the run over, got a {path.stat().st_size}-byte "
+                             f"file") from None
+    if state is not None:
+        if not isinstance(state, dict):
+            raise StaleRunFolder(f"{path}: not a training checkpoint, got a {type(state).__name__}")
+        check_checkpoint(path, state, cfg)
+    return state
+
+
+def finished_metrics(cfg: RunConfig) -> Optional[dict[str, float]]:
+    """A finished run's metrics from its `result.json` (after checking the folder is this run's)."""
+    check_folder(cfg)
+    data = _read_json(Path(cfg.output_dir) / RESULT)
+    if data is None:
+        return None
+    if not isinstance(data.get("metrics"), dict):
+        raise StaleRunFolder(f"{Path(cfg.output_dir) / RESULT}: no metrics in it; move the folder away "
+                             f"to start the run over")
+    return data["metrics"]
+
+
+def move_aside(folder: Path, root: Optional[Path] = None) -> Path:
+    """Rename `folder` to `<name>.before-<time>` beside it (nothing is deleted); the new path.
+
+    `root`: the folder must lie inside it (a run name is never a path out of the output root).
+    """
+    if root is not None and not folder.resolve().is_relative_to(root.resolve()):
+        raise ConfigError([f"{folder}: outside the output root {root}, not moved"])
+    target = folder.with_name(f"{folder.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+    index = 1
+    while target.exists():
+        target = folder.with_name(f"{folder.name}.before-{time.strftime('%Y%m%d-%H%M%S')}-{index}")
+        index += 1
+    folder.rename(target)
+    return target
+
+
+def claim(folder: Path, run_key: str, mlflow_run_id: str, root: Optional[Path] = None,
+          resume: bool = True) -> Optional[Path]:
+    """Hand `folder` to a run: state of any other run (or any state when not `resume`) is moved
+    aside first. Returns where the old state went, or None."""
+    moved = None
+    if folder.exists() and holds_state(folder):
+        bound = read_binding(folder)
+        ours = bound is not None and bound.run_key == run_key and bound.mlflow_run_id in (None, mlflow_run_id)
+        if not (resume and ours):
+            moved = move_aside(folder, root)
+    bind(folder, run_key, mlflow_run_id)
+    return moved
+
+
+def folder_is_resumable(folder: Path, run_key: str, mlflow_run_id: str) -> bool:
+    """Whether `folder` holds this MLflow run's own state (or nothing at all)."""
+    if not folder.exists() or not holds_state(folder):
+        return True
+    bound = read_binding(folder)
+    return bound is not None and bound.run_key == run_key and bound.mlflow_run_id in (None, mlflow_run_id)
+
+
+# ------------------------------------------------------------------ the MLflow side of a job
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:4000]
+
+
+@contextmanager
+def failure_marks_run(cfg: RunConfig) -> Iterator[None]:
+    """A job that fails before its training started marks its MLflow run FAILED with the reason.
+
+    The launcher creates each run SCHEDULED; only the engine's tracker sets it RUNNING. A run that
+    is still SCHEDULED when the job dies of an exception (a bad pretrained file, a corrupt
+    checkpoint, another run's folder) would otherwise wait forever. Preemption is not a failure.
+    """
+    try:
+        yield
+    except BaseException as err:
+        if cfg.tracking.run_id and type(err).__name__ not in ("Preempted", "Pruned"):
+            mark_if_scheduled(cfg, "FAILED", _one_line(err))
+        raise
+
+
+def mark_if_scheduled(cfg: RunConfig, status: str, reason: str) -> None:
+    """Terminate the job's MLflow run if nothing started it yet; a store that fails is left alone."""
+    try:
+        from mlflow import MlflowClient
+
+        from harness.tracking import resolve_tracking_uri
+
+        client = MlflowClient(resolve_tracking_uri(cfg.tracking))
+        if client.get_run(cfg.tracking.run_id).info.status == "SCHEDULED":
+            client.set_tag(cfg.tracking.run_id, "error", reason)
+            client.set_terminated(cfg.tracking.run_id, status)
+    except Exception as err:  # the original error matters more; say why the run was not marked
+        import sys
+
+        print(f"could not mark MLflow run {cfg.tracking.run_id} {status}: {_one_line(err)}", file=sys.stderr)
+
+
+def mark_finished_if_open(cfg: RunConfig) -> None:
+    """A finished run (result.json) whose MLflow run a relaunch reopened is FINISHED again."""
+    if not cfg.tracking.run_id:
+        return
+    from mlflow import MlflowClient
+
+    from harness.tracking import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking))
+    if client.get_run(cfg.tracking.run_id).info.status != "FINISHED":
+        client.set_terminated(cfg.tracking.run_id, "FINISHED")
