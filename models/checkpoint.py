@@ -8,13 +8,10 @@ cannot be trusted, the error is one line naming the URL, the file and what to do
 
 Official files keep the weights under "model"; DeiT's published files use the same backbone
 keys, so a DeiT checkpoint loads into a DynamicViT with only the predictor keys missing.
-
-    python -m models.checkpoint URL_OR_FILE ...          # download + verify now (e.g. on a login node)
-    python -m models.checkpoint --spec experiments/zoo.yaml --scale paper
+`python -m harness.fetch` downloads and verifies ahead of the jobs (e.g. on a login node).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import json
@@ -25,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -124,7 +121,7 @@ def _unreachable(url: str, target: Path, err: BaseException) -> CheckpointError:
         why = f"{type(reason).__name__}: {reason}; this machine may be offline"
     return CheckpointError(
         f"checkpoint: could not download {url} ({why}): download it on a machine that is online and "
-        f"place it at {target} (or run `python -m models.checkpoint {url}` there with the same "
+        f"place it at {target} (or run `python -m harness.fetch {url}` there with the same "
         f"DVIT_CACHE), or pass the local file's path instead of the URL"
     )
 
@@ -256,54 +253,3 @@ def load_weights(model: nn.Module, source: str) -> list[str]:
         )
     return list(result.missing_keys)
 
-
-# --------------------------------------------------------------------------------- command line
-def spec_sources(spec_path: str, scale: Optional[str], overrides: Sequence[str] = ()) -> list[str]:
-    """Every checkpoint URL the runs of a spec at `scale` load (model, teacher, init), in order."""
-    from harness.spec import load_and_expand
-
-    sources: list[str] = []
-    for plan in load_and_expand(spec_path, list(overrides), scale).runs:
-        for value in (plan.config.model.pretrained, plan.config.teacher.checkpoint, plan.config.train.init_from):
-            if value and is_url(value) and value not in sources:
-                sources.append(value)
-    return sources
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m models.checkpoint", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Download checkpoints into the cache (once) and verify their recorded sha256; "
-                    "prints `sha256  path  source` per checkpoint. Exit 1 if one fails, 2 on a bad spec.",
-    )
-    parser.add_argument("sources", nargs="*", help="checkpoint URLs (URL#sha256=HEX pins a hash) or files")
-    parser.add_argument("--spec", help="also every checkpoint URL of this experiment spec's runs")
-    parser.add_argument("--scale", help="the spec's scale (default: its default_scale)")
-    args = parser.parse_args(argv)
-    sources = list(args.sources)
-    if args.spec:
-        from harness.config import ConfigError
-
-        try:
-            sources += [s for s in spec_sources(args.spec, args.scale) if s not in sources]
-        except ConfigError as err:
-            print(err, file=sys.stderr)
-            return 2
-    if not sources:
-        parser.error("give checkpoint URLs or files, or --spec SPEC")
-    failed = 0
-    for source in sources:
-        try:
-            path = fetch(source)
-        except (CheckpointError, FileNotFoundError) as err:
-            print(err, file=sys.stderr)
-            failed += 1
-            continue
-        record = read_record(path) if is_url(source) else None  # fetch just verified it
-        print(f"{record['sha256'] if record else sha256_of(path)}  {path}  {source}")
-    print(f"checkpoints in {cache_dir()}: {len(sources) - failed} ok, {failed} failed", file=sys.stderr)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Fetch checkpoints ahead of the jobs: download into the cache once and verify their sha256.
+
+    python -m harness.fetch URL_OR_FILE ...                       # URL#sha256=HEX pins a hash
+    python -m harness.fetch --spec experiments/zoo.yaml --scale paper [--set KEY=VALUE ...]
+
+For clusters whose compute nodes are offline: run it on a machine that is online and shares the
+cache (`$DVIT_CACHE`, default ~/.cache/dvit-harness); the jobs then find every file cached and
+verify it against the hash recorded here. Prints `sha256  path  source` per checkpoint.
+Exit codes: 0 all fetched, 1 one failed (one line each on stderr), 2 invalid spec.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from models.checkpoint import CheckpointError, cache_dir, fetch, is_url, read_record, sha256_of
+
+
+def spec_sources(spec_path: str, scale: Optional[str], overrides: Sequence[str] = ()) -> list[str]:
+    """Every checkpoint URL the runs of a spec at `scale` load (model, teacher, init), in order."""
+    from harness.spec import load_and_expand
+
+    sources: list[str] = []
+    for plan in load_and_expand(spec_path, list(overrides), scale).runs:
+        for value in (plan.config.model.pretrained, plan.config.teacher.checkpoint, plan.config.train.init_from):
+            if value and is_url(value) and value not in sources:
+                sources.append(value)
+    return sources
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.fetch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sources", nargs="*", help="checkpoint URLs (URL#sha256=HEX pins a hash) or files")
+    parser.add_argument("--spec", help="also every checkpoint URL of this experiment spec's runs")
+    parser.add_argument("--scale", help="the spec's scale (default: its default_scale)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a dotted spec override, as for the launcher (scales.paper.data.root=/data/imagenet)")
+    args = parser.parse_args(argv)
+    sources = list(args.sources)
+    if args.spec:
+        from harness.config import ConfigError
+
+        try:
+            sources += [s for s in spec_sources(args.spec, args.scale, args.set) if s not in sources]
+        except ConfigError as err:
+            print(err, file=sys.stderr)
+            return 2
+    if not sources:
+        parser.error("give checkpoint URLs or files, or --spec SPEC")
+    failed = 0
+    for source in sources:
+        try:
+            path = fetch(source)
+        except (CheckpointError, FileNotFoundError) as err:
+            print(err, file=sys.stderr)
+            failed += 1
+            continue
+        record = read_record(path) if is_url(source) else None  # fetch just verified it
+        print(f"{record['sha256'] if record else sha256_of(path)}  {path}  {source}")
+    print(f"checkpoints in {cache_dir()}: {len(sources) - failed} ok, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
