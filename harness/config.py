@@ -256,8 +256,19 @@ class RunConfig(Section):
         return self.model.variant != "dense" and (self.losses.kl.active or self.losses.token.active)
 
     def run_key(self) -> str:
-        """A stable hash of what determines the result (not where it is written or logged)."""
+        """A stable hash of what determines the result (not where it is written or logged).
+
+        Another run's folder named by the spec (tags `teacher_run_key`, `init_from_run_key`) counts
+        by that run's key and its path relative to this run's folder, not by its absolute path: a
+        moved checkout keeps every key, a retrained teacher changes its students' keys.
+        """
+        import os
+
         payload = self.model_dump(exclude={"tracking": True, "output_dir": True})
+        for section, field, tag in (("teacher", "run_dir", "teacher_run_key"), ("train", "init_from", "init_from_run_key")):
+            if payload[section][field] is not None and self.tracking.tags.get(tag):
+                relative = os.path.relpath(payload[section][field], self.output_dir)
+                payload[section][field] = f"run {self.tracking.tags[tag]} at {relative}"
         blob = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -378,6 +389,8 @@ def _read_text(path: str) -> str:
     try:
         if os.path.isdir(path):
             raise ConfigError([f"{path}: is a folder, not a YAML file"])
+        if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or device would block or never end
+            raise ConfigError([f"{path}: not a regular file"])
         size = os.path.getsize(path)
         if size > MAX_SPEC_BYTES:
             raise ConfigError([f"{path}: too large for a YAML spec or config ({size} bytes), "

@@ -38,7 +38,10 @@ def weights_problem(value: str) -> str | None:
             return f"a folder without {' or '.join(RUN_FOLDER_FILES)} (not a finished run), got {show(value)}"
         return None
     if not path.exists():
-        return f"no such file, got {show(value)}"
+        where = "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"
+        return f"no such file{where}, got {show(value)}"
+    if not path.is_file():
+        return f"not a regular file, got {show(value)}"
     try:
         with path.open("rb") as handle:
             head = handle.read(8)

@@ -229,6 +229,13 @@ def _split_overrides(path: str, overrides: Sequence[str]) -> tuple[list[str], li
     return [text for text, _, _ in edits], edits, texts
 
 
+def _spec_field_line(path: str, line: str) -> str:
+    """`path: stages.x.config.runs.variants.0.name: ...` -> `path: stages.x.runs.variants[0].name: ...`."""
+    field, sep, problem = line[len(path) + 2:].partition(": ")
+    field = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", field.replace(".config.", "."))
+    return f"{path}: {field}{sep}{problem}"
+
+
 def load_spec(path: str, overrides: Sequence[str] = ()) -> Spec:
     """Read and validate the spec's structure (not yet its runs). Raises SpecError.
 
@@ -244,7 +251,7 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> Spec:
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as err:
-        lines = [line.replace(".config.", ".") for line in format_validation_error(err, path, Spec)]
+        lines = [_spec_field_line(path, line) for line in format_validation_error(err, path, Spec)]
         raise SpecError(lines) from None
     cli: dict[str, Any] = {}
     for text in cli_texts.values():
@@ -409,6 +416,7 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
     plans: list[RunPlan] = []
     reported: set[str] = set()  # command-line overrides already refused
     invalid: set[str] = set()  # stages with a run refused above (their references are not counted)
+    stage_keys: dict[str, str] = {}  # stage -> the run key of its (single) run, for stages that refer to it
     for stage_name in order:
         stage = spec.stages[stage_name]
         where = f"stages.{stage_name}"
@@ -446,7 +454,7 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
                 for _, layer in layers:
                     merged = _merge(merged, layer)
                 row = variant.row or stage.row or variant.name
-                derived = _derived(spec, scale, stage_name, stage, name, row, output_root, merged)
+                derived = _derived(spec, scale, stage_name, stage, name, row, output_root, merged, stage_keys)
                 merged = _merge(merged, derived)
                 shadowed = _shadowed(spec, path, layers, derived, merged, f"{stage_name}/{name}", reported)
                 if shadowed:
@@ -469,6 +477,7 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
                                   f"(distill_from: STAGE, or teacher.checkpoint, or losses.kl=0 losses.token=0), "
                                   f"got none for run {name!r}")
                 plans.append(RunPlan(stage_name, name, row, config.model.variant, config, slurm))
+                stage_keys[stage_name] = config.run_key()
     errors += _check_references(spec, plans, path, order, invalid)
     names = [(p.stage, p.name) for p in plans]
     for dup in sorted({n for n in names if names.count(n) > 1}):
@@ -494,8 +503,14 @@ def stage_dir(spec: Spec, scale: str, stage: str, output_root: str) -> Path:
 
 
 def _derived(spec: Spec, scale: str, stage_name: str, stage: Stage, name: str, row: str,
-             output_root: str, merged: dict[str, Any]) -> dict[str, Any]:
-    """What the spec fixes for every run: where it writes, how it is tagged, its stage inputs."""
+             output_root: str, merged: dict[str, Any], stage_keys: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """What the spec fixes for every run: where it writes, how it is tagged, its stage inputs.
+
+    A stage input is the other stage's run folder; its run key goes into the tags
+    (`init_from_run_key`, `teacher_run_key`), which the run key counts instead of the folder's
+    absolute path (RunConfig.run_key).
+    """
+    stage_keys = stage_keys or {}
     derived: dict[str, Any] = {
         "output_dir": str(stage_dir(spec, scale, stage_name, output_root) / name),
         "tracking": {
@@ -505,10 +520,12 @@ def _derived(spec: Spec, scale: str, stage_name: str, stage: Stage, name: str, r
                      "row": row, "scale": scale, "stage": stage_name, "kind": "train"},
         },
     }
-    if stage.init_from in spec.stages:
-        set_dotted(derived, "train.init_from", str(_single_run_dir(spec, scale, stage.init_from, output_root)))
-    if stage.distill_from in spec.stages:
-        set_dotted(derived, "teacher.run_dir", str(_single_run_dir(spec, scale, stage.distill_from, output_root)))
+    for ref, field, tag in ((stage.init_from, "train.init_from", "init_from_run_key"),
+                            (stage.distill_from, "teacher.run_dir", "teacher_run_key")):
+        if ref in spec.stages:
+            set_dotted(derived, field, str(_single_run_dir(spec, scale, ref, output_root)))
+            if ref in stage_keys:
+                derived["tracking"]["tags"][tag] = stage_keys[ref]
     return derived
 
 

@@ -1,0 +1,583 @@
+"""Reliability (issue 16): bad input is one line and nothing written, no command hangs, a run's
+folder, key and MLflow record are never mixed up, stuck runs are resubmitted.
+
+Everything goes through the real commands as subprocesses (`python -m harness.launch`, `.status`,
+`.train`, `.cancel`, `analysis.report`), against real SQLite stores, a real closed port and a real
+socket that never answers; the SLURM tests (marked `slurm`) use the real local cluster.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import pytest
+import yaml
+
+from tests.servers import free_port
+from tests.test_launch import MINI, needs_slurm, sacct, train_runs
+
+REPO = Path(__file__).resolve().parents[1]
+CASE_TIMEOUT_S = 8  # per bad-input case; each takes well under a second here
+NOTEBOOKS = ["analysis/table3.ipynb"]  # a notebook that exists (the report checks notebooks first)
+
+
+def cli(module: str, *args: str, cwd: Path, env: Optional[dict[str, str]] = None,
+        timeout: float = 60) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    full_env["PYTHONPATH"] = str(REPO)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def spec_dict(**changes: Any) -> dict[str, Any]:
+    """MINI with a scale layer that sets train.epochs (so a base override of it is shadowed)."""
+    spec = json.loads(json.dumps(MINI))
+    spec["scales"]["tiny"]["train"] = {"epochs": 1}
+    for dotted, value in changes.items():
+        node = spec
+        *parents, leaf = dotted.split("/")
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        node[leaf] = value
+    return spec
+
+
+def write(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under root with its size and modification time."""
+    out = {}
+    for path in root.rglob("*"):
+        with contextlib.suppress(OSError):
+            st = path.lstat()
+            out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+# ---------------------------------------------------------------------------- the bad-input table
+@dataclass
+class Ctx:
+    tmp: Path
+    readonly: Path  # a folder nobody may write (a read-only mount when running as root)
+
+    @property
+    def db(self) -> str:
+        return f"sqlite:///{self.tmp}/mlflow.db"
+
+    def spec(self, **changes: Any) -> str:
+        return str(write(self.tmp / "spec.yaml", spec_dict(**changes)))
+
+    def launch(self, spec: str, *extra: str) -> list[str]:
+        return ["harness.launch", spec, "--executor", "local", "--output-root", str(self.tmp / "runs"),
+                "--tracking-uri", self.db, *extra]
+
+    def train_cfg(self, **changes: Any) -> str:
+        cfg: dict[str, Any] = {"model": {"name": "dynamicvit_micro_patch4_32", "variant": "dense"},
+                               "data": {"name": "synthetic"}, "train": {"epochs": 1},
+                               "output_dir": str(self.tmp / "run"), "tracking": {"uri": self.db}}
+        for dotted, value in changes.items():
+            node = cfg
+            *parents, leaf = dotted.split("/")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return str(write(self.tmp / "run.yaml", cfg))
+
+
+# (argv, exit code, the line's start, a fragment naming the field)
+Built = tuple[list[str], int, str, str]
+
+
+def _bomb() -> str:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    return "\n".join(lines) + "\nname: bomb\nbase: {train: {epochs: *a8}}\n"
+
+
+def _truncated_zip(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02}q\x00." * 200)
+    path.write_bytes(path.read_bytes()[:300])
+    return path
+
+
+def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
+    cases: list[tuple[str, Callable[[Ctx], Built]]] = []
+
+    def case(name: str) -> Callable[[Callable[[Ctx], Built]], Callable[[Ctx], Built]]:
+        def register(fn: Callable[[Ctx], Built]) -> Callable[[Ctx], Built]:
+            cases.append((name, fn))
+            return fn
+        return register
+
+    # -- the spec file itself (item 8)
+    @case("spec-missing")
+    def _(c: Ctx) -> Built:
+        return c.launch(str(c.tmp / "nope.yaml")), 2, str(c.tmp / "nope.yaml"), "no such file"
+
+    @case("spec-is-a-folder")
+    def _(c: Ctx) -> Built:
+        (c.tmp / "specdir").mkdir()
+        return c.launch(str(c.tmp / "specdir")), 2, str(c.tmp / "specdir"), "is a folder"
+
+    @case("spec-binary")
+    def _(c: Ctx) -> Built:
+        p = write(c.tmp / "bin.yaml", b"name: x\n\x00\x01\x02\x03")
+        return c.launch(str(p)), 2, str(p), "NUL byte"
+
+    @case("spec-not-utf8")
+    def _(c: Ctx) -> Built:
+        p = write(c.tmp / "latin.yaml", "name: caf\u00e9\n".encode("latin-1"))
+        return c.launch(str(p)), 2, str(p), "not UTF-8"
+
+    @case("spec-a-fifo")
+    def _(c: Ctx) -> Built:
+        os.mkfifo(c.tmp / "fifo.yaml")
+        return c.launch(str(c.tmp / "fifo.yaml")), 2, str(c.tmp / "fifo.yaml"), "not a regular file"
+
+    @case("spec-under-a-file")
+    def _(c: Ctx) -> Built:
+        write(c.tmp / "plain", "x")
+        return c.launch(str(c.tmp / "plain/spec.yaml")), 2, str(c.tmp / "plain/spec.yaml"), "cannot be read (Not a directory)"
+
+    @case("spec-too-large")
+    def _(c: Ctx) -> Built:
+        p = write(c.tmp / "big.yaml", "# " + "x" * (5 << 20) + "\nname: big\n")
+        return c.launch(str(p)), 2, str(p), "too large"
+
+    @case("spec-yaml-syntax")
+    def _(c: Ctx) -> Built:
+        p = write(c.tmp / "syntax.yaml", "name: x\nbase:\n  model: {name: a\n")
+        return c.launch(str(p)), 2, str(p), "YAML syntax error at line"
+
+    @case("spec-top-level-list")
+    def _(c: Ctx) -> Built:
+        p = write(c.tmp / "list.yaml", "- a\n- b\n")
+        return c.launch(str(p)), 2, str(p), "expected a mapping at the top level, got list"
+
+    @case("spec-alias-bomb")
+    def _(c: Ctx) -> Built:
+        p = write(c.tmp / "bomb.yaml", _bomb())
+        return c.launch(str(p)), 2, str(p), "alias bomb"
+
+    @case("spec-nested-too-deep")
+    def _(c: Ctx) -> Built:
+        p = write(c.tmp / "deep.yaml", "name: " + "[" * 5000 + "]" * 5000 + "\n")
+        return c.launch(str(p)), 2, str(p), "nested too deeply"
+
+    # -- names are names, never paths (item 2)
+    @case("variant-name-escapes-root")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(**{"stages/students/runs/variants/0/name": "../../../../victim"})), 2,
+                str(c.tmp / "spec.yaml"), "stages.students.runs.variants[0].name: must be")
+
+    @case("variant-name-dotdot")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(**{"stages/students/runs/variants/1/name": ".."})), 2,
+                str(c.tmp / "spec.yaml"), "variants[1].name: must be")
+
+    @case("variant-name-too-long")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(**{"stages/students/runs/variants/1/name": "v" * 101})), 2,
+                str(c.tmp / "spec.yaml"), "variants[1].name: must be 1-100")
+
+    @case("stage-name-is-a-path")
+    def _(c: Ctx) -> Built:
+        spec = spec_dict()
+        spec["stages"]["../up"] = {"row": "x"}
+        return c.launch(str(write(c.tmp / "spec.yaml", spec))), 2, str(c.tmp / "spec.yaml"), "stages: '../up'"
+
+    @case("scale-name-is-a-path")
+    def _(c: Ctx) -> Built:
+        spec = spec_dict()
+        spec["scales"]["a/b"] = {}
+        return c.launch(str(write(c.tmp / "spec.yaml", spec))), 2, str(c.tmp / "spec.yaml"), "scales: 'a/b'"
+
+    @case("spec-name-is-a-path")
+    def _(c: Ctx) -> Built:
+        return c.launch(c.spec(name="../etc")), 2, str(c.tmp / "spec.yaml"), "name: must be"
+
+    # -- command-line overrides take effect or are refused (item 6)
+    @case("override-shadowed-by-scale")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(), "base.train.epochs=3"), 2, str(c.tmp / "spec.yaml"),
+                "base.train.epochs: has no effect on run teacher/teacher: scales.tiny sets train.epochs")
+
+    @case("override-shadowed-and-invalid")
+    def _(c: Ctx) -> Built:
+        return c.launch(c.spec(), "base.train.epochs=abc"), 2, str(c.tmp / "spec.yaml"), "base.train.epochs:"
+
+    @case("override-run-key-invalid")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(), "train.epochs=abc"), 2, str(c.tmp / "spec.yaml"),
+                "train.epochs (command line): Input should be a valid integer")
+
+    @case("override-run-key-out-of-range")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(), "model.keep_ratio=2"), 2, str(c.tmp / "spec.yaml"),
+                "model.keep_ratio (command line): Input should be less than or equal to 1")
+
+    @case("override-batch-zero")
+    def _(c: Ctx) -> Built:
+        return c.launch(c.spec(), "train.batch_size=0"), 2, str(c.tmp / "spec.yaml"), "train.batch_size (command line)"
+
+    @case("override-unknown-head")
+    def _(c: Ctx) -> Built:
+        return c.launch(c.spec(), "trian.epochs=1"), 2, str(c.tmp / "spec.yaml"), "trian.epochs: unknown override key"
+
+    @case("override-search-in-experiment-spec")
+    def _(c: Ctx) -> Built:
+        return c.launch(c.spec(), "search.trials=8"), 2, str(c.tmp / "spec.yaml"), "search.trials: unknown override key"
+
+    @case("override-without-equals")
+    def _(c: Ctx) -> Built:
+        return c.launch(c.spec(), "train.epochs"), 2, "override 'train.epochs'", "expected key=value"
+
+    @case("override-empty-key-part")
+    def _(c: Ctx) -> Built:
+        return c.launch(c.spec(), "train..epochs=1"), 2, "override 'train..epochs=1'", "expected key=value"
+
+    @case("override-output-dir")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(), "output_dir=/tmp/elsewhere"), 2, str(c.tmp / "spec.yaml"),
+                "output_dir (command line): cannot be overridden")
+
+    @case("override-experiment-name")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(), "tracking.experiment=other"), 2, str(c.tmp / "spec.yaml"),
+                "tracking.experiment (command line): cannot be overridden")
+
+    @case("override-init-from-derived")
+    def _(c: Ctx) -> Built:
+        write(c.tmp / "other/model.pth", b"\x80\x02")  # fine for the teacher, whose init_from is not derived
+        return (c.launch(c.spec(), f"train.init_from={c.tmp / 'other'}"), 2, str(c.tmp / "spec.yaml"),
+                "train.init_from (command line): cannot be overridden")
+
+    @case("empty-grid-drops-a-stage")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(), "stages.students.runs.grid={train.seed: []}"), 2, str(c.tmp / "spec.yaml"),
+                "stages.students.runs.grid.train.seed: an empty list expands to no runs")
+
+    @case("unknown-scale")
+    def _(c: Ctx) -> Built:
+        return c.launch(c.spec(), "--scale", "huge"), 2, str(c.tmp / "spec.yaml"), "scale: unknown scale"
+
+    # -- files a spec names are checked before anything runs (item 7)
+    @case("pretrained-missing")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(**{"stages/teacher/model.pretrained": str(c.tmp / "none.pth")})), 2,
+                str(c.tmp / "spec.yaml"), "stages.teacher.model.pretrained: no such file")
+
+    @case("pretrained-relative-missing")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(**{"stages/teacher/model.pretrained": "ckpts/none.pth"})), 2,
+                str(c.tmp / "spec.yaml"), "relative to the current folder")
+
+    @case("pretrained-a-text-file")
+    def _(c: Ctx) -> Built:
+        p = write(c.tmp / "weights.pth", "<html>not found</html>\n")
+        return (c.launch(c.spec(**{"stages/teacher/model.pretrained": str(p)})), 2, str(c.tmp / "spec.yaml"),
+                "model.pretrained: a text file, not a torch checkpoint")
+
+    @case("pretrained-empty")
+    def _(c: Ctx) -> Built:
+        p = write(c.tmp / "empty.pth", b"")
+        return (c.launch(c.spec(**{"stages/teacher/model.pretrained": str(p)})), 2, str(c.tmp / "spec.yaml"),
+                "model.pretrained: an empty file")
+
+    @case("pretrained-truncated")
+    def _(c: Ctx) -> Built:
+        p = _truncated_zip(c.tmp / "cut.pth")
+        return (c.launch(c.spec(**{"stages/teacher/model.pretrained": str(p)})), 2, str(c.tmp / "spec.yaml"),
+                "model.pretrained: a truncated or damaged checkpoint")
+
+    @case("pretrained-a-folder-without-weights")
+    def _(c: Ctx) -> Built:
+        (c.tmp / "notarun").mkdir()
+        return (c.launch(c.spec(**{"stages/teacher/model.pretrained": str(c.tmp / "notarun")})), 2,
+                str(c.tmp / "spec.yaml"), "model.pretrained: a folder without model.pth")
+
+    @case("teacher-checkpoint-ftp")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(**{"base/teacher": {"checkpoint": "ftp://host/w.pth"}})), 2,
+                str(c.tmp / "spec.yaml"), "base.teacher.checkpoint: only http(s) URLs")
+
+    @case("init-from-missing")
+    def _(c: Ctx) -> Built:
+        spec = spec_dict()
+        del spec["stages"]["students"]["init_from"]
+        spec["stages"]["students"]["train"] = {"init_from": str(c.tmp / "gone")}
+        return (c.launch(str(write(c.tmp / "spec.yaml", spec))), 2, str(c.tmp / "spec.yaml"),
+                "stages.students.train.init_from: no such file")
+
+    @case("notebook-missing")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(notebooks=["analysis/nope.ipynb"])), 2, str(c.tmp / "spec.yaml"),
+                "notebooks[0]: no such notebook")
+
+    @case("table-unknown")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(notebooks=["analysis/table3.ipynb"], table="table99")), 2, str(c.tmp / "spec.yaml"),
+                "table: unknown table")
+
+    @case("imagenet-root-missing")
+    def _(c: Ctx) -> Built:
+        return c.launch(c.spec(), "--scale", "paper"), 2, str(c.tmp / "spec.yaml"), "scales.paper.data.root: no such folder"
+
+    @case("batch-1e23")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(), "train.batch_size=100000000000000000000000"), 2, str(c.tmp / "spec.yaml"),
+                "train.batch_size (command line): larger than any machine's memory allows")
+
+    @case("batch-1e23-as-yaml-float")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(), "train.batch_size=1e23"), 2, str(c.tmp / "spec.yaml"),
+                "train.batch_size (command line): Input should be a valid integer")
+
+    @case("canvas-1e5")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(), "data.canvas=100000"), 2, str(c.tmp / "spec.yaml"),
+                "data.canvas (command line): an image of 100000 x 100000 pixels is too large")
+
+    @case("img-size-1e5")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(**{"base/data/img_size": 100000})), 2, str(c.tmp / "spec.yaml"),
+                "base.data.img_size: an image of 100000 x 100000")
+
+    # -- the tracking store and the output root (items 3, 7, 8)
+    @case("launch-dead-server")
+    def _(c: Ctx) -> Built:
+        uri = f"http://127.0.0.1:{free_port()}"
+        return (["harness.launch", c.spec(), "--executor", "local", "--output-root", str(c.tmp / "runs"),
+                 "--tracking-uri", uri], 1, "--tracking-uri: cannot reach the MLflow tracking server", uri)
+
+    @case("launch-dead-server-from-env")
+    def _(c: Ctx) -> Built:
+        uri = f"http://127.0.0.1:{free_port()}"
+        argv = ["harness.launch", c.spec(), "--executor", "local", "--output-root", str(c.tmp / "runs")]
+        return argv + [f"--env=MLFLOW_TRACKING_URI={uri}"], 1, "$MLFLOW_TRACKING_URI: cannot reach", uri
+
+    @case("launch-store-not-sqlite")
+    def _(c: Ctx) -> Built:
+        write(c.tmp / "mlflow.db", "this is not a database\n")
+        return c.launch(c.spec()), 2, "--tracking-uri: not an SQLite database", "mlflow.db"
+
+    @case("launch-store-damaged")
+    def _(c: Ctx) -> Built:
+        write(c.tmp / "mlflow.db", b"SQLite format 3\x00" + b"\xff" * 200)
+        return c.launch(c.spec()), 2, "--tracking-uri:", "SQLite database"
+
+    @case("launch-store-folder-missing")
+    def _(c: Ctx) -> Built:
+        argv = c.launch(c.spec())
+        argv[argv.index("--tracking-uri") + 1] = f"sqlite:///{c.tmp}/no/such/dir/mlflow.db"
+        return argv, 2, "--tracking-uri: the folder of the SQLite file does not exist", "no/such/dir"
+
+    @case("launch-store-is-a-folder")
+    def _(c: Ctx) -> Built:
+        (c.tmp / "dbdir").mkdir()
+        argv = c.launch(c.spec())
+        argv[argv.index("--tracking-uri") + 1] = f"sqlite:///{c.tmp}/dbdir"
+        return argv, 2, "--tracking-uri: a folder, not an SQLite file", "dbdir"
+
+    @case("launch-store-read-only")
+    def _(c: Ctx) -> Built:
+        argv = c.launch(c.spec())
+        argv[argv.index("--tracking-uri") + 1] = f"sqlite:///{c.readonly}/mlflow.db"
+        return argv, 2, "--tracking-uri: cannot create the SQLite file (folder not writable)", str(c.readonly)
+
+    @case("launch-output-root-read-only")
+    def _(c: Ctx) -> Built:
+        argv = c.launch(c.spec())
+        argv[argv.index("--output-root") + 1] = str(c.readonly / "runs")
+        return argv, 2, "--output-root: cannot create the folder", str(c.readonly)
+
+    @case("launch-output-root-is-a-file")
+    def _(c: Ctx) -> Built:
+        write(c.tmp / "afile", "x")
+        argv = c.launch(c.spec())
+        argv[argv.index("--output-root") + 1] = str(c.tmp / "afile")
+        return argv, 2, "--output-root: cannot create the folder", "afile"
+
+    @case("status-mistyped-sqlite")
+    def _(c: Ctx) -> Built:
+        return (["harness.status", c.spec(), "--tracking-uri", f"sqlite:///{c.tmp}/mlfow.db"], 2,
+                "--tracking-uri: no such SQLite file", "mlfow.db")
+
+    @case("status-no-store-here")
+    def _(c: Ctx) -> Built:
+        return ["harness.status", c.spec()], 2, "tracking store (default ./mlflow.db): no such SQLite file", "mlflow.db"
+
+    @case("status-dead-server")
+    def _(c: Ctx) -> Built:
+        uri = f"http://127.0.0.1:{free_port()}"
+        return ["harness.status", c.spec(), "--tracking-uri", uri], 1, "--tracking-uri: cannot reach", uri
+
+    @case("status-bad-spec")
+    def _(c: Ctx) -> Built:
+        return ["harness.status", c.spec(), "--scale", "huge"], 2, str(c.tmp / "spec.yaml"), "scale: unknown scale"
+
+    @case("cancel-spec-missing")
+    def _(c: Ctx) -> Built:
+        return ["harness.cancel", str(c.tmp / "x.yaml")], 2, str(c.tmp / "x.yaml"), "no such file"
+
+    @case("cancel-unknown-scale")
+    def _(c: Ctx) -> Built:
+        return ["harness.cancel", c.spec(), "--scale", "huge"], 2, str(c.tmp / "spec.yaml"), "scale: unknown scale"
+
+    @case("cancel-no-store")
+    def _(c: Ctx) -> Built:
+        return ["harness.cancel", c.spec(), "--tracking-uri", c.db], 2, "--tracking-uri: no such SQLite file", "mlflow.db"
+
+    # -- analysis.report (item 7)
+    @case("report-unknown-scale")
+    def _(c: Ctx) -> Built:
+        return (["analysis.report", c.spec(notebooks=NOTEBOOKS), "--scale", "huge", "--tracking-uri", c.db], 2,
+                "--scale: not a scale of", "got 'huge'")
+
+    @case("report-notebook-missing")
+    def _(c: Ctx) -> Built:
+        return (["analysis.report", c.spec(notebooks=["analysis/nope.ipynb"]), "--tracking-uri", c.db], 2,
+                str(c.tmp / "spec.yaml"), "notebooks: no such notebook")
+
+    @case("report-no-store")
+    def _(c: Ctx) -> Built:
+        return (["analysis.report", c.spec(notebooks=NOTEBOOKS), "--tracking-uri", c.db], 2,
+                "--tracking-uri: no such SQLite file", "mlflow.db")
+
+    @case("report-dead-server")
+    def _(c: Ctx) -> Built:
+        uri = f"http://127.0.0.1:{free_port()}"
+        return ["analysis.report", c.spec(notebooks=NOTEBOOKS), "--tracking-uri", uri], 1, "--tracking-uri: cannot reach", uri
+
+    @case("report-spec-is-a-folder")
+    def _(c: Ctx) -> Built:
+        return ["analysis.report", str(c.tmp), "--tracking-uri", c.db], 2, str(c.tmp), "is a folder"
+
+    # -- harness.train with a run config (items 1, 7, 8)
+    @case("train-config-missing")
+    def _(c: Ctx) -> Built:
+        return ["harness.train", str(c.tmp / "none.yaml")], 2, str(c.tmp / "none.yaml"), "no such file"
+
+    @case("train-config-binary")
+    def _(c: Ctx) -> Built:
+        p = write(c.tmp / "cfg.yaml", bytes(range(256)))
+        return ["harness.train", str(p)], 2, str(p), "not UTF-8"
+
+    @case("train-config-unknown-key")
+    def _(c: Ctx) -> Built:
+        return ["harness.train", c.train_cfg(**{"train/epochz": 1})], 2, str(c.tmp / "run.yaml"), "train.epochz: unknown key"
+
+    @case("train-override-invalid")
+    def _(c: Ctx) -> Built:
+        return (["harness.train", c.train_cfg(), "model.variant=magic"], 2, str(c.tmp / "run.yaml"),
+                "model.variant: Input should be")
+
+    @case("train-pretrained-text")
+    def _(c: Ctx) -> Built:
+        p = write(c.tmp / "w.pth", "hello\n")
+        return (["harness.train", c.train_cfg(**{"model/pretrained": str(p)})], 2, str(c.tmp / "run.yaml"),
+                "model.pretrained: a text file")
+
+    @case("train-teacher-missing")
+    def _(c: Ctx) -> Built:
+        return (["harness.train", c.train_cfg(**{"teacher/run_dir": str(c.tmp / "teacher")})], 2,
+                str(c.tmp / "run.yaml"), "teacher.run_dir: no such file")
+
+    @case("train-batch-absurd")
+    def _(c: Ctx) -> Built:
+        return (["harness.train", c.train_cfg(), "train.batch_size=10000000"], 2, str(c.tmp / "run.yaml"),
+                "train.batch_size: larger than any machine's memory allows")
+
+    @case("train-dead-server")
+    def _(c: Ctx) -> Built:
+        uri = f"http://127.0.0.1:{free_port()}"
+        return (["harness.train", c.train_cfg(**{"tracking/uri": uri})], 1,
+                f"{c.tmp / 'run.yaml'}: tracking.uri: cannot reach", uri)
+
+    @case("train-output-dir-is-a-file")
+    def _(c: Ctx) -> Built:
+        write(c.tmp / "afile", "x")
+        return (["harness.train", c.train_cfg(output_dir=str(c.tmp / "afile"))], 2, str(c.tmp / "run.yaml"),
+                "output_dir: cannot create the folder")
+
+    @case("train-output-dir-read-only")
+    def _(c: Ctx) -> Built:
+        return (["harness.train", c.train_cfg(output_dir=str(c.readonly / "run"))], 2, str(c.tmp / "run.yaml"),
+                "output_dir: cannot create the folder")
+
+    @case("train-store-damaged")
+    def _(c: Ctx) -> Built:
+        write(c.tmp / "mlflow.db", "garbage\n")
+        return (["harness.train", c.train_cfg()], 2, f"{c.tmp / 'run.yaml'}: tracking.uri: not an SQLite database",
+                "mlflow.db")
+
+    return cases
+
+
+CASES = _case_list()
+
+
+@pytest.fixture(scope="module")
+def readonly_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder that cannot be written: a read-only tmpfs when root (root ignores permission bits)."""
+    path = tmp_path_factory.mktemp("readonly")
+    mounted = False
+    if os.geteuid() == 0:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+                                 capture_output=True).returncode == 0
+        if not mounted:
+            pytest.skip("running as root without `mount`: no read-only folder to test with")
+    else:
+        path.chmod(0o555)
+    try:
+        yield path
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(path)], check=False)
+        else:
+            path.chmod(0o755)
+
+
+def test_the_table_has_at_least_sixty_cases() -> None:
+    assert len(CASES) >= 60, len(CASES)
+
+
+@pytest.mark.timeout(CASE_TIMEOUT_S)
+@pytest.mark.parametrize("name, build", CASES, ids=[name for name, _ in CASES])
+def test_bad_input_is_one_line_and_nothing_is_written(tmp_path: Path, readonly_dir: Path, name: str,
+                                                      build: Callable[[Ctx], Built]) -> None:
+    ctx = Ctx(tmp_path, readonly_dir)
+    argv, code, start, fragment = build(ctx)
+    env = {}
+    for arg in [a for a in argv if a.startswith("--env=")]:
+        key, _, value = arg[len("--env="):].partition("=")
+        env[key] = value
+        argv.remove(arg)
+    before = snapshot(tmp_path)
+    result = cli(argv[0], *argv[1:], cwd=tmp_path, env=env, timeout=CASE_TIMEOUT_S)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(start) and fragment in lines[0], lines[0]
+    assert snapshot(tmp_path) == before, "a rejected command wrote something"
+    assert not (tmp_path / "mlflow.db").exists() or name in ("launch-store-not-sqlite", "launch-store-damaged",
+                                                             "train-store-damaged")
