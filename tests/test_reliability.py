@@ -581,3 +581,235 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path: Path, readonly_d
     assert snapshot(tmp_path) == before, "a rejected command wrote something"
     assert not (tmp_path / "mlflow.db").exists() or name in ("launch-store-not-sqlite", "launch-store-damaged",
                                                              "train-store-damaged")
+
+
+# ------------------------------------------------------------------ no command hangs (item 3)
+@contextlib.contextmanager
+def silent_server() -> Iterator[str]:
+    """A real socket that accepts connections and never answers (a hung tracking server)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("module", ["harness.launch", "harness.status"])
+def test_a_tracking_server_that_never_answers_is_one_line_in_seconds(tmp_path: Path, module: str) -> None:
+    spec = write(tmp_path / "spec.yaml", spec_dict())
+    with silent_server() as uri:
+        result = cli(module, str(spec), "--tracking-uri", uri, "--output-root", str(tmp_path / "runs"),
+                     cwd=tmp_path, timeout=45)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("--tracking-uri: cannot reach the MLflow tracking server within 5 s"), lines
+    assert not (tmp_path / "runs").exists()
+
+
+def test_values_in_error_messages_are_bounded() -> None:
+    from harness.config import ConfigError, RunConfig, format_validation_error
+    from pydantic import ValidationError
+
+    bomb: list = ["x"] * 9
+    for _ in range(8):
+        bomb = [bomb] * 9  # 9**9 leaves if expanded
+    with pytest.raises(ValidationError) as err:
+        RunConfig.model_validate({"train": {"epochs": bomb}})
+    (line,) = format_validation_error(err.value, "cfg.yaml", RunConfig)
+    assert line.startswith("cfg.yaml: train.epochs: Input should be a valid integer") and len(line) < 400
+
+
+# ------------------------------------------------- names, keys and overrides (items 2, 6, 9)
+def expand(tmp: Path, spec: dict[str, Any], *overrides: str, root: str = "runs"):
+    from harness.spec import load_and_expand
+
+    return load_and_expand(str(write(tmp / "spec.yaml", spec)), list(overrides), None, str(tmp / root))
+
+
+def test_grid_values_become_safe_folder_names_and_nothing_is_moved_outside_the_root(tmp_path: Path) -> None:
+    from harness.config import ConfigError
+    from harness.runstate import move_aside
+
+    weights = write(tmp_path / "w/a b.pth", b"\x80\x02")
+    spec = spec_dict(**{"stages/students/runs/grid": {"teacher.checkpoint": [str(weights), "https://x/y.pth"]}})
+    names = [p.name for p in expand(tmp_path, spec).stage_runs("students")]
+    assert all("/" not in name and name not in (".", "..") for name in names), names
+    assert any(name.startswith("dynamic-checkpoint_") for name in names)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    with pytest.raises(ConfigError, match="outside the output root"):
+        move_aside(victim, tmp_path / "runs")
+    assert victim.is_dir()
+
+
+def test_run_keys_do_not_depend_on_where_the_checkout_lives(tmp_path: Path) -> None:
+    spec = spec_dict()
+    here = {p.name: p.key for p in expand(tmp_path, spec, root="runs").runs}
+    moved = {p.name: p.key for p in expand(tmp_path, spec, root="elsewhere/mount/runs").runs}
+    assert here == moved
+    student = expand(tmp_path, spec).stage_runs("students")[0]
+    assert student.config.teacher.run_dir.startswith(str(tmp_path / "runs"))  # the job still gets a real path
+    retrained = {p.name: p.key for p in expand(tmp_path, spec, "stages.teacher.train.seed=5").runs}
+    assert retrained["teacher"] != here["teacher"]
+    assert retrained["dynamic"] != here["dynamic"]  # a student of another teacher is another run
+
+
+def test_a_command_line_override_reaches_every_run_or_is_refused(tmp_path: Path) -> None:
+    from harness.spec import SpecError
+
+    spec = spec_dict()  # scales.tiny sets train.epochs: 1, the teacher stage sets nothing
+    runs = expand(tmp_path, spec, "train.epochs=4").runs
+    assert {p.config.train.epochs for p in runs} == {4}
+    assert {p.config.train.epochs for p in expand(tmp_path, spec, "scales.tiny.train.epochs=3").runs} == {3}
+    with pytest.raises(SpecError) as err:
+        expand(tmp_path, spec, "base.train.epochs=3")
+    assert err.value.lines == [f"{tmp_path / 'spec.yaml'}: base.train.epochs: has no effect on run teacher/teacher: "
+                               "scales.tiny sets train.epochs = 1 after it; pass train.epochs=3 (applied after every "
+                               "layer) or override scales.tiny, got 3"]
+    del spec["scales"]["tiny"]["train"]
+    assert {p.config.train.epochs for p in expand(tmp_path, spec, "base.train.epochs=3").runs} == {3}
+
+
+# ------------------------------------- a run's folder, key and MLflow run stay together (item 1)
+def teacher_only(**changes: Any) -> dict[str, Any]:
+    spec = spec_dict(**changes)
+    spec["stages"] = {"teacher": spec["stages"]["teacher"]}
+    return spec
+
+
+def launch_local(tmp: Path, spec: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return cli("harness.launch", str(spec), "--executor", "local", "--output-root", str(tmp / "runs"),
+               "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", *args, cwd=tmp, timeout=timeout)
+
+
+def test_a_changed_override_starts_clean_and_leaves_the_old_run_alone(tmp_path: Path) -> None:
+    spec = write(tmp_path / "spec.yaml", teacher_only())
+    folder = tmp_path / "runs/mini/tiny/teacher/teacher"
+    first = launch_local(tmp_path, spec)
+    assert first.returncode == 0, first.stderr
+    (old,) = train_runs(tmp_path)
+    old_key = old.data.tags["run_key"]
+    changed = launch_local(tmp_path, spec, "stages.teacher.optim.lr=0.01")
+    assert changed.returncode == 0, changed.stderr
+    assert "held another run's state (another run key or MLflow run); kept as teacher.before-" in changed.stderr
+    runs = {r.info.run_id: r for r in train_runs(tmp_path)}
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
+    assert runs[old.info.run_id].data.tags["run_key"] == old_key  # the old run is not reused or re-tagged
+    (new,) = [r for r in runs.values() if r.info.run_id != old.info.run_id]
+    assert new.data.tags["run_key"] != old_key and new.data.params["optim.lr"] == "0.01"
+    result = json.loads((folder / "result.json").read_text())
+    assert (result["run_key"], result["mlflow_run_id"]) == (new.data.tags["run_key"], new.info.run_id)
+    (kept,) = folder.parent.glob("teacher.before-*")
+    assert json.loads((kept / "result.json").read_text())["mlflow_run_id"] == old.info.run_id
+    again = launch_local(tmp_path, spec, "stages.teacher.optim.lr=0.01")
+    assert again.returncode == 0 and "0 submitted, 1 skipped (finished)" in again.stdout, again.stdout
+
+
+def test_train_uses_a_folder_per_run_key_and_refuses_another_keys_folder(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "run.yaml", {
+        "model": {"name": "dynamicvit_micro_patch4_32", "variant": "dense"},
+        "data": {"name": "synthetic", "train_size": 32, "val_size": 16},
+        "aug": {"mixup": 0, "cutmix": 0, "label_smoothing": 0, "auto_augment": None},
+        "train": {"epochs": 1, "batch_size": 16}, "losses": {"kl": 0, "token": 0},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "visualize_images": 0}})
+    first = cli("harness.train", str(cfg), cwd=tmp_path, timeout=300)
+    assert first.returncode == 0, first.stderr
+    second = cli("harness.train", str(cfg), "train.seed=1", cwd=tmp_path, timeout=300)
+    assert second.returncode == 0, second.stderr
+    folders = sorted((tmp_path / "runs/debug").iterdir())
+    assert len(folders) == 2  # another configuration, another folder: nothing resumed or returned across
+    keys = {json.loads((f / "result.json").read_text())["run_key"]: f for f in folders}
+    assert set(keys) == {f.name for f in folders}
+    seed0 = next(f for f in folders if f.name in first.stderr)
+    before = snapshot(seed0)
+    refused = cli("harness.train", str(cfg), "train.seed=2", f"output_dir={seed0}", cwd=tmp_path, timeout=300)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert lines[0].startswith(f"{seed0}: holds the state of run key {seed0.name}, this configuration's run key is ")
+    assert snapshot(seed0) == before
+    write(seed0 / "checkpoint.pth", b"\x80\x02garbage")  # damaged resume point of this very run
+    (seed0 / "result.json").unlink()
+    damaged = cli("harness.train", str(cfg), f"output_dir={seed0}", cwd=tmp_path, timeout=300)
+    lines = damaged.stderr.strip().splitlines()
+    assert damaged.returncode == 2 and len(lines) == 1, damaged.stderr
+    assert lines[0].startswith(f"{seed0 / 'checkpoint.pth'}: cannot be loaded (") and "move it away" in lines[0]
+
+
+# ------------------------------------------------------------------------- stuck runs (item 4)
+def test_runs_a_killed_launch_never_submitted_are_resubmitted(tmp_path: Path) -> None:
+    """SIGKILL the launcher (and its job) while the first of two runs trains: the second is still
+    SCHEDULED without a job. The next launch resubmits both and marks the dead launch KILLED."""
+    spec = teacher_only(**{"scales/tiny/slurm/array_parallelism": 1})
+    spec["stages"]["teacher"]["runs"] = {"variants": [{"name": "a"}, {"name": "b", "set": {"train.seed": 1}}]}
+    path = write(tmp_path / "spec.yaml", spec)
+    cmd = [sys.executable, "-m", "harness.launch", str(path), "--executor", "local", "--output-root",
+           str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    log = tmp_path / "runs/mini/tiny/teacher/a/job.log"  # linked once run a's job is submitted
+    deadline = time.time() + 120
+    while not log.is_symlink() and time.time() < deadline:
+        time.sleep(0.2)
+    runs = train_runs(tmp_path)
+    job = next(r.data.tags["job_id"] for r in runs if r.data.tags.get("job_id"))
+    os.killpg(launcher.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(int(job.split("_")[0]), signal.SIGKILL)
+    launcher.wait(timeout=30)
+    states = sorted((r.info.status, bool(r.data.tags.get("job_id"))) for r in train_runs(tmp_path))
+    assert states == [("RUNNING", True), ("SCHEDULED", False)] or states == [("SCHEDULED", False), ("SCHEDULED", True)]
+    again = launch_local(tmp_path, path)
+    assert again.returncode == 0, again.stderr
+    assert "it was never submitted (its launch was interrupted); resubmitting" in again.stderr
+    assert "2 submitted" in again.stdout, again.stdout
+    final = train_runs(tmp_path)
+    assert len(final) == 2 and all(r.info.status == "FINISHED" for r in final)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert {client.get_run(p).info.status for p in parents} == {"KILLED"}  # the dead launch, marked by the next
+
+
+def test_a_job_that_fails_before_training_marks_its_run_failed_with_the_reason(tmp_path: Path) -> None:
+    import torch
+
+    weights = tmp_path / "wrong.pth"
+    torch.save({"model": {"not_a_layer.weight": torch.zeros(2)}}, weights)  # loads, fits no model
+    path = write(tmp_path / "spec.yaml", teacher_only(**{"stages/teacher/model.pretrained": str(weights)}))
+    result = launch_local(tmp_path, path)
+    assert result.returncode == 1, result.stderr
+    (run,) = train_runs(tmp_path)
+    assert run.info.status == "FAILED"  # not SCHEDULED forever, and a relaunch resubmits it
+    assert "missing keys" in run.data.tags["error"] and str(weights) in run.data.tags["error"]
+
+
+# ---------------------------------------------------------- cancel stops for good (item 5)
+def test_cancel_stops_a_local_launch_and_its_job_and_the_next_launch_resumes(tmp_path: Path) -> None:
+    spec = teacher_only(**{"base/train/epochs": 3, "scales/tiny/train/epochs": 3, "base/data/train_digits": 512})
+    path = write(tmp_path / "spec.yaml", spec)
+    cmd = [sys.executable, "-m", "harness.launch", str(path), "--executor", "local", "--output-root",
+           str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    checkpoint = tmp_path / "runs/mini/tiny/teacher/teacher/checkpoint.pth"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline:  # cancelled after its first epoch
+        time.sleep(0.2)
+    assert checkpoint.exists()
+    (run,) = train_runs(tmp_path)
+    job_pid = int(run.data.tags["job_id"].split("_")[0])
+    cancelled = cli("harness.cancel", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert "teacher/teacher: local job" in cancelled.stdout and "KILLED" in cancelled.stdout
+    assert launcher.wait(timeout=60) != 0
+    deadline = time.time() + 60
+    while time.time() < deadline and os.path.exists(f"/proc/{job_pid}"):
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{job_pid}") or open(f"/proc/{job_pid}/stat").read().split()[2] == "Z"
+    (stopped,) = train_runs(tmp_path)
+    assert stopped.info.status == "KILLED" and stopped.data.tags.get("cancelled")
+    resumed = launch_local(tmp_path, path)
+    assert resumed.returncode == 0, resumed.stderr
+    (done,) = train_runs(tmp_path)
+    assert done.info.run_id == run.info.run_id and done.info.status == "FINISHED"
