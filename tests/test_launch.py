@@ -315,6 +315,13 @@ def test_slurm_preemption_requeues_into_the_same_mlflow_run(tmp_path: Path) -> N
         time.sleep(0.2)
     assert checkpoint.exists()
     subprocess.run(["scancel", "--signal", "USR2", job_id], check=True)  # what SLURM sends before a time-out
+    deadline = time.time() + 120
+    while "requeued" not in train_runs(tmp_path)[0].data.tags and time.time() < deadline:
+        time.sleep(0.5)
+    waiting = train_runs(tmp_path)[0]
+    assert "requeued" in waiting.data.tags and waiting.info.status in ("SCHEDULED", "RUNNING")  # never KILLED
+    again = launch(tmp_path, path, "--executor", "slurm")  # while SLURM holds it for requeue: no second job
+    assert again.returncode == 0 and "0 submitted, 1 skipped (in flight)" in again.stdout, again.stdout
     log = tmp_path / "runs/mini/tiny/only/only/job.log"
     deadline = time.time() + 420
     while time.time() < deadline:

@@ -813,3 +813,64 @@ def test_cancel_stops_a_local_launch_and_its_job_and_the_next_launch_resumes(tmp
     assert resumed.returncode == 0, resumed.stderr
     (done,) = train_runs(tmp_path)
     assert done.info.run_id == run.info.run_id and done.info.status == "FINISHED"
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.5) -> None:
+    deadline = time.time() + timeout_s
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll_s)
+
+
+def squeue(job_ids: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_ids], capture_output=True, text=True).stdout.strip()
+
+
+def slurm_state(job_id: str) -> str:
+    states = sacct(job_id, "State")
+    return states[0].split()[0] if states else ""
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_scancel_stops_for_good_and_the_run_is_killed_not_requeued(tmp_path: Path) -> None:
+    spec = teacher_only(**{"base/train/epochs": 3, "scales/tiny/train/epochs": 3, "base/data/train_digits": 512})
+    path = write(tmp_path / "spec.yaml", spec)
+    result = cli("harness.launch", str(path), "--executor", "slurm", "--output-root", str(tmp_path / "runs"),
+                 "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run,) = train_runs(tmp_path)
+    job_id = run.data.tags["slurm_job_id"]
+    checkpoint = tmp_path / "runs/mini/tiny/teacher/teacher/checkpoint.pth"
+    wait_for(checkpoint.exists, 300, "the first checkpoint")
+    subprocess.run(["scancel", job_id], check=True)
+    wait_for(lambda: train_runs(tmp_path)[0].info.status == "KILLED", 90, "the run to be marked KILLED")
+    wait_for(lambda: not squeue(job_id), 90, "the job to leave the queue")
+    time.sleep(3)  # a requeued job would be back in the queue by now
+    assert slurm_state(job_id) == "CANCELLED" and not squeue(job_id), sacct(job_id, "State,Restarts")
+    (stopped,) = train_runs(tmp_path)
+    assert stopped.info.status == "KILLED" and "requeued" not in stopped.data.tags
+    (stderr,) = (tmp_path / "runs/mini/tiny/teacher/submitit").glob(f"{job_id}_*_log.err")
+    assert "cancelled: signal 15" in stderr.read_text() and "not requeued" in stderr.read_text()
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_harness_cancel_cancels_queued_and_running_slurm_jobs(tmp_path: Path) -> None:
+    spec = spec_dict(**{"base/train/epochs": 3, "scales/tiny/train/epochs": 3, "base/data/train_digits": 512})
+    path = write(tmp_path / "spec.yaml", spec)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = cli("harness.launch", str(path), "--executor", "slurm", "--output-root", str(tmp_path / "runs"),
+                 "--tracking-uri", uri, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = {r.data.tags["slurm_job_id"] for r in train_runs(tmp_path)}
+    assert len(train_runs(tmp_path)) == 3
+    wait_for(lambda: any(slurm_state(j) == "RUNNING" for j in jobs), 120, "the teacher to start")
+    cancelled = cli("harness.cancel", str(path), "--tracking-uri", uri, cwd=tmp_path)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.count("cancelled; MLflow run") == 3, cancelled.stdout
+    arrays = {j.split("_")[0] for j in jobs}  # tasks that never started are accounted under their array
+    wait_for(lambda: all(slurm_state(j) == "CANCELLED" for j in arrays), 90, "every job to be CANCELLED")
+    runs = train_runs(tmp_path)
+    assert {r.info.status for r in runs} == {"KILLED"} and all(r.data.tags.get("cancelled") for r in runs)
+    wait_for(lambda: not squeue(",".join(sorted(jobs))), 90, "the jobs to leave the queue")
