@@ -17,8 +17,8 @@
 # # Loss ablation: what the distillation losses add
 #
 # DynamicViT (NeurIPS 2021), Table 3 of the camera-ready: rho = 0.7 trained with the full loss,
-# without token distillation, without KL, without both (DeiT-S and LV-ViT-S columns; LV-ViT
-# is not implemented here and is listed as "not available"). The paper's numbers come from
+# without token distillation, without KL, without both (DeiT-S and LV-ViT-S columns; the LV-ViT-S
+# rows are `lvvit-s/full`, ..., at the tiny scale the tiny LV-ViT). The paper's numbers come from
 # `analysis/reference.yaml`; the reproduction from the finished training runs of the spec's
 # MLflow experiment. The paper's differences are 0.1 points on DeiT-S: expect seeds to matter.
 #

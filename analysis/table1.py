@@ -16,8 +16,8 @@
 # %% [markdown]
 # # Table 1: the keep-ratio sweep
 #
-# DynamicViT (NeurIPS 2021), Table 1: top-1, GFLOPs and throughput of DeiT-S (and LV-ViT-S/M,
-# which this harness does not implement: listed as "not available") at keep ratios
+# DynamicViT (NeurIPS 2021), Table 1: top-1, GFLOPs and throughput of DeiT-S and LV-ViT-S/M
+# (at the tiny scale: the tiny ViT and the tiny LV-ViT; LV-ViT-M is paper-scale only) at keep ratios
 # rho = 1.0 / 0.9 / 0.8 / 0.7, plus DeiT-256 (model zoo) and DeiT-B. The paper's numbers come
 # from `analysis/reference.yaml`; the reproduction from the finished training runs of the
 # spec's MLflow experiment. The paper's throughput is an RTX 3090 at batch 32; ours is

@@ -2,7 +2,7 @@
 
 Every paper row appears, in the paper's order. A row with no finished run stays NaN and is
 rendered "missing" (never 0, which would read as a result); a row whose model this harness
-does not implement (LV-ViT) is rendered "not available". Runs whose row is not in the paper
+does not implement (`available: false` in reference.yaml) is rendered "not available". Runs whose row is not in the paper
 are appended ("not in paper"), so that a typo in a spec's row id shows instead of vanishing.
 The renderers are our own (no `tabulate`, which is not a declared dependency).
 """

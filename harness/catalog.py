@@ -35,3 +35,29 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
         mlp_ratio=2.0, qkv_bias=True, pruning_loc=(1, 2, 3),
     ),
 }
+
+
+# LV-ViT (models/lvvit.py; `_family` keeps models/dynamic_vit.py from registering them): the
+# 2021 script's models (main_dynamic_vit.py:315-322, 341-348: depth 16 / 20, mlp_ratio 3,
+# qkv_bias False, skip_lam 2, "4_2" stem, pruning before blocks [4, 8, 12] / [5, 10, 15]).
+# `_url`: TokenLabeling's dense weights, the ones the official README links (HEAD README.md:87-88).
+_TOKEN_LABELING = "https://github.com/zihangJiang/TokenLabeling/releases/download/1.0"
+
+
+def _lvvit(embed_dim: int, depth: int, heads: int, pruning_loc: tuple[int, ...], url: str) -> dict[str, Any]:
+    return dict(
+        img_size=224, patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=heads, mlp_ratio=3.0,
+        qkv_bias=False, skip_lam=2.0, stem_chs=64, pruning_loc=pruning_loc, _url=url, _family="lvvit",
+    )
+
+
+MODEL_DEFAULTS.update({
+    "dynamicvit_lvvit_small_patch16_224": _lvvit(384, 16, 6, (4, 8, 12), f"{_TOKEN_LABELING}/lvvit_s-26M-224-83.3.pth.tar"),
+    "dynamicvit_lvvit_medium_patch16_224": _lvvit(512, 20, 8, (5, 10, 15), f"{_TOKEN_LABELING}/lvvit_m-56M-224-84.0.pth.tar"),
+    # The tiny (CPU proxy) scale's LV-ViT (not TokenLabeling's 224 px LV-ViT-T): the tiny ViT's
+    # canvas and tokens with LV-ViT's stem (16 channels), skip_lam, mlp_ratio 3 and aux head.
+    "dynamicvit_lvvit_tiny_patch8_64": dict(
+        img_size=64, patch_size=8, in_chans=1, num_classes=10, embed_dim=64, depth=8, num_heads=2,
+        mlp_ratio=3.0, qkv_bias=False, skip_lam=2.0, stem_chs=16, pruning_loc=(2, 4, 6), _family="lvvit",
+    ),
+})

@@ -32,7 +32,7 @@ from harness import checkpointing as ckpt
 from harness.config import RunConfig
 from harness.data import DataBundle, build_data, make_loader, set_epoch
 from harness.distributed import DistEnv, all_reduce_sum, barrier, init_distributed
-from harness.losses import DynamicViTLoss
+from harness.losses import loss_for
 from harness.measure import count_gflops, count_params_m, measure_throughput
 from harness.optim import build_optimizer, build_schedule, current_lrs, gumbel_tau
 from harness.tracking import RunTracker
@@ -208,7 +208,7 @@ class Trainer:
         self.lr_schedule = build_schedule(cfg.optim, global_batch, cfg.train.epochs, self.steps_per_epoch)
         self.ema = ModelEmaV3(self.model, decay=cfg.train.ema) if cfg.train.ema else None
         self.mixup = _mixup(cfg, self.data.num_classes)
-        self.loss = DynamicViTLoss(cfg.losses, self.model.stage_ratios, _criterion(cfg, self.mixup))
+        self.loss = loss_for(self.model)(cfg.losses, self.model.stage_ratios, _criterion(cfg, self.mixup))
         self.ddp: nn.Module = (
             DistributedDataParallel(self.model, device_ids=[env.local_rank] if self.device.type == "cuda" else None)
             if env.enabled else self.model

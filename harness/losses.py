@@ -2,7 +2,9 @@
 
 loss = w_cls * CE(student, target) + w_ratio * ratio + w_kl * KL(teacher || student)
        + w_token * MSE(student tokens, teacher tokens over kept tokens)
-as in the official DeiT recipe (weights 1, 2.0, 0.5, 0.5).
+as in the official DeiT recipe (weights 1, 2.0, 0.5, 0.5). LV-ViT (`LVViTLoss`, picked by
+`loss_for`) replaces the token MSE with a KL between the student's and the teacher's aux-head
+token logits over the kept tokens.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import Tensor, nn
 
 from harness.config import LossConfig
 from models.dynamic_vit import DynamicViTOutput
+from models.lvvit import LVViTOutput
 
 
 def ratio_loss(keep_fractions: Tensor, targets: Sequence[float]) -> Tensor:
@@ -84,3 +87,64 @@ class DynamicViTLoss(nn.Module):
                 parts["token"] = token_loss(output.tokens, teacher_tokens, output.decision)
                 total = total + self.cfg.token.weight * parts["token"]
         return total, parts
+
+
+# ---------------------------------------------------------------------------------- LV-ViT
+def token_kl_loss(student_logits: Tensor, teacher_logits: Tensor, decision: Optional[Tensor]) -> Tensor:
+    """KL(teacher || student) of per-token class logits (B, N, K) over the tokens the decision keeps.
+
+    Summed over classes and averaged over the kept tokens of the whole batch (each kept token is
+    one KL sample); with no token kept anywhere the term is 0, never NaN. LV-ViT's token
+    distillation: its aux head labels every token, so the student's token labels follow the teacher's.
+    """
+    student, teacher = student_logits.flatten(0, 1), teacher_logits.flatten(0, 1)
+    if decision is not None:
+        kept = decision.flatten() > 0.5
+        if not kept.any():
+            return student.new_zeros((), dtype=torch.float32)
+        student, teacher = student[kept], teacher[kept]
+    return kl_loss(student, teacher)
+
+
+class LVViTLoss(DynamicViTLoss):
+    """The DynamicViT objective on LV-ViT (the official `mse_token=False` loss).
+
+    Differences from the DeiT objective:
+    - the token term is `token_kl_loss` of the aux-head logits (`LVViTOutput.tokens`, the
+      teacher's the same), not an MSE of features;
+    - with a teacher (the KL or token term on), CE and KL see the CLS head's logits alone, as the
+      official model's distillation output; without one, CE sees the combined prediction
+      (CLS head + 0.5 x max over all tokens of the aux head), as the official model returns when
+      it trains without distillation (so a dense LV-ViT trains its aux head, too).
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        output: LVViTOutput,
+        targets: Tensor,
+        teacher: Optional[tuple[Tensor, Tensor]] = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        distilling = self.needs_teacher and teacher is not None
+        parts: dict[str, Tensor] = {}
+        total = output.logits.new_zeros((), dtype=torch.float32)
+        if self.cfg.cls.active:
+            logits = output.logits if distilling else output.combined
+            parts["cls"] = self.base_criterion(logits.float(), targets)
+            total = total + self.cfg.cls.weight * parts["cls"]
+        if self.cfg.ratio.active and output.keep_fractions.shape[1] > 0:
+            parts["ratio"] = ratio_loss(output.keep_fractions.float(), self.stage_ratios)
+            total = total + self.cfg.ratio.weight * parts["ratio"]
+        if distilling:
+            teacher_logits, teacher_tokens = teacher
+            if self.cfg.kl.active:
+                parts["kl"] = kl_loss(output.logits, teacher_logits)
+                total = total + self.cfg.kl.weight * parts["kl"]
+            if self.cfg.token.active:
+                parts["token"] = token_kl_loss(output.tokens, teacher_tokens, output.decision)
+                total = total + self.cfg.token.weight * parts["token"]
+        return total, parts
+
+
+def loss_for(model: nn.Module) -> type[DynamicViTLoss]:
+    """The objective of a model's family: LV-ViT distils its aux-head token logits by KL."""
+    return LVViTLoss if getattr(model, "token_distillation", "mse") == "kl" else DynamicViTLoss

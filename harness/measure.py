@@ -31,10 +31,10 @@ def explicit_attention(model: nn.Module) -> Iterator[None]:
 
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) a timm ViT expects."""
+    """(C, H, W) a timm ViT expects (`in_chans`: LV-ViT's `proj` reads its conv stem, not the image)."""
     patch_embed = getattr(model, "patch_embed")
     height, width = patch_embed.img_size
-    return (patch_embed.proj.in_channels, height, width)
+    return (getattr(model, "in_chans", None) or patch_embed.proj.in_channels, height, width)
 
 
 def count_gflops(model: nn.Module, shape: Optional[Sequence[int]] = None) -> float:

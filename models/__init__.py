@@ -5,12 +5,15 @@ from models.dynamic_vit import (
     DynamicViTOutput,
     DynamicVisionTransformer,
 )
+from models.lvvit import DynamicLVViT, LVViTOutput
 
 __all__ = [
     "MODEL_DEFAULTS",
     "VARIANTS",
     "DynamicViTOutput",
     "DynamicVisionTransformer",
+    "DynamicLVViT",
+    "LVViTOutput",
     "load_weights",
     "read_state_dict",
 ]

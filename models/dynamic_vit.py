@@ -577,5 +577,6 @@ def _register(name: str) -> None:
     globals()[name] = register_model(entrypoint)
 
 
-for _name in MODEL_DEFAULTS:
-    _register(_name)
+for _name, _spec in MODEL_DEFAULTS.items():
+    if _spec.get("_family", "deit") == "deit":  # other families register in their own modules
+        _register(_name)

@@ -41,7 +41,8 @@ PAPER_ROWS = {
                "lvvit-s/1.0", "lvvit-s/0.9", "lvvit-s/0.8", "lvvit-s/0.7",
                "lvvit-m/1.0", "lvvit-m/0.9", "lvvit-m/0.8", "lvvit-m/0.7",
                "deit-256/0.7", "deit-b/1.0", "deit-b/0.7"],
-    "losses": ["full", "no-token", "no-kl", "no-both"],
+    "losses": ["full", "no-token", "no-kl", "no-both",
+               "lvvit-s/full", "lvvit-s/no-token", "lvvit-s/no-kl", "lvvit-s/no-both"],
 }
 
 TINY_RUN = {
@@ -149,9 +150,10 @@ def test_reference_has_every_paper_row() -> None:
         assert set(rows) == set(part["row"]), table
         assert part["top1"].notna().all() and part["gflops"].notna().all() and part["source"].notna().all()
     assert not ref.duplicated(["table", "row", "model"]).any()
-    lvvit = ref["model"].str.startswith("LV-ViT")
-    assert not ref.loc[lvvit, "available"].any() and ref.loc[~lvvit, "available"].all()
-    assert len(ref[(ref["table"] == "losses") & lvvit]) == 4  # the LV-ViT-S column, not available
+    lvvit, zoo = ref["model"].str.startswith("LV-ViT"), ref["table"] == "zoo"
+    assert ref.loc[lvvit & ~zoo, "available"].all()  # Table 1 and the loss ablation: models/lvvit.py
+    assert not ref.loc[lvvit & zoo, "available"].any() and ref.loc[~lvvit, "available"].all()
+    assert len(ref[(ref["table"] == "losses") & lvvit]) == 4  # the LV-ViT-S column
     by_row = load_reference("keep-ratio").set_index("row")  # by name as well as by id
     assert by_row.loc["deit-s/0.7", ["top1", "gflops", "throughput"]].tolist() == [79.3, 2.9, 2062.1]
     assert by_row.loc["deit-256/0.7", "top1"] == 76.53 and by_row.loc["deit-b/0.7", "gflops"] == 11.2
@@ -226,7 +228,7 @@ def test_missing_and_unavailable_rows_render_as_gaps(tmp_path: Path) -> None:
     lines = {l.split(" | ")[0].lstrip("| "): l for l in tables.to_markdown(table).splitlines() if l.startswith("| ")}
     for row in PAPER_ROWS["table1"]:
         assert row in lines, row
-    assert "not available" in lines["lvvit-m/0.8"] and "not available" in lines["lvvit-s/1.0"]
+    assert "missing" in lines["lvvit-m/0.8"] and "missing" in lines["lvvit-s/1.0"]
     assert "missing" in lines["deit-s/0.9"] and "missing" in lines["deit-b/0.7"]
     assert "61.50" in lines["deit-s/0.7"] and "0.71" in lines["deit-s/0.7"]  # mean, std of 2 seeds
     assert "typo/0.7 (not in paper)" in lines
@@ -234,9 +236,9 @@ def test_missing_and_unavailable_rows_render_as_gaps(tmp_path: Path) -> None:
     missing = csv[csv["row"] == "deit-s/0.9"].iloc[0]
     assert math.isnan(missing[tables.TOP1_REPRO]) and missing[tables.STATUS] == "missing"
     latex = tables.to_latex(table)
-    assert r"\toprule" in latex and "not available" in latex and r"typo/0.7 (not in paper)" in latex
+    assert r"\toprule" in latex and "missing" in latex and r"typo/0.7 (not in paper)" in latex
     losses = tables.to_markdown(tables.build_table(runs.iloc[0:0], "losses"))
-    assert losses.count("not available") == 4 and losses.count("missing") == 4
+    assert losses.count("not available") == 0 and losses.count("missing") == 8
 
 
 # ------------------------------------------------------------------------------ figures
