@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 VARIANTS = ("dense", "dynamic", "static", "structural", "random", "attention")
+PEER_VARIANTS = ("evit", "topk", "tome")  # peer token-reduction methods (models/peers.py)
+VARIANTS = VARIANTS + PEER_VARIANTS
 
 
 def _deit(embed_dim: int, heads: int, url: Optional[str] = None) -> dict[str, Any]:

@@ -24,8 +24,10 @@ class ModelConfig(Section):
     """Which network to build: a timm-registered name plus the DynamicViT arguments."""
 
     name: str = "dynamicvit_tiny_patch8_64"
-    variant: Literal["dense", "dynamic", "static", "structural", "random", "attention"] = "dynamic"
+    variant: Literal["dense", "dynamic", "static", "structural", "random", "attention", "evit", "topk", "tome"] = "dynamic"
     keep_ratio: float = Field(0.7, gt=0.0, le=1.0)
+    fuse_token: Optional[bool] = None  # evit only: fuse the dropped tokens into one (None: EViT's default, fused)
+    tome_r: Optional[int | list[int]] = None  # tome only: tokens merged per block (one int, or one per block)
     pruning_loc: Optional[list[int]] = None
     stage_ratios: Optional[list[float]] = None
     pool_after_block: Optional[int] = None
@@ -53,7 +55,22 @@ class ModelConfig(Section):
             raise ValueError(f"pool_after_block: must be in [1, {depth - 1}], got {self.pool_after_block}")
         if self.stage_ratios is not None and not all(0 < r <= 1 for r in self.stage_ratios):
             raise ValueError(f"stage_ratios: each must be in (0, 1], got {self.stage_ratios}")
+        self._peer_knobs(depth)
         return self
+
+    def _peer_knobs(self, depth: int) -> None:
+        """`fuse_token` belongs to evit and `tome_r` to tome (required there): a misplaced knob is an error."""
+        if self.fuse_token is not None and self.variant != "evit":
+            raise ValueError(f"fuse_token: applies to the evit variant only (variant is {self.variant}), got {self.fuse_token}")
+        if self.variant != "tome":
+            if self.tome_r is not None:
+                raise ValueError(f"tome_r: applies to the tome variant only (variant is {self.variant}), got {self.tome_r}")
+            return
+        r = self.tome_r
+        if r is None:
+            raise ValueError("tome_r: the tome variant needs tokens merged per block (an int or a per-block list), got None")
+        if any(v < 0 for v in (r if isinstance(r, list) else [r])) or (isinstance(r, list) and len(r) > depth):
+            raise ValueError(f"tome_r: must be >= 0, as one int or at most {depth} per-block values, got {r}")
 
 
 class DataConfig(Section):

@@ -113,7 +113,7 @@ def build_model(cfg: RunConfig, data: DataBundle) -> models.DynamicVisionTransfo
         deterministic=cfg.train.deterministic,
         gumbel_tau=cfg.gumbel.tau,
     )
-    for key in ("pruning_loc", "stage_ratios", "pool_after_block"):
+    for key in ("pruning_loc", "stage_ratios", "pool_after_block", "fuse_token", "tome_r"):
         if getattr(m, key) is not None:
             kwargs[key] = getattr(m, key)
     if m.pretrained:

@@ -34,9 +34,10 @@ from timm.layers import Attention
 from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from harness.catalog import MODEL_DEFAULTS, VARIANTS
+from harness.catalog import MODEL_DEFAULTS, PEER_VARIANTS, VARIANTS
 
 SELECTING_VARIANTS = ("dynamic", "static", "random", "attention")
+STAGED_PEERS = ("evit", "topk")  # peers (models/peers.py) that reduce at `pruning_loc` with per-stage counts
 UNLEARNED_SELECTION = ("random", "attention")  # nothing learned chooses their tokens: train gathered
 MASK_EPS = 1e-6  # the official epsilon of the masked softmax
 POOL_EPS = 1e-6  # guards the predictor's global mean when every token was dropped
@@ -210,15 +211,26 @@ class MaskedAttention(Attention):
 
 
 class DynamicBlock(Block):
-    """timm's Block whose attention takes a keep policy and can report its CLS attention row."""
+    """timm's Block whose attention takes a keep policy and can report its CLS attention row.
+
+    Its two residual halves are separate methods so that peer methods (models/peers.py) can
+    reduce the tokens between the attention and the MLP of one block.
+    """
+
+    def attention_residual(
+        self, x: Tensor, policy: Optional[Tensor] = None, return_cls_attn: bool = False
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        attn_out, cls_attn = self.attn(self.norm1(x), policy=policy, return_cls_attn=return_cls_attn)
+        return x + self.drop_path1(self.ls1(attn_out)), cls_attn
+
+    def mlp_residual(self, x: Tensor) -> Tensor:
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def forward(  # type: ignore[override]
         self, x: Tensor, policy: Optional[Tensor] = None, return_cls_attn: bool = False
     ) -> tuple[Tensor, Optional[Tensor]]:
-        attn_out, cls_attn = self.attn(self.norm1(x), policy=policy, return_cls_attn=return_cls_attn)
-        x = x + self.drop_path1(self.ls1(attn_out))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, cls_attn
+        x, cls_attn = self.attention_residual(x, policy=policy, return_cls_attn=return_cls_attn)
+        return self.mlp_residual(x), cls_attn
 
 
 class PredictorLG(nn.Module):
@@ -297,6 +309,9 @@ def topk_mask(scores: Tensor, keep: Tensor, k: int) -> Tensor:
 class DynamicVisionTransformer(VisionTransformer):
     """A timm ViT (DeiT) with DynamicViT token sparsification; see the module docstring."""
 
+    # the variants this class computes; peer methods are subclasses (models/peers.py)
+    own_variants: tuple[str, ...] = tuple(v for v in VARIANTS if v not in PEER_VARIANTS)
+
     def __init__(
         self,
         *,
@@ -310,6 +325,8 @@ class DynamicVisionTransformer(VisionTransformer):
         **vit_kwargs: Any,
     ) -> None:
         _check(variant in VARIANTS, f"variant: must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        _check(variant in self.own_variants, f"variant: {variant!r} is a peer method, built by timm.create_model "
+               f"(models/peers.py), not by {type(self).__name__}, got {variant!r}")
         _check(
             isinstance(keep_ratio, (int, float)) and 0.0 < keep_ratio <= 1.0,
             f"keep_ratio: must be in (0, 1], got {keep_ratio!r}",
@@ -331,7 +348,7 @@ class DynamicVisionTransformer(VisionTransformer):
         self.gumbel_tau = float(gumbel_tau)
         self.deterministic = deterministic
 
-        if variant in SELECTING_VARIANTS:
+        if variant in SELECTING_VARIANTS + STAGED_PEERS:
             locs = list(pruning_loc) if pruning_loc is not None else []
             _check(len(locs) > 0, "pruning_loc: must list at least one block index, got none")
             _check(
@@ -553,7 +570,7 @@ def _create(
     for key in _FACTORY_KEYS:
         kwargs.pop(key, None)
     defaults = {k: v for k, v in spec.items() if not k.startswith("_")}
-    model = DynamicVisionTransformer(**{**defaults, **kwargs})
+    model = _model_class(kwargs.get("variant", "dynamic"))(**{**defaults, **kwargs})
     source = checkpoint or (spec.get("_url") if pretrained else None)
     if pretrained and source is None:
         raise ValueError("pretrained: this model has no published weights; pass checkpoint=PATH_OR_URL")
@@ -562,6 +579,13 @@ def _create(
 
         load_weights(model, source)
     return model
+
+
+def _model_class(variant: str) -> type[DynamicVisionTransformer]:
+    """Peer methods are subclasses (models/peers.py, imported here: it imports this module)."""
+    from models.peers import PEER_CLASSES
+
+    return PEER_CLASSES.get(variant, DynamicVisionTransformer)
 
 
 def _register(name: str) -> None:

@@ -1,0 +1,297 @@
+"""Peer token-reduction methods (models/peers.py: EViT, Top-K, ToMe) through timm's factory, the
+FLOP counter, the run configuration and the training engine.
+
+Checked by hand, not here (the reference implementations' licences keep them out of the project):
+eval logits equal youweiliang/evit, facebookresearch/ToMe and JoakimHaurum/TokenReduction's
+Top-K / EViT for the same random DeiT-S and tiny weights (README, "Peer methods").
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+
+import models
+from harness.config import ConfigError, load_run_config
+from harness.measure import count_gflops, explicit_attention, measure_throughput
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO = "dynamicvit_micro_patch4_32"  # 64 patch tokens, 4 blocks, pruning_loc (1, 2, 3)
+TINY = "dynamicvit_tiny_patch8_64"  # 64 patch tokens, 8 blocks, pruning_loc (2, 4, 6)
+DEIT_S = "dynamicvit_deit_small_patch16_224"
+PEERS = [dict(variant="evit"), dict(variant="evit", fuse_token=False), dict(variant="topk"),
+         dict(variant="tome", tome_r=6)]
+
+
+def build(name: str = MICRO, **kwargs) -> models.DynamicVisionTransformer:
+    torch.manual_seed(0)
+    return timm.create_model(name, **kwargs)
+
+
+def images(model, batch: int = 4) -> torch.Tensor:
+    chans = model.patch_embed.proj.in_channels
+    height, width = model.patch_embed.img_size
+    return torch.randn(batch, chans, height, width, generator=torch.Generator().manual_seed(1))
+
+
+def mlp_token_counts(model, x: torch.Tensor) -> list[int]:
+    """Tokens each block's MLP really processes (CLS included), read by forward hooks."""
+    seen: list[int] = []
+    hooks = [block.mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+             for block in model.blocks]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+# ---------------------------------------------------------------------------- token counts
+def test_evit_keeps_ceil_rate_of_the_current_tokens_and_fuses_the_rest() -> None:
+    """DeiT-S at 0.7 (shared/reference/peers.md): 138 / 98 / 70 kept, plus the fused token."""
+    fused = build(DEIT_S, variant="evit", keep_ratio=0.7).eval()
+    assert fused.fuse_token and fused.num_keep == [138, 98, 70]
+    assert fused.tokens_after_block() == [197] * 3 + [140] * 3 + [100] * 3 + [72] * 3
+    x = images(fused, batch=1)
+    assert mlp_token_counts(fused, x) == fused.tokens_after_block()
+    plain = build(DEIT_S, variant="evit", keep_ratio=0.7, fuse_token=False).eval()
+    assert plain.num_keep == [138, 97, 68]  # ceil(0.7 * 196), ceil(0.7 * 138), ceil(0.7 * 97)
+    assert mlp_token_counts(plain, x) == plain.tokens_after_block() == [197] * 3 + [139] * 3 + [98] * 3 + [69] * 3
+
+
+def test_topk_keeps_dynamicvits_counts_of_the_original_tokens() -> None:
+    topk = build(DEIT_S, variant="topk", keep_ratio=0.7).eval()
+    assert topk.num_keep == [137, 96, 67] == build(DEIT_S, keep_ratio=0.7).num_keep
+    assert mlp_token_counts(topk, images(topk, batch=1)) == [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3
+    # TokenReduction's EViT: the same counts given as stage_ratios, plus the fused token
+    tr_evit = build(DEIT_S, variant="evit", stage_ratios=[0.7, 0.49, 0.343])
+    assert tr_evit.num_keep == [137, 96, 67] and tr_evit.tokens_after_block()[-1] == 69
+
+
+def test_tome_merges_r_per_block_capped_at_half() -> None:
+    tome = build(DEIT_S, variant="tome", tome_r=13).eval()
+    assert tome.tokens_after_block() == [197 - 13 * (i + 1) for i in range(12)]
+    assert mlp_token_counts(tome, images(tome, batch=1)) == tome.tokens_after_block()
+    capped = build(variant="tome", tome_r=40).eval()  # 65 tokens: at most (T - 1) // 2 per block
+    assert capped.tokens_after_block() == [33, 17, 9, 5]
+    assert mlp_token_counts(capped, images(capped)) == [33, 17, 9, 5]
+    schedule = build(variant="tome", tome_r=[0, 10]).eval()  # per block; missing blocks merge 0
+    assert schedule.tome_r == [0, 10, 0, 0] and mlp_token_counts(schedule, images(schedule)) == [65, 55, 55, 55]
+
+
+# --------------------------------------------------------------------------------- FLOPs
+@pytest.mark.parametrize("kwargs, fvcore", [
+    (dict(variant="evit", keep_ratio=0.7), 3.04),
+    (dict(variant="evit", keep_ratio=0.7, fuse_token=False), 3.00),
+    (dict(variant="tome", tome_r=13), 2.71),
+    (dict(variant="tome", tome_r=8), 3.43),
+    (dict(variant="tome", tome_r=16), 2.30),
+])
+def test_deit_s_gflops_match_the_published_fvcore_counts(kwargs: dict, fvcore: float) -> None:
+    """Ours counts the matmuls; fvcore's numbers (peers.md) add ~0.006 G of layer norms."""
+    assert count_gflops(build(DEIT_S, **kwargs)) == pytest.approx(fvcore, abs=0.012)
+
+
+@pytest.mark.parametrize("kwargs, total", [(dict(variant="evit", keep_ratio=0.7), 3.04), (dict(variant="tome", tome_r=13), 2.71)])
+def test_fvcore_sees_the_same_matmuls(kwargs: dict, total: float) -> None:
+    """fvcore run on our models: its linear/matmul/conv sum is our count, its total the published one."""
+    from fvcore.nn import FlopCountAnalysis
+
+    model = build(DEIT_S, **kwargs).eval()
+    with explicit_attention(model), torch.no_grad():
+        analysis = FlopCountAnalysis(model, torch.randn(1, 3, 224, 224))
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        by_op = analysis.by_operator()
+        fv_total = analysis.total() / 1e9
+    assert (by_op["linear"] + by_op["matmul"] + by_op["conv"]) / 1e9 == pytest.approx(count_gflops(model), abs=1e-3)
+    assert round(fv_total, 2) == total
+
+
+def test_topk_costs_more_than_the_attention_variant_at_the_same_counts() -> None:
+    """The difference the topk docstring states: block 3 / 6 / 9's attention runs on every token."""
+    topk = count_gflops(build(DEIT_S, variant="topk", keep_ratio=0.7))
+    attention = count_gflops(build(DEIT_S, variant="attention", keep_ratio=0.7))
+    assert topk == pytest.approx(2.980, abs=0.002) and attention == pytest.approx(2.878, abs=0.002)
+
+
+def test_throughput_is_measured_on_the_reduced_pass() -> None:
+    model = build(TINY, variant="tome", tome_r=8)
+    speed = measure_throughput(model, batch_size=8, warmup=1, iters=2)
+    assert speed.images_per_s > 0 and not model.training
+
+
+# ------------------------------------------------------------------ dense equivalence, weights
+@pytest.mark.parametrize("kwargs", [dict(variant="evit", keep_ratio=1.0), dict(variant="evit", keep_ratio=1.0, fuse_token=False),
+                                    dict(variant="topk", keep_ratio=1.0), dict(variant="tome", tome_r=0)])
+def test_no_reduction_is_the_dense_model(kwargs: dict) -> None:
+    dense = build(variant="dense")
+    peer = build(**kwargs)
+    peer.load_state_dict(dense.state_dict(), strict=True)
+    x = images(dense)
+    with torch.no_grad():
+        expected = dense.eval()(x)
+        torch.testing.assert_close(peer.eval()(x), expected, rtol=0, atol=1e-5)
+        out = peer.train()(x)
+        torch.testing.assert_close(out.logits, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.tokens, dense.forward_masked(x).tokens, rtol=0, atol=1e-5)
+    assert out.keep_fractions.shape == (4, 0)
+
+
+@pytest.mark.parametrize("kwargs", PEERS)
+def test_parameter_names_are_timms_deit_small(kwargs: dict) -> None:
+    """No parameter is added: the state dict is timm's deit_small's, so DeiT weights load strictly."""
+    peer = build(DEIT_S, **kwargs)
+    assert set(peer.state_dict()) == set(timm.create_model("deit_small_patch16_224").state_dict())
+
+
+# ----------------------------------------------------------------------- training path
+@pytest.mark.parametrize("kwargs", PEERS + [dict(variant="tome", tome_r=[20, 20])])
+def test_training_path_gradients_flow_and_nothing_is_nan(kwargs: dict) -> None:
+    model = build(keep_ratio=0.3, **kwargs).train()
+    x = images(model)
+    out = model(x)
+    assert isinstance(out, models.DynamicViTOutput)
+    assert out.tokens.shape == (4, 64, model.embed_dim)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.tokens).all()
+    (out.logits.logsumexp(-1).mean() + out.tokens.pow(2).mean()).backward()
+    for name, p in model.named_parameters():
+        if name in ("cls_token",) and kwargs["variant"] != "tome":
+            continue  # reaches the loss through attention only
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name}: no gradient"
+    with torch.no_grad():  # eval is the same reduced pass (no dropout here)
+        torch.testing.assert_close(model.eval()(x), out.logits, rtol=0, atol=1e-5)
+
+
+def test_training_tokens_stand_at_their_original_positions() -> None:
+    """EViT: the final tokens sit at their kept positions, the rest are zero (and not in the decision);
+    ToMe: every position holds the token it was merged into."""
+    evit = build(variant="evit", keep_ratio=0.5).train()
+    x = images(evit)
+    out = evit(x)
+    with torch.no_grad():
+        tokens, positions, _ = evit._reduced(x)
+    real = positions >= 0
+    assert out.decision.sum(1).tolist() == real.sum(1).tolist()
+    for row in range(4):
+        torch.testing.assert_close(out.tokens[row, positions[row][real[row]]], tokens[row, 1:][real[row]])
+    assert (out.tokens[out.decision == 0] == 0).all()
+
+    tome = build(variant="tome", tome_r=12).train()
+    out = tome(x)
+    assert out.decision is None
+    distinct = [len({tuple(t.tolist()) for t in out.tokens[row].detach()}) for row in range(4)]
+    assert distinct == [tome.tokens_after_block()[-1] - 1] * 4  # each final patch token stands for its group
+
+
+def test_fused_token_is_the_attention_weighted_sum_of_the_dropped() -> None:
+    """EViT's inattentive token fusion: sum of dropped tokens x their CLS attention, gradient to the weights."""
+    model = build(variant="evit", keep_ratio=0.5, pruning_loc=[1]).eval()
+    x = images(model)
+    with torch.no_grad():
+        h = model._embed(x)
+        h, _ = model.blocks[0](h)
+        h, cls_attn = model.blocks[1].attention_residual(h, return_cls_attn=True)
+        kept = cls_attn.topk(32, dim=1).indices
+        dropped = torch.ones_like(cls_attn).scatter(1, kept, 0.0)
+        expected = ((cls_attn * dropped).unsqueeze(-1) * h[:, 1:]).sum(1)
+    weights = cls_attn.clone().requires_grad_(True)
+    reduced, positions = model._select(h, weights, torch.arange(64).expand(4, -1), 32)
+    torch.testing.assert_close(reduced[:, -1], expected)
+    assert reduced.shape[1] == 1 + 32 + 1 and (positions[:, -1] == -1).all()
+    reduced[:, -1].sum().backward()  # the fusion weights are differentiable: the attention learns through them
+    assert (weights.grad.gather(1, kept) == 0).all() and (weights.grad * dropped != 0).sum() == 4 * 32
+
+
+def test_kept_positions_for_pictures_are_real_patches() -> None:
+    model = build(variant="evit", keep_ratio=0.5).eval()
+    with torch.no_grad():
+        _, kept = model.forward_pruned(images(model), return_positions=True)
+    assert [k.shape[1] for k in kept] == model.num_keep
+    assert all(((k >= 0) & (k < 64)).all() for k in kept)
+
+
+# -------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("model, field, problem", [
+    ({"variant": "tome"}, "model.tome_r", "the tome variant needs"),
+    ({"variant": "tome", "tome_r": -1}, "model.tome_r", "must be >= 0"),
+    ({"variant": "tome", "tome_r": [1] * 9}, "model.tome_r", "at most 8"),
+    ({"variant": "evit", "tome_r": 4}, "model.tome_r", "applies to the tome variant only"),
+    ({"variant": "topk", "fuse_token": True}, "model.fuse_token", "applies to the evit variant only"),
+])
+def test_misplaced_knobs_are_one_line_naming_the_field(tmp_path: Path, model: dict, field: str, problem: str) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": TINY, **model}}))
+    with pytest.raises(ConfigError) as err:
+        load_run_config(str(path))
+    (line,) = err.value.lines
+    assert line.startswith(f"{path}: {field}: ") and problem in line
+
+
+def test_a_peer_variant_is_not_built_by_the_dynamicvit_class() -> None:
+    with pytest.raises(ValueError, match="variant: 'tome' is a peer method"):
+        models.DynamicVisionTransformer(variant="tome", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    with pytest.raises(ValueError, match="fuse_token: the topk variant never fuses"):
+        build(variant="topk", fuse_token=True)
+    with pytest.raises(ValueError, match="tome_r: must be an int >= 0"):
+        build(variant="tome", tome_r=[1, 2, 3, 4, 5])
+
+
+# -------------------------------------------------------------------------------- engine
+def test_tome_output_feeds_the_shared_losses() -> None:
+    """CE + KL + token distillation against a dense teacher, as the engine computes them; no ratio term."""
+    from harness.config import LossConfig
+    from harness.losses import DynamicViTLoss
+
+    teacher = build(TINY, variant="dense").eval()
+    student = build(TINY, variant="tome", tome_r=6).train()
+    x = images(student)
+    with torch.no_grad():
+        t = teacher.forward_masked(x)
+    loss_fn = DynamicViTLoss(LossConfig(), student.stage_ratios, torch.nn.CrossEntropyLoss())
+    loss, parts = loss_fn(student(x), torch.tensor([0, 1, 2, 3]), (t.logits, student.align_teacher_tokens(t.tokens)))
+    assert set(parts) == {"cls", "kl", "token"} and all(torch.isfinite(v) for v in parts.values())
+    loss.backward()
+    assert all(p.grad is not None for n, p in student.named_parameters() if n.startswith("blocks."))
+
+
+def test_a_peer_trains_and_distils_through_harness_train(tmp_path: Path) -> None:
+    """One epoch of EViT from the shipped tiny teacher, CE + KL + token distillation, into MLflow."""
+    from mlflow import MlflowClient
+
+    model = {"variant": "evit", "keep_ratio": 0.5}
+
+    teacher = str(REPO / "checkpoints" / "tiny_teacher_dense.pth")
+    config = {
+        "model": {"name": TINY, **model}, "teacher": {"checkpoint": teacher},
+        "data": {"name": "cluttered_mnist", "train_digits": 128, "val_digits": 64, "val_placements": 1},
+        "aug": {"auto_augment": None, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "random_erasing": 0.0},
+        "optim": {"warmup_epochs": 0, "backbone_lr_scale": 0.1, "backbone_freeze_epochs": 0, "lr_base_batch": 64},
+        "train": {"epochs": 1, "batch_size": 64, "ema": None, "init_from": teacher},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "peers", "visualize_images": 2},
+        "output_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "harness.train", str(path)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("peers").experiment_id])
+    metrics = run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.tags["variant"] == model["variant"]
+    assert metrics["train/loss_token"] > 0 and metrics["train/loss_kl"] > 0 and "train/loss_ratio" not in metrics
+    built = build(TINY, **model)
+    assert metrics["gflops"] == pytest.approx(count_gflops(built), rel=1e-6)
+    assert math.isfinite(metrics["val/acc1"]) and metrics["throughput_img_s"] > 0
+    assert metrics["val/keep_stage1"] == pytest.approx(built.num_keep[0] / 64)
+    assert (tmp_path / "run" / "kept_tokens.png").exists()
