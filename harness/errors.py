@@ -44,16 +44,19 @@ def show(value: object, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def os_error_line(err: OSError) -> tuple[str, int]:
-    """`path: problem` and the exit code for an OSError (ENOSPC: the disk is full, exit 1)."""
-    where = err.filename or "(unknown path)"
+def os_error_line(err: OSError, folder: Optional[Path] = None) -> tuple[str, int]:
+    """`path: problem` and the exit code for an OSError (ENOSPC: the disk is full, exit 1).
+
+    A write through an open file handle names no path: `folder` (the run's) stands in for it.
+    """
+    where = err.filename or (str(folder) if folder else "(unknown path)")
     problem = {errno.ENOSPC: "no space left on the device (disk full)",
                errno.EROFS: "read-only file system",
                errno.EDQUOT: "disk quota exceeded"}.get(err.errno or 0, err.strerror or str(err))
     return f"{where}: {problem}", EXIT_INVALID if err.errno in _USER_ERRNOS else EXIT_FAILED
 
 
-def _root_os_error(err: BaseException) -> Optional[OSError]:
+def root_os_error(err: BaseException) -> Optional[OSError]:
     """The OSError behind an exception (torch buries ENOSPC under RuntimeError('unexpected pos ...'))."""
     seen = 0
     while err is not None and seen < 10:
@@ -106,10 +109,10 @@ def handle(prog: str, main: Callable[[], int], log_dir: Callable[[], Optional[Pa
         print(f"{prog}: out of memory (sizes too large for this machine?) (traceback: {log})", file=sys.stderr)
         return EXIT_FAILED
     except Exception as err:  # an I/O error anywhere below, possibly wrapped (torch.save on a full disk)
-        cause = _root_os_error(err)
+        cause = root_os_error(err)
         if cause is None:
             raise  # a bug: keep the traceback
-        line, code = os_error_line(cause)
+        line, code = os_error_line(cause, log_dir())
         log = _write_log(prog, log_dir())
         print(f"{line} (traceback: {log})", file=sys.stderr)
         return code

@@ -181,7 +181,13 @@ def folder_is_resumable(folder: Path, run_key: str, mlflow_run_id: str) -> bool:
 
 
 # ------------------------------------------------------------------ the MLflow side of a job
-def _one_line(err: BaseException) -> str:
+def _one_line(err: BaseException, folder: Optional[Path] = None) -> str:
+    """The error in one line; an I/O error buried under another (torch.save on a full disk) by its cause."""
+    from harness.errors import root_os_error, os_error_line
+
+    cause = root_os_error(err)
+    if cause is not None:
+        return f"OSError: {os_error_line(cause, folder)[0]}"[:4000]
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"[:4000]
 
@@ -196,27 +202,41 @@ def failure_marks_run(cfg: RunConfig) -> Iterator[None]:
     """
     try:
         yield
-    except BaseException as err:
-        if cfg.tracking.run_id and type(err).__name__ not in ("Preempted", "Pruned"):
-            mark_if_scheduled(cfg, "FAILED", _one_line(err))
+    except Exception as err:
+        if type(err).__name__ not in ("Preempted", "Pruned"):
+            mark_failed(cfg, err)
         raise
 
 
-def mark_if_scheduled(cfg: RunConfig, status: str, reason: str) -> None:
-    """Terminate the job's MLflow run if nothing started it yet; a store that fails is left alone."""
+def mark_failed(cfg: RunConfig, err: BaseException) -> None:
+    """A run nothing started yet is FAILED with the reason; one that failed on I/O gets the real cause
+    as its `error` tag (torch reports a full disk as 'unexpected pos'). A store that fails is left alone."""
+    from harness.errors import root_os_error
+
+    run_id = cfg.tracking.run_id
+    buried = root_os_error(err) is not None
+    if not run_id and not buried:
+        return
     try:
         from mlflow import MlflowClient
 
         from harness.tracking import resolve_tracking_uri
 
         client = MlflowClient(resolve_tracking_uri(cfg.tracking))
-        if client.get_run(cfg.tracking.run_id).info.status == "SCHEDULED":
-            client.set_tag(cfg.tracking.run_id, "error", reason)
-            client.set_terminated(cfg.tracking.run_id, status)
-    except Exception as err:  # the original error matters more; say why the run was not marked
+        if not run_id:  # harness.train without a launcher: the run id is in the folder's binding
+            bound = read_binding(Path(cfg.output_dir))
+            run_id = bound.mlflow_run_id if bound else None
+            if not run_id:
+                return
+        status = client.get_run(run_id).info.status
+        if status == "SCHEDULED" or buried:
+            client.set_tag(run_id, "error", _one_line(err, Path(cfg.output_dir)))
+        if status == "SCHEDULED":
+            client.set_terminated(run_id, "FAILED")
+    except Exception as problem:  # the original error matters more; say why the run was not marked
         import sys
 
-        print(f"could not mark MLflow run {cfg.tracking.run_id} {status}: {_one_line(err)}", file=sys.stderr)
+        print(f"could not mark MLflow run {run_id} FAILED: {_one_line(problem)}", file=sys.stderr)
 
 
 def mark_finished_if_open(cfg: RunConfig) -> None:

@@ -874,3 +874,35 @@ def test_harness_cancel_cancels_queued_and_running_slurm_jobs(tmp_path: Path) ->
     runs = train_runs(tmp_path)
     assert {r.info.status for r in runs} == {"KILLED"} and all(r.data.tags.get("cancelled") for r in runs)
     wait_for(lambda: not squeue(",".join(sorted(jobs))), 90, "the jobs to leave the queue")
+
+
+@contextlib.contextmanager
+def tiny_disk(path: Path, size: str) -> Iterator[Path]:
+    """A real, nearly full file system: a tmpfs of `size` (needs root, as in CI)."""
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_the_run_is_failed(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "run.yaml", {
+        "model": {"name": "dynamicvit_micro_patch4_32", "variant": "dense"},
+        "data": {"name": "synthetic", "train_size": 32, "val_size": 16},
+        "aug": {"mixup": 0, "cutmix": 0, "label_smoothing": 0, "auto_augment": None},
+        "train": {"epochs": 1, "batch_size": 16}, "losses": {"kl": 0, "token": 0},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "visualize_images": 0, "experiment": "full"}})
+    with tiny_disk(tmp_path / "disk", "48k") as disk:
+        result = cli("harness.train", str(cfg), f"output_dir={disk / 'run'}", cwd=tmp_path, timeout=300)
+    lines = [line for line in result.stderr.strip().splitlines() if " INFO mlflow" not in line]  # store created
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"{disk / 'run'}: no space left on the device (disk full) (traceback: "), lines
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("full").experiment_id])
+    assert run.info.status == "FAILED" and "no space left on the device (disk full)" in run.data.tags["error"]
