@@ -63,3 +63,67 @@ MODEL_DEFAULTS.update({
         mlp_ratio=3.0, qkv_bias=False, skip_lam=2.0, stem_chs=16, pruning_loc=(2, 4, 6), _family="lvvit",
     ),
 })
+
+
+# DynamicSwin and DynamicCNN (models/swin.py, models/convnext.py): the T-PAMI dynamic spatial
+# sparsification of the third stage, on timm's Swin / ConvNeXt (keyword arguments are timm's).
+# Kept apart from MODEL_DEFAULTS (the ViT families): `pruning_loc` indexes the third stage's blocks.
+# Locations as HEAD main.py builds them (:278-307 ConvNeXt, :358-405 Swin); `_url`: the dense
+# backbones the official README links (HEAD README.md:89-91), loaded by `pretrained=True`.
+_SWIN_URL = "https://github.com/SwinTransformer/storage/releases/download/v1.0.0"
+_CONVNEXT_URL = "https://dl.fbaipublicfiles.com/convnext"
+
+
+def _swin(embed_dim: int, depths: tuple[int, ...], heads: tuple[int, ...], pruning_loc: tuple[int, ...],
+          url: Optional[str] = None, **overrides: Any) -> dict[str, Any]:
+    spec = dict(img_size=224, patch_size=4, window_size=7, embed_dim=embed_dim, depths=depths, num_heads=heads,
+                drop_path_rate=0.0, pruning_loc=pruning_loc, _url=url, _family="swin")
+    return {**spec, **overrides}
+
+
+def _convnext(depths: tuple[int, ...], dims: tuple[int, ...], pruning_loc: tuple[int, ...],
+              url: Optional[str] = None, **overrides: Any) -> dict[str, Any]:
+    spec = dict(img_size=224, patch_size=4, depths=depths, dims=dims, drop_path_rate=0.0,
+                pruning_loc=pruning_loc, _url=url, _family="convnext")
+    return {**spec, **overrides}
+
+
+SPATIAL_MODELS: dict[str, dict[str, Any]] = {
+    "dynamicswin_tiny_patch4_window7_224": _swin(
+        96, (2, 2, 6, 2), (3, 6, 12, 24), (1, 2, 3), f"{_SWIN_URL}/swin_tiny_patch4_window7_224.pth"),
+    "dynamicswin_small_patch4_window7_224": _swin(
+        96, (2, 2, 18, 2), (3, 6, 12, 24), (2, 4, 6), f"{_SWIN_URL}/swin_small_patch4_window7_224.pth"),
+    "dynamicswin_base_patch4_window7_224": _swin(
+        128, (2, 2, 18, 2), (4, 8, 16, 32), (2, 4, 6), f"{_SWIN_URL}/swin_base_patch4_window7_224.pth"),
+    "dynamicconvnext_tiny": _convnext(
+        (3, 3, 9, 3), (96, 192, 384, 768), (1, 2, 3), f"{_CONVNEXT_URL}/convnext_tiny_1k_224_ema.pth"),
+    "dynamicconvnext_small": _convnext(
+        (3, 3, 27, 3), (96, 192, 384, 768), (3, 6, 9), f"{_CONVNEXT_URL}/convnext_small_1k_224_ema.pth"),
+    "dynamicconvnext_base": _convnext(
+        (3, 3, 27, 3), (128, 256, 512, 1024), (3, 6, 9), f"{_CONVNEXT_URL}/convnext_base_1k_224_ema.pth"),
+    # The tiny (CPU proxy) scale: 64 px cluttered MNIST, 2x2 patches, so that the third stage is
+    # 8 x 8 = 64 positions (the tiny ViT's 64 tokens); first third-stage block dense, then 3 locations
+    "dynamicswin_proxy_patch2_window4_64": _swin(
+        32, (1, 1, 4, 1), (1, 2, 4, 8), (1, 2, 3), img_size=64, patch_size=2, window_size=4, in_chans=1,
+        num_classes=10),
+    "dynamicconvnext_proxy_patch2_64": _convnext(
+        (1, 1, 4, 1), (32, 64, 128, 256), (1, 2, 3), img_size=64, patch_size=2, in_chans=1, num_classes=10),
+    # For tests: 32 px, 1x1 patches, third stage 8 x 8 = 64 positions, a few thousand parameters per block
+    "dynamicswin_micro_patch1_window4_32": _swin(
+        16, (1, 1, 4, 1), (1, 1, 2, 4), (1, 2, 3), img_size=32, patch_size=1, window_size=4, num_classes=10),
+    "dynamicconvnext_micro_patch1_32": _convnext(
+        (1, 1, 4, 1), (8, 16, 32, 64), (1, 2, 3), img_size=32, patch_size=1, num_classes=10),
+}
+ALL_MODELS: dict[str, dict[str, Any]] = {**MODEL_DEFAULTS, **SPATIAL_MODELS}
+SPATIAL_VARIANTS = ("dense", "dynamic")
+
+
+def family(name: str) -> str:
+    """`deit`, `lvvit`, `swin` or `convnext`: which model module builds `name`."""
+    return ALL_MODELS[name].get("_family", "deit")
+
+
+def pruning_depth(name: str) -> int:
+    """How many blocks `pruning_loc` indexes: the ViT's depth, or the sparsified third stage's."""
+    spec = ALL_MODELS[name]
+    return spec["depths"][2] if name in SPATIAL_MODELS else spec["depth"]

@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from harness.catalog import MODEL_DEFAULTS
+from harness.catalog import ALL_MODELS, SPATIAL_MODELS, SPATIAL_VARIANTS, pruning_depth
 
 
 class Section(BaseModel):
@@ -37,18 +37,21 @@ class ModelConfig(Section):
     @field_validator("name")
     @classmethod
     def _registered(cls, name: str) -> str:
-        if name not in MODEL_DEFAULTS:
+        if name not in ALL_MODELS:
             import difflib
 
-            close = difflib.get_close_matches(name, list(MODEL_DEFAULTS), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; registered: {', '.join(MODEL_DEFAULTS)}"
+            close = difflib.get_close_matches(name, list(ALL_MODELS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; registered: {', '.join(ALL_MODELS)}"
             raise ValueError(f"unknown model{hint}")
         return name
 
     @model_validator(mode="after")
     def _fits_the_architecture(self) -> "ModelConfig":
         """Pruning locations and pooling point must lie inside the model's depth (caught before any job)."""
-        depth = MODEL_DEFAULTS[self.name]["depth"]
+        depth = pruning_depth(self.name)  # Swin / ConvNeXt: the sparsified third stage's blocks
+        if self.name in SPATIAL_MODELS and self.variant not in SPATIAL_VARIANTS:
+            raise ValueError(f"variant: {self.name} (dynamic spatial sparsification) supports "
+                             f"{', '.join(SPATIAL_VARIANTS)}, got {self.variant!r}")
         if self.pruning_loc is not None and not all(0 <= loc < depth for loc in self.pruning_loc):
             raise ValueError(f"pruning_loc: each location must be a block index in [0, {depth - 1}], got {self.pruning_loc}")
         if self.pool_after_block is not None and not 1 <= self.pool_after_block < depth:
@@ -202,6 +205,7 @@ class TrainConfig(Section):
     channels_last: bool = False
     init_from: Optional[str] = None  # checkpoint or run folder to start the weights from
     deterministic: bool = False  # masked top-k decisions instead of Gumbel samples
+    accum_steps: int = Field(1, ge=1)  # micro-batches per optimiser update (HEAD --update_freq): global batch x this
 
 
 class TrackingConfig(Section):
@@ -216,7 +220,7 @@ class TrackingConfig(Section):
     visualize_images: int = Field(4, ge=0)
 
 
-RecipeName = Literal["dynamicvit-2021", "dynamicvit-tpami"]
+RecipeName = Literal["dynamicvit-2021", "dynamicvit-tpami", "dynamicvit-tpami-spatial"]
 
 
 def _deep_merge(below: dict[str, Any], above: dict[str, Any]) -> dict[str, Any]:

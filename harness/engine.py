@@ -202,8 +202,14 @@ class Trainer:
             self.data.val, cfg.train.eval_batch_size or cfg.train.batch_size, train=False,
             seed=cfg.train.seed, num_workers=cfg.data.num_workers, distributed=env.enabled,
         )
-        self.steps_per_epoch = len(self.train_loader)
-        global_batch = cfg.train.batch_size * env.world_size
+        # train.accum_steps micro-batches make one optimiser update (HEAD --update_freq): steps count
+        # updates, and an epoch's last incomplete update is skipped (HEAD main.py:486, engine.py:34-36)
+        self.accum = cfg.train.accum_steps
+        self.steps_per_epoch = len(self.train_loader) // self.accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"train.accum_steps: must not exceed the {len(self.train_loader)} batches of an epoch, "
+                             f"got {self.accum}")
+        global_batch = cfg.train.batch_size * env.world_size * self.accum
         self.optimizer = build_optimizer(self.model, cfg.optim, global_batch)
         self.lr_schedule = build_schedule(cfg.optim, global_batch, cfg.train.epochs, self.steps_per_epoch)
         self.ema = ModelEmaV3(self.model, decay=cfg.train.ema) if cfg.train.ema else None
@@ -263,7 +269,8 @@ class Trainer:
         total = max(1, self.cfg.train.epochs * self.steps_per_epoch - 1)
         return gumbel_tau(self.cfg.gumbel, step / total)
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor, step: int) -> dict[str, float]:
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, step: int, micro: int = 0) -> dict[str, float]:
+        """One micro-batch (`micro` of `accum_steps`) of optimiser update `step`; the update runs after the last."""
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         if self.mixup is not None:
@@ -287,8 +294,11 @@ class Trainer:
         if not torch.isfinite(stacked).all():
             shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(values, stacked.tolist()))
             raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {self.epoch}): {shown}")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if micro == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss / self.accum).backward()  # the mean over the update's micro-batches
+        if micro < self.accum - 1:
+            return dict(zip(values, stacked.tolist()))
         if self.cfg.optim.clip_grad:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
@@ -334,17 +344,20 @@ class Trainer:
         set_epoch(self.train_loader, self.epoch)
         batches = _skip(iter(self.train_loader), self.batches_done)
         quiet = not sys.stderr.isatty() or not self.env.is_main
-        bar = tqdm(batches, total=self.steps_per_epoch, initial=self.batches_done, disable=quiet,
+        micro_batches = self.steps_per_epoch * self.accum
+        bar = tqdm(batches, total=micro_batches, initial=self.batches_done, disable=quiet,
                    desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", leave=False)
         for images, targets in bar:
-            step = self.epoch * self.steps_per_epoch + self.batches_done
-            values = self.train_step(images, targets, step)
+            if self.batches_done >= micro_batches:  # the epoch's incomplete last update
+                break
+            step, micro = self.epoch * self.steps_per_epoch + self.batches_done // self.accum, self.batches_done % self.accum
+            values = self.train_step(images, targets, step, micro)
             self.sums.add(values)
             self.batches_done += 1
-            if self.tracker and step % self.cfg.optim.log_every == 0:
+            if self.tracker and micro == self.accum - 1 and step % self.cfg.optim.log_every == 0:
                 self.tracker.log_metrics({"train/loss_step": values["loss"]}, step=step)
             bar.set_postfix(loss=f"{values['loss']:.3f}")
-            if stop.received is not None:
+            if stop.received is not None and self.batches_done % self.accum == 0:  # at an update boundary
                 self.save()
                 raise Preempted(f"signal {stop.received}: checkpoint written at epoch {self.epoch}, "
                                 f"batch {self.batches_done}")
@@ -402,7 +415,8 @@ class Trainer:
             images = torch.stack([self.data.val[i][0] for i in range(min(n_images, len(self.data.val)))])
             with torch.no_grad():
                 _, kept = self.model.eval().forward_pruned(images.to(self.device), return_positions=True)
-            paths.append(kept_token_figure(images, kept, tuple(self.model.patch_embed.grid_size),
+            grid = getattr(self.model, "selection_grid", None) or tuple(self.model.patch_embed.grid_size)  # Swin/ConvNeXt: stage 3
+            paths.append(kept_token_figure(images, kept, grid,
                                            self.data.mean, self.data.std, self.out / "kept_tokens.png"))
         weights = self.out / ckpt.FINAL_WEIGHTS
         ckpt.save_atomic({"model": self.model.state_dict()}, weights)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from harness.config import LossConfig
 from models.dynamic_vit import DynamicViTOutput
 from models.lvvit import LVViTOutput
+from models.spatial import SpatialOutput
 
 
 def ratio_loss(keep_fractions: Tensor, targets: Sequence[float]) -> Tensor:
@@ -146,5 +147,50 @@ class LVViTLoss(DynamicViTLoss):
 
 
 def loss_for(model: nn.Module) -> type[DynamicViTLoss]:
-    """The objective of a model's family: LV-ViT distils its aux-head token logits by KL."""
+    """The objective of a model's family: LV-ViT distils its aux-head token logits by KL,
+    Swin / ConvNeXt (dynamic spatial sparsification) the whole final feature map."""
+    if getattr(model, "distills_feature_map", False):
+        return SpatialSparsificationLoss
     return LVViTLoss if getattr(model, "token_distillation", "mse") == "kl" else DynamicViTLoss
+
+
+# ----------------------------------------------------------------- Swin / ConvNeXt (spatial)
+def feature_map_loss(student_map: Tensor, teacher_map: Tensor) -> Tensor:
+    """MSE between the whole final normalised feature maps, every position (kept or not)."""
+    return (student_map.float() - teacher_map.float()).pow(2).mean()
+
+
+class SpatialSparsificationLoss(DynamicViTLoss):
+    """The T-PAMI objective of DynamicSwin / DynamicCNN (official `ConvNextDistillDiffPruningLoss`).
+
+    loss = w_cls CE + w_ratio ratio + w_kl KL(teacher || student) + w_token MSE(whole final map),
+    official weights 1, 10, 0.5, 0.5 (HEAD main.py:413-418, losses.py:7-91). The ratio term is
+    the DeiT family's formula (mean over locations of the batch-mean squared gap) on every
+    location's own decision, against [rho, rho - 0.2, rho - 0.4]; the token term does not look
+    at the decisions: nothing is dropped from the map, so the whole map is distilled.
+    Not copied: the official class crashes on its 100th call (it prints an undefined attribute).
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        output: SpatialOutput,
+        targets: Tensor,
+        teacher: Optional[tuple[Tensor, Tensor]] = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        parts: dict[str, Tensor] = {}
+        total = output.logits.new_zeros((), dtype=torch.float32)
+        if self.cfg.cls.active:
+            parts["cls"] = self.base_criterion(output.logits.float(), targets)
+            total = total + self.cfg.cls.weight * parts["cls"]
+        if self.cfg.ratio.active and output.keep_fractions.shape[1] > 0:
+            parts["ratio"] = ratio_loss(output.keep_fractions.float(), self.stage_ratios)
+            total = total + self.cfg.ratio.weight * parts["ratio"]
+        if self.needs_teacher and teacher is not None:
+            teacher_logits, teacher_map = teacher
+            if self.cfg.kl.active:
+                parts["kl"] = kl_loss(output.logits, teacher_logits)
+                total = total + self.cfg.kl.weight * parts["kl"]
+            if self.cfg.token.active:
+                parts["token"] = feature_map_loss(output.tokens, teacher_map)
+                total = total + self.cfg.token.weight * parts["token"]
+        return total, parts

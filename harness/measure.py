@@ -32,6 +32,8 @@ def explicit_attention(model: nn.Module) -> Iterator[None]:
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) a timm ViT expects (`in_chans`: LV-ViT's `proj` reads its conv stem, not the image)."""
+    if hasattr(model, "input_shape"):  # Swin / ConvNeXt say it themselves (ConvNeXt has no patch_embed)
+        return tuple(model.input_shape)
     patch_embed = getattr(model, "patch_embed")
     height, width = patch_embed.img_size
     return (getattr(model, "in_chans", None) or patch_embed.proj.in_channels, height, width)

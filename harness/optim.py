@@ -36,7 +36,9 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def is_predictor(name: str) -> bool:
-    return name.startswith(PREDICTOR_PREFIX)
+    """A new (full-lr) parameter: the token selectors, and in Swin / ConvNeXt also the fast paths
+    (`layers.2.score_predictor.*`, `fastmlp`, `fast_path*`: HEAD optim_factory.py:82 'fast' / 'predictor')."""
+    return name.startswith(PREDICTOR_PREFIX) or ".score_predictor." in name or ".fast" in name
 
 
 def group_of(name: str, param: nn.Parameter, cfg: OptimConfig, skip: set[str]) -> str:

@@ -17,6 +17,10 @@ Sources, in raoyongming/DynamicViT (every value below names its file and line):
   `optim_factory.py`, `engine.py`, `losses.py`, `models/dyvit.py`, run with its README's DeiT-S
   command (README.md line 127):
   `--model deit-s --batch_size 128 --epochs 30 --base_rate 0.7 --lr 1e-3 --warmup_epochs 5` on 8 GPUs.
+- `dynamicvit-tpami-spatial`: HEAD again, for DynamicSwin and DynamicCNN (Swin / ConvNeXt), run
+  with its README's 8-GPU commands (README.md:155, 169, 183, 197, 211, 225), e.g.
+  `--model swin-t --batch_size 128 --epochs 120 --base_rate 0.7 --lr 4e-3 --drop_path 0.2
+  --update_freq 4 --lr_scale 0.2`: gradient accumulation over 4 micro-batches (`train.accum_steps`).
 
 Not presets because both codes agree and the config's defaults already say so: AdamW with eps
 1e-8 (main_dynamic_vit.py:55, main.py:70), pruning locations [3, 6, 9] and keep ratios
@@ -114,6 +118,48 @@ RECIPES: dict[str, dict[str, Any]] = {
             "token": {"weight": 0.5},  # main.py:425 mse_token=True, distill_weight=0.5 (losses.py: token MSE)
         },
         "gumbel": {"tau": 1.0},  # models/dyvit.py:437 F.gumbel_softmax(pred_score, hard=True), default tau 1
+    },
+    "dynamicvit-tpami-spatial": {  # DynamicSwin / DynamicCNN (ConvNeXt): HEAD main.py, README.md:150-232
+        "train": {
+            "batch_size": 128,  # README.md:155 --batch_size 128 per GPU, 8 GPUs
+            "accum_steps": 4,  # README.md:155 --update_freq 4 -> global batch 128 x 8 x 4 = 4096 (main.py:485)
+            "epochs": 120,  # README.md:155 --epochs 120
+            "precision": "fp32",  # main.py:185 --use_amp False: engine.py:58-60 full precision
+            "ema": 0.9999,  # main.py:62-63 model_ema True, --model_ema_decay 0.9999; :583-592 evaluated too
+            "repeated_aug": False,  # main.py:218-219 DistributedSampler
+        },
+        "optim": {
+            "lr": 4e-3,  # README.md:155 --lr 4e-3 (main.py:84 default, "with total batch size 4096")
+            "lr_base_batch": None,  # main.py:485-487 the lr is used as given, never rescaled by batch size
+            "min_lr": 1e-6,  # main.py:87 --min_lr 1e-6
+            "warmup_epochs": 20,  # main.py:89 default 20: the README commands do not pass --warmup_epochs
+            "warmup_lr": 0.0,  # utils.py:433 start_warmup_value=0 (linear from 0, utils.py:440)
+            "sched": "step",  # utils.py:432-449 per optimiser update (engine.py:34-44 it = data_iter_step // update_freq)
+            "backbone_lr_scale": 0.2,  # README.md:155 --lr_scale 0.2 -> optim_factory.py:106-111 lr_scale
+            "backbone_lr_rule": "scale",  # engine.py:44 lr = schedule[it] * lr_scale
+            "backbone_freeze_epochs": 5,  # optim_factory.py:107,110 fix_step = 5; engine.py:41-42 lr 0 before
+            "weight_decay": 0.05,  # main.py:78 --weight_decay 0.05 (constant: weight_decay_end None, main.py:522-525)
+            "predictor_decay": "matrices",  # optim_factory.py:82-89 new params ('fast', 'predictor'): 1-D and biases undecayed
+            "clip_grad": None,  # main.py:74 --clip_grad None
+            "freeze": ["cls_token", "pos_embed"],  # optim_factory.py:80-81 (Swin and ConvNeXt have neither)
+        },
+        "aug": {
+            "auto_augment": "rand-m9-mstd0.5-inc1",  # main.py:97 --aa
+            "mixup": 0.8,  # main.py:118 --mixup 0.8
+            "cutmix": 1.0,  # main.py:120 --cutmix 1.0
+            "label_smoothing": 0.1,  # main.py:99 --smoothing 0.1
+            "random_erasing": 0.25,  # main.py:108 --reprob 0.25
+        },
+        "model": {
+            "drop_path": 0.2,  # README.md:155,169,197,211 --drop_path 0.2 (ConvNeXt-B, Swin-B: 0.5, README.md:183,225)
+        },
+        "losses": {
+            "cls": {"weight": 1.0},  # main.py:414,417 clf_weight=1.0
+            "ratio": {"weight": 10.0},  # main.py:415,418 ratio_weight=10.0
+            "kl": {"weight": 0.5},  # losses.py:12,70 distill_weight=0.5 on the logit KL
+            "token": {"weight": 0.5},  # losses.py:67,70 distill_weight=0.5 on the MSE of the whole final map
+        },
+        "gumbel": {"tau": 1.0},  # dyswin.py:267, dyconvnext.py:218 F.gumbel_softmax(pred_score, hard=True), tau 1
     },
 }
 

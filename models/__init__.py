@@ -6,6 +6,9 @@ from models.dynamic_vit import (
     DynamicVisionTransformer,
 )
 from models.lvvit import DynamicLVViT, LVViTOutput
+from models.convnext import DynamicConvNeXt
+from models.spatial import SpatialOutput
+from models.swin import DynamicSwinTransformer
 
 __all__ = [
     "MODEL_DEFAULTS",
@@ -14,6 +17,9 @@ __all__ = [
     "DynamicVisionTransformer",
     "DynamicLVViT",
     "LVViTOutput",
+    "DynamicConvNeXt",
+    "DynamicSwinTransformer",
+    "SpatialOutput",
     "load_weights",
     "read_state_dict",
 ]

@@ -237,6 +237,9 @@ def load_weights(model: nn.Module, source: str) -> list[str]:
     Anything else missing, any unexpected key or any shape mismatch is an error naming it.
     """
     state = read_state_dict(source)
+    convert = getattr(model, "checkpoint_filter_fn", None)  # Swin / ConvNeXt: official or timm layout -> the model's
+    if convert is not None:
+        state = convert(state)
     own = model.state_dict()
     mismatched = [
         f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -246,7 +249,8 @@ def load_weights(model: nn.Module, source: str) -> list[str]:
     if mismatched:
         raise ValueError(f"checkpoint: {source}: shape mismatch: {'; '.join(mismatched[:5])}")
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(PREDICTOR_PREFIX)]
+    added = getattr(model, "is_added_key", lambda key: key.startswith(PREDICTOR_PREFIX))  # Swin/ConvNeXt: + fast paths
+    missing = [k for k in result.missing_keys if not added(k)]
     if missing or result.unexpected_keys:
         raise ValueError(
             f"checkpoint: {source}: missing keys {missing[:8]}, unexpected keys {result.unexpected_keys[:8]}"

@@ -1,0 +1,206 @@
+"""DynamicSwin: dynamic spatial sparsification (T-PAMI DynamicViT) on timm's Swin Transformer.
+
+A small, named change to `timm.models.swin_transformer.SwinTransformer` (the scheme is in
+models/spatial.py). Modifications:
+  1. `layers.2.score_predictor`: one `PredictorLG` (models/dynamic_vit.py) per pruning location,
+     before third-stage blocks `pruning_loc` ([1, 2, 3] for Swin-T, [2, 4, 6] for Swin-S/B).
+  2. `DynamicSwinBlock` replaces timm's block from the first location to the end of the third
+     stage (as the official `AdaSwinTransformerBlock`): it adds `fastmlp` (LayerNorm + Linear
+     C -> C) and two forward paths. Window attention always runs on the whole map.
+       - training (`forward_streams`): the official two-stream step. The stage carries a "kept"
+         and a "fast" stream; a block reads `kept * m + fast * (1 - m)` under the current mask m,
+         adds attention, then kept <- x + MLP(norm2(x * m + kept * (1 - m))) and
+         fast <- x + fastmlp(x * (1 - m) + fast * m). Where m stays the same this is
+         x + MLP or x + fastmlp of the real state; where a new location flips a position's
+         decision, the block reads the other stream's (stale) value there, exactly as the
+         official code does (dyswin.py AdaSwinTransformerBlock.forward), so that training under
+         the same Gumbel noise gives the official numbers.
+       - inference (`forward_split`): MLP on the kept positions, fast path on the rest, gathered
+         and scattered back, so the map keeps its shape.
+  3. Decisions: hard Gumbel-softmax over all 196 positions at each location (not nested), or
+     exact top-k in deterministic mode; inference keeps the top `int(196 * ratio_s)`.
+  4. `forward` returns a `SpatialOutput` in training (logits, the whole normalised final map
+     (B, 49, C), decisions) and logits in eval. Unlike the official code, inference works at
+     every batch size (the official `len(x) == 2` test takes a batch of 2 for its [x1, x2] pair
+     and crashes, DynamicViT issue #25).
+  5. `no_weight_decay` is empty: the official optimiser decays `relative_position_bias_table`.
+
+Parameter names are timm's (so timm's Swin weights load with only the predictors and fast paths
+missing) plus the official names of the added modules (`layers.2.score_predictor.N`,
+`layers.2.blocks.N.fastmlp.fc1.{0,1}`). An official checkpoint (DynamicSwin or Microsoft's
+Swin) loads with `load_state_dict(strict=True)`: a load hook maps it with timm's own
+`checkpoint_filter_fn` (downsample moved to the next stage, `head` -> `head.fc`, the
+`relative_position_index` and `attn_mask` buffers dropped: timm recomputes them).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from timm.layers import trunc_normal_
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+from timm.models.swin_transformer import checkpoint_filter_fn as timm_swin_filter
+
+from models.dynamic_vit import PredictorLG
+from models.spatial import (
+    SpatialOutput,
+    SpatialSparsification,
+    check_input,
+    official_layout_hook,
+    register_family,
+    split_apply,
+    split_by_score,
+)
+
+SPARSE_STAGE = 2  # the third stage (14 x 14 at 224 px)
+
+
+class FastMlp(nn.Module):
+    """The fast path of a dropped position: LayerNorm + Linear C -> C (official `fastMlp`)."""
+
+    def __init__(self, dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+        self.drop = nn.Dropout(drop)
+        trunc_normal_(self.fc1[1].weight, std=0.02)  # the official init (dyswin.py _init_weights)
+        nn.init.zeros_(self.fc1[1].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc1(x))
+
+
+class DynamicSwinBlock(SwinTransformerBlock):
+    """timm's Swin block plus a fast path and the two sparsified forward paths (see module doc)."""
+
+    fastmlp: FastMlp
+
+    @classmethod
+    def convert(cls, block: SwinTransformerBlock) -> "DynamicSwinBlock":
+        """Turn a built timm block into this class in place (as ToMe patches timm blocks)."""
+        block.__class__ = cls
+        block.fastmlp = FastMlp(block.dim, drop=block.mlp.drop1.p)
+        return block  # type: ignore[return-value]
+
+    def forward_streams(self, kept: Tensor, fast: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Training step on NHWC streams under the 0/1 mask (B, H, W, 1)."""
+        x = kept * mask + fast * (1 - mask)
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        kept_in = x * mask + kept * (1 - mask)
+        fast_in = x * (1 - mask) + fast * mask
+        kept = x + self.drop_path2(self.mlp(self.norm2(kept_in)))
+        fast = x + self.drop_path2(self.fastmlp(fast_in))
+        return kept, fast
+
+    def forward_split(self, x: Tensor, kept: Tensor, rest: Tensor) -> Tensor:
+        """Inference: attention on the whole map, MLP on the `kept` positions, fast path on `rest`."""
+        batch, height, width, dim = x.shape
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        flat = x.reshape(batch, height * width, dim)
+        update = split_apply(
+            flat, kept, rest,
+            lambda t: self.drop_path2(self.mlp(self.norm2(t))),
+            lambda t: self.drop_path2(self.fastmlp(t)),
+        )
+        return (flat + update).reshape(batch, height, width, dim)
+
+
+class DynamicSwinTransformer(SpatialSparsification, SwinTransformer):
+    """timm's SwinTransformer with dynamic spatial sparsification of its third stage."""
+
+    def __init__(
+        self,
+        *,
+        variant: str = "dynamic",
+        keep_ratio: float = 0.7,
+        pruning_loc: Optional[Sequence[int]] = (1, 2, 3),
+        stage_ratios: Optional[Sequence[float]] = None,
+        gumbel_tau: float = 1.0,
+        deterministic: bool = False,
+        **swin_kwargs: Any,
+    ) -> None:
+        super().__init__(**swin_kwargs)
+        stage = self.layers[SPARSE_STAGE]
+        self._plan_sparsity(
+            variant=variant, keep_ratio=keep_ratio, pruning_loc=pruning_loc, stage_ratios=stage_ratios,
+            gumbel_tau=gumbel_tau, deterministic=deterministic, stage_depth=len(stage.blocks),
+            grid=stage.output_resolution,
+        )
+        self.input_shape = (self.in_chans, *self.patch_embed.img_size)
+        if self.pruning_loc:
+            dim = stage.blocks[0].dim
+            stage.score_predictor = nn.ModuleList(PredictorLG(dim) for _ in self.pruning_loc)
+            for block in stage.blocks[self.pruning_loc[0]:]:
+                DynamicSwinBlock.convert(block)
+        self.register_load_state_dict_pre_hook(official_layout_hook)
+
+    def checkpoint_filter_fn(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """An official (DynamicSwin / Microsoft Swin) or timm state dict in this model's layout."""
+        return timm_swin_filter(dict(state), self)
+
+    # ----------------------------------------------------------------------------- paths
+    def _before(self, x: Tensor) -> Tensor:
+        """Patch embedding, the first two stages and the third stage's downsampling (NHWC)."""
+        check_input(x, self.input_shape)
+        x = self.patch_embed(x)
+        for stage in self.layers[:SPARSE_STAGE]:
+            x = stage(x)
+        return self.layers[SPARSE_STAGE].downsample(x)
+
+    def _after(self, x: Tensor) -> Tensor:
+        """The last stage and the final norm: the normalised map (B, h, w, C)."""
+        for stage in self.layers[SPARSE_STAGE + 1:]:
+            x = stage(x)
+        return self.norm(x)
+
+    def _log_probs(self, stage: int, x: Tensor) -> Tensor:
+        batch, height, width, dim = x.shape
+        return self.layers[SPARSE_STAGE].score_predictor[stage](x.reshape(batch, height * width, dim))
+
+    def forward_masked(self, x: Tensor, deterministic: Optional[bool] = None) -> SpatialOutput:
+        """Training path: both streams computed everywhere, mixed by the hard decisions."""
+        deterministic = self.deterministic if deterministic is None else deterministic
+        x = self._before(x)
+        kept = fast = x
+        mask: Optional[Tensor] = None
+        decisions: list[Tensor] = []
+        for index, block in enumerate(self.layers[SPARSE_STAGE].blocks):
+            stage = self._stage_at.get(index)
+            if stage is not None:
+                if mask is None:
+                    kept = fast = x
+                current = x if mask is None else kept * mask + fast * (1 - mask)
+                decision = self._decision(self._log_probs(stage, current), stage, deterministic)
+                decisions.append(decision)
+                mask = decision.reshape(*current.shape[:3], 1)
+            if mask is None:
+                x = block(x)
+            else:
+                kept, fast = block.forward_streams(kept, fast, mask)
+        if mask is not None:
+            x = kept * mask + fast * (1 - mask)
+        features = self._after(x)
+        logits = self.forward_head(features)
+        return self._masked_output(logits, features.flatten(1, 2), decisions)
+
+    def forward_pruned(self, x: Tensor, return_positions: bool = False) -> Any:
+        """Inference path: per location the top `int(N * ratio_s)` positions take the MLP.
+
+        With `return_positions`, also the kept positions (B, k_s) in the third-stage grid.
+        """
+        x = self._before(x)
+        kept_positions: list[Tensor] = []
+        split: Optional[tuple[Tensor, Tensor]] = None
+        for index, block in enumerate(self.layers[SPARSE_STAGE].blocks):
+            stage = self._stage_at.get(index)
+            if stage is not None:
+                split = split_by_score(self._log_probs(stage, x)[..., 0], self.num_keep[stage])
+                kept_positions.append(split[0])
+            x = block(x) if split is None else block.forward_split(x, *split)
+        logits = self.forward_head(self._after(x))
+        return (logits, kept_positions) if return_positions else logits
+
+
+# ------------------------------------------------------------------------------ registry
+register_family("swin", DynamicSwinTransformer, __name__)
