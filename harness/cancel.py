@@ -19,8 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from harness.errors import EnvironmentProblem, handle
 from harness.spec import load_spec

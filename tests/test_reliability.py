@@ -607,7 +607,7 @@ def test_a_tracking_server_that_never_answers_is_one_line_in_seconds(tmp_path: P
 
 
 def test_values_in_error_messages_are_bounded() -> None:
-    from harness.config import ConfigError, RunConfig, format_validation_error
+    from harness.config import RunConfig, format_validation_error
     from pydantic import ValidationError
 
     bomb: list = ["x"] * 9
@@ -906,3 +906,34 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_run_is_failed(tmp_pat
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("full").experiment_id])
     assert run.info.status == "FAILED" and "no space left on the device (disk full)" in run.data.tags["error"]
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_students_waiting_on_a_failed_teacher_are_resubmitted_with_it(tmp_path: Path) -> None:
+    """The teacher's job fails (its weights file is damaged); SLURM keeps the students' jobs pending
+    forever (DependencyNeverSatisfied). Once the file is repaired, a relaunch cancels those jobs and
+    submits the students again, behind the new teacher job."""
+    weights = tmp_path / "teacher.pth"
+    with zipfile.ZipFile(weights, "w") as archive:  # a valid zip that is no torch checkpoint
+        archive.writestr("x/data.pkl", b"not a pickle")
+    path = write(tmp_path / "spec.yaml", spec_dict(**{"stages/teacher/model.pretrained": str(weights),
+                                                       "stages/teacher/train": {"epochs": 0}}))
+    args = ("--executor", "slurm", "--output-root", str(tmp_path / "runs"), "--tracking-uri",
+            f"sqlite:///{tmp_path}/mlflow.db")
+    first = cli("harness.launch", str(path), *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    runs = {r.data.tags["row"]: r for r in train_runs(tmp_path)}
+    teacher_job = runs["teacher"].data.tags["slurm_job_id"]
+    student_job = runs["a/dynamic"].data.tags["slurm_job_id"]
+    wait_for(lambda: slurm_state(teacher_job) == "FAILED", 180, "the teacher's job to fail")
+    reason = ["squeue", "-h", "-j", student_job, "-o", "%r"]
+    wait_for(lambda: "DependencyNeverSatisfied" in subprocess.run(reason, capture_output=True, text=True).stdout,
+             60, "the students to wait forever")
+    weights.write_bytes((REPO / "checkpoints/tiny_teacher_dense.pth").read_bytes())  # repaired, same path
+    again = cli("harness.launch", str(path), *args, "--wait", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "3 submitted" in again.stdout, again.stdout
+    final = train_runs(tmp_path)
+    assert len(final) == 3 and {r.info.status for r in final} == {"FINISHED"}
+    assert slurm_state(student_job.split("_")[0]) == "CANCELLED"
