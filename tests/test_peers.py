@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,12 @@ PEERS = [dict(variant="evit"), dict(variant="evit", fuse_token=False), dict(vari
 def build(name: str = MICRO, **kwargs) -> models.DynamicVisionTransformer:
     torch.manual_seed(0)
     return timm.create_model(name, **kwargs)
+
+
+def shapes_only(name: str, **kwargs) -> models.DynamicVisionTransformer:
+    """Built on the meta device: shapes without values, for counting FLOPs and naming parameters fast."""
+    with torch.device("meta"):
+        return timm.create_model(name, **kwargs)
 
 
 def images(model, batch: int = 4) -> torch.Tensor:
@@ -69,10 +76,10 @@ def test_evit_keeps_ceil_rate_of_the_current_tokens_and_fuses_the_rest() -> None
 
 def test_topk_keeps_dynamicvits_counts_of_the_original_tokens() -> None:
     topk = build(DEIT_S, variant="topk", keep_ratio=0.7).eval()
-    assert topk.num_keep == [137, 96, 67] == build(DEIT_S, keep_ratio=0.7).num_keep
+    assert topk.num_keep == [137, 96, 67] == shapes_only(DEIT_S, keep_ratio=0.7).num_keep
     assert mlp_token_counts(topk, images(topk, batch=1)) == [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3
     # TokenReduction's EViT: the same counts given as stage_ratios, plus the fused token
-    tr_evit = build(DEIT_S, variant="evit", stage_ratios=[0.7, 0.49, 0.343])
+    tr_evit = shapes_only(DEIT_S, variant="evit", stage_ratios=[0.7, 0.49, 0.343])
     assert tr_evit.num_keep == [137, 96, 67] and tr_evit.tokens_after_block()[-1] == 69
 
 
@@ -97,7 +104,7 @@ def test_tome_merges_r_per_block_capped_at_half() -> None:
 ])
 def test_deit_s_gflops_match_the_published_fvcore_counts(kwargs: dict, fvcore: float) -> None:
     """Ours counts the matmuls; fvcore's numbers (peers.md) add ~0.006 G of layer norms."""
-    assert count_gflops(build(DEIT_S, **kwargs)) == pytest.approx(fvcore, abs=0.012)
+    assert count_gflops(shapes_only(DEIT_S, **kwargs)) == pytest.approx(fvcore, abs=0.012)
 
 
 @pytest.mark.parametrize("kwargs, total", [(dict(variant="evit", keep_ratio=0.7), 3.04), (dict(variant="tome", tome_r=13), 2.71)])
@@ -118,8 +125,8 @@ def test_fvcore_sees_the_same_matmuls(kwargs: dict, total: float) -> None:
 
 def test_topk_costs_more_than_the_attention_variant_at_the_same_counts() -> None:
     """The difference the topk docstring states: block 3 / 6 / 9's attention runs on every token."""
-    topk = count_gflops(build(DEIT_S, variant="topk", keep_ratio=0.7))
-    attention = count_gflops(build(DEIT_S, variant="attention", keep_ratio=0.7))
+    topk = count_gflops(shapes_only(DEIT_S, variant="topk", keep_ratio=0.7))
+    attention = count_gflops(shapes_only(DEIT_S, variant="attention", keep_ratio=0.7))
     assert topk == pytest.approx(2.980, abs=0.002) and attention == pytest.approx(2.878, abs=0.002)
 
 
@@ -149,8 +156,8 @@ def test_no_reduction_is_the_dense_model(kwargs: dict) -> None:
 @pytest.mark.parametrize("kwargs", PEERS)
 def test_parameter_names_are_timms_deit_small(kwargs: dict) -> None:
     """No parameter is added: the state dict is timm's deit_small's, so DeiT weights load strictly."""
-    peer = build(DEIT_S, **kwargs)
-    assert set(peer.state_dict()) == set(timm.create_model("deit_small_patch16_224").state_dict())
+    peer = shapes_only(DEIT_S, **kwargs)
+    assert set(peer.state_dict()) == set(shapes_only("deit_small_patch16_224").state_dict())
 
 
 # ----------------------------------------------------------------------- training path
@@ -295,3 +302,110 @@ def test_a_peer_trains_and_distils_through_harness_train(tmp_path: Path) -> None
     assert math.isfinite(metrics["val/acc1"]) and metrics["throughput_img_s"] > 0
     assert metrics["val/keep_stage1"] == pytest.approx(built.num_keep[0] / 64)
     assert (tmp_path / "run" / "kept_tokens.png").exists()
+
+
+# ------------------------------------------------------------------------ spec and analysis
+def test_spec_knobs_are_the_computed_matches() -> None:
+    """Every matched run within 2% of DynamicViT/0.7's GFLOPs and every keep-rate run TokenReduction's
+    translation, at both scales (python -m analysis.peers_match --check), and a 0.5% tolerance fails."""
+    from analysis.peers_match import check_spec, main
+
+    assert check_spec("experiments/peers.yaml") == []
+    strict = check_spec("experiments/peers.yaml", tolerance=0.005)
+    assert strict and all("of DynamicViT/0.7's" in line for line in strict)
+    assert main(["--check", "experiments/peers.yaml", "--tolerance", "0.005"]) == 1
+
+
+def test_matching_finds_the_nearest_knob() -> None:
+    from analysis.peers_match import gflops, matched
+
+    target, found = matched(TINY)
+    by = {m.method: m for m in found}
+    assert target == pytest.approx(0.04142, abs=1e-5)
+    for method in ("evit", "evit-unfused", "topk"):
+        keep = by[method].knob["keep_ratio"]
+        here = abs(by[method].gflops - target)
+        kwargs = {"variant": "topk" if method == "topk" else "evit"}
+        if method != "topk":
+            kwargs["fuse_token"] = method == "evit"
+        for other in (keep - 0.01, keep + 0.01):  # the neighbours on the 0.01 grid are no nearer
+            assert abs(gflops(TINY, keep_ratio=round(other, 2), **kwargs) - target) >= here
+    assert abs(by["tome"].gap) <= 0.02 and abs(by["structural"].gap) > 0.02  # pooling's integer knob misses
+
+
+PEERS_SPEC = "experiments/peers.yaml"
+
+
+def _fixture_store(tmp: Path) -> str:
+    """FIXTURES standing in for the tiny peers runs: the spec's own run configs (tags and params as the
+    launcher and engine log them), invented accuracies; a few keep-rate points left without a run."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    from harness.config import flatten
+    from harness.spec import load_and_expand
+
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("peers")
+    plans = load_and_expand(PEERS_SPEC, scale="tiny", check_files=False).runs
+    invented = {"dense": 66.0, "dynamicvit": 60.0, "evit": 58.0, "evit-unfused": 57.0, "topk": 58.5,
+                "tome": 55.0, "tome-off-shelf": 40.0, "structural": 53.0}
+    for plan in plans:
+        if plan.row in ("tr/tome/0.9", "tr/evit/0.5"):
+            continue  # shown as missing
+        seed = plan.config.train.seed
+        acc = invented.get(plan.row, 50.0) + seed * 0.5
+        run_id = client.create_run(experiment_id).info.run_id
+        tags = {"spec": "peers", "table": "peer-methods", "row": plan.row, "variant": plan.variant, "scale": "tiny",
+                "stage": plan.stage, "kind": "train", "run_key": plan.key, "fixture": "true"}
+        params = {k: str(v) for k, v in flatten(plan.config.model_dump(exclude={"tracking"})).items()}
+        now = int(time.time() * 1000)
+        metrics = [Metric("val/acc1", acc, now, 2), Metric("val/acc1_best", acc, now, 2),
+                   Metric("gflops", 0.04 if plan.variant != "dense" else 0.064, now, 3)]
+        client.log_batch(run_id, metrics=metrics, params=[Param(k, v[:500]) for k, v in params.items()],
+                         tags=[RunTag(k, v) for k, v in tags.items()])
+        client.set_terminated(run_id, "FINISHED")
+    return uri
+
+
+def test_the_peers_report_from_fixture_runs(tmp_path: Path) -> None:
+    """analysis/peers.ipynb, run headless as analysis.report runs it (papermill, the report's parameters):
+    the matched table beside the published numbers, the keep-rate table (DynamicViT/0.7 found by its
+    configuration in the matched stage), the interleaved throughput and both figures. One batch of 4
+    per model and one round (a real report: 5 rounds of 32) keep the test short; it checks the plumbing."""
+    import pandas as pd
+    import papermill
+
+    uri = _fixture_store(tmp_path)
+    out = tmp_path / "report"
+    papermill.execute_notebook(
+        str(REPO / "analysis" / "peers.ipynb"), str(tmp_path / "peers.ipynb"), kernel_name="python3", cwd=str(REPO),
+        parameters={"tracking_uri": uri, "experiment": "peers", "scale": "tiny", "output_dir": str(out),
+                    "table": "peer-methods", "throughput_batch": 4, "throughput_rounds": 1},
+        progress_bar=False, log_output=False,
+    )
+    md = (out / "peers.md").read_text()
+    lines = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "| 79.5 |" in lines["evit"] and "| 60.50 |" in lines["dynamicvit"] and "| 0.50 |" in lines["dynamicvit"]
+    assert "| 55.50 |" in lines["tome"] and "| 40.00 |" in lines["tome-off-shelf"]
+    keep = pd.read_csv(out / "peers_keep_rates.csv")
+    assert len(keep) == 10  # 12 points, two without a run
+    at_07 = keep[(keep["rate"] == 0.7) & (keep["method"] == "dynamicvit")].iloc[0]
+    assert at_07["acc1"] == pytest.approx(60.5) and at_07["runs"] == 3  # the matched stage's three seeds
+    assert "missing" in md.split("TokenReduction's keep rates")[1]
+    speeds = pd.read_csv(out / "peers_throughput.csv")
+    assert len(speeds) == 8 + 10 and (speeds["images_per_s"] > 0).all() and set(speeds["device"]) == {"cpu"}
+    for name in ("peers_acc_vs_gflops.png", "peers_acc_vs_throughput.png"):
+        assert (out / name).stat().st_size > 10_000
+
+
+def test_pareto_front() -> None:
+    import pandas as pd
+
+    from analysis.peers_lib import pareto_front
+
+    points = pd.DataFrame({"gflops": [1.0, 2.0, 2.0, 3.0, 1.5], "acc1": [50.0, 60.0, 55.0, 59.0, 50.0]})
+    assert pareto_front(points, "gflops", True).tolist() == [True, True, False, False, False]
+    speed = points.rename(columns={"gflops": "img_s"})  # more images/s is better
+    assert pareto_front(speed, "img_s", False).tolist() == [False, True, False, True, False]
