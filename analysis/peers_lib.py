@@ -297,3 +297,74 @@ def published_points() -> pd.DataFrame:
     ref = load_reference("peers_published")
     ref["method"] = ref["row"].str.split("/").str[0]
     return ref
+
+
+# ------------------------------------------------------------------ per-method search fronts
+def search_trials(study: Any) -> pd.DataFrame:
+    """One row per finished trial of a per-method search: method, its knob, top-1, GFLOPs, state."""
+    rows = []
+    for trial in study.trials:
+        if trial.user_attrs.get("surplus") or trial.state.name not in ("COMPLETE", "PRUNED"):
+            continue
+        method = trial.params.get("method", "all")
+        knob = {k.split(":", 1)[1]: v for k, v in trial.params.items() if k.startswith(f"{method}:")}
+        rows.append({"trial": trial.number, "state": trial.state.name, "method": method,
+                     "knob": ", ".join(f"{k.split('.')[-1]} {v:g}" if isinstance(v, float) else f"{k.split('.')[-1]} {v}"
+                                       for k, v in knob.items()),
+                     "acc1": trial.user_attrs.get("val/acc1", np.nan), "gflops": trial.user_attrs.get("gflops", np.nan)})
+    return pd.DataFrame(rows, columns=["trial", "state", "method", "knob", "acc1", "gflops"])
+
+
+def method_fronts(trials: pd.DataFrame) -> pd.DataFrame:
+    """Each method's accuracy/GFLOPs Pareto front over its complete trials (`front` column), and the overall one."""
+    done = trials[trials["state"] == "COMPLETE"].dropna(subset=["acc1", "gflops"]).copy()
+    done["front"] = False
+    for _, part in done.groupby("method"):
+        done.loc[part.index, "front"] = pareto_front(part, "gflops", True)
+    done["overall_front"] = pareto_front(done, "gflops", True) if len(done) else []
+    return done.sort_values(["method", "gflops"]).reset_index(drop=True)
+
+
+def fronts_figure(fronts: pd.DataFrame, path: PathLike, matched: Optional[pd.DataFrame] = None, title: str = "") -> Path:
+    """Every complete trial, coloured by method, each method's front joined; the matched runs as stars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, (method, part) in enumerate(fronts.groupby("method", sort=True)):
+        colour = plt.get_cmap("tab10")(i % 10)
+        ax.scatter(part["gflops"], part["acc1"], color=colour, alpha=0.45, s=25)
+        front = part[part["front"]].sort_values("gflops")
+        ax.plot(front["gflops"], front["acc1"], "o-", color=colour, label=f"{method} front ({len(part)} trials)")
+    overall = fronts[fronts["overall_front"]].sort_values("gflops") if len(fronts) else fronts
+    if len(overall):
+        ax.step(overall["gflops"], overall["acc1"], where="post", color="black", ls="--", lw=1, label="overall front")
+    if matched is not None and not matched.empty:
+        ax.scatter(matched["gflops"], matched["acc1"], marker="*", s=140, color="black", zorder=4,
+                   label="peers.yaml matched rows (mean)")
+        for _, row in matched.iterrows():
+            ax.annotate(row["label"], (row["gflops"], row["acc1"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    if fronts.empty:
+        ax.text(0.5, 0.5, "no complete trials yet", ha="center", transform=ax.transAxes, color="0.4")
+    ax.set(xlabel="GFLOPs (measured, per image)", ylabel="val top-1 (%)", title=title or "per-method fronts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def fronts_markdown(fronts: pd.DataFrame) -> str:
+    """The points on each method's front, by method and cost."""
+    lines = ["| method | trial | knob | GFLOPs | top-1 | on the overall front |", "|---|---:|---|---:|---:|---|"]
+    for _, row in fronts[fronts["front"]].iterrows():
+        lines.append(f"| {row['method']} | {row['trial']} | {row['knob']} | {row['gflops']:.4g} | {row['acc1']:.2f} | "
+                     f"{'yes' if row['overall_front'] else ''} |")
+    if len(lines) == 2:
+        lines.append("| (no complete trials yet) | | | | | |")
+    return "\n".join(lines) + "\n"

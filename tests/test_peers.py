@@ -409,3 +409,109 @@ def test_pareto_front() -> None:
     assert pareto_front(points, "gflops", True).tolist() == [True, True, False, False, False]
     speed = points.rename(columns={"gflops": "img_s"})  # more images/s is better
     assert pareto_front(speed, "img_s", False).tolist() == [False, True, False, True, False]
+
+
+# ------------------------------------------------------------------------------- searches
+SEARCH_SPEC = "experiments/search_peers.yaml"
+
+
+def test_per_method_search_spec_loads_at_both_scales(tmp_path: Path) -> None:
+    from harness.search.spec import load_search
+
+    tiny = load_search(SEARCH_SPEC)
+    assert set(tiny.section.methods) == {"dynamicvit", "evit", "topk", "tome"} and not tiny.section.space
+    assert tiny.section.methods["tome"].space["model.tome_r"].type == "int"
+    paper = load_search(SEARCH_SPEC, [f"scales.paper.data.root={tmp_path}"], scale="paper")
+    assert paper.section.methods["tome"].space["model.tome_r"].high == 20  # the scale's override of one method
+    assert paper.section.methods["evit"].set == {"model.variant": "evit", "model.fuse_token": True}
+    assert {"method": "tome", "model.tome_r": 11} in paper.section.enqueue
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("tome: {set: {model.variant: tome}", "tome: {set: {model.variant: evit}",
+     "search.methods.tome.space.model.tome_r: applies to the tome variant only"),
+    ("model.fuse_token: true}", "model.fuse_tokn: true}", "search.methods.evit.set.model.fuse_tokn: unknown key (did you mean 'fuse_token'?)"),
+    ("space: {model.keep_ratio: {low: 0.4, high: 0.95}}}\n    topk", "space: {model.keep_ratio: {low: 0.4, high: 1.5}}}\n    topk",
+     "search.methods.evit.space.model.keep_ratio: high 1.5 makes the run invalid"),
+    ("- {method: topk, model.keep_ratio: 0.69}", "- {method: topk, model.tome_r: 3}", "search.enqueue: [2] model.tome_r is not a key of the space"),
+])
+def test_bad_per_method_searches_are_one_line_each(tmp_path: Path, old: str, new: str, message: str) -> None:
+    spec = (REPO / SEARCH_SPEC).read_text()
+    assert old in spec
+    path = tmp_path / "search.yaml"
+    path.write_text(spec.replace(old, new, 1))
+    result = subprocess.run([sys.executable, "-m", "harness.search", str(path), "--dry-run"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"{path}: ") and message in line
+
+
+def test_a_trial_draws_a_method_then_its_own_knob(tmp_path: Path) -> None:
+    """Sampling through Optuna itself: enqueued points first (under the method's parameter names),
+    then TPE over the conditional space; each trial's run config is the method's."""
+    import optuna
+
+    from harness.search.spec import load_search
+    from harness.search.worker import TrialObjective, WorkerSetup, make_sampler, sample
+
+    plan = load_search(SEARCH_SPEC)
+    section = plan.section
+    assert section.optuna_point({"method": "tome", "model.tome_r": 5}) == {"method": "tome", "tome:model.tome_r": 5}
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(section.sampler, 0, True))
+    for point in section.enqueue:
+        study.enqueue_trial(section.optuna_point(point))
+    setup = WorkerSetup(study="s", storage=None, section=section, config=plan.run.config.model_dump(),  # type: ignore[arg-type]
+                        study_dir=str(tmp_path), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment_id="0",
+                        parent_run_id="p", tags={"kind": "trial"}, threads=1)
+    objective = TrialObjective(setup, study, "w")
+    seen = []
+    for number in range(12):
+        trial = study.ask()
+        params = sample(trial, section)
+        cfg = objective.config(number, params)
+        method = params["method"]
+        assert cfg.model.variant == {"dynamicvit": "dynamic"}.get(method, method)
+        assert cfg.tracking.tags["search_method"] == method
+        knob = cfg.model.tome_r if method == "tome" else cfg.model.keep_ratio
+        own = section.methods[method].space
+        assert own[next(iter(own))].contains(knob)
+        assert set(trial.params) == {"method", *(f"{method}:{k}" for k in own)}
+        seen.append((method, knob))
+        study.tell(trial, [50.0 + number, 0.03 + 0.001 * number])
+    assert seen[:4] == [("dynamicvit", 0.7), ("evit", 0.65), ("topk", 0.69), ("tome", 5)]
+    assert cfg.model.name == "dynamicvit_tiny_patch8_64" and cfg.output_dir.endswith("trial-0011")
+
+
+def test_per_method_fronts_notebook_from_fixture_trials(tmp_path: Path) -> None:
+    """analysis/peers_search.ipynb on a study of FIXTURE trials (values invented, made with Optuna's
+    create_trial): each method's front, the overall front, the table and the figure."""
+    import optuna
+    import papermill
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    storage = f"sqlite:///{tmp_path}/study.db"
+    study = optuna.create_study(study_name="fixture", storage=storage, directions=["maximize", "minimize"])
+    methods = CategoricalDistribution(["dynamicvit", "evit", "topk", "tome"])
+    invented = [("evit", 0.5, 52.0, 0.033), ("evit", 0.7, 57.0, 0.042), ("evit", 0.6, 50.0, 0.038),
+                ("topk", 0.7, 58.0, 0.042), ("dynamicvit", 0.7, 60.0, 0.0414), ("tome", 5, 54.0, 0.041)]
+    for method, knob, acc, cost in invented:
+        key, dist = (("tome:model.tome_r", IntDistribution(1, 12)) if method == "tome"
+                     else (f"{method}:model.keep_ratio", FloatDistribution(0.4, 0.95)))
+        study.add_trial(optuna.trial.create_trial(
+            params={"method": method, key: knob}, distributions={"method": methods, key: dist},
+            values=[acc, cost], user_attrs={"val/acc1": acc, "gflops": cost}))
+    out = tmp_path / "report"
+    papermill.execute_notebook(
+        str(REPO / "analysis" / "peers_search.ipynb"), str(tmp_path / "nb.ipynb"), kernel_name="python3", cwd=str(REPO),
+        parameters={"storage": storage, "study_name": "fixture", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                    "experiment": "search_peers", "scale": "tiny", "output_dir": str(out)},
+        progress_bar=False, log_output=False)
+    md = (out / "peers_search.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "method" not in line and "---" not in line]
+    fronts = {(r.split("|")[1].strip(), r.split("|")[3].strip()) for r in rows}
+    assert fronts == {("evit", "keep_ratio 0.5"), ("evit", "keep_ratio 0.7"), ("topk", "keep_ratio 0.7"),
+                      ("dynamicvit", "keep_ratio 0.7"), ("tome", "tome_r 5")}  # evit 0.6 is dominated
+    overall = {r.split("|")[3].strip() + " " + r.split("|")[1].strip() for r in rows if r.rstrip().endswith("yes |")}
+    assert overall == {"keep_ratio 0.5 evit", "tome_r 5 tome", "keep_ratio 0.7 dynamicvit"}
+    assert (out / "peers_search_fronts.png").stat().st_size > 10_000

@@ -45,12 +45,16 @@ def render_plan(plan: SearchPlan, storage: StorageChoice, cluster: str) -> str:
              "objectives: " + ", ".join(f"{o.metric} ({o.direction})" for o in section.objectives)
              + f"; sampler {section.sampler.name}; pruner {(section.pruner or PrunerSpec(name='none')).name}",
              "space:"]
-    width = max(len(k) for k in section.space)
+    width = max([len(k) for k in section.space] + [len(k) for m in section.methods.values() for k in m.space] + [1])
     for key, dim in section.space.items():
         node: Any = base
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         lines.append(f"  {key.ljust(width)}  {dim.describe()}  (base {node!r})")
+    for name, method in section.methods.items():  # a per-method search: each trial draws one
+        fixed = ", ".join(f"{k}={v}" for k, v in method.set.items())
+        lines.append(f"  method {name}" + (f" ({fixed})" if fixed else ""))
+        lines += [f"    {key.ljust(width)}  {dim.describe()}" for key, dim in method.space.items()]
     if section.enqueue:
         lines.append(f"enqueued first: {len(section.enqueue)} point(s)")
     lines.append(f"each worker: {plan.slurm.describe()}; trials in {plan.study_dir}/trials/")

@@ -45,7 +45,7 @@ class Search:
         self.parent_id = self._parent_run()
         if not self.study.trials:
             for point in self.section.enqueue:
-                self.study.enqueue_trial(point, skip_if_exists=True)
+                self.study.enqueue_trial(self.section.optuna_point(point), skip_if_exists=True)
         self.live: list[Any] = []  # worker jobs of this invocation that have not ended
         self.closed: set[int] = set()  # FAIL trials whose MLflow run is closed
         self.submitted = 0

@@ -141,11 +141,29 @@ class StorageSpec(Strict):
         return {"url": value} if isinstance(value, str) else value
 
 
+class Method(Strict):
+    """One method of a per-method search (`search.methods`): its fixed settings and its own space.
+
+    A trial first draws the method (Optuna parameter `method`), then that method's dimensions
+    (Optuna parameters `<method>:<key>`, so that each method keeps its own ranges), e.g.
+    `evit: {set: {model.variant: evit}, space: {model.keep_ratio: {low: 0.4, high: 0.95}}}`.
+    """
+
+    set: dict[str, Any] = Field(default_factory=dict)  # RunConfig keys (dotted or nested) fixed for the method
+    space: dict[str, Dimension] = Field(default_factory=dict)
+
+    @field_validator("space", "set", mode="before")
+    @classmethod
+    def _dotted(cls, value: Any) -> Any:
+        return _flatten_space(value) if isinstance(value, dict) else value
+
+
 class SearchSection(Strict):
     """The `search:` section of a search spec (a scale may override any of it under `search:`)."""
 
     study: Optional[str] = None  # default: <spec name>-<scale>
-    space: dict[str, Dimension]
+    space: dict[str, Dimension] = Field(default_factory=dict)  # searched for every trial
+    methods: dict[str, Method] = Field(default_factory=dict)  # or per method: each trial draws one
     objectives: list[Objective] = Field(default_factory=lambda: [Objective()], min_length=1, max_length=3)
     sampler: SamplerSpec = SamplerSpec()
     pruner: Optional[PrunerSpec] = None  # default: median for one objective, none for several
@@ -162,8 +180,8 @@ class SearchSection(Strict):
 
     @model_validator(mode="after")
     def _coherent(self) -> "SearchSection":
-        if not self.space:
-            raise ValueError("space: at least one key to search, got {}")
+        if not self.space and not self.methods:
+            raise ValueError("space: at least one key to search (or methods to choose from), got {}")
         if self.pruner is None:
             self.pruner = PrunerSpec(name="median" if len(self.objectives) == 1 else "none")
         if len(self.objectives) > 1 and self.pruner.name != "none":
@@ -173,12 +191,24 @@ class SearchSection(Strict):
             raise ValueError(f"pruner: {metric} is measured once, at the end; prune on a per-epoch metric "
                              f"({', '.join(PER_EPOCH)}) or use none, got {self.pruner.name!r}")
         for index, point in enumerate(self.enqueue):
+            method = point.get("method")
+            if self.methods and method not in self.methods:
+                raise ValueError(f"enqueue: [{index}] method must be one of {', '.join(self.methods)}, got {method!r}")
+            space = {**self.space, **(self.methods[method].space if self.methods else {})}
             for key, value in point.items():
-                if key not in self.space:
+                if key == "method" and self.methods:
+                    continue
+                if key not in space:
                     raise ValueError(f"enqueue: [{index}] {key} is not a key of the space, got {key!r}")
-                if not self.space[key].contains(value):
-                    raise ValueError(f"enqueue: [{index}] {key} lies outside {self.space[key].describe()}, got {value!r}")
+                if not space[key].contains(value):
+                    raise ValueError(f"enqueue: [{index}] {key} lies outside {space[key].describe()}, got {value!r}")
         return self
+
+    def optuna_point(self, point: dict[str, Any]) -> dict[str, Any]:
+        """An `enqueue` point under the names the trials suggest (a method's keys as `<method>:<key>`)."""
+        method = point.get("method")
+        own = self.methods[method].space if method in self.methods else {}
+        return {f"{method}:{key}" if key in own else key: value for key, value in point.items()}
 
     @property
     def failure_limit(self) -> int:
@@ -257,6 +287,7 @@ def load_search(path: str, overrides: list[str] = (), scale: Optional[str] = Non
     if expanded is not None and section is not None:
         base = expanded.runs[0]
         errors += _check_space(path, section, base.config)
+        errors += _check_methods(path, section, base.config)
         errors += _check_resources(path, scale, base.slurm)
         errors += _check_files(path, base.config, _nested(spec.scales[scale].config), scale)
     if errors:
@@ -322,6 +353,35 @@ def _check_space(path: str, section: SearchSection, base: RunConfig) -> list[str
                                    f"{problem.split(', got {')[0]}")
                     break
     return [f"{path}: search.space.{key}: {problem}" for key, problem in errors.items()]
+
+
+def _check_methods(path: str, section: SearchSection, base: RunConfig) -> list[str]:
+    """Each method's settings with its space (and the shared one) at their extremes must make valid runs."""
+    data = base.model_dump()
+    errors = []
+    for name, method in section.methods.items():
+        where = f"{path}: search.methods.{name}"
+        fixed = [k for k in {**method.set, **method.space} if k.split(".")[0] in NOT_SEARCHABLE]
+        if fixed:
+            errors.append(f"{where}: {fixed[0]}: set by the search itself, not searchable, got {fixed[0]!r}")
+            continue
+        dims = {**section.space, **method.space}
+        typical = {key: dim.endpoints()[0][1] for key, dim in dims.items()}
+        problems = _problems(data, {**method.set, **typical})
+        if problems:
+            field, problem = problems[0]
+            key = next((k for k in method.space if _relates(field, k)), None)
+            errors.append(f"{where}.{'space.' + key if key else 'set.' + field}: {problem}")
+            continue
+        for key, dim in method.space.items():
+            for which, value in dim.endpoints():
+                problems = _problems(data, {**method.set, **typical, key: value})
+                if problems:
+                    field, problem = problems[0]
+                    errors.append(f"{where}.space.{key}: {which} {value!r} makes the run invalid: {field}: "
+                                  f"{problem.split(', got {')[0]}")
+                    break
+    return errors
 
 
 def _problems(data: dict[str, Any], values: dict[str, Any]) -> list[tuple[str, str]]:

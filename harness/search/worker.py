@@ -28,8 +28,12 @@ from harness.search.storage import StorageChoice
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what the budget counts
 
 
-def make_sampler(spec: SamplerSpec, worker: int) -> optuna.samplers.BaseSampler:
-    """Optuna's sampler; worker i gets seed + i, so that parallel workers do not draw the same points."""
+def make_sampler(spec: SamplerSpec, worker: int, conditional: bool = False) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler; worker i gets seed + i, so that parallel workers do not draw the same points.
+
+    `conditional` (a per-method search: which parameters a trial has depends on its method): TPE
+    models each group of parameters that occur together (`group=True`) instead of falling back
+    to independent sampling."""
     seed = None if spec.seed is None else spec.seed + worker
     if spec.name == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=spec.population_size, seed=seed)
@@ -37,7 +41,7 @@ def make_sampler(spec: SamplerSpec, worker: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=seed)
     # constant_liar: a parallel worker treats the others' running trials as bad, not as absent
     return optuna.samplers.TPESampler(n_startup_trials=spec.n_startup_trials, seed=seed, multivariate=True,
-                                      constant_liar=True)
+                                      constant_liar=True, group=conditional)
 
 
 def make_pruner(spec: PrunerSpec, epochs: int) -> optuna.pruners.BasePruner:
@@ -88,7 +92,7 @@ class SearchWorker:
         torch.set_num_threads(setup.threads)  # the cores this job was given, not every core of the node
         section = setup.section
         study = optuna.load_study(
-            study_name=setup.study, storage=setup.storage.open(), sampler=make_sampler(section.sampler, index),
+            study_name=setup.study, storage=setup.storage.open(), sampler=make_sampler(section.sampler, index, bool(section.methods)),
             pruner=make_pruner(section.pruner or PrunerSpec(name="none"), setup.config["train"]["epochs"]))
         objective = TrialObjective(setup, study, worker_id())
         if section.trials - len(study.get_trials(deepcopy=False, states=(*DONE, TrialState.RUNNING))) > 0:
@@ -139,7 +143,7 @@ class TrialObjective:
             self.study.stop()
             raise BudgetReached(f"trial {trial.number}: the budget of {self.setup.section.trials} is already "
                                 f"filled by earlier trials")
-        params = {key: suggest(trial, key, dim) for key, dim in self.setup.section.space.items()}
+        params = sample(trial, self.setup.section)
         cfg = self.config(trial.number, params)
         if Path(cfg.output_dir).exists():  # left by a deleted study of the same name: never resume it
             shutil.rmtree(cfg.output_dir)
@@ -181,13 +185,15 @@ class TrialObjective:
         """The base configuration with this trial's values, folder, and MLflow child-run settings."""
         data = copy.deepcopy(self.setup.config)
         for key, value in params.items():
-            set_dotted(data, key, value)
+            if key != "method":  # a per-method search's choice: its settings are among the params
+                set_dotted(data, key, value)
         name = f"trial-{number:04d}"
         data["output_dir"] = str(Path(self.setup.study_dir) / "trials" / name)
+        method = {"search_method": str(params["method"])} if "method" in params else {}
         data["tracking"].update(
             uri=self.setup.tracking_uri, experiment_id=self.setup.experiment_id,
             parent_run_id=self.setup.parent_run_id, run_name=name, run_id=None,
-            tags={**self.setup.tags, "trial_number": str(number), "search_params": json.dumps(params)})
+            tags={**self.setup.tags, "trial_number": str(number), "search_params": json.dumps(params), **method})
         return RunConfig.model_validate(data)
 
     def _reporter(self, trial: optuna.Trial, epochs: int) -> Any:
@@ -216,6 +222,21 @@ class TrialObjective:
 def _drop_resume_point(output_dir: str) -> None:
     """A trial never resumes (a new trial is a new number): its optimiser-state checkpoint is dead weight."""
     Path(output_dir, "checkpoint.pth").unlink(missing_ok=True)
+
+
+def sample(trial: optuna.Trial, section: SearchSection) -> dict[str, Any]:
+    """A trial's config values: the shared space, then (per-method search) a method, its settings, its space.
+
+    A method's dimensions are suggested as `<method>:<key>` so that each keeps its own range; the
+    returned keys are RunConfig keys (plus `method`).
+    """
+    params = {key: suggest(trial, key, dim) for key, dim in section.space.items()}
+    if section.methods:
+        name = trial.suggest_categorical("method", list(section.methods))
+        method = section.methods[name]
+        own = {key: suggest(trial, f"{name}:{key}", dim) for key, dim in method.space.items()}
+        params = {"method": name, **method.set, **params, **own}
+    return params
 
 
 def suggest(trial: optuna.Trial, key: str, dim: Dimension) -> Any:
