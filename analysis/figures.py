@@ -245,7 +245,7 @@ def kept_token_heatmaps(tracking_uri: str, run_id: str, path: PathLike, n_images
     model, data = run.model, run.data
     if not model.num_keep:
         raise ValueError(f"run {run_id}: variant {model.variant!r} keeps every token; nothing to show")
-    grid_h, grid_w = model.patch_embed.grid_size
+    grid_h, grid_w = getattr(model, "selection_grid", None) or model.patch_embed.grid_size  # Swin/ConvNeXt: stage 3
     stages = len(model.num_keep)
     count = min(max(n_images, stats_images), len(data.val))
     images = torch.stack([data.val[i][0] for i in range(count)])

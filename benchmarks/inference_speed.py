@@ -1,4 +1,8 @@
-"""Inference speed: dense DeiT-S (timm) against DynamicViT-S at keep ratios 0.9 / 0.8 / 0.7.
+"""Inference speed: a dense timm backbone against its DynamicViT at several keep ratios.
+
+`--family deit` (default): DeiT-S against DynamicViT-S at keep ratios 0.9 / 0.8 / 0.7;
+`--family swin`: Swin-T against DynamicSwin-T, `--family convnext`: ConvNeXt-T against DynamicCNN-T,
+both at 0.9 / 0.7 (the T-PAMI zoo's ratios; only their third stage is sparsified).
 
 All models are measured side by side in one process, interleaved batch by batch: a round times
 one batch of every model (the order reverses every other round), so that drift or another
@@ -11,7 +15,7 @@ Before a round (at most every `--gate-every` seconds) the script waits up to `--
 seconds until no other process is runnable, and reports how long it waited.
 
     python benchmarks/inference_speed.py [--batch-sizes 32 1] [--rounds 30 200]
-                                         [--device cpu|cuda] [--bf16]
+                                         [--device cpu|cuda] [--bf16] [--family deit|swin|convnext]
 """
 from __future__ import annotations
 
@@ -32,6 +36,13 @@ import models  # noqa: E402,F401  (registers the DynamicViT family)
 from harness.measure import count_gflops, input_shape  # noqa: E402
 
 RATIOS = (0.9, 0.8, 0.7)
+# family -> (dense label, timm dense name, dynamic label, registered dynamic name, default keep ratios)
+FAMILIES = {
+    "deit": ("DeiT-S (timm, dense)", "deit_small_patch16_224", "DynamicViT-S", "dynamicvit_deit_small_patch16_224", RATIOS),
+    "swin": ("Swin-T (timm, dense)", "swin_tiny_patch4_window7_224", "DynamicSwin-T",
+             "dynamicswin_tiny_patch4_window7_224", (0.9, 0.7)),
+    "convnext": ("ConvNeXt-T (timm, dense)", "convnext_tiny", "DynamicCNN-T", "dynamicconvnext_tiny", (0.9, 0.7)),
+}
 
 
 def machine(device: str) -> str:
@@ -161,7 +172,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, nargs="+", default=[30, 200],
                         help="interleaved rounds, one batch per model each (one value, or one per batch size)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches per model first")
-    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    parser.add_argument("--family", choices=list(FAMILIES), default="deit",
+                        help="deit: DeiT-S vs DynamicViT-S; swin: Swin-T vs DynamicSwin-T; convnext: ConvNeXt-T vs DynamicCNN-T")
+    parser.add_argument("--ratios", type=float, nargs="+", default=None,
+                        help="keep ratios (default: 0.9 0.8 0.7 for deit, 0.9 0.7 for swin and convnext)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--idle-wait", type=float, default=60.0,
                         help="wait up to this many seconds for other processes to leave the CPU "
@@ -174,13 +188,15 @@ def main() -> None:
     args = parser.parse_args()
     rounds = per_batch(args.rounds, args.batch_sizes, "rounds")
     device = torch.device(args.device)
+    dense_label, dense_model, label, dynamic_model, default_ratios = FAMILIES[args.family]
+    if args.breakdown and args.family != "deit":
+        raise SystemExit(f"--breakdown: times the DeiT family's blocks by token count, got --family {args.family}")
 
-    candidates = {"DeiT-S (timm, dense)": timm.create_model("deit_small_patch16_224")}
-    for ratio in args.ratios:
-        candidates[f"DynamicViT-S/{ratio}"] = timm.create_model(
-            "dynamicvit_deit_small_patch16_224", keep_ratio=ratio
-        )
-    gflops = {name: count_gflops(model) for name, model in candidates.items()}
+    candidates = {dense_label: timm.create_model(dense_model)}
+    for ratio in args.ratios or default_ratios:
+        candidates[f"{label}/{ratio}"] = timm.create_model(dynamic_model, keep_ratio=ratio)
+    shape = input_shape(list(candidates.values())[-1])  # timm's ConvNeXt has no patch_embed to ask
+    gflops = {name: count_gflops(model, shape) for name, model in candidates.items()}
     for model in candidates.values():
         model.to(device).eval()
     autocast = (
@@ -205,7 +221,7 @@ def main() -> None:
     names = list(candidates)
     dense_name = names[0]
     for batch, n_rounds in zip(args.batch_sizes, rounds):
-        images = torch.randn(batch, *input_shape(candidates[dense_name]), device=device)
+        images = torch.randn(batch, *shape, device=device)
         for model in candidates.values():
             for _ in range(args.warmup):
                 timed(model, images)

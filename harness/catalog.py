@@ -101,13 +101,16 @@ SPATIAL_MODELS: dict[str, dict[str, Any]] = {
         (3, 3, 27, 3), (96, 192, 384, 768), (3, 6, 9), f"{_CONVNEXT_URL}/convnext_small_1k_224_ema.pth"),
     "dynamicconvnext_base": _convnext(
         (3, 3, 27, 3), (128, 256, 512, 1024), (3, 6, 9), f"{_CONVNEXT_URL}/convnext_base_1k_224_ema.pth"),
-    # The tiny (CPU proxy) scale: 64 px cluttered MNIST, 2x2 patches, so that the third stage is
-    # 8 x 8 = 64 positions (the tiny ViT's 64 tokens); first third-stage block dense, then 3 locations
+    # The tiny (CPU proxy) scale, 64 px cluttered MNIST; one dense third-stage block, then the 3
+    # locations. Swin: 2x2 patches, third stage 8 x 8 = 64 positions (the tiny ViT's 64 tokens).
+    # ConvNeXt: 1x1 patches, third stage 16 x 16 = 256 (timm's ConvNeXt adds a stride to its first
+    # stage after a 2-pixel stem, so 8 x 8 is out of reach from 64 px); no first-stage blocks (at
+    # 64 x 64 they would double its time). Both ~2x the tiny ViT's time.
     "dynamicswin_proxy_patch2_window4_64": _swin(
-        32, (1, 1, 4, 1), (1, 2, 4, 8), (1, 2, 3), img_size=64, patch_size=2, window_size=4, in_chans=1,
+        16, (1, 1, 4, 1), (1, 1, 2, 4), (1, 2, 3), img_size=64, patch_size=2, window_size=4, in_chans=1,
         num_classes=10),
-    "dynamicconvnext_proxy_patch2_64": _convnext(
-        (1, 1, 4, 1), (32, 64, 128, 256), (1, 2, 3), img_size=64, patch_size=2, in_chans=1, num_classes=10),
+    "dynamicconvnext_proxy_patch1_64": _convnext(
+        (0, 1, 4, 1), (12, 24, 48, 96), (1, 2, 3), img_size=64, patch_size=1, in_chans=1, num_classes=10),
     # For tests: 32 px, 1x1 patches, third stage 8 x 8 = 64 positions, a few thousand parameters per block
     "dynamicswin_micro_patch1_window4_32": _swin(
         16, (1, 1, 4, 1), (1, 1, 2, 4), (1, 2, 3), img_size=32, patch_size=1, window_size=4, num_classes=10),
