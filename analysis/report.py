@@ -92,7 +92,6 @@ def run_notebooks(spec_name: str, scale: str, tracking_uri: str, notebooks: list
 
 def _check_store(tracking_uri: str, experiment: str, source: str = "--tracking-uri") -> None:
     """Refuse before starting a kernel: a missing SQLite file or experiment is a typo, not an empty table."""
-    from analysis.collect import experiment_exists
     from harness.config import ConfigError
     from harness.store import bound_requests, check_store
 
@@ -101,6 +100,7 @@ def _check_store(tracking_uri: str, experiment: str, source: str = "--tracking-u
     except ConfigError as err:
         raise ReportError(str(err)) from None
     bound_requests()
+    from analysis.collect import experiment_exists  # MLflow: imported once the store is known to be there
     try:
         exists = experiment_exists(tracking_uri, experiment)
     except Exception as err:  # unreachable server, not a database, ...
