@@ -64,23 +64,28 @@ class ConvStem(nn.Module):
         in_chans: int = 3,
         embed_dim: int = 768,
         stem_chs: int = 64,
-        **_timm_kwargs: Any,  # bias, dynamic_img_pad, device, dtype: what timm passes every embed_layer
+        dynamic_img_pad: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+        **_timm_kwargs: Any,  # `bias`: timm passes it to every embed_layer; the official proj has one
     ) -> None:
         super().__init__()
         _check(patch_size % 2 == 0, f"patch_size: the LV-ViT stem needs an even patch size, got {patch_size}")
+        _check(not dynamic_img_pad, "dynamic_img_pad: the LV-ViT stem takes fixed-size images, got True")
+        dd = {"device": device, "dtype": dtype}
         self.img_size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
         self.patch_size = (patch_size, patch_size)
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         half = patch_size // 2
-        self.conv1 = nn.Conv2d(in_chans, stem_chs, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem_chs)
-        self.conv2 = nn.Conv2d(stem_chs, stem_chs, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(stem_chs)
-        self.conv3 = nn.Conv2d(stem_chs, stem_chs, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(stem_chs)
+        self.conv1 = nn.Conv2d(in_chans, stem_chs, kernel_size=7, stride=2, padding=3, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(stem_chs, **dd)
+        self.conv2 = nn.Conv2d(stem_chs, stem_chs, kernel_size=3, stride=1, padding=1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(stem_chs, **dd)
+        self.conv3 = nn.Conv2d(stem_chs, stem_chs, kernel_size=3, stride=1, padding=1, bias=False, **dd)
+        self.bn3 = nn.BatchNorm2d(stem_chs, **dd)
         self.relu = nn.ReLU(inplace=True)
-        self.proj = nn.Conv2d(stem_chs, embed_dim, kernel_size=half, stride=half)
+        self.proj = nn.Conv2d(stem_chs, embed_dim, kernel_size=half, stride=half, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
