@@ -164,6 +164,10 @@ def test_checkpoint_url_is_cached_and_offline_is_a_clear_error(tmp_path: Path, m
 @pytest.mark.parametrize("ratio", [0.9, 0.7, 0.5])
 def test_dropping_tokens_equals_masking_them(variant: str, ratio: float) -> None:
     model = micro(variant=variant, keep_ratio=ratio).eval()
+    if variant == "dynamic":  # the official init (std 0.02) leaves the keep scores nearly tied, and float
+        with torch.no_grad():  # rounding would pick among ties: spread them, as a trained predictor's are
+            for predictor in model.score_predictor:
+                predictor.out_conv[4].weight.normal_(std=1.0)
     x = images(model, batch=8)
     with torch.no_grad():
         masked = model.forward_masked(x, deterministic=True)
