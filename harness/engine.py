@@ -229,6 +229,9 @@ class Trainer:
         self.sums = EpochSums()
         self.history: dict[str, float] = {}
         self.best: dict[str, float] = {}  # val/acc1_best and its epoch (and val_ema/...), as the official code reports
+        self.epoch_elapsed = 0.0  # seconds the current epoch trained before a resume (epoch_time_s counts them)
+        self._epoch_started = time.perf_counter()
+        self.logged_upto = -1  # the last train/loss_step a killed job logged: a resume does not log it twice
 
     # ------------------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
@@ -242,6 +245,7 @@ class Trainer:
             "sums": {"sums": self.sums.sums, "count": self.sums.count},
             "history": self.history,
             "best": self.best,
+            "epoch_elapsed": time.perf_counter() - self._epoch_started if self.batches_done else 0.0,
             "rng": ckpt.rng_state(),
             "mlflow_run_id": self.tracker.run_id if self.tracker else None,
             "run_key": self.cfg.run_key(),
@@ -262,6 +266,7 @@ class Trainer:
         self.sums = EpochSums(dict(state["sums"]["sums"]), state["sums"]["count"])
         self.history = dict(state["history"])
         self.best = dict(state.get("best", {}))
+        self.epoch_elapsed = float(state.get("epoch_elapsed", 0.0))
         ckpt.restore_rng(state["rng"])
 
     # ------------------------------------------------------------------------- steps
@@ -354,7 +359,8 @@ class Trainer:
             values = self.train_step(images, targets, step, micro)
             self.sums.add(values)
             self.batches_done += 1
-            if self.tracker and micro == self.accum - 1 and step % self.cfg.optim.log_every == 0:
+            if (self.tracker and micro == self.accum - 1 and step % self.cfg.optim.log_every == 0
+                    and step > self.logged_upto):
                 self.tracker.log_metrics({"train/loss_step": values["loss"]}, step=step)
             bar.set_postfix(loss=f"{values['loss']:.3f}")
             if stop.received is not None and self.batches_done % self.accum == 0:  # at an update boundary
@@ -444,12 +450,15 @@ class Trainer:
             runstate.bind(self.out, cfg.run_key(), self.tracker.run_id)
             if state is not None and self.history:  # lost if the last run was killed hard
                 self.tracker.log_metrics_if_missing(self.history, step=self.epoch - 1)
+            if state is not None:
+                self.logged_upto = self.tracker.last_step("train/loss_step")
         try:
             with _StopSignal() as stop:
                 while self.epoch < cfg.train.epochs:
-                    started = time.perf_counter()
+                    self._epoch_started = time.perf_counter() - self.epoch_elapsed
                     self.train_epoch(stop)
-                    metrics = self.epoch_metrics(time.perf_counter() - started)
+                    metrics = self.epoch_metrics(time.perf_counter() - self._epoch_started)
+                    self.epoch_elapsed = 0.0
                     if self.tracker:
                         self.tracker.log_metrics(metrics, step=self.epoch)
                     self.history = metrics

@@ -226,6 +226,10 @@ class RunTracker:
         else:
             self._queue.put(batch)
 
+    def last_step(self, key: str) -> int:
+        """The highest step logged for `key` in this run, -1 if none (a resumed job skips what a killed one sent)."""
+        return max((m.step for m in self.client.get_metric_history(self._run_id, key)), default=-1)
+
     def log_metrics_if_missing(self, metrics: Mapping[str, Any], step: int) -> None:
         """Log `metrics` at `step` unless the run has them already.
 

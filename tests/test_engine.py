@@ -134,6 +134,7 @@ def test_resume_after_sigterm_is_exact(tmp_path: Path, teacher: Path) -> None:
     assert proc.returncode == 143, err
     state = torch.load(checkpoint, weights_only=False)
     assert (state["epoch"], state["batches_done"]) != (3, 0), "the run must be interrupted"
+    assert checkpoint.stat().st_mode & 0o040, "checkpoints are readable by the group (shared clusters)"
     (killed_run,) = runs(tmp_path, "killed")
     assert killed_run.info.status == "KILLED"
 
@@ -149,6 +150,34 @@ def test_resume_after_sigterm_is_exact(tmp_path: Path, teacher: Path) -> None:
         assert [m.step for m in history] == [0, 1, 2], key
         expected = client.get_metric_history(run_a.info.run_id, key)
         assert [m.value for m in history] == [m.value for m in expected], key
+    if state["batches_done"]:  # interrupted mid-epoch: that epoch's time counts the part before the kill
+        times = {m.step: m.value for m in client.get_metric_history(run_b.info.run_id, "epoch_time_s")}
+        assert state["epoch_elapsed"] > 0 and times[state["epoch"]] >= state["epoch_elapsed"]
+
+
+def test_a_hard_killed_run_resumes_without_logging_a_step_twice(tmp_path: Path) -> None:
+    """SIGKILL mid-epoch 2: the steps logged since the epoch-1 checkpoint are not logged again."""
+    config = write_config(tmp_path, "hard", train__epochs=3, optim__log_every=1)
+    checkpoint = tmp_path / "hard" / "checkpoint.pth"
+    proc = subprocess.Popen([sys.executable, "-m", "harness.train", str(config)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    steps_per_epoch = 256 // 32
+    deadline = time.time() + 300
+    logged: list[int] = []
+    while time.time() < deadline and proc.poll() is None:
+        found = runs(tmp_path) if checkpoint.exists() else []
+        logged = [m.step for m in client.get_metric_history(found[0].info.run_id, "train/loss_step")] if found else []
+        if any(step > steps_per_epoch for step in logged):
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert any(step > steps_per_epoch for step in logged), "killed after epoch 2 logged a step"
+    assert train(config).returncode == 0
+    (run,) = runs(tmp_path)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_step")]
+    assert sorted(steps) == list(range(3 * steps_per_epoch))
 
 
 def test_nan_loss_fails_the_run_and_keeps_the_checkpoint(tmp_path: Path) -> None:
