@@ -223,11 +223,12 @@ class TrackingConfig(Section):
 RecipeName = Literal["dynamicvit-2021", "dynamicvit-tpami", "dynamicvit-tpami-spatial"]
 
 
-def _deep_merge(below: dict[str, Any], above: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(below: dict[str, Any], above: dict[str, Any]) -> dict[str, Any]:
+    """`above` over `below`, nested dicts merged key by key (how spec layers and recipes stack)."""
     merged = dict(below)
     for key, value in above.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -263,7 +264,7 @@ class RunConfig(Section):
         name = data.get("recipe", DEFAULT_RECIPE)
         if not isinstance(name, str) or name not in RECIPES:
             return data
-        return _deep_merge(preset(name), data)
+        return deep_merge(preset(name), data)
 
     @model_validator(mode="after")
     def _check_schedule(self) -> "RunConfig":

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from harness.config import (
     ConfigError,
     RunConfig,
+    deep_merge,
     flatten,
     format_validation_error,
     parse_override,
@@ -201,14 +202,7 @@ def _nested(layer: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(a)
-    for key, value in b.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+_merge = deep_merge
 
 
 def _split_overrides(path: str, overrides: Sequence[str]) -> tuple[list[str], list[tuple[str, str, Any]], dict[str, str]]:
