@@ -279,9 +279,11 @@ def test_killed_worker_fails_its_trial_and_the_budget_is_still_met(tmp_path: Pat
     victim = None
     deadline = time.time() + 300
     while victim is None and time.time() < deadline and proc.poll() is None:
-        if journal.is_file():
-            running = load(tmp_path).get_trials(states=(TrialState.RUNNING,))
-            victim = next((t for t in running if "mlflow_run_id" in t.user_attrs), None)  # training has begun
+        try:  # the journal file can exist a moment before the study is written into it
+            running = load(tmp_path).get_trials(states=(TrialState.RUNNING,)) if journal.is_file() else []
+        except KeyError:
+            running = []
+        victim = next((t for t in running if "mlflow_run_id" in t.user_attrs), None)  # training has begun
         time.sleep(0.1)
     assert victim is not None, "no trial started"
     os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
