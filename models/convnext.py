@@ -25,7 +25,8 @@ Modifications:
      exact top-k in deterministic mode; inference keeps the top `int(196 * ratio_s)`.
   4. `forward` returns a `SpatialOutput` in training (logits, the whole final map normalised by
      the head's LayerNorm, (B, 7, 7, C), decisions) and logits in eval.
-  5. `img_size` is an argument (timm's ConvNeXt takes any size): it fixes the third-stage grid.
+  5. `img_size` is an argument (timm's ConvNeXt takes any size): with the stem's and the
+     downsamplings' strides it fixes the third-stage grid.
 
 Parameter names are timm's (so timm's ConvNeXt weights load with only the predictors and fast
 paths missing) plus the official names of the added modules (`score_predictor.N`,
@@ -35,6 +36,7 @@ backbone with timm's own `checkpoint_filter_fn` and the added modules by name.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Optional, Sequence
 
@@ -121,12 +123,13 @@ class DynamicConvNeXt(SpatialSparsification, ConvNeXt):
     ) -> None:
         super().__init__(**convnext_kwargs)
         height, width = to_2tuple(img_size)
-        patch = self.stem[0].stride[0]
         stage = self.stages[SPARSE_STAGE]
+        convs = [*self.stem.modules()] + [m for s in self.stages[:SPARSE_STAGE + 1] for m in s.downsample.modules()]
+        stride = math.prod(m.stride[0] for m in convs if isinstance(m, nn.Conv2d))  # stem and downsamplings
         self._plan_sparsity(
             variant=variant, keep_ratio=keep_ratio, pruning_loc=pruning_loc, stage_ratios=stage_ratios,
             gumbel_tau=gumbel_tau, deterministic=deterministic, stage_depth=len(stage.blocks),
-            grid=(height // patch // 4, width // patch // 4),
+            grid=(height // stride, width // stride),
         )
         self.input_shape = (self.in_chans, height, width)
         if self.pruning_loc:

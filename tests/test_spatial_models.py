@@ -389,3 +389,39 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
     for index, state in big["optimizer"]["state"].items():  # a lost micro-batch or a missing 1/4 is far off
         torch.testing.assert_close(small["optimizer"]["state"][index]["exp_avg"], state["exp_avg"], rtol=1e-3, atol=1e-8)
         assert int(small["optimizer"]["state"][index]["step"]) == 1
+
+
+# ------------------------------------------------------------------- the spec and its notebook
+def test_the_spatial_spec_at_both_scales_matches_the_reference_table(tmp_path: Path) -> None:
+    from analysis.reference import load_reference
+    from harness.spec import load_and_expand
+
+    root = tmp_path / "imagenet"
+    root.mkdir()
+    spec = str(REPO / "experiments" / "spatial.yaml")
+    paper = load_and_expand(spec, [f"scales.paper.data.root={root}"], scale="paper", check_files=False).runs
+    reference = load_reference("spatial")
+    assert sorted(r.row for r in paper) == sorted(reference["row"])  # every row has its run, no more
+    for run in paper:
+        cfg = run.config
+        assert cfg.recipe == "dynamicvit-tpami-spatial" and cfg.train.accum_steps == 4, run.name
+        if cfg.model.variant == "dynamic":
+            assert cfg.model.keep_ratio == float(run.row.split("/")[1])
+            assert cfg.model.drop_path == (0.5 if run.row.split("/")[0] in ("swin-b", "convnext-b") else 0.2)
+            assert cfg.teacher.run_dir and cfg.train.init_from == cfg.teacher.run_dir
+        else:
+            assert cfg.train.epochs == 0 and cfg.model.pretrained == SPATIAL_MODELS[cfg.model.name]["_url"]
+    tiny = load_and_expand(spec, scale="tiny").runs
+    assert sorted(r.row for r in tiny) == ["convnext-t/0.7", "convnext-t/0.9", "convnext-t/1.0",
+                                          "swin-t/0.7", "swin-t/0.9", "swin-t/1.0"]
+    assert {r.config.model.name for r in tiny} == {"dynamicswin_proxy_patch2_window4_64", "dynamicconvnext_proxy_64"}
+
+
+def test_the_spatial_notebook_is_paired_and_parameterised() -> None:
+    import jupytext
+
+    notebook, source = (jupytext.read(REPO / "analysis" / f"spatial.{ext}") for ext in ("ipynb", "py"))
+    assert [c.source for c in notebook.cells] == [c.source for c in source.cells], "run jupytext --sync"
+    (parameters,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    for key in ("tracking_uri", "experiment", "scale", "output_dir", "table"):
+        assert f"{key} = " in parameters.source, key
