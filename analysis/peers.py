@@ -35,7 +35,8 @@ scale = "tiny"  # "tiny" or "paper"
 output_dir = ""  # default: reports/<experiment>/<scale>/
 table = "peer-methods"
 throughput_batch = 32  # DynamicViT's Table 1 batch
-throughput_rounds = 5
+throughput_rounds = 7
+throughput_iters = 10  # timed batches per model per round
 throughput_device = ""  # default: cuda if available, else cpu
 
 # %%
@@ -58,7 +59,7 @@ print(f"{len(runs)} finished training runs in experiment {experiment!r} (scale {
 
 # %%
 speeds = peers_lib.interleaved_throughput(peers_lib.speed_models(runs), throughput_batch, throughput_rounds,
-                                          device=throughput_device)
+                                          iters=throughput_iters, device=throughput_device)
 speeds.to_csv(out / "peers_throughput.csv", index=False)
 speeds
 
@@ -79,7 +80,8 @@ table_df["img/s (interleaved)"] = [f"{by_label[r]:.0f}" if r in by_label else ta
 if len(speeds):
     table_df.attrs["notes"].append(
         f"img/s (interleaved): measured in one process on {speeds['device'].iloc[0]}, batch {throughput_batch}, "
-        f"median of {throughput_rounds} shuffled rounds.")
+        f"median of {throughput_rounds} shuffled rounds of {throughput_iters} batches each (the rounds' max - min "
+        f"is `spread` in peers_throughput.csv).")
 written = tables.write_tables(table_df, out, "peers")
 display(Markdown(tables.to_markdown(table_df)))
 

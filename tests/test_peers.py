@@ -373,7 +373,7 @@ def test_the_peers_report_from_fixture_runs(tmp_path: Path) -> None:
     """analysis/peers.ipynb, run headless as analysis.report runs it (papermill, the report's parameters):
     the matched table beside the published numbers, the keep-rate table (DynamicViT/0.7 found by its
     configuration in the matched stage), the interleaved throughput and both figures. One batch of 4
-    per model and one round (a real report: 5 rounds of 32) keep the test short; it checks the plumbing."""
+    per model and one round (a real report: 7 rounds of 10 batches of 32) keep it short: it checks the plumbing."""
     import pandas as pd
     import papermill
 
@@ -382,7 +382,7 @@ def test_the_peers_report_from_fixture_runs(tmp_path: Path) -> None:
     papermill.execute_notebook(
         str(REPO / "analysis" / "peers.ipynb"), str(tmp_path / "peers.ipynb"), kernel_name="python3", cwd=str(REPO),
         parameters={"tracking_uri": uri, "experiment": "peers", "scale": "tiny", "output_dir": str(out),
-                    "table": "peer-methods", "throughput_batch": 4, "throughput_rounds": 1},
+                    "table": "peer-methods", "throughput_batch": 4, "throughput_rounds": 1, "throughput_iters": 1},
         progress_bar=False, log_output=False,
     )
     md = (out / "peers.md").read_text()
