@@ -89,6 +89,15 @@ class Ctx:
         return ["harness.launch", spec, "--executor", "local", "--output-root", str(self.tmp / "runs"),
                 "--tracking-uri", self.db, *extra]
 
+    def search_spec(self) -> str:
+        """A tiny search spec whose tiny scale sets train.epochs and search.trials again."""
+        spec = search_spec_dict()
+        return str(write(self.tmp / "search.yaml", spec))
+
+    def search(self, spec: str, *extra: str, root: Optional[Path] = None) -> list[str]:
+        return ["harness.search", spec, "--executor", "local", "--output-root", str(root or self.tmp / "runs"),
+                "--tracking-uri", self.db, *extra]
+
     def train_cfg(self, **changes: Any) -> str:
         cfg: dict[str, Any] = {"model": {"name": "dynamicvit_micro_patch4_32", "variant": "dense"},
                                "data": {"name": "synthetic"}, "train": {"epochs": 1},
@@ -100,6 +109,15 @@ class Ctx:
                 node = node.setdefault(part, {})
             node[leaf] = value
         return str(write(self.tmp / "run.yaml", cfg))
+
+
+def search_spec_dict() -> dict[str, Any]:
+    """tests/test_search.py's tiny search spec with a scale layer that sets train.epochs and search.trials."""
+    from tests.test_search import SPEC
+
+    spec = json.loads(json.dumps(SPEC))
+    spec["scales"]["tiny"].update({"train": {"epochs": 1}, "search": {"trials": 4}})
+    return spec
 
 
 # (argv, exit code, the line's start, a fragment naming the field)
@@ -530,6 +548,70 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
         return (["harness.train", c.train_cfg()], 2, f"{c.tmp / 'run.yaml'}: tracking.uri: not an SQLite database",
                 "mlflow.db")
 
+    # -- search storages (issue 16 item 8): refused by the dry run and before any worker is submitted
+    @case("search-storage-driver-missing")
+    def _(c: Ctx) -> Built:
+        return (c.search(c.search_spec(), "search.storage.url=mysql://optuna@db-host/dvit"), 1,
+                f"{c.tmp / 'search.yaml'}: search.storage.url: the mysql+mysqldb driver is not installed", "MySQLdb")
+
+    @case("search-storage-driver-missing-dry-run")
+    def _(c: Ctx) -> Built:
+        return (c.search(c.search_spec(), "search.storage.url=mssql+pyodbc://u@h/db", "--dry-run"), 1,
+                f"{c.tmp / 'search.yaml'}: search.storage.url: the mssql+pyodbc driver is not installed", "pyodbc")
+
+    @case("search-storage-unknown-dialect")
+    def _(c: Ctx) -> Built:
+        return (c.search(c.search_spec(), "search.storage.url=postgersql://u@h/db", "--dry-run"), 2,
+                f"{c.tmp / 'search.yaml'}: search.storage.url: not a database URL", "postgersql")
+
+    @case("search-storage-journal-read-only")
+    def _(c: Ctx) -> Built:
+        return (c.search(c.search_spec(), f"search.storage.url={c.readonly}/study.journal", "--dry-run"), 2,
+                f"{c.tmp / 'search.yaml'}: search.storage.url: {c.readonly} cannot be written", "study.journal")
+
+    @case("search-storage-journal-under-a-file")
+    def _(c: Ctx) -> Built:
+        write(c.tmp / "afile", "x")
+        return (c.search(c.search_spec(), f"search.storage.url={c.tmp}/afile/study.journal"), 2,
+                f"{c.tmp / 'search.yaml'}: search.storage.url: {c.tmp / 'afile'} is a file", "study.journal")
+
+    @case("search-storage-journal-is-a-folder")
+    def _(c: Ctx) -> Built:
+        return (c.search(c.search_spec(), f"--storage={c.tmp}", "--dry-run"), 2,
+                f"{c.tmp / 'search.yaml'}: search.storage.url: a folder, not a storage file", str(c.tmp))
+
+    @case("search-storage-sqlite-read-only")
+    def _(c: Ctx) -> Built:
+        return (c.search(c.search_spec(), "--workers=1", f"--storage=sqlite:///{c.readonly}/study.db"), 2,
+                f"{c.tmp / 'search.yaml'}: search.storage.url: {c.readonly} cannot be written", "study.db")
+
+    @case("search-storage-auto-output-root-read-only")
+    def _(c: Ctx) -> Built:
+        return (c.search(c.search_spec(), "--dry-run", root=c.readonly), 2,
+                f"{c.tmp / 'search.yaml'}: search.storage.url (auto, under --output-root): {c.readonly} cannot be "
+                f"written", "study.journal")
+
+    @case("search-storage-env-unset")
+    def _(c: Ctx) -> Built:
+        return (c.search(c.search_spec(), "search.storage.url=${DVIT_TEST_UNSET_STORAGE}", "--dry-run"), 2,
+                f"{c.tmp / 'search.yaml'}: search.storage.url: an environment variable in it is not set",
+                "DVIT_TEST_UNSET_STORAGE")
+
+    @case("search-base-override-shadowed")
+    def _(c: Ctx) -> Built:
+        return (c.search(c.search_spec(), "base.train.epochs=2", "--dry-run"), 2,
+                f"{c.tmp / 'search.yaml'}: base.train.epochs: has no effect", "scales.tiny sets train.epochs")
+
+    @case("search-override-whole-section")
+    def _(c: Ctx) -> Built:
+        return (c.search(c.search_spec(), "search=8", "--dry-run"), 2, f"{c.tmp / 'search.yaml'}: search: override a "
+                "key of the section", "search=8")
+
+    @case("search-override-trials-invalid")
+    def _(c: Ctx) -> Built:
+        return (c.search(c.search_spec(), "search.trials=0", "--dry-run"), 2, f"{c.tmp / 'search.yaml'}: search.trials",
+                "greater than 0")
+
     return cases
 
 
@@ -937,3 +1019,22 @@ def test_students_waiting_on_a_failed_teacher_are_resubmitted_with_it(tmp_path: 
     final = train_runs(tmp_path)
     assert len(final) == 3 and {r.info.status for r in final} == {"FINISHED"}
     assert slurm_state(student_job.split("_")[0]) == "CANCELLED"
+
+
+# ------------------------------------------------- search overrides after every layer (issue 16 item 6)
+def test_search_overrides_take_effect_after_the_scale_layer(tmp_path: Path) -> None:
+    """The tiny scale sets search.trials=4 and train.epochs=1; the command line wins over both."""
+    spec = write(tmp_path / "search.yaml", search_spec_dict())
+    args = ["--executor", "local", "--output-root", str(tmp_path / "runs"), "--dry-run"]
+    plain = cli("harness.search", str(spec), *args, cwd=tmp_path)
+    assert plain.returncode == 0 and "budget 4 trials" in plain.stdout, plain.stderr
+    result = cli("harness.search", str(spec), "search.trials=8", "train.epochs=3", "search.workers=3",
+                 "search.space.model.keep_ratio.low=0.6", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "budget 8 trials" in result.stdout and "3 worker(s)" in result.stdout
+    assert "float [0.6, 0.9]" in result.stdout  # the override merged into the spec's range
+    from harness.search.spec import load_search
+
+    plan = load_search(str(spec), ["search.trials=8", "train.epochs=3"], output_root=str(tmp_path / "runs"))
+    assert plan.section.trials == 8 and plan.run.config.train.epochs == 3
+    assert load_search(str(spec), ["search.trials=8"], trials=5).section.trials == 5  # --trials is the last word

@@ -41,7 +41,7 @@ def render_plan(plan: SearchPlan, storage: StorageChoice, cluster: str) -> str:
     section = plan.section
     base = plan.run.config.model_dump()
     lines = [f"{plan.name} ({plan.scale}): study {plan.study}, budget {section.trials} trials (complete + pruned), "
-             f"{section.workers} worker(s) on {cluster}, storage {storage.kind} {storage.location}",
+             f"{section.workers} worker(s) on {cluster}, storage {storage.kind} {storage.shown}",
              "objectives: " + ", ".join(f"{o.metric} ({o.direction})" for o in section.objectives)
              + f"; sampler {section.sampler.name}; pruner {(section.pruner or PrunerSpec(name='none')).name}",
              "space:"]

@@ -22,7 +22,8 @@ from harness.config import (
     set_dotted,
     validation_problems,
 )
-from harness.spec import RunPlan, SlurmResources, Spec, _merge, _nested, _split_scale, expand
+from harness.errors import show
+from harness.spec import RunPlan, SlurmResources, Spec, _merge, _nested, _split_overrides, _split_scale, expand
 
 STAGE = "trials"  # the one implicit stage whose config every trial starts from
 FINAL_METRICS = ("val/acc1", "val/acc5", "val/loss", "gflops", "params_m", "throughput_img_s")
@@ -258,10 +259,9 @@ def load_search(path: str, overrides: list[str] = (), scale: Optional[str] = Non
     The base configuration is merged by harness.spec (one implicit stage), so that base, scales,
     dotted keys and their error messages behave exactly as in experiment specs.
     """
-    raw = read_yaml(path)
-    for text in overrides:
-        key, value = parse_override(text)
-        set_dotted(raw, key, value)
+    search_texts = [text for text in overrides if parse_override(text)[0].split(".")[0] == "search"]
+    spec_texts, edits, cli_texts = _split_overrides(path, [t for t in overrides if t not in search_texts])
+    raw = read_yaml(path, spec_texts)
     errors: list[str] = []
     search_raw = raw.pop("search", None)
     if "stages" in raw:
@@ -277,13 +277,25 @@ def load_search(path: str, overrides: list[str] = (), scale: Optional[str] = Non
     expanded = None
     try:
         spec = Spec.model_validate(raw)
+        # as load_spec does: run config overrides apply after every layer, a shadowed spec edit is refused
+        cli: dict[str, Any] = {}
+        for text in cli_texts.values():
+            set_dotted(cli, *parse_override(text))
+        spec._edits, spec._cli, spec._cli_texts = edits, cli, cli_texts
         expanded = expand(spec, path, scale, output_root)
     except ValidationError as err:
         errors += [line.replace(".config.", ".") for line in format_validation_error(err, path, Spec)]
     except ConfigError as err:
         errors += err.lines
     scale = expanded.scale if expanded else scale or str(raw.get("default_scale", "tiny"))
-    section = _load_section(path, search_raw, per_scale.get(scale), workers, trials, storage, errors)
+    command_line: dict[str, Any] = {}  # `search.…` overrides: a layer after the scale's `search:`
+    for text in search_texts:
+        key, value = parse_override(text)
+        if key == "search":
+            errors.append(f"{path}: search: override a key of the section (search.trials=8), got {show(text)}")
+            continue
+        set_dotted(command_line, key[len("search."):], value)
+    section = _load_section(path, search_raw, per_scale.get(scale), workers, trials, storage, errors, command_line)
     if expanded is not None and section is not None:
         base = expanded.runs[0]
         errors += _check_space(path, section, base.config)
@@ -300,17 +312,24 @@ def load_search(path: str, overrides: list[str] = (), scale: Optional[str] = Non
 
 
 def _load_section(path: str, raw: Any, scale_layer: Any, workers: Optional[int], trials: Optional[int],
-                  storage: Optional[str], errors: list[str]) -> Optional[SearchSection]:
+                  storage: Optional[str], errors: list[str],
+                  command_line: Optional[dict[str, Any]] = None) -> Optional[SearchSection]:
+    """The spec's `search:`, then the scale's, then `search.…` overrides, then the flags: the last one wins."""
     if not isinstance(raw, dict):
         errors.append(f"{path}: search: required, a mapping with at least `space`, got {raw!r}")
         return None
     merged = copy.deepcopy(raw)
     if isinstance(merged.get("space"), dict):
         merged["space"] = _flatten_space(merged["space"])
-    if isinstance(scale_layer, dict):
-        layer = copy.deepcopy(scale_layer)
+    for layer in (scale_layer, command_line):
+        if not isinstance(layer, dict) or not layer:
+            continue
+        layer = copy.deepcopy(layer)
         if isinstance(layer.get("space"), dict) and isinstance(merged.get("space"), dict):
             layer["space"] = _flatten_space(layer["space"])
+        for section in (merged, layer):  # `storage: URL` and `storage.url=...` merge as mappings
+            if isinstance(section.get("storage"), str):
+                section["storage"] = {"url": section["storage"]}
         merged = _merge(merged, layer)
     for key, value in (("workers", workers), ("trials", trials)):
         if value is not None:

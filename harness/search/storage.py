@@ -2,10 +2,11 @@
 
 SQLite for one worker; a JournalStorage file for several workers on one machine; an RDB URL
 (PostgreSQL) for workers on several nodes. RDB storages (SQLite included) get Optuna's
-heartbeat, so that a trial whose process died is failed by `fail_stale_trials`; Optuna 5's
-JournalStorage has no heartbeat (it does not implement BaseHeartbeat), so for journal files the
-driver fails the trials of workers it sees end (harness/search/driver.py).
+heartbeat, so that a trial whose process died is failed by `fail_stale_trials` (and retried
+once); Optuna 5's JournalStorage has no heartbeat (it does not implement BaseHeartbeat), so for
+journal files the driver fails the trials of workers it sees end (harness/search/driver.py).
 """
+import os
 import shlex
 import subprocess
 import warnings
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from harness.config import ConfigError
+from harness.errors import EnvironmentProblem
 from harness.search.spec import SearchPlan
 
 if TYPE_CHECKING:
@@ -46,6 +48,7 @@ class StorageChoice:
 
     def open(self) -> "optuna.storages.BaseStorage":
         import optuna
+        from optuna.storages import RetryFailedTrialCallback
         from optuna.storages.journal import JournalFileBackend
 
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -57,8 +60,16 @@ class StorageChoice:
             engine: dict[str, Any] = {"connect_args": {"timeout": 60}}  # a reader must wait, not fail
         else:
             engine = {"pool_pre_ping": True}
+        # a trial failed by its stopped heartbeat (a lost node, a frozen job) is tried once more, as a
+        # new WAITING trial with the same parameters that the next free worker takes
         return optuna.storages.RDBStorage(self.location, engine_kwargs=engine,
-                                          heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period)
+                                          heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period,
+                                          failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+
+    @property
+    def shown(self) -> str:
+        """The location without its password (for printing)."""
+        return _hide_password(self.location) if self.kind == "rdb" else self.location
 
     def dashboard(self) -> str:
         return f"optuna-dashboard {shlex.quote(self.location)}"
@@ -82,13 +93,22 @@ def choose_storage(plan: SearchPlan, cluster: str) -> StorageChoice:
     one_machine = cluster != "slurm" or _slurm_nodes(plan.slurm.partition) == 1
     if spec.url == "auto":
         if workers == 1:
-            return StorageChoice.parse(f"sqlite:///{plan.study_dir / 'study.db'}", spec.heartbeat_interval,
-                                       spec.grace_period)
+            choice = StorageChoice.parse(f"sqlite:///{plan.study_dir / 'study.db'}", spec.heartbeat_interval,
+                                         spec.grace_period)
+            check_storage(choice, f"{where} (auto, under --output-root)")
+            return choice
         if one_machine:
-            return StorageChoice.parse(str(plan.study_dir / "study.journal"))
+            choice = StorageChoice.parse(str(plan.study_dir / "study.journal"))
+            check_storage(choice, f"{where} (auto, under --output-root)")
+            return choice
         raise ConfigError([f"{where}: {workers} workers may run on different SLURM nodes: give an RDB URL "
                            f"(postgresql://USER@HOST/DB), got 'auto'"])
-    choice = StorageChoice.parse(spec.url, spec.heartbeat_interval, spec.grace_period)
+    url = os.path.expandvars(spec.url)  # `url: ${OPTUNA_STORAGE}`: what scripts/tracking-server.sh status prints
+    if "$" in url:
+        raise ConfigError([f"{where}: an environment variable in it is not set (scripts/tracking-server.sh status "
+                           f"prints OPTUNA_STORAGE), got {spec.url!r}"])
+    choice = StorageChoice.parse(url, spec.heartbeat_interval, spec.grace_period)
+    check_storage(choice, where)
     if choice.kind == "sqlite" and workers > 1:
         raise ConfigError([f"{where}: SQLite is for one process; {workers} workers need a journal file (one "
                            f"machine) or an RDB URL (several nodes), got {spec.url!r}"])
@@ -96,6 +116,49 @@ def choose_storage(plan: SearchPlan, cluster: str) -> StorageChoice:
         raise ConfigError([f"{where}: a journal file is for workers on one machine; SLURM may spread {workers} "
                            f"workers over nodes: give an RDB URL (postgresql://USER@HOST/DB), got {spec.url!r}"])
     return choice
+
+
+def check_storage(choice: StorageChoice, where: str) -> None:
+    """Refuse, before anything is submitted, a storage no worker could open.
+
+    A file (SQLite, journal) must be creatable: bad input (exit 2) when the path is a folder or
+    lies under a file or a read-only place. An RDB URL must name a dialect SQLAlchemy knows (exit 2)
+    whose driver is installed here (else exit 1: the environment lacks it). No connection is made.
+    """
+    if choice.kind == "rdb":
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        try:
+            dialect = make_url(choice.location).get_dialect()
+        except (ArgumentError, NoSuchModuleError, ValueError) as err:
+            raise ConfigError([f"{where}: not a database URL SQLAlchemy knows ({str(err).splitlines()[0]}), "
+                               f"got {_hide_password(choice.location)!r}"]) from None
+        try:
+            dialect.import_dbapi()
+        except ImportError as err:
+            hint = " (pip install -e '.[postgres]')" if dialect.name == "postgresql" else ""
+            raise EnvironmentProblem(f"{where}: the {dialect.name}+{dialect.driver} driver is not installed "
+                                     f"({err}){hint}, got {_hide_password(choice.location)!r}") from None
+        return
+    file = Path(choice.location[len("sqlite:///"):] if choice.kind == "sqlite" else choice.location)
+    if file.is_dir():
+        raise ConfigError([f"{where}: a folder, not a storage file, got {str(file)!r}"])
+    existing = next(p for p in [file, *file.parents] if p.exists())
+    if existing != file and not existing.is_dir():
+        raise ConfigError([f"{where}: {existing} is a file, not a folder, got {str(file)!r}"])
+    if not os.access(existing, os.W_OK):
+        raise ConfigError([f"{where}: {existing} cannot be written (read-only or no permission), "
+                           f"got {str(file)!r}"])
+
+
+def _hide_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown as given
+        return url
 
 
 def open_study(location: str, study: Optional[str] = None) -> "optuna.Study":
