@@ -47,7 +47,7 @@ from harness.config import LossConfig, OptimConfig, TrackingConfig  # noqa: E402
 from harness.losses import DynamicViTLoss  # noqa: E402
 from harness.optim import build_optimizer  # noqa: E402
 from harness.tracking import RunTracker  # noqa: E402
-from models.dynamic_vit import MaskedAttention  # noqa: E402
+from models.masked_attention import MaskedAttention  # noqa: E402
 from inference_speed import loadavg, quartiles, wait_for_idle  # noqa: E402
 from inference_speed import machine as cpu_machine  # noqa: E402
 

@@ -1,4 +1,12 @@
-"""The DynamicViT family, registered in timm's model registry on import."""
+"""The DynamicViT model family, registered in timm's model registry on import.
+
+One module per family: dynamic_vit.py (DeiT), lvvit.py (LV-ViT), swin.py (DynamicSwin),
+convnext.py (DynamicCNN), peers.py (EViT, Top-K, ToMe on the DeiT backbone); spatial.py holds
+what Swin and ConvNeXt share (the T-PAMI spatial scheme). Each shared mechanism once:
+predictor.py (token-score predictors), token_selection.py (hard keep decisions),
+masked_attention.py (attention with a keep policy), registry.py (catalog -> timm entry points),
+checkpoint.py (weights from files and URLs), validation.py (one-line argument errors).
+"""
 from models.checkpoint import load_weights, read_state_dict
 from harness.catalog import MODEL_DEFAULTS, VARIANTS
 from models.dynamic_vit import (

@@ -2,7 +2,7 @@
 
 A small, named change to `timm.models.convnext.ConvNeXt` (the scheme is in models/spatial.py).
 Modifications:
-  1. `score_predictor`: one `PredictorLG` (models/dynamic_vit.py) per pruning location, before
+  1. `score_predictor`: one `PredictorLG` (models/predictor.py) per pruning location, before
      third-stage blocks `pruning_loc` ([1, 2, 3] for ConvNeXt-T, [3, 6, 9] for -S/-B), with the
      official LayerNorm eps 1e-6. The official predictor is written with 1 x 1 convolutions on
      the NCHW map; on the flattened positions it is the same Linear layers (weights (out, in, 1, 1)
@@ -46,15 +46,13 @@ from timm.layers import to_2tuple, trunc_normal_
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from timm.models.convnext import checkpoint_filter_fn as timm_convnext_filter
 
-from models.dynamic_vit import PredictorLG
+from models.predictor import PredictorLG
 from models.spatial import (
-    SpatialOutput,
     SpatialSparsification,
     check_input,
     official_layout_hook,
     register_family,
     split_apply,
-    split_by_score,
 )
 
 SPARSE_STAGE = 2  # the third stage (14 x 14 at 224 px)
@@ -175,49 +173,16 @@ class DynamicConvNeXt(SpatialSparsification, ConvNeXt):
     def _log_probs(self, stage: int, x: Tensor) -> Tensor:
         return self.score_predictor[stage](x.flatten(2).transpose(1, 2))
 
-    def forward_masked(self, x: Tensor, deterministic: Optional[bool] = None) -> SpatialOutput:
-        """Training path: both streams computed everywhere, mixed by the hard decisions."""
-        deterministic = self.deterministic if deterministic is None else deterministic
-        x = self._before(x)
-        kept = fast = x
-        mask: Optional[Tensor] = None
-        decisions: list[Tensor] = []
-        for index, block in enumerate(self.stages[SPARSE_STAGE].blocks):
-            stage = self._stage_at.get(index)
-            if stage is not None:
-                if mask is None:
-                    kept = fast = x
-                current = x if mask is None else kept * mask + fast * (1 - mask)
-                decision = self._decision(self._log_probs(stage, current), stage, deterministic)
-                decisions.append(decision)
-                batch, _, height, width = current.shape
-                mask = decision.reshape(batch, 1, height, width)
-            if mask is None:
-                x = block(x)
-            else:
-                kept, fast = block.forward_streams(kept, fast, mask)
-        if mask is not None:
-            x = kept * mask + fast * (1 - mask)
-        x = self._after(x)
+    def _sparse_blocks(self) -> nn.Sequential:
+        return self.stages[SPARSE_STAGE].blocks
+
+    def _stream_mask(self, decision: Tensor, like: Tensor) -> Tensor:
+        batch, _, height, width = like.shape  # NCHW
+        return decision.reshape(batch, 1, height, width)
+
+    def _logits_and_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
         tokens = self.head.norm(x).permute(0, 2, 3, 1)  # the official featmap: every position normalised
-        return self._masked_output(self.forward_head(x), tokens, decisions)
-
-    def forward_pruned(self, x: Tensor, return_positions: bool = False) -> Any:
-        """Inference path: per location the top `int(N * ratio_s)` positions take the MLP.
-
-        With `return_positions`, also the kept positions (B, k_s) in the third-stage grid.
-        """
-        x = self._before(x)
-        kept_positions: list[Tensor] = []
-        split: Optional[tuple[Tensor, Tensor]] = None
-        for index, block in enumerate(self.stages[SPARSE_STAGE].blocks):
-            stage = self._stage_at.get(index)
-            if stage is not None:
-                split = split_by_score(self._log_probs(stage, x)[..., 0], self.num_keep[stage])
-                kept_positions.append(split[0])
-            x = block(x) if split is None else block.forward_split(x, *split)
-        logits = self.forward_head(self._after(x))
-        return (logits, kept_positions) if return_positions else logits
+        return self.forward_head(x), tokens
 
 
 def _predictor(dim: int) -> PredictorLG:

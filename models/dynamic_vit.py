@@ -2,16 +2,19 @@
 
 A small, explicit change to a stock timm ViT (the DeiT definition), in the spirit of ToMe.
 Modifications to `timm.models.vision_transformer.VisionTransformer`:
-  1. `MaskedAttention` replaces `Attention`: with a keep policy it computes the attention
-     weights by hand and masks them so that a dropped token is attended by nobody but itself
-     (the official, differentiable formulation); without one it is timm's fused attention.
+  1. `MaskedAttention` (models/masked_attention.py) replaces `Attention`: with a keep policy it
+     computes the attention weights by hand and masks them so that a dropped token is attended
+     by nobody but itself (the official, differentiable formulation); without one it is timm's
+     fused attention.
   2. `DynamicBlock` replaces `Block`: it passes the policy to the attention and can return the
      CLS row of its attention map (for the `attention` variant).
   3. `score_predictor`: one token selector per pruning stage (before the blocks in
      `pruning_loc`); `PredictorLG` for `dynamic` (official parameter names), a learned score per
-     token position for `static`, none for `random` / `attention` / `structural` / `dense`.
+     token position for `static` (both models/predictor.py), none for `random` / `attention` /
+     `structural` / `dense`.
   4. Two forward paths. Training (`forward_masked`): all tokens stay in memory and a keep
-     decision per token (Gumbel-softmax, or exact top-k in deterministic mode) masks attention.
+     decision per token (Gumbel-softmax, or exact top-k in deterministic mode:
+     models/token_selection.py) masks attention.
      Inference (`forward_pruned`): per stage the top `int(N * ratio_s)` patch tokens are gathered
      and the rest are gone, CLS always kept, so the cost per image is fixed and exact.
      `random` and `attention` learn nothing about which tokens to keep, so they also train on
@@ -30,17 +33,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from timm.layers import Attention
-from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from harness.catalog import MODEL_DEFAULTS, PEER_VARIANTS, VARIANTS
+from models.masked_attention import MaskedAttention
+from models.predictor import PredictorLG, StaticPredictor
+from models.registry import register_family
+from models.token_selection import keep_decision, topk_mask
+from models.validation import check as _check
 
 SELECTING_VARIANTS = ("dynamic", "static", "random", "attention")
 STAGED_PEERS = ("evit", "topk")  # peers (models/peers.py) that reduce at `pruning_loc` with per-stage counts
 UNLEARNED_SELECTION = ("random", "attention")  # nothing learned chooses their tokens: train gathered
-MASK_EPS = 1e-6  # the official epsilon of the masked softmax
-POOL_EPS = 1e-6  # guards the predictor's global mean when every token was dropped
 
 
 class DynamicViTOutput(NamedTuple):
@@ -50,164 +54,6 @@ class DynamicViTOutput(NamedTuple):
     tokens: Tensor  # final normalised patch tokens (B, N, C); pooled grid for `structural`
     decision: Optional[Tensor]  # final keep decision over the N patch tokens (B, N), or None
     keep_fractions: Tensor  # (B, S): kept fraction of the original patch tokens per stage
-
-
-def masked_softmax(attn: Tensor, policy: Tensor) -> Tensor:
-    """Softmax over keys where dropped tokens are attended only by themselves.
-
-    The official formulation: subtract the row max, exp in fp32, multiply by
-    (policy + identity for dropped rows), then (attn + eps/N) / (sum + eps). It stays
-    differentiable in the policy, which is how the predictor learns. This is the reference;
-    `masked_attention` computes `masked_softmax(q k^T * scale, policy) @ v` faster.
-    """
-    batch, _, tokens, _ = attn.shape
-    keep = policy.reshape(batch, 1, 1, tokens).float()
-    eye = torch.eye(tokens, dtype=torch.float32, device=attn.device).view(1, 1, tokens, tokens)
-    attn_policy = keep + (1.0 - keep) * eye
-    attn = attn - attn.amax(dim=-1, keepdim=True)
-    attn = attn.float().exp() * attn_policy
-    attn = (attn + MASK_EPS / tokens) / (attn.sum(dim=-1, keepdim=True) + MASK_EPS)
-    return attn
-
-
-class _MaskedAttentionFn(torch.autograd.Function):
-    """`masked_softmax(q k^T * scale, policy) @ v` and its exact gradient, in fewer passes.
-
-    Notation (per batch and head): a = (q * scale) k^T, m_i = max_j a_ij, x = exp(a - m),
-    P_ij = policy_j + (1 - policy_j) [i == j], e = x P, S_i = sum_j e_ij, c = eps / N,
-    w_i = 1 / (S_i + eps), out = (e + c) w (the official weights), result O = out v.
-
-    Forward: y = softmax(a) = x / Z_i is one fused pass; its row max is 1 / Z_i (x = 1 at the
-    argmax), so x = y Z without computing exp(a - m) separately. P is never built: it is policy_j
-    off the diagonal and policy_j + (1 - policy_j) on it, so y P v = y (policy v) + a diagonal
-    term, and S comes from the same matmul (a column of policy appended to v). Neither P nor the
-    weights `out` are materialised; the only N x N tensor kept for backward is y.
-    Backward, with g = dO v^T and r_i = sum_j g_ij out_ij = dO_i . O_i:
-      t_ij := dL/dP_ij = w_i (g_ij - r_i) x_ij,   dL/da_ij = t_ij P_ij + [j == argmax_i] dL/dm_i,
-      dL/dm_i = -sum_j t_ij P_ij = -w_i (eps r_i - c sum_j g_ij)   (routed to the argmax, as
-      autograd routes it through torch.max; it only matters where S_i is of the order of eps),
-      dL/dpolicy_j = sum over heads and rows i != j of t_ij.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float) -> Tensor:
-        batch, heads, tokens, dim = q.shape
-        qs = q * scale
-        y = torch.softmax(qs @ k.transpose(-2, -1), dim=-1)  # x / Z
-        y_max, argmax = y.max(dim=-1, keepdim=True)  # 1 / Z, at the argmax of a
-        keep = policy.reshape(batch, 1, tokens, 1)  # indexes keys (and rows, on the diagonal)
-        diag_minus_keep = (keep + (1.0 - keep)) - keep  # P_ii - policy_i, P_ii as the reference builds it
-        y_diag_corr = y.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * diag_minus_keep
-        both = y @ torch.cat([v * keep, keep.expand(batch, heads, tokens, 1)], dim=-1)
-        # In units of y (a factor 1 / Z per row): S / Z = both[..., dim] + y_diag_corr and
-        # inv = Z w = 1 / (S / Z + eps / Z); O = (y P v + (c / Z) sum_j v_j) * inv.
-        inv = (both[..., dim:] + y_diag_corr).add_(y_max, alpha=MASK_EPS).reciprocal_()
-        out = torch.addcmul(both[..., :dim], y_diag_corr, v)
-        out.addcmul_(y_max, v.sum(dim=-2, keepdim=True), value=MASK_EPS / tokens).mul_(inv)
-        ctx.save_for_backward(qs, k, v, policy, y, y_max, inv, argmax, out)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
-        qs, k, v, policy, y, y_max, inv, argmax, out = ctx.saved_tensors
-        batch, heads, tokens, dim = qs.shape
-        need_q, need_k, need_v, need_policy = ctx.needs_input_grad[:4]
-        grad_out = grad_out.contiguous()
-        keep = policy.reshape(batch, 1, tokens, 1)
-        diag_minus_keep = (keep + (1.0 - keep)) - keep
-        y_diag = y.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
-        r = (grad_out * out).sum(dim=-1, keepdim=True)
-        w_grad = grad_out * inv  # Z_i w_i dO_i
-        grad_q = grad_k = grad_v = grad_policy = None
-        if need_v:  # dv_j = sum_i out_ij dO_i
-            grad_v = (y.transpose(-2, -1) @ w_grad).mul_(keep)
-            grad_v.addcmul_(y_diag * diag_minus_keep, w_grad)
-            grad_v.add_((w_grad * y_max).sum(dim=-2, keepdim=True), alpha=MASK_EPS / tokens)
-        if not (need_q or need_k or need_policy):
-            return None, None, grad_v, None, None
-        t = w_grad @ v.transpose(-2, -1)
-        t.sub_(r * inv).mul_(y)  # w_i (g_ij - r_i) x_ij
-        t_diag = t.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
-        if need_policy:  # P_ij depends on policy_j off the diagonal only
-            grad_policy = (t.sum(dim=(1, 2)) - t_diag.sum(dim=(1, 3))).reshape(policy.shape)
-        if need_q or need_k:
-            t_diag_corr = t_diag * diag_minus_keep  # dL/da_ii - t_ii policy_i
-            g_sum = grad_out @ v.sum(dim=-2).unsqueeze(-1)  # sum_j g_ij
-            grad_max = (r * MASK_EPS).sub_(g_sum, alpha=MASK_EPS / tokens).mul_(inv * y_max).neg_()
-            index = argmax.expand(batch, heads, tokens, dim)
-            if need_q:
-                grad_q = t @ (k * keep)
-                grad_q.addcmul_(t_diag_corr, k).addcmul_(grad_max, k.gather(2, index)).mul_(ctx.scale)
-            if need_k:
-                grad_k = (t.transpose(-2, -1) @ qs).mul_(keep)
-                grad_k.addcmul_(t_diag_corr, qs).scatter_add_(2, index, grad_max * qs)
-        return grad_q, grad_k, grad_v, grad_policy, None
-
-
-def masked_attention(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float) -> Tensor:
-    """`masked_softmax((q * scale) @ k^T, policy) @ v` for fp32 q/k/v (B, H, N, d), policy (B, N).
-
-    Equal to the reference formula up to float rounding (forward and every gradient, including
-    the one with respect to the policy), with fewer passes over the B x H x N x N tensor.
-    """
-    return _MaskedAttentionFn.apply(q, k, v, policy, scale)
-
-
-class MaskedAttention(Attention):
-    """timm's Attention plus an optional keep policy and the CLS attention row.
-
-    Without a policy and without the CLS row request it is timm's fused attention. With a policy,
-    fp32 inputs (no autocast) and no attention dropout it is `masked_attention`; otherwise, or with
-    `fused_masked_attn = False`, the reference `masked_softmax` path, which materialises the
-    attention weights.
-    """
-
-    fused_masked_attn: bool = True
-
-    def forward(  # type: ignore[override]
-        self,
-        x: Tensor,
-        policy: Optional[Tensor] = None,
-        return_cls_attn: bool = False,
-    ) -> tuple[Tensor, Optional[Tensor]]:
-        batch, tokens, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        cls_attn: Optional[Tensor] = None
-
-        if policy is None and self.fused_attn:
-            out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
-            )
-            if return_cls_attn:  # one extra row: the CLS query against every key
-                cls_row = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)
-                cls_attn = cls_row.softmax(dim=-1).mean(dim=1)[:, 0, 1:]
-        elif (
-            policy is not None
-            and self.fused_masked_attn
-            and not return_cls_attn
-            and not (self.training and self.attn_drop.p > 0)
-            and q.dtype == torch.float32
-            and policy.dtype == torch.float32
-            and not torch.is_autocast_enabled(q.device.type)
-        ):
-            out = masked_attention(q, k, v, policy, self.scale)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if policy is None:
-                attn = attn.softmax(dim=-1)
-            else:
-                attn = masked_softmax(attn, policy).to(q.dtype)
-            if return_cls_attn:
-                cls_attn = attn[:, :, 0, 1:].mean(dim=1)
-            out = self.attn_drop(attn) @ v
-
-        out = out.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
-        out = self.proj_drop(self.proj(self.norm(out)))
-        return out, cls_attn
 
 
 class DynamicBlock(Block):
@@ -231,79 +77,6 @@ class DynamicBlock(Block):
     ) -> tuple[Tensor, Optional[Tensor]]:
         x, cls_attn = self.attention_residual(x, policy=policy, return_cls_attn=return_cls_attn)
         return self.mlp_residual(x), cls_attn
-
-
-class PredictorLG(nn.Module):
-    """The official token-score predictor: local features + policy-weighted global mean.
-
-    Returns log-probabilities (B, N, 2); channel 0 = keep. The first output Linear is applied
-    to the local and global halves separately (equal to the official concat, cheaper: the
-    global half is computed once per image instead of once per token).
-    """
-
-    def __init__(self, embed_dim: int) -> None:
-        super().__init__()
-        self.in_conv = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim), nn.GELU())
-        self.out_conv = nn.Sequential(
-            nn.Linear(embed_dim, embed_dim // 2),
-            nn.GELU(),
-            nn.Linear(embed_dim // 2, embed_dim // 4),
-            nn.GELU(),
-            nn.Linear(embed_dim // 4, 2),
-            nn.LogSoftmax(dim=-1),
-        )
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """The official init (dyvit.py `_init_weights`): Linear weights trunc normal std 0.02, biases 0, norms 1/0."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-
-    def forward(self, x: Tensor, policy: Optional[Tensor] = None) -> Tensor:
-        x = self.in_conv(x)
-        half = x.shape[-1] // 2
-        local_x, global_x = x[..., :half], x[..., half:]
-        if policy is None:  # every present token is kept (the gathered inference path)
-            count = x.new_full((x.shape[0], 1, 1), float(x.shape[1]))
-            global_x = global_x.sum(dim=1, keepdim=True)
-        else:
-            policy = policy.unsqueeze(-1)
-            count = policy.sum(dim=1, keepdim=True)
-            global_x = (global_x * policy).sum(dim=1, keepdim=True)
-        global_x = global_x / count.clamp_min(POOL_EPS)  # all dropped: 0 / eps = 0, never NaN
-        first = self.out_conv[0]
-        hidden = F.linear(local_x, first.weight[:, :half], first.bias) + F.linear(global_x, first.weight[:, half:])
-        return self.out_conv[1:](hidden)
-
-
-class StaticPredictor(nn.Module):
-    """`static` variant: one learned keep/drop score per token position, shared by all images."""
-
-    def __init__(self, num_tokens: int) -> None:
-        super().__init__()
-        self.logits = nn.Parameter(torch.zeros(num_tokens, 2))
-        nn.init.trunc_normal_(self.logits, std=0.02)
-
-    def forward(self, positions: Tensor) -> Tensor:
-        """Log-probabilities (B, n, 2) of the tokens at `positions` (B, n) of the original grid."""
-        return self.logits.log_softmax(dim=-1)[positions]
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def topk_mask(scores: Tensor, keep: Tensor, k: int) -> Tensor:
-    """Hard 0/1 mask of the k highest scores among the tokens still kept."""
-    scores = scores.masked_fill(keep <= 0, float("-inf"))
-    index = scores.topk(k, dim=1, sorted=False).indices
-    return torch.zeros_like(keep).scatter_(1, index, 1.0) * (keep > 0)
 
 
 class DynamicVisionTransformer(VisionTransformer):
@@ -447,11 +220,7 @@ class DynamicVisionTransformer(VisionTransformer):
         else:  # static
             positions = torch.arange(self.num_patches, device=x.device).expand(x.shape[0], -1)
             log_probs = self.score_predictor[stage](positions)
-        if deterministic:  # exact top-k, straight-through gradient to the keep probability
-            soft = log_probs[..., 0].exp()
-            hard = topk_mask(log_probs[..., 0], keep, k)
-            return (hard + (soft - soft.detach())) * keep  # value exactly 0/1
-        return F.gumbel_softmax(log_probs, tau=self.gumbel_tau, hard=True)[..., 0] * keep
+        return keep_decision(log_probs, k, self.gumbel_tau, deterministic, keep)
 
     def forward_masked(self, x: Tensor, deterministic: Optional[bool] = None) -> DynamicViTOutput:
         """Training path: every token stays in memory, dropped tokens are masked out of attention."""
@@ -556,51 +325,12 @@ class DynamicVisionTransformer(VisionTransformer):
 
 
 # ------------------------------------------------------------------------------ registry
-_FACTORY_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
-
-
-def _create(
-    pretrained: bool, spec: dict[str, Any], checkpoint: Optional[str] = None, **kwargs: Any
-) -> DynamicVisionTransformer:
-    """Build a model from its registered spec and the caller's overrides; load weights if asked.
-
-    `checkpoint` is a local file or URL in the official DynamicViT or DeiT layout;
-    `pretrained=True` loads the published DeiT backbone weights (predictors stay initialised).
-    """
-    for key in _FACTORY_KEYS:
-        kwargs.pop(key, None)
-    defaults = {k: v for k, v in spec.items() if not k.startswith("_")}
-    model = _model_class(kwargs.get("variant", "dynamic"))(**{**defaults, **kwargs})
-    source = checkpoint or (spec.get("_url") if pretrained else None)
-    if pretrained and source is None:
-        raise ValueError("pretrained: this model has no published weights; pass checkpoint=PATH_OR_URL")
-    if source is not None:
-        from models.checkpoint import load_weights
-
-        load_weights(model, source)
-    return model
-
-
-def _model_class(variant: str) -> type[DynamicVisionTransformer]:
+def _build(variant: str = "dynamic", **kwargs: Any) -> DynamicVisionTransformer:
     """Peer methods are subclasses (models/peers.py, imported here: it imports this module)."""
     from models.peers import PEER_CLASSES
 
-    return PEER_CLASSES.get(variant, DynamicVisionTransformer)
+    return PEER_CLASSES.get(variant, DynamicVisionTransformer)(variant=variant, **kwargs)
 
 
-def _register(name: str) -> None:
-    spec = MODEL_DEFAULTS[name]
-
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> DynamicVisionTransformer:
-        return _create(pretrained, spec, **kwargs)
-
-    entrypoint.__name__ = name
-    entrypoint.__qualname__ = name
-    entrypoint.__doc__ = f"DynamicViT `{name}`: {spec}"
-    entrypoint.__module__ = __name__
-    globals()[name] = register_model(entrypoint)
-
-
-for _name, _spec in MODEL_DEFAULTS.items():
-    if _spec.get("_family", "deit") == "deit":  # other families register in their own modules
-        _register(_name)
+# the entry points stay attributes of this module, as timm's own model modules have them
+globals().update(register_family(MODEL_DEFAULTS, "deit", _build, __name__, "DynamicViT"))

@@ -3,7 +3,8 @@
 LV-ViT is a ViT with a convolutional stem, scaled residual branches and a token-labeling head,
 so the DynamicViT LV-ViT is the DeiT family's `DynamicVisionTransformer` (models/dynamic_vit.py:
 timm's VisionTransformer with the predictors, masked attention and token gathering, all reused
-as they are) with these modifications:
+as they are; the shared mechanisms live in models/predictor.py, token_selection.py and
+masked_attention.py) with these modifications:
   1. `ConvStem` replaces timm's `PatchEmbed`: three convolutions with BatchNorm and ReLU (7x7
      stride 2, then two 3x3; `stem_chs` channels, 64 in LV-ViT-S/M) and a `patch_size / 2`
      projection, the official "4_2" patch embedding.
@@ -34,13 +35,12 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, NamedTuple, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
-from timm.models import register_model
-
 from harness.catalog import MODEL_DEFAULTS
-from models.dynamic_vit import DynamicVisionTransformer, _check
+from models.dynamic_vit import DynamicVisionTransformer
+from models.registry import register_family
+from models.validation import check as _check
 
 
 class LVViTOutput(NamedTuple):
@@ -163,37 +163,6 @@ class DynamicLVViT(DynamicVisionTransformer):
 
 
 # ------------------------------------------------------------------------------ registry
-_FACTORY_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
-
-
-def _create(pretrained: bool, spec: dict[str, Any], checkpoint: Optional[str] = None, **kwargs: Any) -> DynamicLVViT:
-    """Build a registered LV-ViT; load `checkpoint` (file or URL), or TokenLabeling's weights if `pretrained`."""
-    for key in _FACTORY_KEYS:
-        kwargs.pop(key, None)
-    defaults = {k: v for k, v in spec.items() if not k.startswith("_")}
-    model = DynamicLVViT(**{**defaults, **kwargs})
-    source = checkpoint or (spec.get("_url") if pretrained else None)
-    if pretrained and source is None:
-        raise ValueError("pretrained: this model has no published weights; pass checkpoint=PATH_OR_URL")
-    if source is not None:
-        from models.checkpoint import load_weights
-
-        load_weights(model, source)
-    return model
-
-
-def _register(name: str) -> None:
-    spec = MODEL_DEFAULTS[name]
-
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> DynamicLVViT:
-        return _create(pretrained, spec, **kwargs)
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__doc__ = f"DynamicViT-LVViT `{name}`: {spec}"
-    entrypoint.__module__ = __name__
-    globals()[name] = register_model(entrypoint)
-
-
-for _name, _spec in MODEL_DEFAULTS.items():
-    if _spec.get("_family") == "lvvit":
-        _register(_name)
+# `pretrained` loads TokenLabeling's dense LV-ViT (the catalog's `_url`); the entry points stay
+# attributes of this module, as timm's own model modules have them
+globals().update(register_family(MODEL_DEFAULTS, "lvvit", DynamicLVViT, __name__, "DynamicViT-LVViT"))

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.dynamic_vit import DynamicViTOutput, DynamicVisionTransformer, MaskedAttention, _check
+from models.dynamic_vit import DynamicViTOutput, DynamicVisionTransformer
+from models.masked_attention import MaskedAttention
+from models.validation import check as _check
 
 
 def _no_stages(x: Tensor) -> Tensor:

@@ -3,7 +3,7 @@
 
 The scheme (different from the DeiT family's token pruning):
   - only the third stage is sparsified (14 x 14 = 196 positions at 224 px);
-  - before each pruning location a `PredictorLG` (models/dynamic_vit.py, reused) scores every
+  - before each pruning location a `PredictorLG` (models/predictor.py, shared) scores every
     position of the stage's map again, from the current features, its global feature being the
     plain mean over all positions; decisions are not nested;
   - the keep ratios are [rho, rho - 0.2, rho - 0.4] of all positions, computed in floating point
@@ -22,12 +22,12 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from timm.models import register_model
 from torch import Tensor, nn
 
 from harness.catalog import SPATIAL_MODELS, SPATIAL_VARIANTS
-from models.dynamic_vit import topk_mask
+from models.registry import register_family as _register_family
+from models.token_selection import keep_decision
+from models.validation import check as _check
 
 RATIO_STEP = 0.2  # the official schedule: rho, rho - 0.2, rho - 0.4 (main.py:276)
 
@@ -42,11 +42,6 @@ class SpatialOutput(NamedTuple):
     decisions: tuple[Tensor, ...] = ()  # every location's keep decision (B, N)
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
 def official_ratios(keep_ratio: float, locations: int) -> list[float]:
     """[rho, rho - 0.2, rho - 0.4, ...] in the official float arithmetic, floored at 0.
 
@@ -59,9 +54,11 @@ def official_ratios(keep_ratio: float, locations: int) -> list[float]:
 class SpatialSparsification:
     """Mixin for a timm backbone whose third stage is sparsified; the backbone builds the rest.
 
-    Provides the plan (locations, ratios, keep counts), the decisions of both paths, the shared
-    attributes the harness reads (`num_keep`, `num_patches`, `stage_ratios`, `selection_grid`)
-    and the forward dispatch: training -> `forward_masked`, eval -> `forward_pruned`.
+    Provides the plan (locations, ratios, keep counts), the decisions and both forward paths
+    (training -> `forward_masked`, eval -> `forward_pruned`), and the shared attributes the
+    harness reads (`num_keep`, `num_patches`, `stage_ratios`, `selection_grid`). A backbone
+    supplies its layout: `_before` / `_after` (the map before and after the third stage's
+    blocks), `_sparse_blocks`, `_log_probs`, `_stream_mask` and `_logits_and_map`.
     """
 
     distills_feature_map = True  # harness.losses.loss_for: the whole final map is distilled
@@ -138,14 +135,6 @@ class SpatialSparsification:
         which Swin without `ape` does not have)."""
         return set()
 
-    def _decision(self, log_probs: Tensor, stage: int, deterministic: bool) -> Tensor:
-        """Training keep decision (B, N), value exactly 0/1, differentiable in the scores."""
-        if deterministic:  # exact top-k, straight-through gradient to the keep probability
-            soft = log_probs[..., 0].exp()
-            hard = topk_mask(log_probs[..., 0], torch.ones_like(soft), self.num_keep[stage])
-            return hard + (soft - soft.detach())
-        return F.gumbel_softmax(log_probs, tau=self.gumbel_tau, hard=True)[..., 0]
-
     def _masked_output(self, logits: Tensor, tokens: Tensor, decisions: list[Tensor]) -> SpatialOutput:
         batch = logits.shape[0]
         if not decisions:
@@ -159,11 +148,74 @@ class SpatialSparsification:
             return self.forward_pruned(x)
         return self.forward_masked(x)
 
-    def forward_masked(self, x: Tensor, deterministic: Optional[bool] = None) -> SpatialOutput:
+    # ------------------------------------------------------------- the backbone's layout
+    def _before(self, x: Tensor) -> Tensor:
+        """Images -> the map entering the third stage's blocks (the backbone's layout)."""
         raise NotImplementedError
 
-    def forward_pruned(self, x: Tensor, return_positions: bool = False) -> Any:
+    def _after(self, x: Tensor) -> Tensor:
+        """The map leaving the third stage -> what the backbone's head takes."""
         raise NotImplementedError
+
+    def _sparse_blocks(self) -> nn.Sequential:
+        """The third stage's blocks (dynamic from the first location on)."""
+        raise NotImplementedError
+
+    def _log_probs(self, stage: int, x: Tensor) -> Tensor:
+        """Location `stage`'s predictor on the map: (B, N, 2) log-probabilities, channel 0 = keep."""
+        raise NotImplementedError
+
+    def _stream_mask(self, decision: Tensor, like: Tensor) -> Tensor:
+        """The decision (B, N) shaped to broadcast over the map `like`."""
+        raise NotImplementedError
+
+    def _logits_and_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """From `_after`'s output: the logits and the whole normalised final map (distilled)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- paths
+    def forward_masked(self, x: Tensor, deterministic: Optional[bool] = None) -> SpatialOutput:
+        """Training path: both streams computed everywhere, mixed by the hard decisions."""
+        deterministic = self.deterministic if deterministic is None else deterministic
+        x = self._before(x)
+        kept = fast = x
+        mask: Optional[Tensor] = None
+        decisions: list[Tensor] = []
+        for index, block in enumerate(self._sparse_blocks()):
+            stage = self._stage_at.get(index)
+            if stage is not None:
+                if mask is None:
+                    kept = fast = x
+                current = x if mask is None else kept * mask + fast * (1 - mask)
+                log_probs = self._log_probs(stage, current)
+                decision = keep_decision(log_probs, self.num_keep[stage], self.gumbel_tau, deterministic)
+                decisions.append(decision)
+                mask = self._stream_mask(decision, current)
+            if mask is None:
+                x = block(x)
+            else:
+                kept, fast = block.forward_streams(kept, fast, mask)
+        if mask is not None:
+            x = kept * mask + fast * (1 - mask)
+        logits, tokens = self._logits_and_map(self._after(x))
+        return self._masked_output(logits, tokens, decisions)
+
+    def forward_pruned(self, x: Tensor, return_positions: bool = False) -> Any:
+        """Inference path: per location the top `int(N * ratio_s)` positions take the MLP.
+
+        With `return_positions`, also the kept positions (B, k_s) in the third-stage grid.
+        """
+        x = self._before(x)
+        kept_positions: list[Tensor] = []
+        split: Optional[tuple[Tensor, Tensor]] = None
+        for index, block in enumerate(self._sparse_blocks()):
+            stage = self._stage_at.get(index)
+            if stage is not None:
+                split = split_by_score(self._log_probs(stage, x)[..., 0], self.num_keep[stage])
+                kept_positions.append(split[0])
+            x = block(x) if split is None else block.forward_split(x, *split)
+        logits = self.forward_head(self._after(x))  # type: ignore[attr-defined]
+        return (logits, kept_positions) if return_positions else logits
 
 
 def split_by_score(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -209,42 +261,6 @@ def official_layout_hook(module: nn.Module, state: dict[str, Tensor], prefix: st
 
 
 # ------------------------------------------------------------------------------ registry
-_FACTORY_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
-
-
-def create(spec: dict[str, Any], model_class: type, pretrained: bool, checkpoint: Optional[str] = None,
-           **kwargs: Any) -> nn.Module:
-    """Build a spatial model from its catalog spec and the caller's overrides; load weights if asked.
-
-    `checkpoint`: a file or URL in the official, timm or project layout; `pretrained=True` loads the
-    dense backbone the official code starts from (its README's links; predictors stay initialised).
-    """
-    for key in _FACTORY_KEYS:
-        kwargs.pop(key, None)
-    defaults = {k: v for k, v in spec.items() if not k.startswith("_")}
-    model = model_class(**{**defaults, **kwargs})
-    source = checkpoint or (spec.get("_url") if pretrained else None)
-    if pretrained and source is None:
-        raise ValueError("pretrained: this model has no published weights; pass checkpoint=PATH_OR_URL")
-    if source is not None:
-        from models.checkpoint import load_weights
-
-        load_weights(model, source)
-    return model
-
-
 def register_family(family: str, model_class: type, module_name: str) -> None:
-    """Register every catalog name of `family` with timm, one entry point per name."""
-
-    def entrypoint_for(name: str, spec: dict[str, Any]) -> Callable[..., nn.Module]:
-        def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-            return create(spec, model_class, pretrained, **kwargs)
-
-        entrypoint.__name__ = entrypoint.__qualname__ = name
-        entrypoint.__doc__ = f"`{name}`: {spec}"
-        entrypoint.__module__ = module_name
-        return entrypoint
-
-    for name, spec in SPATIAL_MODELS.items():
-        if spec["_family"] == family:
-            register_model(entrypoint_for(name, spec))
+    """Register every catalog name of `family` with timm (models/registry.py)."""
+    _register_family(SPATIAL_MODELS, family, model_class, module_name, "Dynamic spatial sparsification")

@@ -2,7 +2,7 @@
 
 A small, named change to `timm.models.swin_transformer.SwinTransformer` (the scheme is in
 models/spatial.py). Modifications:
-  1. `layers.2.score_predictor`: one `PredictorLG` (models/dynamic_vit.py) per pruning location,
+  1. `layers.2.score_predictor`: one `PredictorLG` (models/predictor.py) per pruning location,
      before third-stage blocks `pruning_loc` ([1, 2, 3] for Swin-T, [2, 4, 6] for Swin-S/B).
   2. `DynamicSwinBlock` replaces timm's block from the first location to the end of the third
      stage (as the official `AdaSwinTransformerBlock`): it adds `fastmlp` (LayerNorm + Linear
@@ -36,22 +36,19 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from timm.layers import trunc_normal_
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from timm.models.swin_transformer import checkpoint_filter_fn as timm_swin_filter
 
-from models.dynamic_vit import PredictorLG
+from models.predictor import PredictorLG
 from models.spatial import (
-    SpatialOutput,
     SpatialSparsification,
     check_input,
     official_layout_hook,
     register_family,
     split_apply,
-    split_by_score,
 )
 
 SPARSE_STAGE = 2  # the third stage (14 x 14 at 224 px)
@@ -158,48 +155,14 @@ class DynamicSwinTransformer(SpatialSparsification, SwinTransformer):
         batch, height, width, dim = x.shape
         return self.layers[SPARSE_STAGE].score_predictor[stage](x.reshape(batch, height * width, dim))
 
-    def forward_masked(self, x: Tensor, deterministic: Optional[bool] = None) -> SpatialOutput:
-        """Training path: both streams computed everywhere, mixed by the hard decisions."""
-        deterministic = self.deterministic if deterministic is None else deterministic
-        x = self._before(x)
-        kept = fast = x
-        mask: Optional[Tensor] = None
-        decisions: list[Tensor] = []
-        for index, block in enumerate(self.layers[SPARSE_STAGE].blocks):
-            stage = self._stage_at.get(index)
-            if stage is not None:
-                if mask is None:
-                    kept = fast = x
-                current = x if mask is None else kept * mask + fast * (1 - mask)
-                decision = self._decision(self._log_probs(stage, current), stage, deterministic)
-                decisions.append(decision)
-                mask = decision.reshape(*current.shape[:3], 1)
-            if mask is None:
-                x = block(x)
-            else:
-                kept, fast = block.forward_streams(kept, fast, mask)
-        if mask is not None:
-            x = kept * mask + fast * (1 - mask)
-        features = self._after(x)
-        logits = self.forward_head(features)
-        return self._masked_output(logits, features.flatten(1, 2), decisions)
+    def _sparse_blocks(self) -> nn.Sequential:
+        return self.layers[SPARSE_STAGE].blocks
 
-    def forward_pruned(self, x: Tensor, return_positions: bool = False) -> Any:
-        """Inference path: per location the top `int(N * ratio_s)` positions take the MLP.
+    def _stream_mask(self, decision: Tensor, like: Tensor) -> Tensor:
+        return decision.reshape(*like.shape[:3], 1)  # NHWC
 
-        With `return_positions`, also the kept positions (B, k_s) in the third-stage grid.
-        """
-        x = self._before(x)
-        kept_positions: list[Tensor] = []
-        split: Optional[tuple[Tensor, Tensor]] = None
-        for index, block in enumerate(self.layers[SPARSE_STAGE].blocks):
-            stage = self._stage_at.get(index)
-            if stage is not None:
-                split = split_by_score(self._log_probs(stage, x)[..., 0], self.num_keep[stage])
-                kept_positions.append(split[0])
-            x = block(x) if split is None else block.forward_split(x, *split)
-        logits = self.forward_head(self._after(x))
-        return (logits, kept_positions) if return_positions else logits
+    def _logits_and_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.forward_head(x), x.flatten(1, 2)  # `_after` already normalised the map
 
 
 # ------------------------------------------------------------------------------ registry

@@ -357,7 +357,7 @@ def test_masked_attention_matches_the_formula_values_and_gradients(case: str) ->
     respect to q, k, v and the policy, to float64 rounding (the max's gradient included)."""
     q, k, v, policy = attention_case(case, torch.float64)
     expected = value_and_grads(reference_masked_attention, q, k, v, policy, 0.37)
-    got = value_and_grads(models.dynamic_vit.masked_attention, q, k, v, policy, 0.37)
+    got = value_and_grads(models.masked_attention.masked_attention, q, k, v, policy, 0.37)
     for name, want, have in zip(["out", "dq", "dk", "dv", "dpolicy"], expected, got):
         torch.testing.assert_close(have, want, rtol=1e-10, atol=1e-10, msg=name)
 
@@ -369,9 +369,9 @@ def test_masked_attention_fp32_is_within_float_rounding(case: str) -> None:
     q, k, v, policy = attention_case(case, torch.float64, seed=1)
     exact = value_and_grads(reference_masked_attention, q, k, v, policy, 0.37)
     args32 = [t.float() for t in (q, k, v, policy)]
-    fast = value_and_grads(models.dynamic_vit.masked_attention, *args32, 0.37)
+    fast = value_and_grads(models.masked_attention.masked_attention, *args32, 0.37)
     ref32 = value_and_grads(
-        lambda q, k, v, p, s: models.dynamic_vit.masked_softmax((q * s) @ k.transpose(-2, -1), p) @ v,
+        lambda q, k, v, p, s: models.masked_attention.masked_softmax((q * s) @ k.transpose(-2, -1), p) @ v,
         *args32, 0.37,
     )
     torch.testing.assert_close(fast[0], ref32[0], rtol=0, atol=1e-6)
@@ -386,7 +386,7 @@ def test_masked_attention_gradcheck() -> None:
     small = [t[:2, :, :6, :3].clone() if t.ndim == 4 else t[:2, :6].clone() for t in (q, k, v, policy)]
     leaves = [t.requires_grad_() for t in small]
     assert torch.autograd.gradcheck(
-        lambda *a: models.dynamic_vit.masked_attention(*a, 0.5), leaves, eps=1e-6, atol=1e-6
+        lambda *a: models.masked_attention.masked_attention(*a, 0.5), leaves, eps=1e-6, atol=1e-6
     )
 
 
@@ -397,7 +397,7 @@ def test_fused_and_reference_masked_paths_train_alike() -> None:
     for fused in (True, False):
         model = micro(keep_ratio=0.6, deterministic=True).train()
         for module in model.modules():
-            if isinstance(module, models.dynamic_vit.MaskedAttention):
+            if isinstance(module, models.masked_attention.MaskedAttention):
                 module.fused_masked_attn = fused
         out = model(images(model))
         (out.logits.logsumexp(-1).mean() + out.tokens.pow(2).mean() + out.keep_fractions.sum()).backward()
