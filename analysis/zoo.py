@@ -49,8 +49,8 @@ print(f"{len(runs)} finished runs in experiment {experiment!r} (scale {scale}) a
 # %% [markdown]
 # ## The zoo's numbers beside ours
 # `delta` is our evaluation minus the zoo's; one image of ImageNet's 50,000 is 0.002 points, one
-# of the tiny scale's 2,000 is 0.05. Rows without a finished run read "missing"; backbones this
-# harness does not build (LV-ViT) read "not available".
+# of the tiny scale's 2,000 is 0.05. Rows without a finished run read "missing"; a row whose
+# backbone this harness did not build would read "not available" (none does today).
 
 # %%
 zoo = zoo_table.build_zoo_table(runs, scale)

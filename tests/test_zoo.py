@@ -29,6 +29,7 @@ import models
 from analysis import collect, zoo_table
 from analysis.reference import load_reference
 from harness.fetch import spec_sources
+from harness.spec import load_and_expand
 from models.checkpoint import CheckpointError, cache_name, fetch, read_record, record_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,7 +223,22 @@ def test_prefetch_cli_prints_hash_and_path_or_one_error_line(served: FileServer,
 
 
 # ---------------------------------------------------------------------------- the spec
-def test_paper_scale_is_the_official_deit_zoo_one_gpu_each(tmp_path: Path) -> None:
+# every official checkpoint: (registered model, keep ratio) by zoo row
+OFFICIAL_ZOO = {
+    "deit-256/0.7": ("dynamicvit_deit_256_patch16_224", 0.7),
+    "deit-s/0.7": ("dynamicvit_deit_small_patch16_224", 0.7),
+    "deit-b/0.7": ("dynamicvit_deit_base_patch16_224", 0.7),
+    "lvvit-s/0.5": ("dynamicvit_lvvit_small_patch16_224", 0.5),
+    "lvvit-s/0.7": ("dynamicvit_lvvit_small_patch16_224", 0.7),
+    "lvvit-m/0.7": ("dynamicvit_lvvit_medium_patch16_224", 0.7),
+    **{f"convnext-{s}/{r}": (f"dynamicconvnext_{size}", r)
+       for s, size in (("t", "tiny"), ("s", "small"), ("b", "base")) for r in (0.7, 0.9)},
+    **{f"swin-{s}/0.7": (f"dynamicswin_{size}_patch4_window7_224", 0.7)
+       for s, size in (("t", "tiny"), ("s", "small"), ("b", "base"))},
+}
+
+
+def test_paper_scale_is_the_whole_official_zoo_one_gpu_each(tmp_path: Path) -> None:
     imagenet = tmp_path / "ILSVRC2012"
     imagenet.mkdir()
     spec, root = str(REPO / "experiments" / "zoo.yaml"), f"scales.paper.data.root={imagenet}"
@@ -230,22 +246,55 @@ def test_paper_scale_is_the_official_deit_zoo_one_gpu_each(tmp_path: Path) -> No
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert dry.returncode == 0, dry.stderr
     lines = dry.stdout.splitlines()
-    assert lines[0] == "zoo (paper): 3 runs in stages official"
-    for name in ("deit-256-0.7", "deit-s-0.7", "deit-b-0.7"):
-        (line,) = [x for x in lines if x.startswith(f"official  {name} ")]
+    assert lines[0] == "zoo (paper): 15 runs in stages official"
+    for row in OFFICIAL_ZOO:
+        (line,) = [x for x in lines if x.startswith(f"official  {row.replace('/', '-')} ")]
         assert "1x1 GPU" in line
     urls = spec_sources(spec, "paper", [root])
-    assert len(urls) == 3 and all(u.startswith(OFFICIAL_HOST) and u.endswith("/?dl=1") for u in urls)
+    assert len(set(urls)) == 15 and all(u.startswith(OFFICIAL_HOST) and u.endswith("/?dl=1") for u in urls)
+    runs = load_and_expand(spec, [root], scale="paper").runs
+    assert {r.row: (r.config.model.name, r.config.model.keep_ratio) for r in runs} == OFFICIAL_ZOO
     zoo = load_reference("zoo")
     paper = zoo[(zoo["scale"] == "paper") & zoo["available"]].set_index("row")
     assert paper.loc["deit-s/0.7", ["top1", "top5", "gflops"]].tolist() == [79.316, 94.676, 2.9]
     assert paper.loc["deit-b/0.7", ["top1", "top5", "gflops"]].tolist() == [81.43, 95.46, 11.4]
+    assert paper.loc["lvvit-m/0.7", ["top1", "top5", "gflops"]].tolist() == [83.816, 96.584, 8.5]
+    assert paper.loc["convnext-t/0.9", ["top1", "top5", "gflops"]].tolist() == [82.06, 95.89, 3.9]
+    assert paper.loc["swin-b/0.7", ["top1", "top5", "gflops"]].tolist() == [83.43, 96.45, 12.1]
+    spatial = load_reference("spatial").set_index("row")  # the spatial table quotes the same zoo
+    for row in paper.index[paper.index.str.startswith(("convnext-", "swin-"))]:
+        assert paper.loc[row, ["top1", "top5", "gflops"]].tolist() == spatial.loc[row, ["top1", "top5", "gflops"]].tolist()
     table = zoo_table.build_zoo_table(collect.empty_runs(), "paper")  # nothing evaluated yet
-    assert table["row"].tolist()[:3] == ["deit-256/0.7", "deit-s/0.7", "deit-b/0.7"]
-    assert table.set_index("row")["status"].to_dict() == {
-        "deit-256/0.7": "missing", "deit-s/0.7": "missing", "deit-b/0.7": "missing",
-        "lvvit-s/0.5": "not available", "lvvit-s/0.7": "not available", "lvvit-m/0.7": "not available"}
+    assert table["row"].tolist() == list(OFFICIAL_ZOO)
+    assert set(table["status"]) == {"missing"}  # every backbone is built here: none "not available"
     assert "| deit-s/0.7 | DeiT-S | 0.7 | 79.316 | missing |" in zoo_table.to_markdown(table)
+
+
+def test_an_official_lvvit_zoo_file_loads_strictly_as_the_job_loads_it(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zoo's files cannot be downloaded here. A file in the official layout (the official
+    training script saves {"model": state_dict, ...}; LV-ViT's names are the official ones) is
+    placed where the row's URL is cached, and the row's model is built as the job builds it
+    (`timm.create_model(name, keep_ratio=..., checkpoint=URL)`, harness.engine.build_model): every
+    tensor loads, predictors included. (Swin/ConvNeXt official layouts: tests/test_spatial_models.py.)"""
+    imagenet = tmp_path / "ILSVRC2012"
+    imagenet.mkdir()
+    spec = str(REPO / "experiments" / "zoo.yaml")
+    (run,) = [r for r in load_and_expand(spec, [f"scales.paper.data.root={imagenet}"], scale="paper").runs
+              if r.row == "lvvit-s/0.5"]
+    name, keep_ratio, url = run.config.model.name, run.config.model.keep_ratio, run.config.model.pretrained
+    torch.manual_seed(0)
+    state = timm.create_model(name, keep_ratio=keep_ratio).state_dict()
+    monkeypatch.setenv("DVIT_CACHE", str(tmp_path / "cache"))
+    target = tmp_path / "cache" / "checkpoints" / cache_name(url)
+    target.parent.mkdir(parents=True)
+    torch.save({"model": state, "epoch": 29}, target)  # placed by hand: its hash is recorded at first use
+    torch.manual_seed(1)
+    model = timm.create_model(name, keep_ratio=keep_ratio, checkpoint=url)
+    loaded = model.state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert any(k.startswith("score_predictor.") for k in state) and model.num_keep == [98, 49, 24]
+    assert read_record(target)["sha256"] == sha256(target)
 
 
 def test_the_notebook_is_paired_and_parameterised() -> None:
@@ -277,21 +326,23 @@ def test_tiny_zoo_end_to_end_reproduces_the_recorded_numbers(tmp_path: Path) -> 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("zoo")
     runs = client.search_runs([experiment.experiment_id], "tags.kind = 'train'")
-    assert sorted(r.data.tags["row"] for r in runs) == ["tiny/0.7", "tiny/1.0"]
+    assert sorted(r.data.tags["row"] for r in runs) == ["tiny-lvvit/0.7", "tiny-lvvit/1.0", "tiny/0.7", "tiny/1.0"]
     recorded = load_reference("zoo").set_index("row")
     for run in runs:
         row, metrics, params = run.data.tags["row"], run.data.metrics, run.data.params
         assert run.info.status == "FINISHED" and params["train.epochs"] == "0"
         assert params["model.pretrained"] == {"tiny/1.0": "checkpoints/tiny_teacher_dense.pth",
-                                              "tiny/0.7": "checkpoints/tiny_dynamicvit_0.7.pth"}[row]
+                                              "tiny/0.7": "checkpoints/tiny_dynamicvit_0.7.pth",
+                                              "tiny-lvvit/1.0": "checkpoints/tiny_lvvit_dense.pth",
+                                              "tiny-lvvit/0.7": "checkpoints/tiny_lvvit_dynamic_0.7.pth"}[row]
         # a fixed file on fixed images: the numbers recorded when it was made (0.1 = two images of 2,000)
         assert metrics["val/acc1"] == pytest.approx(recorded.loc[row, "top1"], abs=0.1), row
         assert metrics["val/acc5"] == pytest.approx(recorded.loc[row, "top5"], abs=0.1), row
         assert metrics["gflops"] == pytest.approx(recorded.loc[row, "gflops"], rel=1e-3), row
     table = pd.read_csv(tmp_path / "reports" / "zoo" / "tiny" / "zoo.csv").set_index("row")
-    assert table["status"].tolist() == ["evaluated", "evaluated"]
+    assert table["status"].tolist() == ["evaluated"] * 4
     by_row = {r.data.tags["row"]: r.data.metrics for r in runs}
-    for row in ("tiny/1.0", "tiny/0.7"):  # the notebook shows MLflow's numbers beside the recorded ones
+    for row in ("tiny/1.0", "tiny/0.7", "tiny-lvvit/1.0", "tiny-lvvit/0.7"):  # the notebook shows MLflow's numbers beside the recorded ones
         assert table.loc[row, zoo_table.ACC1_OURS] == pytest.approx(by_row[row]["val/acc1"])
         assert table.loc[row, zoo_table.ACC5_ZOO] == recorded.loc[row, "top5"]
     assert "| tiny/0.7 | tiny ViT | 0.7 | 61.6 |" in result.stdout  # the report printed by --wait
