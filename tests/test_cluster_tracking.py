@@ -1,0 +1,314 @@
+"""Cluster-grade tracking (issue 15 items 1, 2, 6): the PostgreSQL-backed `mlflow server` and Optuna
+storage of scripts/tracking-server.sh, used by real SLURM jobs, by a 3-worker search whose worker
+freezes mid-trial, and by 16 concurrent writers; the script's basic-auth mode; a 2-node DDP run.
+
+The server is the one `.ci/run` starts (`bash scripts/tracking-server.sh start`); the tests skip
+when it is not running, as the SLURM tests skip without a cluster. Each test writes to its own
+experiment and study, so that reruns against the same server do not see each other's data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from tests.servers import free_port
+from tests.test_launch import needs_slurm
+from tests.test_search import spec_with
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "tracking-server.sh"
+
+
+def server_status(env: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+    """`tracking-server.sh status`: its exit code and the variables it says to export."""
+    result = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **(env or {})})
+    exports = dict(line[len("export "):].split("=", 1) for line in result.stdout.splitlines()
+                   if line.startswith("export "))
+    return result.returncode, exports
+
+
+@pytest.fixture(scope="module")
+def server() -> dict[str, str]:
+    code, exports = server_status()
+    if code != 0 or "MLFLOW_TRACKING_URI" not in exports:
+        pytest.skip("no tracking server (bash scripts/tracking-server.sh start)")
+    if "MLFLOW_TRACKING_PASSWORD" in exports:
+        pytest.skip("the tracking server runs with --auth: these tests expect the open one")
+    return exports
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.2) -> Any:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def cancel_jobs(prefix: str) -> None:
+    """Cancel this test's SLURM jobs (their names start with the spec's name) after a failure."""
+    listing = subprocess.run(["squeue", "-h", "-o", "%A %j"], capture_output=True, text=True).stdout
+    ids = [line.split()[0] for line in listing.splitlines() if line.split()[1:2] and line.split()[1].startswith(prefix)]
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True)
+
+
+def pg_count(url: str, query: str, *args: Any) -> int:
+    """A count straight from PostgreSQL (proof that the store is PostgreSQL, not a local file)."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return int(conn.execute(query, args).fetchone()[0])
+
+
+# ----------------------------------------------------------------- (a) a SLURM launch logs to it
+@pytest.mark.slurm
+@needs_slurm
+@pytest.mark.timeout(600)
+def test_a_slurm_launch_logs_every_run_to_the_postgres_backed_server(tmp_path: Path, server: dict[str, str]) -> None:
+    name = unique("cluster_launch")
+    spec = {
+        "name": name, "table": "sparsification-strategies", "default_scale": "tiny",
+        "base": spec_with()["base"], "scales": {"tiny": {"slurm": {"cpus_per_task": 1, "timeout_min": 20}}},
+        "stages": {"variants": {"runs": {"variants": [
+            {"name": "dynamic", "row": "a/dynamic", "set": {"model.variant": "dynamic"}},
+            {"name": "static", "row": "a/static", "set": {"model.variant": "static"}},
+        ]}}},
+    }
+    spec["base"]["tracking"]["log_checkpoint"] = True  # an artifact through the served artifact store
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    uri = server["MLFLOW_TRACKING_URI"]
+    try:
+        result = subprocess.run([sys.executable, "-m", "harness.launch", str(path), "--executor", "slurm", "--wait",
+                                 "--output-root", str(tmp_path / "runs"), "--tracking-uri", uri],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=540)
+    except subprocess.TimeoutExpired:
+        cancel_jobs(name)
+        raise
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], "tags.kind = 'train'")
+    assert {r.data.tags["row"] for r in runs} == {"a/dynamic", "a/static"}
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags["slurm_job_id"]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")] == [0]
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # served by the server, not a local path
+        assert client.list_artifacts(run.info.run_id), "no artifact reached the served store"
+    mlflow_db = server["OPTUNA_STORAGE"].rsplit("/", 1)[0] + "/mlflow"
+    every_run = client.search_runs([experiment.experiment_id])  # the train runs and the launch's parent run
+    assert len(every_run) > len(runs)
+    assert pg_count(mlflow_db, "SELECT count(*) FROM runs WHERE experiment_id = %s",
+                    int(experiment.experiment_id)) == len(every_run)
+
+
+# ------------------------------------- (b) a 3-worker search on PostgreSQL with a frozen worker
+@pytest.mark.slurm
+@needs_slurm
+@pytest.mark.timeout(600)
+def test_search_with_three_slurm_workers_survives_a_frozen_worker(tmp_path: Path, server: dict[str, str]) -> None:
+    """A worker is frozen (SIGSTOP) mid-trial: its heartbeat stops, the trial is failed and retried
+    (RetryFailedTrialCallback), the frozen job is then killed, and the budget is still met."""
+    name = unique("cluster_search")
+    storage = server["OPTUNA_STORAGE"]
+    spec = spec_with(trials=4, workers=3, objectives=["val/acc1"], pruner={"name": "none"},
+                     storage={"url": "${OPTUNA_STORAGE}", "heartbeat_interval": 1, "grace_period": 4})
+    spec["name"] = name
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    env = {**os.environ, "OPTUNA_STORAGE": storage}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.search", str(path), "--executor", "slurm",
+                             "--output-root", str(tmp_path / "runs"), "--tracking-uri", server["MLFLOW_TRACKING_URI"]],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rdb = optuna.storages.RDBStorage(storage)
+    study_name = f"{name}-tiny"
+    victim = None
+    try:
+        def training() -> Any:
+            if proc.poll() is not None:
+                raise AssertionError(f"the search ended early: {proc.communicate()[1][-3000:]}")
+            try:
+                trials = optuna.load_study(study_name=study_name, storage=rdb).get_trials(states=(TrialState.RUNNING,))
+            except KeyError:  # the study is not created yet
+                return None
+            return next((t for t in trials if "mlflow_run_id" in t.user_attrs), None)
+
+        victim = wait_for(training, 300, "a trial that trains")
+        pid = int(victim.user_attrs["worker_pid"])
+        os.kill(pid, signal.SIGSTOP)  # a frozen node: alive, but its heartbeat stops
+
+        def failed_and_retried() -> bool:
+            study = optuna.load_study(study_name=study_name, storage=rdb)
+            retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+            return study.trials[victim.number].state == TrialState.FAIL and bool(retries)
+
+        wait_for(failed_and_retried, 60, f"trial {victim.number} to be failed by its heartbeat and retried")
+        os.kill(pid, signal.SIGKILL)  # SLURM then ends the job; the driver replaces the worker
+        out, err = proc.communicate(timeout=420)
+    except BaseException:
+        proc.kill()
+        cancel_jobs(name)
+        raise
+    assert proc.returncode == 0, err[-4000:]
+    study = optuna.load_study(study_name=study_name, storage=rdb)
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 4
+    assert study.trials[victim.number].state == TrialState.FAIL
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert retry.params == victim.params  # the same point, tried again
+    workers = {t.user_attrs["worker"] for t in study.trials if "worker" in t.user_attrs}
+    assert len(workers) >= 3 and all("_" in w for w in workers), workers  # SLURM array tasks, a replacement
+    client = MlflowClient(server["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(name)
+    trials = client.search_runs([experiment.experiment_id], "tags.kind = 'trial'")
+    assert sum(r.data.tags.get("trial_state") == "COMPLETE" for r in trials) == 4
+    assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+
+
+# ----------------------------------------------------------------- (c) 16 concurrent writers
+WRITERS, STEPS, TRIALS = 16, 25, 4
+
+WRITER = textwrap.dedent("""
+    import multiprocessing as mp, sys
+    import optuna
+    from mlflow import MlflowClient
+
+    uri, storage, experiment_id, study_name, writers, steps, trials = sys.argv[1:8]
+    writers, steps, trials = int(writers), int(steps), int(trials)
+
+    def write(index, barrier):
+        client = MlflowClient(uri)
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        barrier.wait()  # every writer starts at once
+        run = client.create_run(experiment_id, run_name=f"writer-{index}", tags={"writer": str(index)})
+        client.log_param(run.info.run_id, "index", index)
+        for step in range(steps):
+            client.log_metric(run.info.run_id, "value", index * 1000 + step, step=step)
+            if step < trials:
+                trial = study.ask()
+                trial.suggest_float("x", 0.0, 1.0)
+                study.tell(trial, index * 1000 + step)
+        client.set_terminated(run.info.run_id)
+
+    ctx = mp.get_context("fork")  # one interpreter start for all 16 (2 cores), fresh connections in each
+    barrier = ctx.Barrier(writers)
+    procs = [ctx.Process(target=write, args=(i, barrier)) for i in range(writers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    sys.exit(max(p.exitcode or 0 for p in procs))
+""")
+
+
+@pytest.mark.timeout(300)
+def test_sixteen_concurrent_writers_lose_nothing(server: dict[str, str]) -> None:
+    uri, storage = server["MLFLOW_TRACKING_URI"], server["OPTUNA_STORAGE"]
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment(unique("cluster_writers"))
+    study_name = unique("cluster_writers")
+    optuna.create_study(study_name=study_name, storage=storage)
+    result = subprocess.run([sys.executable, "-c", WRITER, uri, storage, experiment_id, study_name, str(WRITERS),
+                             str(STEPS), str(TRIALS)], capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = client.search_runs([experiment_id], max_results=100)
+    assert sorted(int(r.data.tags["writer"]) for r in runs) == list(range(WRITERS))
+    for run in runs:
+        index = int(run.data.tags["writer"])
+        history = client.get_metric_history(run.info.run_id, "value")
+        assert sorted((m.step, m.value) for m in history) == [(s, index * 1000 + s) for s in range(STEPS)]
+        assert run.info.status == "FINISHED" and run.data.params["index"] == str(index)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    assert sorted(t.value for t in study.trials) == sorted(i * 1000 + k for i in range(WRITERS) for k in range(TRIALS))
+    assert {t.state for t in study.trials} == {TrialState.COMPLETE}
+    assert len({t.number for t in study.trials}) == WRITERS * TRIALS
+
+
+# ------------------------------------------------------------------------- basic auth, start/stop
+def _postgres_installed() -> bool:
+    return any(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(os.geteuid() != 0 or not _postgres_installed(),
+                    reason="needs root and Debian's PostgreSQL (bash scripts/tracking-server.sh start installs it)")
+def test_the_script_starts_a_basic_auth_server_of_its_own_and_stops_only_it(server: dict[str, str]) -> None:
+    """A second instance (own folder and ports) with --auth: anonymous requests get 401, the printed
+    credentials work; `start` again is a no-op; `stop` ends its processes and leaves the CI server up."""
+    folder = Path(f"/tmp/tracking-server-test-{uuid.uuid4().hex[:8]}")  # postgres must reach it: not under /tmp/pytest-of-root
+    env = {"TRACKING_DIR": str(folder), "TRACKING_PORT": str(free_port()), "TRACKING_PG_PORT": str(free_port())}
+    run = lambda *args: subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,  # noqa: E731
+                                       timeout=200, env={**os.environ, **env})
+    try:
+        started = run("start", "--auth")
+        assert started.returncode == 0, started.stderr[-3000:]
+        code, exports = server_status(env)
+        assert code == 0 and exports["MLFLOW_TRACKING_USERNAME"] == "admin", exports
+        uri = exports["MLFLOW_TRACKING_URI"]
+        assert uri == f"http://127.0.0.1:{env['TRACKING_PORT']}" and f":{env['TRACKING_PG_PORT']}/optuna" in exports[
+            "OPTUNA_STORAGE"]
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+        assert anonymous.value.code == 401
+        authed = subprocess.run([sys.executable, "-c", "import mlflow; print(mlflow.create_experiment('authed'))"],
+                                capture_output=True, text=True, timeout=120,
+                                env={**os.environ, **exports})
+        assert authed.returncode == 0, authed.stderr[-2000:]
+        pid = int((folder / "run" / "mlflow.pid").read_text())
+        again = run("start", "--auth")
+        assert again.returncode == 0 and int((folder / "run" / "mlflow.pid").read_text()) == pid  # idempotent
+        stopped = run("stop")
+        assert stopped.returncode == 0, stopped.stderr
+        assert server_status(env)[0] == 1
+        assert subprocess.run(["pgrep", "-g", str(pid)], capture_output=True).returncode == 1  # its group is gone
+        assert server_status()[0] == 0  # the CI server is untouched
+    finally:
+        run("stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- more than one node
+@pytest.mark.timeout(300)
+def test_two_node_ddp_through_torchrun(tmp_path: Path) -> None:
+    """Two torchrun agents (--nnodes 2, one process each) on 127.0.0.1, as two nodes would run them:
+    harness.distributed's env:// set-up over gloo; each rank trains on half of the data, rank 0 logs."""
+    from tests.test_engine import runs, write_config
+
+    config = write_config(tmp_path, "ddp2", train__epochs=1, optim__log_every=1)
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                                "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                                "-m", "harness.train", str(config)],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for rank in (0, 1)]
+    outputs = [agent.communicate(timeout=280)[0] for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    steps = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(run.info.run_id, "train/loss_step")
+    assert sorted(m.step for m in steps) == list(range(256 // (2 * 32)))  # 2 ranks share the 256 images
