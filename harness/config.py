@@ -216,8 +216,12 @@ class TrackingConfig(Section):
     run_name: Optional[str] = None
     run_id: Optional[str] = None  # a run created by the launcher (status SCHEDULED) to log into
     tags: dict[str, str] = Field(default_factory=dict)
-    log_checkpoint: bool = True
+    log_checkpoint: bool = True  # also the final model as an MLflow model (runs:/<id>/model)
     visualize_images: int = Field(4, ge=0)
+    # an MLflow (or database) outage longer than this checkpoints and fails the job (resumable);
+    # shorter ones are waited out, metric points buffered (at most buffer_points) and sent later
+    outage_limit_s: float = Field(600.0, gt=0)
+    buffer_points: int = Field(100_000, ge=100)
 
 
 RecipeName = Literal["dynamicvit-2021", "dynamicvit-tpami", "dynamicvit-tpami-spatial"]

@@ -35,7 +35,7 @@ from harness.distributed import DistEnv, all_reduce_sum, barrier, init_distribut
 from harness.losses import loss_for
 from harness.measure import count_gflops, count_params_m, measure_throughput
 from harness.optim import build_optimizer, build_schedule, current_lrs, gumbel_tau
-from harness.tracking import RunTracker
+from harness.tracking import UNSENT, RunTracker, TrackingUnavailable, http_client_settings
 
 RESULT = "result.json"  # final metrics of a finished run, beside its checkpoint
 
@@ -409,8 +409,13 @@ class Trainer:
         return {"gflops": count_gflops(model), "params_m": count_params_m(model),
                 "throughput_img_s": speed.images_per_s}
 
-    def write_artifacts(self) -> None:
-        """The resolved config, kept-token pictures and the final weights, to disk and MLflow."""
+    def write_artifacts(self) -> Optional[str]:
+        """The resolved config, kept-token pictures and the final weights, to disk and MLflow.
+
+        With `tracking.log_checkpoint` the final model is also an MLflow model (the UI's Models
+        column; `mlflow.pytorch.load_model("runs:/<id>/model")`), linked to the last epoch's
+        metrics; its model id (the final GFLOPs and throughput are logged linked to it too).
+        """
         resolved = self.out / "config.yaml"
         resolved.write_text(yaml.safe_dump(self.cfg.model_dump(), sort_keys=False))
         paths = [resolved]
@@ -430,6 +435,9 @@ class Trainer:
             paths.append(weights)
         for path in paths:
             self.tracker.log_artifact(path)
+        if not self.cfg.tracking.log_checkpoint:
+            return None
+        return self.tracker.log_pytorch_model(self.model.eval(), step=max(self.epoch - 1, 0))
 
     def fit(self, on_epoch: Optional[EpochCallback] = None) -> dict[str, float]:
         """Train the remaining epochs; `on_epoch` runs on rank 0 after each epoch's metrics are logged."""
@@ -445,8 +453,9 @@ class Trainer:
                     "recipe": cfg.recipe, "precision": self.precision}
             self.tracker = RunTracker.start(
                 cfg.tracking, params=cfg.model_dump(), tags=tags, async_logging=True,
-                resume_run_id=state["mlflow_run_id"] if state else cfg.tracking.run_id,
+                resume_run_id=state["mlflow_run_id"] if state else cfg.tracking.run_id, data=cfg.data,
             )
+            self.tracker.resend(self.out / UNSENT)  # what an outage kept from the last job
             runstate.bind(self.out, cfg.run_key(), self.tracker.run_id)
             if state is not None and self.history:  # lost if the last run was killed hard
                 self.tracker.log_metrics_if_missing(self.history, step=self.epoch - 1)
@@ -474,9 +483,9 @@ class Trainer:
             barrier(self.env)
             final = {**self.history, **self.final_metrics()} if self.env.is_main else {}
             if self.tracker:
+                model_id = self.write_artifacts()
                 self.tracker.log_metrics({k: final[k] for k in ("gflops", "params_m", "throughput_img_s")},
-                                         step=cfg.train.epochs)
-                self.write_artifacts()
+                                         step=cfg.train.epochs, model_id=model_id)
                 (self.out / RESULT).write_text(json.dumps(
                     {"mlflow_run_id": self.tracker.run_id, "run_key": cfg.run_key(), "metrics": final}, indent=2))
                 self.tracker.finish("FINISHED")
@@ -485,6 +494,13 @@ class Trainer:
             if self.tracker:
                 self.tracker.finish("KILLED")
             raise
+        except TrackingUnavailable as err:  # MLflow gone too long: resumable from here by a relaunch
+            self.save()
+            kept = self.tracker.spill(self.out / UNSENT) if self.tracker else 0
+            print(f"checkpoint written at epoch {self.epoch}, batch {self.batches_done}; {kept} metric points "
+                  f"kept in {self.out / UNSENT} for the resumed job (the MLflow run stays RUNNING: "
+                  "relaunch to resume)", file=sys.stderr)
+            raise err
         except Pruned:
             if self.tracker:
                 self.tracker.set_tags({"trial_state": "PRUNED"})
@@ -511,4 +527,5 @@ def run(cfg: RunConfig, on_epoch: Optional[EpochCallback] = None) -> dict[str, f
             runstate.mark_finished_if_open(cfg)
             return done
         env = init_distributed()
+        http_client_settings()  # our outage handling decides how long to wait for MLflow, not its client
         return Trainer(cfg, env).fit(on_epoch)

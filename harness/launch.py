@@ -211,14 +211,24 @@ class Launch:
             if not launcher_alive(run.data.tags):
                 self.client.set_terminated(run.info.run_id, "KILLED")
                 run.info._status = "KILLED"
-        parent = self.client.create_run(self.experiment_id, run_name=f"launch-{expanded.scale}", tags={
-            "kind": "launch", "spec": expanded.spec.name, "scale": expanded.scale,
-            "table": expanded.spec.table or "", "executor": cluster,
-            "launcher_host": socket.gethostname(), "launcher_pid": str(os.getpid())})
-        self.parent_id = parent.info.run_id
+        self._parent_id: Optional[str] = None  # created with the first run it submits
+        self.run_ids: dict[str, list[str]] = {}  # stage -> MLflow runs of the jobs submitted
         self.jobs: dict[str, list[tuple[RunPlan, Any]]] = {}
         self.skipped: dict[str, str] = {}
         self._job_alive: dict[str, bool] = {}
+
+    @property
+    def parent_id(self) -> str:
+        """This launch's parent run, created when first needed: a launch that submits nothing records none."""
+        if self._parent_id is None:
+            from harness.tracking import source_tags
+
+            expanded = self.expanded
+            self._parent_id = self.client.create_run(self.experiment_id, run_name=f"launch-{expanded.scale}", tags={
+                **source_tags("harness/launch.py", "LOCAL"), "kind": "launch", "spec": expanded.spec.name,
+                "scale": expanded.scale, "table": expanded.spec.table or "", "executor": self.cluster,
+                "launcher_host": socket.gethostname(), "launcher_pid": str(os.getpid())}).info.run_id
+        return self._parent_id
 
     def job_alive(self, run: Any) -> bool:
         """`job_alive` of an in-flight run, asked once per launch (it may call `squeue`).
@@ -261,8 +271,8 @@ class Launch:
 
     def prepare(self, plan: RunPlan, continue_run: Optional[Any]) -> dict[str, Any]:
         """The job's config: tracking set to a child run of this launch, SCHEDULED until it starts."""
-        tags = {**plan.config.tracking.tags, "run_key": plan.key, "variant": plan.variant,
-                "mlflow.parentRunId": self.parent_id}
+        tags = {"mlflow.source.name": "harness/launch.py", "mlflow.source.type": "JOB", **plan.config.tracking.tags,
+                "run_key": plan.key, "variant": plan.variant, "mlflow.parentRunId": self.parent_id}
         if continue_run is not None and not runstate.folder_is_resumable(plan.output_dir, plan.key,
                                                                          continue_run.info.run_id):
             print(f"{plan.stage}/{plan.name}: {plan.output_dir} holds another run's state; starting a new MLflow "
@@ -285,6 +295,7 @@ class Launch:
         config.tracking.experiment_id = self.experiment_id
         config.tracking.parent_run_id = self.parent_id
         config.tracking.run_id = run_id
+        config.tracking.tags.update({"mlflow.source.name": "harness/launch.py", "mlflow.source.type": "JOB"})
         return {"run_id": run_id, "config": config.model_dump()}
 
     def submit_stage(self, stage: str, depends_on: list[str], progress: bool = False) -> tuple[list[tuple[RunPlan, Any]], bool]:
@@ -344,6 +355,7 @@ class Launch:
     def _record(self, todo: list[tuple[RunPlan, dict[str, Any]]], jobs: list[Any]) -> list[tuple[RunPlan, Any]]:
         """Tag each MLflow run with its job id; link the job's log into the run's folder."""
         for (plan, job_cfg), job in zip(todo, jobs):
+            self.run_ids.setdefault(plan.stage, []).append(job_cfg["run_id"])
             self.client.set_tag(job_cfg["run_id"], "slurm_job_id" if self.cluster == "slurm" else "job_id", job.job_id)
             plan.output_dir.mkdir(parents=True, exist_ok=True)
             log = plan.output_dir / "job.log"  # the job's log under the run's own name
@@ -374,7 +386,12 @@ class Launch:
         return True
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.parent_id, status=status)
+        if self._parent_id is not None:
+            self.client.set_terminated(self._parent_id, status=status)
+
+    def submitted_run_ids(self) -> list[str]:
+        """The MLflow runs of the jobs this launch submitted, in stage order."""
+        return [run_id for stage in self.expanded.stage_order for run_id in self.run_ids.get(stage, [])]
 
 
 POLL_S = 0.2  # how often finished local processes are looked for
@@ -516,10 +533,23 @@ def _main(args: argparse.Namespace) -> int:
     submitted = sum(len(j) for j in launch.jobs.values())
     print(f"{expanded.spec.name} ({expanded.scale}): {submitted} submitted, {len(launch.skipped)} skipped "
           f"({', '.join(sorted(set(launch.skipped.values()))) or 'none'}); MLflow experiment "
-          f"{expanded.spec.name!r} at {uri}, parent run {launch.parent_id}")
+          f"{expanded.spec.name!r} at {uri}, parent run {launch._parent_id or 'none (nothing submitted)'}")
     if ok and args.wait:
         report(expanded, uri)
+    print_urls(launch, uri, finished=cluster == "local" or args.wait)
     return 0 if ok else EXIT_FAILED
+
+
+def print_urls(launch: Launch, uri: str, finished: bool) -> None:
+    """The UI pages of this launch: the runs table, and the compare view of the runs it ran to the end."""
+    from harness.tracking import compare_url, runs_table_url
+
+    if not uri.startswith(("http://", "https://")):
+        print(f"MLflow UI: mlflow ui --backend-store-uri {uri}   (then open the pages below)")
+    print(f"runs table: {runs_table_url(uri, launch.experiment_id)}")
+    run_ids = launch.submitted_run_ids()
+    if finished and run_ids:
+        print(f"compare the runs of this launch: {compare_url(uri, launch.experiment_id, run_ids)}")
 
 
 def report(expanded: Expanded, uri: str) -> None:
@@ -531,7 +561,6 @@ def report(expanded: Expanded, uri: str) -> None:
         out = Path("reports") / expanded.spec.name / expanded.scale
         print(run_notebooks(expanded.spec.name, expanded.scale, uri, notebooks, str(out), expanded.spec.table))
         print(f"tables and figures: {out}/")
-    print(f"compare the runs: mlflow ui --backend-store-uri {uri}")
 
 
 if __name__ == "__main__":

@@ -3,19 +3,28 @@
 It uses `mlflow.MlflowClient` with an explicit run id everywhere, never the fluent API's
 global "active run", so that several runs in one process, child runs and a requeued job that
 re-opens its own run id cannot step on each other.
+
+Outages: a tracking server (or the database behind it) that stops answering does not stop
+training. Metric points are buffered (at most `tracking.buffer_points`) and retried with
+backoff, with one warning; other calls retry in place. An outage longer than
+`tracking.outage_limit_s` raises `TrackingUnavailable`: the engine checkpoints, writes the
+unsent points beside the checkpoint (UNSENT) and fails; the resumed job sends them first.
 """
 from __future__ import annotations
 
+import collections
+import hashlib
+import json
 import os
-import queue
 import subprocess
+import sys
 import threading
 import time
 import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union
-from urllib.parse import unquote
+from typing import Any, Callable, Literal, Mapping, Optional, TypeVar, Union
+from urllib.parse import quote, unquote
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
@@ -27,14 +36,60 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from harness.config import TrackingConfig, flatten
+from harness.config import DataConfig, TrackingConfig, flatten
+from harness.errors import EnvironmentProblem
 
 Status = Literal["FINISHED", "FAILED", "KILLED"]
 PathLike = Union[str, "os.PathLike[str]"]
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-_RETRIES = 5  # attempts per batch; the SQL store de-duplicates identical points, so retrying is safe
 _TRUNCATED = "...[truncated]"
+UNSENT = "mlflow_unsent.jsonl"  # metric points an outage kept from MLflow, beside the checkpoint
+# the UI's training view (runs table), not the GenAI overview (MLflow 3's `mlflow.experimentKind`)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# what a server says when it, or the database behind it, fails: worth retrying; any other answer is a refusal
+_SERVER_FAILURES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+# a database that cannot be reached or is locked (SQLAlchemy's errors, by name: no import needed)
+_DB_FAILURES = {"OperationalError", "DisconnectionError", "InterfaceError", "TimeoutError"}
+T = TypeVar("T")
+
+
+class TrackingUnavailable(EnvironmentProblem):
+    """MLflow did not answer for longer than `tracking.outage_limit_s` (exit 1, resumable)."""
+
+
+def transient(error: BaseException) -> bool:
+    """Whether an MLflow call may succeed later: the server or database did not answer, or failed.
+
+    A request MLflow refused (bad value, deleted run) or a local mistake is not retried.
+    """
+    import requests
+    from mlflow.exceptions import RestException
+
+    if isinstance(error, RestException):  # the server answered
+        return error.error_code in _SERVER_FAILURES
+    seen: Optional[BaseException] = error
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, (ConnectionError, TimeoutError, requests.RequestException)):
+            return True
+        if type(seen).__name__ in _DB_FAILURES or (
+                isinstance(seen, MlflowException) and seen.message.startswith("API request to")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def http_client_settings() -> None:
+    """One HTTP attempt per call with a bounded wait, so that `RunTracker.call` (which knows the
+    outage limit) decides, not MLflow's own retries (7, up to 120 s each: minutes per call).
+
+    For a job's process (engine.run calls it): it sets environment variables, which the whole
+    process sees. The user's own settings of these variables win.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
@@ -47,23 +102,62 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     return resolve_uri(cfg.uri)[0]
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=_REPO_ROOT, capture_output=True, text=True, check=True, timeout=10
+    ).stdout.strip()
+
+
+def git_commit() -> Optional[str]:
+    """The commit of this checkout, None outside git."""
+    try:
+        return _git("rev-parse", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def code_version() -> str:
     """The git commit of this checkout (`+dirty` if it has local changes), else the package version."""
-    try:
-        def git(*args: str) -> str:
-            return subprocess.run(
-                ["git", *args], cwd=_REPO_ROOT, capture_output=True, text=True, check=True, timeout=10
-            ).stdout.strip()
-
-        commit = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
+    commit = git_commit()
+    if commit:
+        try:
+            return commit + ("+dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+        except (OSError, subprocess.SubprocessError):
+            return commit
     try:
         return metadata.version("dvit-harness")
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+def source_tags(entry_point: str, source_type: str) -> dict[str, str]:
+    """MLflow's standard source tags (the UI's Source column), beside our own `code_version`.
+
+    `entry_point`: the file a user runs (harness/train.py, harness/launch.py); `source_type`:
+    LOCAL for a run trained by hand, JOB for one a launch submitted.
+    """
+    tags = {"mlflow.source.name": entry_point, "mlflow.source.type": source_type,
+            "code_version": code_version()}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def ui_base(uri: str) -> str:
+    """Where the MLflow UI of a store is: the server itself, else a local `mlflow ui`'s default."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def runs_table_url(uri: str, experiment_id: str) -> str:
+    """The UI page of an experiment's runs table."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs"
+
+
+def compare_url(uri: str, experiment_id: str, run_ids: list[str]) -> str:
+    """The UI's compare view of `run_ids` (its route takes JSON lists)."""
+    runs, experiments = quote(json.dumps(run_ids)), quote(json.dumps([experiment_id]))
+    return f"{ui_base(uri)}/#/compare-runs?runs={runs}&experiments={experiments}"
 
 
 def _clip(value: Any, limit: int) -> str:
@@ -98,7 +192,7 @@ def _get_or_create_experiment(client: MlflowClient, cfg: TrackingConfig, uri: st
             return exp.experiment_id
         try:
             return client.create_experiment(
-                cfg.experiment, artifact_location=_sqlite_artifact_root(uri)
+                cfg.experiment, artifact_location=_sqlite_artifact_root(uri), tags=EXPERIMENT_KIND
             )
         except MlflowException as exc:
             error = exc  # most likely another process created it just now: look it up again
@@ -106,9 +200,39 @@ def _get_or_create_experiment(client: MlflowClient, cfg: TrackingConfig, uri: st
 
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
-    """The id of experiment `name`, created if missing (the launcher does this once, before jobs)."""
+    """The id of experiment `name`, created if missing (the launcher does this once, before jobs).
+
+    An experiment without a kind (created before, or by MLflow's UI) is marked a training one,
+    so that the UI opens it on the runs table; a kind someone set is left alone.
+    """
     client = MlflowClient(tracking_uri)
-    return _get_or_create_experiment(client, TrackingConfig(experiment=name), tracking_uri)
+    experiment_id = _get_or_create_experiment(client, TrackingConfig(experiment=name), tracking_uri)
+    if not client.get_experiment(experiment_id).tags.get("mlflow.experimentKind"):
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(experiment_id, key, value)
+    return experiment_id
+
+
+def dataset_inputs(data: DataConfig) -> list[Any]:
+    """The run's data as MLflow dataset inputs (the UI's Datasets column): train and eval splits.
+
+    The digest hashes the settings that decide the images (generated sets are made from them);
+    the source is the folder for ImageNet, else the generator in harness/data.py.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    settings = data.model_dump(exclude={"num_workers"})
+    inputs = []
+    for split, context in (("train", "training"), ("val", "eval")):
+        digest = hashlib.sha1(json.dumps({**settings, "split": split}, sort_keys=True, default=str).encode())
+        if data.name == "imagenet" and data.root:
+            kind, source = "local", {"uri": str(Path(data.root).resolve() / split)}
+        else:
+            kind, source = "code", {"tags": {"generator": f"harness/data.py:{data.name}", "split": split}}
+        dataset = Dataset(name=f"{data.name}-{split}", digest=digest.hexdigest()[:8], source_type=kind,
+                          source=json.dumps(source))
+        inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
+    return inputs
 
 
 def find_runs(tracking_uri: str, experiment_name: str, filter_string: str = "") -> list[Run]:
@@ -133,21 +257,30 @@ def find_runs(tracking_uri: str, experiment_name: str, filter_string: str = "") 
 class RunTracker:
     """One MLflow run, addressed by id. Create it with `RunTracker.start(...)`.
 
-    With `async_logging=True` metric batches go through a background thread, so a slow
-    tracking server never stalls a training step; `flush()`/`finish()` wait for them.
-    Usable as a context manager: an exception marks the run FAILED (KILLED on Ctrl-C).
+    With `async_logging=True` metric points go to a bounded buffer that a background thread
+    sends, so a slow or absent tracking server never stalls a training step; `flush()` and
+    `finish()` wait for them. Every call waits out an outage up to `outage_limit_s` (see the
+    module docstring). Usable as a context manager: an exception marks the run FAILED (KILLED
+    on Ctrl-C).
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, *, async_logging: bool = False) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, *, async_logging: bool = False,
+                 outage_limit_s: float = 600.0, buffer_points: int = 100_000) -> None:
         self.client = client
         self._run_id = run_id
         self._finished = False
-        self._queue: Optional[queue.Queue[Optional[list[Metric]]]] = None
-        self._thread: Optional[threading.Thread] = None
+        self.outage_limit_s = outage_limit_s
+        self._capacity = buffer_points
+        self._buffer: collections.deque[Metric] = collections.deque()
+        self._cond = threading.Condition()
+        self._sending = False
+        self._closing = False
+        self._dropped = 0
         self._error: Optional[BaseException] = None
-        self._unsent: list[Metric] = []  # points the worker failed to send; retried on flush
+        self._down_since: Optional[float] = None  # monotonic time of the first failure of an outage
+        self._warned = False
+        self._thread: Optional[threading.Thread] = None
         if async_logging:
-            self._queue = queue.Queue()
             self._thread = threading.Thread(target=self._worker, name=f"mlflow-{run_id[:8]}", daemon=True)
             self._thread.start()
 
@@ -161,23 +294,28 @@ class RunTracker:
         tags: Optional[Mapping[str, str]] = None,
         resume_run_id: Optional[str] = None,
         async_logging: bool = False,
+        data: Optional[DataConfig] = None,
     ) -> "RunTracker":
-        """Create a run (or re-open `resume_run_id`) and record params and tags.
+        """Create a run (or re-open `resume_run_id`) and record params, tags and `data` as inputs.
 
         `params` is the nested resolved config; it is logged with dotted keys. On resume,
         only params that the run lacks are logged (MLflow refuses to change a param) and no
-        new run is created.
+        new run is created. A run the launcher created SCHEDULED gets tag `job_started_at` and
+        metric `queue_time_s` (MLflow keeps a run's start time as created: its submission).
         """
         uri = resolve_tracking_uri(cfg)
         client = MlflowClient(uri)
-        all_tags: dict[str, str] = {**cfg.tags, **(tags or {}), "code_version": code_version()}
+        all_tags: dict[str, str] = {**source_tags("harness/train.py", "LOCAL"), **cfg.tags, **(tags or {})}
         if cfg.parent_run_id:
             all_tags["mlflow.parentRunId"] = cfg.parent_run_id
         flat = {k: _clip(v, MAX_PARAM_VAL_LENGTH) for k, v in flatten(dict(params)).items()}
-
+        probe = cls(client, "", outage_limit_s=cfg.outage_limit_s)  # waits out an outage at the job's start
+        queued_s: Optional[float] = None
         if resume_run_id is not None:
-            run = client.get_run(resume_run_id)
-            client.update_run(resume_run_id, status="RUNNING")
+            run = probe.call(client.get_run, resume_run_id)
+            if run.info.status == "SCHEDULED" and "job_started_at" not in run.data.tags:
+                queued_s = max(0.0, time.time() - run.info.start_time / 1000)
+            probe.call(client.update_run, resume_run_id, status="RUNNING")
             have = run.data.params
             changed = sorted(k for k, v in flat.items() if k in have and have[k] != v)
             if changed:
@@ -185,50 +323,106 @@ class RunTracker:
             flat = {k: v for k, v in flat.items() if k not in have}
             run_id = resume_run_id
         else:
-            experiment_id = _get_or_create_experiment(client, cfg, uri)
-            run_id = client.create_run(experiment_id, run_name=cfg.run_name).info.run_id
+            experiment_id = probe.call(_get_or_create_experiment, client, cfg, uri)
+            run_id = probe.call(client.create_run, experiment_id, run_name=cfg.run_name).info.run_id
 
-        tracker = cls(client, run_id, async_logging=async_logging)
+        tracker = cls(client, run_id, async_logging=async_logging, outage_limit_s=cfg.outage_limit_s,
+                      buffer_points=cfg.buffer_points)
         tracker._log_params(flat)
+        if queued_s is not None:
+            all_tags["job_started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            tracker.call(client.log_batch, run_id, metrics=[Metric("queue_time_s", queued_s, int(time.time() * 1000), 0)])
         tracker.set_tags(all_tags)
+        if data is not None:
+            tracker.call(client.log_inputs, run_id, datasets=dataset_inputs(data))
         return tracker
 
     @property
     def run_id(self) -> str:
         return self._run_id
 
+    # --------------------------------------------------------------------------- outages
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)`, retried with backoff while MLflow is unreachable.
+
+        The first failure of an outage warns once; an outage longer than `outage_limit_s`
+        raises `TrackingUnavailable`. A refusal (bad value, unknown run) is raised at once.
+        """
+        delay = 0.5
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as error:
+                if not transient(error):
+                    raise
+                now = time.monotonic()
+                with self._cond:
+                    if self._down_since is None:
+                        self._down_since = now
+                    down_for = now - self._down_since
+                    if not self._warned:
+                        self._warned = True
+                        print(f"warning: MLflow is not answering ({_first_line(error)}); metrics are buffered "
+                              f"and retried for up to {self.outage_limit_s:.0f} s (tracking.outage_limit_s)",
+                              file=sys.stderr, flush=True)
+                if down_for > self.outage_limit_s:
+                    raise TrackingUnavailable(
+                        f"MLflow has not answered for {down_for:.0f} s (tracking.outage_limit_s = "
+                        f"{self.outage_limit_s:g}): {_first_line(error)}") from error
+                time.sleep(min(delay, max(0.1, self.outage_limit_s - down_for + 0.1)))
+                delay = min(delay * 2, 10.0)
+                continue
+            with self._cond:
+                if self._down_since is not None:
+                    print(f"MLflow answers again after {time.monotonic() - self._down_since:.0f} s; "
+                          f"sending {len(self._buffer)} buffered metric points", file=sys.stderr, flush=True)
+                    self._down_since = None
+                    self._warned = False  # a later outage warns again
+            return result
+
     # ------------------------------------------------------------------------------ logging
     def _log_params(self, params: Mapping[str, str]) -> None:
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self._run_id, params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+            self.call(self.client.log_batch, self._run_id, params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set (or overwrite) tags; values are stringified and clipped to MLflow's limit."""
         items = [RunTag(k, _clip(v, MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self._run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+            self.call(self.client.log_batch, self._run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Log several metrics at one step in one `log_batch` call.
+    def log_metrics(self, metrics: Mapping[str, Any], step: int, model_id: Optional[str] = None) -> None:
+        """Log several metrics at one step (one `log_batch` when sent).
 
         Values may be Python numbers, numpy scalars or one-element tensors (`float()` of each).
-        Sync mode retries and then raises; async mode queues, and a failure is raised by the
-        next call or by `flush()`, with the unsent points kept for the next attempt.
+        `model_id` links them to a logged model. Sync mode sends at once (waiting out an outage);
+        async mode buffers, and an outage past the limit is raised by the next call or by
+        `flush()`, the points kept for `spill()`; any other failure is raised by `flush()`.
         """
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"MLflow logging failed for run {self._run_id}") from error
         ts = int(time.time() * 1000)
-        batch = [Metric(key, float(value), ts, int(step)) for key, value in metrics.items()]
-        if self._queue is None:
+        batch = [Metric(key, float(value), ts, int(step), model_id=model_id) for key, value in metrics.items()]
+        if self._thread is None:
             self._send(batch)
-        else:
-            self._queue.put(batch)
+            return
+        with self._cond:
+            room = self._capacity - len(self._buffer)
+            if room < len(batch):
+                if not self._dropped:
+                    print(f"warning: MLflow metric buffer full ({self._capacity} points, tracking.buffer_points); "
+                          "newer points are dropped until it drains", file=sys.stderr, flush=True)
+                self._dropped += len(batch) - max(room, 0)
+                batch = batch[: max(room, 0)]
+            self._buffer.extend(batch)
+            self._cond.notify_all()
+            error = self._error
+        if isinstance(error, TrackingUnavailable):  # other errors: flush() reports them
+            raise error
 
     def last_step(self, key: str) -> int:
         """The highest step logged for `key` in this run, -1 if none (a resumed job skips what a killed one sent)."""
-        return max((m.step for m in self.client.get_metric_history(self._run_id, key)), default=-1)
+        history = self.call(self.client.get_metric_history, self._run_id, key)
+        return max((m.step for m in history), default=-1)
 
     def log_metrics_if_missing(self, metrics: Mapping[str, Any], step: int) -> None:
         """Log `metrics` at `step` unless the run has them already.
@@ -240,68 +434,137 @@ class RunTracker:
         if not metrics:
             return
         probe = next(iter(metrics))
-        if not any(m.step == step for m in self.client.get_metric_history(self._run_id, probe)):
+        if not any(m.step == step for m in self.call(self.client.get_metric_history, self._run_id, probe)):
             self.log_metrics(metrics, step)
 
     def _send(self, batch: list[Metric]) -> None:
-        """log_batch in chunks, retrying transient failures (locked SQLite, server restart)."""
+        """log_batch in chunks; the SQL store de-duplicates identical points, so a retry is safe."""
         for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-            chunk = batch[i : i + MAX_METRICS_PER_BATCH]
-            for attempt in range(_RETRIES):
-                try:
-                    self.client.log_batch(self._run_id, metrics=chunk)
-                    break
-                except Exception:
-                    if attempt == _RETRIES - 1:
-                        raise
-                    time.sleep(0.5 * 2**attempt)
+            self.call(self.client.log_batch, self._run_id, metrics=batch[i : i + MAX_METRICS_PER_BATCH])
 
     def _worker(self) -> None:
-        """Drain whatever is queued into one batch per round trip; None stops the thread."""
-        assert self._queue is not None
-        stop = False
-        while not stop:
-            items = [self._queue.get()]
-            while True:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(item is None for item in items)
-            batch = self._unsent + [m for item in items if item for m in item]
-            self._unsent = []
+        """Send the buffer's oldest points, one batch per round trip, until closed and drained.
+
+        Points leave the buffer only once MLflow has them; after an outage past the limit the
+        thread stops and leaves them for `spill()`.
+        """
+        while True:
+            with self._cond:
+                while not self._buffer and not self._closing:
+                    self._cond.wait()
+                if not self._buffer:
+                    return
+                chunk = [self._buffer[i] for i in range(min(len(self._buffer), MAX_METRICS_PER_BATCH))]
+                self._sending = True
             try:
-                if batch:
-                    self._send(batch)
-            except Exception as exc:  # keep the points; flush() or the next log call reports it
-                self._unsent = batch
-                self._error = exc
-            finally:
-                for _ in items:
-                    self._queue.task_done()
+                self.call(self.client.log_batch, self._run_id, metrics=chunk)
+            except Exception as exc:
+                with self._cond:
+                    self._error, self._sending = exc, False
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                for _ in chunk:
+                    self._buffer.popleft()
+                self._sending = False
+                self._cond.notify_all()
 
     def flush(self) -> None:
-        """Wait until every queued metric is written; raise if some could not be."""
-        if self._queue is None:
+        """Wait until every buffered metric is written; raise if the outage limit passed first."""
+        if self._thread is None:
             return
-        self._queue.join()
-        self._error = None  # reported below, if the points still cannot be sent
-        if self._unsent:  # one more synchronous try before giving up
-            batch, self._unsent = self._unsent, []
-            try:
-                self._send(batch)
-            except Exception as exc:
-                self._unsent = batch
-                raise RuntimeError(
-                    f"MLflow logging failed for run {self._run_id}: {len(batch)} metric points unsent"
-                ) from exc
+        with self._cond:
+            while (self._buffer or self._sending) and self._error is None:
+                self._cond.wait()
+            error, points = self._error, list(self._buffer)
+        if error is None:
+            return
+        if isinstance(error, TrackingUnavailable):
+            raise error
+        try:  # refused (e.g. the run was deleted meanwhile): one more try, then report and keep them
+            self._send(points)
+        except Exception as exc:
+            raise RuntimeError(f"MLflow logging failed for run {self._run_id}: "
+                               f"{len(points)} metric points unsent") from exc
+        finally:
+            with self._cond:
+                self._error = None
+            self._thread = threading.Thread(target=self._worker, name=f"mlflow-{self._run_id[:8]}", daemon=True)
+            self._thread.start()
+        with self._cond:
+            for _ in points:
+                self._buffer.popleft()
+
+    def spill(self, path: PathLike) -> int:
+        """Write the points MLflow has not got to `path` (JSON lines) for `resend()`; how many.
+
+        Called when the job gives up on an outage: it stops the sender and closes the run here
+        (MLflow is unreachable, so the run stays RUNNING there; a relaunch resumes it).
+        """
+        with self._cond:
+            self._closing = True
+            points = list(self._buffer)
+            self._buffer.clear()
+            self._cond.notify_all()
+        self._finished = True
+        if points:
+            with open(path, "a") as out:
+                for m in points:
+                    out.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp,
+                                          "step": m.step, "model_id": m.model_id}) + "\n")
+        return len(points)
+
+    def resend(self, path: PathLike) -> int:
+        """Send the points a previous job spilled to `path`, then remove the file; how many."""
+        path = Path(path)
+        if not path.exists():
+            return 0
+        points = [Metric(d["key"], d["value"], d["timestamp"], d["step"], model_id=d.get("model_id"))
+                  for d in map(json.loads, path.read_text().splitlines()) if d]
+        self._send(points)
+        path.unlink()
+        return len(points)
 
     def log_artifact(self, path: PathLike, artifact_path: Optional[str] = None) -> None:
         """Upload a file, or a folder's contents, under `artifact_path` of the run."""
         if Path(path).is_dir():
-            self.client.log_artifacts(self._run_id, str(path), artifact_path)
+            self.call(self.client.log_artifacts, self._run_id, str(path), artifact_path)
         else:
-            self.client.log_artifact(self._run_id, str(path), artifact_path)
+            self.call(self.client.log_artifact, self._run_id, str(path), artifact_path)
+
+    def log_pytorch_model(self, model: Any, step: int, name: str = "model") -> str:
+        """Log `model` as an MLflow 3 logged model of this run; its model id.
+
+        MLflow links the run's metrics at `step` to it (the UI's model page shows them); pass its
+        id to `log_metrics` for later ones. Loadable with `mlflow.pytorch.load_model("runs:/<run
+        id>/model")`. The model lives in the run's experiment (the fluent API would put it in the
+        default one); the requirements are given, not inferred (that imports the model in a
+        subprocess: slow).
+        """
+        import logging
+
+        import mlflow
+        import mlflow.pytorch
+        import torch
+
+        self.flush()  # the points at `step` must be in the store to be linked
+        experiment_id = self.call(self.client.get_run, self._run_id).info.experiment_id
+        logged = self.call(self.client.create_logged_model, experiment_id, name=name, source_run_id=self._run_id,
+                           model_type="pytorch")
+        mlflow.set_tracking_uri(self.client.tracking_uri)  # log_model reads the global URI
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={metadata.version('timm')}",
+                        f"mlflow=={mlflow.__version__}"]
+        quiet = logging.getLogger("mlflow.pytorch")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # a warning about pickles on every run: the project's own models
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "no signature": images of a run-dependent size
+                self.call(mlflow.pytorch.log_model, model, name=name, run_id=self._run_id, model_id=logged.model_id,
+                          step=step, pip_requirements=requirements, serialization_format="pickle")
+        finally:
+            quiet.setLevel(level)
+        return str(logged.model_id)
 
     # ------------------------------------------------------------------------------- ending
     def finish(self, status: Status = "FINISHED") -> None:
@@ -313,11 +576,15 @@ class RunTracker:
         try:
             self.flush()
         finally:
-            if self._queue is not None and self._thread is not None:
-                self._queue.put(None)
+            if self._thread is not None:
+                with self._cond:
+                    self._closing = True
+                    if self._error is not None:
+                        self._buffer.clear()  # reported by flush(); the thread has stopped
+                    self._cond.notify_all()
                 self._thread.join()
             self._finished = True
-            self.client.set_terminated(self._run_id, status)
+            self.call(self.client.set_terminated, self._run_id, status)
 
     def __enter__(self) -> "RunTracker":
         return self
@@ -329,3 +596,8 @@ class RunTracker:
             self.finish("KILLED")
         else:
             self.finish("FAILED")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__

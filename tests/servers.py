@@ -59,9 +59,12 @@ def _stop(proc: subprocess.Popen[bytes], grace_s: float) -> None:
 
 @contextlib.contextmanager
 def mlflow_server(
-    root: Path, *, timeout_s: float = 60.0, workers: int = 1, stop_grace_s: float = 3.0
+    root: Path, *, timeout_s: float = 60.0, workers: int = 1, stop_grace_s: float = 3.0, port: int = 0
 ) -> Iterator[MlflowServer]:
     """Run `mlflow server` with a SQLite store under `root` until the block ends.
+
+    `port`: 0 picks a free one; give an earlier server's port and root to restart it (outage tests).
+    The server leads its own process group (`os.killpg(server.pid, SIGSTOP)` freezes it whole).
 
     Waits for `/health` at most `timeout_s`; on timeout or early exit it fails with the log.
     One worker by default: it starts faster, serves concurrent clients from its thread pool, and
@@ -69,7 +72,7 @@ def mlflow_server(
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log = root / "server.log"
     cmd = [
         sys.executable, "-m", "mlflow", "server",
