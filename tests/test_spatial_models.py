@@ -299,6 +299,25 @@ def test_flops_at_the_zoo_keep_ratio(name: str, rho: float, official: float, den
     assert official - 0.06 < gflops < official and dense_official - 0.04 < dense_gflops < dense_official
 
 
+def test_the_readme_flops_table_is_what_harness_measure_counts() -> None:
+    """Every "ours" number of README's Swin/ConvNeXt FLOPs table (dense, and each zoo keep ratio),
+    read from the README itself, against `count_gflops` on the meta device."""
+    readme = (REPO / "README.md").read_text()
+    rows = re.findall(r"^  \| (Swin|ConvNeXt|DynamicSwin|DynamicCNN)-([TSB]) \| ([0-9./ a-z]+) \| ([0-9./ ]+) \|", readme, re.M)
+    assert len(rows) == 12, rows
+    for model, size, rhos, ours in rows:
+        family = "swin" if model.endswith("Swin") else "convnext"
+        name = {"swin": f"dynamicswin_{SIZES[size]}_patch4_window7_224", "convnext": f"dynamicconvnext_{SIZES[size]}"}[family]
+        for rho, value in zip(rhos.split(" / "), ours.split(" / ")):
+            kwargs = {"variant": "dense"} if rho.strip() == "dense" else {"keep_ratio": float(rho)}
+            with torch.device("meta"):
+                model_ = build(name, **kwargs)
+            assert count_gflops(model_) == pytest.approx(float(value), abs=6e-4), (name, rho)
+
+
+SIZES = {"T": "tiny", "S": "small", "B": "base"}
+
+
 # ------------------------------------------------------------------------------ one real run
 def test_a_spatial_student_trains_through_the_engine(tmp_path: Path) -> None:
     """One epoch of a dynamic micro Swin distilled from a dense micro Swin, through harness.train."""
