@@ -8,6 +8,7 @@ by importing the official code; equality with the official code itself was check
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -311,6 +312,17 @@ def test_flops_at_the_zoos_keep_ratios() -> None:
         assert math.floor(gflops * 10) / 10 == zoo
     assert count_gflops(on_meta(LVVIT_S, variant="dense")) == pytest.approx(6.552, abs=1e-3)
     assert count_gflops(tiny(keep_ratio=0.7)) == pytest.approx(count_gflops(on_meta(TINY, keep_ratio=0.7)))
+
+
+def test_the_readme_flops_table_is_what_harness_measure_counts() -> None:
+    """Every "ours" number of README's LV-ViT FLOPs table (9 rows), read from the README itself."""
+    readme = (REPO / "README.md").read_text()
+    rows = re.findall(r"^  \| LV-ViT-([SM]) \| ([0-9.]+) \| ([0-9.]+) \|", readme, re.M)
+    assert len(rows) == 9, rows
+    for size, rho, ours in rows:
+        name = {"S": LVVIT_S, "M": LVVIT_M}[size]
+        kwargs = {"variant": "dense"} if rho == "1.0" else {"keep_ratio": float(rho)}
+        assert count_gflops(on_meta(name, **kwargs)) == pytest.approx(float(ours), abs=6e-4), (size, rho)
 
 
 # --------------------------------------------------------------------------------- specs
