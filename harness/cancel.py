@@ -28,7 +28,7 @@ from harness.store import bound_requests, check_store, resolve_uri
 IN_FLIGHT = "attributes.status = 'SCHEDULED' or attributes.status = 'RUNNING'"
 
 
-def _signal_local(pid_text: str, host: Optional[str] = None) -> bool:
+def signal_local(pid_text: str, host: Optional[str] = None) -> bool:
     """TERM a process of this machine (a local job or a launcher); False if it is not here."""
     pid = pid_text.split("_")[0]
     if not pid.isdigit() or (host is not None and host != socket.gethostname()) or int(pid) == os.getpid():
@@ -52,7 +52,7 @@ def cancel(experiment: str, scale: str, uri: str) -> list[str]:
             ("SCHEDULED", "RUNNING")]
     launches = [r for r in find_runs(uri, experiment, f"tags.kind = 'launch' and {where}") if r.info.status == "RUNNING"]
     for launch in launches:  # first, so that no launch submits the next run or stage meanwhile
-        _signal_local(launch.data.tags.get("launcher_pid", ""), launch.data.tags.get("launcher_host"))
+        signal_local(launch.data.tags.get("launcher_pid", ""), launch.data.tags.get("launcher_host"))
     slurm_ids = sorted({r.data.tags["slurm_job_id"] for r in runs if r.data.tags.get("slurm_job_id")})
     if slurm_ids:
         if not shutil.which("scancel"):
@@ -68,7 +68,7 @@ def cancel(experiment: str, scale: str, uri: str) -> list[str]:
         if tags.get("slurm_job_id"):
             how = f"SLURM job {tags['slurm_job_id']} cancelled"
         elif tags.get("job_id"):
-            how = f"local job {tags['job_id']} " + ("stopped" if _signal_local(tags["job_id"]) else "not running")
+            how = f"local job {tags['job_id']} " + ("stopped" if signal_local(tags["job_id"]) else "not running")
         else:
             how = "never submitted"
         client.set_tag(run.info.run_id, "cancelled", stamp)

@@ -45,7 +45,15 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """SIGTERM/SIGUSR2 arrived: a checkpoint was written at the last step boundary."""
+    """SIGTERM/SIGUSR2 arrived: a checkpoint was written at the last step boundary.
+
+    `signals`: every signal that arrived, for the job to tell a cancel (TERM alone) from SLURM's
+    advance warning of a time limit or preemption (USR2, submitit's `--signal`).
+    """
+
+    def __init__(self, message: str, signals: frozenset[int] = frozenset()) -> None:
+        super().__init__(message)
+        self.signals = signals
 
 
 class Pruned(RuntimeError):
@@ -65,7 +73,8 @@ class _StopSignal:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
     def __init__(self) -> None:
-        self.received: Optional[int] = None
+        self.received: Optional[int] = None  # the first signal
+        self.signals: set[int] = set()
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopSignal":
@@ -77,7 +86,9 @@ class _StopSignal:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
+        if self.received is None:
+            self.received = signum
+        self.signals.add(signum)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -366,7 +377,7 @@ class Trainer:
             if stop.received is not None and self.batches_done % self.accum == 0:  # at an update boundary
                 self.save()
                 raise Preempted(f"signal {stop.received}: checkpoint written at epoch {self.epoch}, "
-                                f"batch {self.batches_done}")
+                                f"batch {self.batches_done}", frozenset(stop.signals))
 
     def validates_this_epoch(self) -> bool:
         """Every `train.eval_every` epochs and always after the last (the result is the final model's)."""

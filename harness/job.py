@@ -1,25 +1,33 @@
 """The submitit callable: one launched run, preemption-safe, cancellable.
 
 The engine turns SIGTERM/SIGUSR2 into a checkpoint at the next step boundary and raises
-`Preempted`. What happens next depends on why the signal came:
-- preemption or the time limit (SLURM sends USR2 ahead of both, submitit's `--signal`): the job
-  hands over to submitit's own USR2 handler, which calls `checkpoint()` (inherited from
-  `Checkpointable`: resubmit the same call) and requeues the job; the MLflow run goes back to
-  SCHEDULED (tag `requeued`), so that a relaunch meanwhile sees it in flight and submits nothing;
-  the requeued job resumes from the run's checkpoint into the same MLflow run.
-- `scancel` (SLURM marks the job CANCELLED, then sends TERM) or a TERM outside SLURM
-  (`python -m harness.cancel`, `kill`): no requeue; the run stays KILLED, its checkpoint kept,
-  and the next launch resumes it.
+`Preempted` with the signals that arrived. What happens next depends on why they came:
+- USR2 among them: SLURM's advance warning of the time limit (submitit's `--signal=USR2@90`),
+  or a preemption on a cluster that sends it (PreemptParameters=send_user_signal; submitit's
+  own `_interrupt` sends TERM then USR2). The job hands over to submitit's USR2 handler, which
+  calls `checkpoint()` (inherited from `Checkpointable`: resubmit the same call) and requeues
+  the job; the MLflow run goes back to SCHEDULED (tag `requeued`), so that a relaunch meanwhile
+  sees it in flight and submits nothing; the requeued job resumes from the run's checkpoint
+  into the same MLflow run.
+- TERM alone inside SLURM: `scancel`, or a preemption on a cluster that sends no USR2 (TERM at
+  selection, the job keeps running through its GraceTime). The controller tells them apart
+  (`scontrol show job`, which needs no accounting database, unlike `sacct`, asked only when
+  scontrol does not answer): CANCELLED, or COMPLETING without a PreemptTime (scancel: the
+  controller is already ending the job), or no answer at all: stop for good: the run stays
+  KILLED, its checkpoint kept, and the next launch resumes it. Preempted (a PreemptTime) or
+  still RUNNING (a bare `scancel --signal TERM`): requeue as above.
+- TERM outside SLURM (`python -m harness.cancel` of a local job, `kill`): stop for good.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 import submitit
 
@@ -27,24 +35,48 @@ from harness.config import RunConfig
 from harness.store import unbound_requests
 
 
-def slurm_job_cancelled() -> bool:
-    """Whether SLURM has this job down as CANCELLED (scancel), rather than preempted or timing out."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job or not shutil.which("sacct"):
-        return False
+def _ask(command: list[str]) -> str:
+    """A SLURM command's output, or '' when it is missing, fails (no accounting) or hangs."""
+    if not shutil.which(command[0]):
+        return ""
     try:
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"], capture_output=True,
-                             text=True, timeout=30)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return any(line.startswith("CANCELLED") for line in out.stdout.split())
+        return ""
+    return done.stdout if done.returncode == 0 else ""
 
 
-def stopped_for_good(stop: BaseException) -> bool:
-    """A cancel, not a preemption: SLURM says CANCELLED, or a plain TERM outside SLURM."""
-    if os.environ.get("SLURM_JOB_ID"):
-        return slurm_job_cancelled()
-    return f"signal {int(signal.SIGTERM)}" in str(stop)
+def slurm_job_state(job: str) -> tuple[Optional[str], str]:
+    """(what SLURM says of `job`: CANCELLED, COMPLETING, RUNNING, PREEMPTED ... or None; which command said it).
+
+    The controller first: `scontrol` answers with or without accounting, live. While the job is
+    being stopped it shows COMPLETING (for scancel as for a time-out) whatever the cause, and a
+    preempted job carries a PreemptTime: reported as PREEMPTED. Then accounting (`sacct`, which
+    records CANCELLED at once), for a controller that does not answer.
+    """
+    shown = _ask(["scontrol", "show", "job", "--oneliner", job])
+    state = re.search(r"\bJobState=(\S+)", shown)
+    if state:
+        preempt = re.search(r"\bPreemptTime=(\S+)", shown)
+        preempted = preempt is not None and preempt.group(1) not in ("None", "Unknown", "0")
+        return ("PREEMPTED" if preempted else state.group(1)), "scontrol"
+    accounted = _ask(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"]).split()
+    return (accounted[0], "sacct") if accounted else (None, "neither scontrol nor sacct answered")
+
+
+def stopped_for_good(stop: BaseException) -> tuple[bool, str]:
+    """(a cancel, not the time limit or a preemption; why it is taken so): see the module docstring."""
+    signals = getattr(stop, "signals", frozenset())
+    if signal.SIGUSR2 in signals:
+        return False, "USR2: SLURM's warning of the time limit or a preemption"
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        term = signal.SIGTERM in signals or f"signal {int(signal.SIGTERM)}" in str(stop)
+        return term, "TERM outside SLURM" if term else "not TERM"
+    state, source = slurm_job_state(job)
+    if state is None:
+        return True, f"TERM alone and {source} for job {job}"
+    return state.startswith(("CANCELLED", "COMPLETING")), f"SLURM job {job} is {state} ({source})"
 
 
 def mark_requeued(cfg: RunConfig) -> None:
@@ -79,10 +111,12 @@ class TrainJob(submitit.helpers.Checkpointable):
         try:
             return run(cfg)
         except Preempted as stop:
-            if stopped_for_good(stop):
-                print(f"cancelled: {stop}; not requeued (the next launch resumes from the checkpoint)",
+            cancelled, why = stopped_for_good(stop)
+            if cancelled:
+                print(f"cancelled: {stop}; {why}; not requeued (the next launch resumes from the checkpoint)",
                       file=sys.stderr)
                 raise
+            print(f"preempted: {stop}; {why}; requeueing", file=sys.stderr)
             requeue = signal.getsignal(signal.SIGUSR2)
             if callable(requeue):  # submitit's checkpoint_and_try_requeue: requeues, then exits
                 mark_requeued(cfg)

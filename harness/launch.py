@@ -372,8 +372,57 @@ class Launch:
                     ids.append(run.data.tags["slurm_job_id"])
         return ids
 
+    def retire_superseded(self, wait_s: float = 180.0) -> None:
+        """Stop the queued and running jobs of runs whose place (stage/name) now has another run key.
+
+        A changed configuration (an override, a retrained teacher: its students' keys change with
+        its own) gives a run a new key, so the new run starts clean in the same folder; the old
+        run's job, if still queued or running (from an earlier launch), must not go on beside it,
+        writing to that folder or waiting to train a student of the old teacher. Its job is
+        cancelled (`scancel`, or TERM for a local process; a launch still submitting them is
+        stopped too) and its MLflow run marked KILLED with tag `superseded` saying why. Waits
+        until those jobs have ended (up to `wait_s`) before any folder is handed to a new run.
+        """
+        from harness.cancel import signal_local
+
+        current = {p.config.tracking.run_name: p.key for s in self.expanded.stage_order
+                   for p in self.expanded.stage_runs(s)}
+        old = [(run, current[run.info.run_name]) for key, runs in self.by_key.items() for run in runs
+               if run.info.status in IN_FLIGHT and current.get(run.info.run_name, key) != key]
+        waiting = []
+        for run, new_key in old:
+            tags = run.data.tags
+            alive = self.job_alive(run)
+            job = tags.get("slurm_job_id") or tags.get("job_id")
+            if alive and tags.get("slurm_job_id"):
+                subprocess.run(["scancel", job], capture_output=True, timeout=60)
+                waiting.append(run)
+            elif alive and tags.get("job_id") and signal_local(job):
+                waiting.append(run)
+            parent = self.launches.get(tags.get("mlflow.parentRunId", ""))
+            if parent is not None and parent.info.status == "RUNNING" and signal_local(
+                    parent.data.tags.get("launcher_pid", ""), parent.data.tags.get("launcher_host")):
+                parent.info._status = "KILLED"  # it would go on submitting the old runs' next stages
+            how = f"job {job} cancelled" if run in waiting else "no live job"
+            reason = (f"superseded: the configuration changed (run key {tags.get('run_key')} -> {new_key}); "
+                      f"{how} by launch {self.parent_id}")
+            self.client.set_tag(run.info.run_id, "superseded", reason)
+            self.client.set_terminated(run.info.run_id, "KILLED")
+            run.info._status = "KILLED"
+            print(f"{run.info.run_name}: {reason}; MLflow run {run.info.run_id} KILLED", file=sys.stderr)
+        deadline = time.monotonic() + wait_s
+        while waiting and time.monotonic() < deadline:
+            waiting = [r for r in waiting if job_alive(r.data.tags)]
+            if waiting:
+                time.sleep(1)
+        if waiting:
+            names = ", ".join(r.info.run_name for r in waiting)
+            raise EnvironmentProblem(f"the superseded jobs of {names} did not stop within {wait_s:.0f} s; "
+                                     "relaunch once they have")
+
     def submit_all(self, progress: bool) -> bool:
         """Submit every stage; locally, run each stage to its end before the next. False if a run failed."""
+        self.retire_superseded()
         for stage in self.expanded.stage_order:
             stage_spec = self.expanded.spec.stages[stage]
             deps = set(stage_spec.after) | {s for s in (stage_spec.init_from, stage_spec.distill_from) if s}

@@ -93,9 +93,38 @@ def mismatch(folder: Path, run_key: str, mlflow_run_id: Optional[str] = None) ->
 
 def check_folder(cfg: RunConfig) -> None:
     """Refuse a folder that holds another run's state (StaleRunFolder)."""
-    problem = mismatch(Path(cfg.output_dir), cfg.run_key(), cfg.tracking.run_id)
+    folder = Path(cfg.output_dir)
+    problem = mismatch(folder, cfg.run_key(), cfg.tracking.run_id)
+    bound = read_binding(folder) if problem else None
+    if bound is not None and bound.run_key != cfg.run_key() and (folder / RESULT).exists():
+        problem = finished_elsewhere(folder, bound.run_key, cfg)
     if problem:
         raise StaleRunFolder(problem)
+
+
+def finished_elsewhere(folder: Path, finished_key: str, cfg: RunConfig) -> str:
+    """Why a finished run is not extended (more epochs, another setting) in place, and what to do.
+
+    Continuing it would mix two configurations in one folder, one result and one MLflow run.
+    """
+    import yaml
+
+    from harness.config import flatten
+
+    changes = ""
+    try:
+        before = flatten(yaml.safe_load((folder / "config.yaml").read_text()) or {})
+        after = flatten(cfg.model_dump())
+        diff = [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+                if before.get(k) != after.get(k) and not k.startswith(("tracking.", "output_dir"))]
+        changes = f" (changed: {'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''})" if diff else ""
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        pass  # no readable config.yaml: the keys alone say it
+    return (f"{folder}: holds a finished run (run key {finished_key}, result.json) and this configuration is "
+            f"another{changes}; a finished run is not extended in place: give this configuration another "
+            f"output_dir (without one it gets its own folder), and add train.init_from={folder} to start from "
+            f"its weights, "
+            f"got run key {cfg.run_key()}")
 
 
 def check_checkpoint(path: Path, state: dict[str, Any], cfg: RunConfig) -> None:

@@ -8,6 +8,7 @@ Standard library only: no MLflow import on this path.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import urllib.error
@@ -44,6 +45,17 @@ def sqlite_path(uri: str) -> Optional[Path]:
     return Path(rest) if rest and rest != ":memory:" else None
 
 
+def quiet_store_setup() -> None:
+    """Keep MLflow's INFO lines about setting up a store ("Creating initial MLflow database
+    tables", each alembic migration) off the commands' output; its warnings and errors still show.
+
+    Levels on these loggers (not on `mlflow`, which MLflow configures when imported) survive that
+    configuration, whichever comes first.
+    """
+    for name in ("mlflow.store", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def check_store(uri: str, source: str, *, must_exist: bool, write: bool,
                 timeout_s: float = PROBE_TIMEOUT_S) -> None:
     """Raise ConfigError (the URI names something unusable) or EnvironmentProblem (a server that
@@ -52,6 +64,7 @@ def check_store(uri: str, source: str, *, must_exist: bool, write: bool,
     `must_exist`: a read-only command (status, report) refuses a store that does not exist yet,
     instead of creating an empty one and reporting that nothing was launched.
     """
+    quiet_store_setup()
     db = sqlite_path(uri)
     if db is not None:
         _check_sqlite(db, uri, source, must_exist=must_exist, write=write, timeout_s=timeout_s)

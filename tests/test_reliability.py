@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -665,6 +666,23 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path: Path, readonly_d
                                                              "train-store-damaged")
 
 
+def test_a_new_store_prints_none_of_mlflows_setup_lines(tmp_path: Path) -> None:
+    """MLflow logs INFO lines while it creates a store's tables (and alembic one per migration):
+    the commands keep them off their output."""
+    path = write(tmp_path / "spec.yaml", spec_dict())
+    for command in (("harness.launch", "--dry-run"), ("harness.status",), ("harness.cancel",)):
+        store = tmp_path / f"{command[0]}.db"
+        store.touch()  # a fresh SQLite store: an empty file, its tables created by the command
+        result = cli(command[0], str(path), *command[1:], "--tracking-uri", f"sqlite:///{store}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        output = result.stdout + result.stderr
+        assert " INFO " not in output and "Creating initial MLflow database tables" not in output, output
+        assert "alembic" not in output.lower(), output
+        if command[0] != "harness.launch":
+            assert store.stat().st_size > 0  # the tables were created
+    assert "0 run(s) cancelled" in result.stderr
+
+
 # ------------------------------------------------------------------ no command hangs (item 3)
 @contextlib.contextmanager
 def silent_server() -> Iterator[str]:
@@ -803,14 +821,28 @@ def test_train_uses_a_folder_per_run_key_and_refuses_another_keys_folder(tmp_pat
     keys = {json.loads((f / "result.json").read_text())["run_key"]: f for f in folders}
     assert set(keys) == {f.name for f in folders}
     seed0 = next(f for f in folders if f.name in first.stderr)
+    for out in (first, second):  # a new store: none of MLflow's INFO lines about creating its tables
+        assert " INFO " not in out.stderr and "Creating initial MLflow database tables" not in out.stderr
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
     before = snapshot(seed0)
+    longer = cli("harness.train", str(cfg), "train.epochs=2", f"output_dir={seed0}", cwd=tmp_path, timeout=300)
+    lines = longer.stderr.strip().splitlines()
+    assert longer.returncode == 2 and len(lines) == 1, longer.stderr  # a finished run is not extended
+    assert lines[0].startswith(f"{seed0}: holds a finished run (run key {seed0.name}, result.json) and this "
+                               "configuration is another (changed: train.epochs 1 -> 2); a finished run is not "
+                               "extended in place: give this configuration another output_dir"), lines[0]
+    assert f"add train.init_from={seed0} to start from its weights" in lines[0]
+    assert snapshot(seed0) == before
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
+    (seed0 / "result.json").unlink()  # the folder of a run that has not finished
     refused = cli("harness.train", str(cfg), "train.seed=2", f"output_dir={seed0}", cwd=tmp_path, timeout=300)
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and len(lines) == 1, refused.stderr
     assert lines[0].startswith(f"{seed0}: holds the state of run key {seed0.name}, this configuration's run key is ")
-    assert snapshot(seed0) == before
     write(seed0 / "checkpoint.pth", b"\x80\x02garbage")  # damaged resume point of this very run
-    (seed0 / "result.json").unlink()
     damaged = cli("harness.train", str(cfg), f"output_dir={seed0}", cwd=tmp_path, timeout=300)
     lines = damaged.stderr.strip().splitlines()
     assert damaged.returncode == 2 and len(lines) == 1, damaged.stderr
@@ -913,13 +945,27 @@ def slurm_state(job_id: str) -> str:
     return states[0].split()[0] if states else ""
 
 
+def without_accounting(tmp: Path) -> dict[str, str]:
+    """The environment of a launcher whose jobs see a cluster without accounting (no slurmdbd):
+    their `sacct` fails as it does there. The launcher keeps the real one (submitit asks it)."""
+    shim = write(tmp / "no-accounting/sacct", "#!/bin/sh\necho 'sacct: error: Slurm accounting storage is "
+                                                "disabled' >&2\nexit 1\n")
+    shim.chmod(0o755)
+    job_env = {"SBATCH_EXPORT": f"ALL,PATH={shim.parent}:{os.environ['PATH']}"}  # sbatch --export for every job
+    probe = subprocess.run(["sbatch", "--wait", "--parsable", "-o", str(tmp / "probe.out"), "--wrap", "sacct"],
+                           env={**os.environ, **job_env}, capture_output=True, text=True, timeout=120)
+    assert probe.returncode != 0 and "accounting storage is disabled" in (tmp / "probe.out").read_text()
+    return job_env
+
+
 @pytest.mark.slurm
 @needs_slurm
 def test_scancel_stops_for_good_and_the_run_is_killed_not_requeued(tmp_path: Path) -> None:
+    """Without accounting for the job (sacct fails in it): the controller (scontrol) says it is ending the job."""
     spec = teacher_only(**{"base/train/epochs": 3, "scales/tiny/train/epochs": 3, "base/data/train_digits": 512})
     path = write(tmp_path / "spec.yaml", spec)
     result = cli("harness.launch", str(path), "--executor", "slurm", "--output-root", str(tmp_path / "runs"),
-                 "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path)
+                 "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path, env=without_accounting(tmp_path))
     assert result.returncode == 0, result.stderr
     (run,) = train_runs(tmp_path)
     job_id = run.data.tags["slurm_job_id"]
@@ -934,6 +980,7 @@ def test_scancel_stops_for_good_and_the_run_is_killed_not_requeued(tmp_path: Pat
     assert stopped.info.status == "KILLED" and "requeued" not in stopped.data.tags
     (stderr,) = (tmp_path / "runs/mini/tiny/teacher/submitit").glob(f"{job_id}_*_log.err")
     assert "cancelled: signal 15" in stderr.read_text() and "not requeued" in stderr.read_text()
+    assert re.search(rf"SLURM job {job_id} is (CANCELLED|COMPLETING) \(scontrol\)", stderr.read_text())
 
 
 @pytest.mark.slurm
@@ -958,6 +1005,49 @@ def test_harness_cancel_cancels_queued_and_running_slurm_jobs(tmp_path: Path) ->
     wait_for(lambda: not squeue(",".join(sorted(jobs))), 90, "the jobs to leave the queue")
 
 
+@pytest.mark.slurm
+@needs_slurm
+def test_a_relaunch_with_a_changed_teacher_cancels_the_old_teacher_and_students_jobs(tmp_path: Path) -> None:
+    """The teacher trains, its students wait for it (afterok); a relaunch with another teacher seed
+    changes every run key: the old teacher's and students' jobs are cancelled (not left to train
+    students of the old teacher beside the new ones), their runs KILLED with the reason, and the
+    folder is handed to the new teacher only once the old job has stopped writing to it."""
+    spec = spec_dict(**{"base/train/epochs": 3, "scales/tiny/train/epochs": 3, "base/data/train_digits": 512})
+    path = write(tmp_path / "spec.yaml", spec)
+    args = ("--executor", "slurm", "--output-root", str(tmp_path / "runs"), "--tracking-uri",
+            f"sqlite:///{tmp_path}/mlflow.db")
+    first = cli("harness.launch", str(path), *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    old = {r.info.run_id: r for r in train_runs(tmp_path)}
+    old_jobs = {r.data.tags["slurm_job_id"] for r in old.values()}
+    folder = tmp_path / "runs/mini/tiny/teacher/teacher"
+    wait_for((folder / "checkpoint.pth").exists, 300, "the old teacher's first checkpoint")
+    again = cli("harness.launch", str(path), *args, "stages.teacher.train.seed=5", cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "3 submitted" in again.stdout, again.stdout
+    for run in old.values():
+        assert f"{run.info.run_name}: superseded: the configuration changed (run key {run.data.tags['run_key']} -> " \
+               in again.stderr, again.stderr
+    runs = {r.info.run_id: r for r in train_runs(tmp_path)}
+    assert len(runs) == 6
+    for run_id, run in old.items():
+        assert runs[run_id].info.status == "KILLED", runs[run_id].info
+        assert "job " + run.data.tags["slurm_job_id"] + " cancelled" in runs[run_id].data.tags["superseded"]
+    assert not squeue(",".join(sorted(old_jobs)))  # gone before the new teacher got the folder
+    assert all(slurm_state(j) == "CANCELLED" for j in {j.split("_")[0] for j in old_jobs})
+    new = [r for run_id, r in runs.items() if run_id not in old]
+    assert {r.info.status for r in new} == {"SCHEDULED"} and not {r.data.tags["slurm_job_id"] for r in new} & old_jobs
+    teacher = next(r for r in new if r.data.tags["stage"] == "teacher")
+    assert json.loads((folder / "run.json").read_text())["run_key"] == teacher.data.tags["run_key"]
+    (kept,) = folder.parent.glob("teacher.before-*")  # the old teacher's state, moved aside whole
+    assert (kept / "checkpoint.pth").exists()
+    assert json.loads((kept / "run.json").read_text())["run_key"] != teacher.data.tags["run_key"]
+    cancelled = cli("harness.cancel", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path)
+    assert cancelled.returncode == 0, cancelled.stderr
+    wait_for(lambda: not squeue(",".join(sorted(r.data.tags["slurm_job_id"] for r in new))), 90,
+             "the new jobs to leave the queue")
+
+
 @contextlib.contextmanager
 def tiny_disk(path: Path, size: str) -> Iterator[Path]:
     """A real, nearly full file system: a tmpfs of `size` (needs root, as in CI)."""
@@ -980,7 +1070,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_run_is_failed(tmp_pat
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "visualize_images": 0, "experiment": "full"}})
     with tiny_disk(tmp_path / "disk", "48k") as disk:
         result = cli("harness.train", str(cfg), f"output_dir={disk / 'run'}", cwd=tmp_path, timeout=300)
-    lines = [line for line in result.stderr.strip().splitlines() if " INFO mlflow" not in line]  # store created
+    lines = result.stderr.strip().splitlines()  # a new store, but none of MLflow's INFO lines on creating it
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith(f"{disk / 'run'}: no space left on the device (disk full) (traceback: "), lines
     from mlflow import MlflowClient
