@@ -89,7 +89,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ok = search.watch(sys.stderr.isatty())
     summary = search.finish(ok)
     print(f"{plan.name} ({plan.scale}): study {plan.study}: {summary['complete']} complete, {summary['pruned']} pruned, "
-          f"{summary['fail']} failed of a budget of {plan.section.trials}; storage {storage.location}")
+          f"{summary['fail']} failed of a budget of {plan.section.trials}; storage {storage.shown}")
     names = [o.metric for o in plan.section.objectives]
     for trial in summary["best"]:
         values = ", ".join(f"{n} {v:.4g}" for n, v in zip(names, trial.values))

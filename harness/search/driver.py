@@ -38,7 +38,7 @@ class Search:
         self.study = optuna.create_study(study_name=plan.study, storage=storage.open(), directions=directions,
                                          load_if_exists=True)
         if [d.name.lower() for d in self.study.directions] != directions:
-            raise ConfigError([f"{plan.path}: search.objectives: study {plan.study!r} in {storage.location} has "
+            raise ConfigError([f"{plan.path}: search.objectives: study {plan.study!r} in {storage.shown} has "
                                f"directions {[d.name.lower() for d in self.study.directions]}, got {directions}"])
         self.client = MlflowClient(tracking_uri)
         self.experiment_id = ensure_experiment(tracking_uri, plan.name)
@@ -60,7 +60,7 @@ class Search:
             except MlflowException:  # deleted from MLflow meanwhile: start a new parent
                 pass
         tags = {"kind": "search", "spec": self.plan.name, "scale": self.plan.scale, "study": self.plan.study,
-                "table": self.plan.table or "", "storage": self.storage.location, "storage_kind": self.storage.kind,
+                "table": self.plan.table or "", "storage": self.storage.recorded, "storage_kind": self.storage.kind,
                 "executor": self.cluster, "sampler": self.section.sampler.name,
                 "pruner": (self.section.pruner or PrunerSpec(name="none")).name,
                 "objectives": ", ".join(f"{o.metric} {o.direction}" for o in self.section.objectives)}

@@ -6,6 +6,7 @@ heartbeat, so that a trial whose process died is failed by `fail_stale_trials` (
 once); Optuna 5's JournalStorage has no heartbeat (it does not implement BaseHeartbeat), so for
 journal files the driver fails the trials of workers it sees end (harness/search/driver.py).
 """
+import dataclasses
 import os
 import shlex
 import subprocess
@@ -30,6 +31,7 @@ class StorageChoice:
     location: str  # a URL (sqlite, rdb) or a journal file path: what optuna-dashboard accepts too
     heartbeat_interval: int = 30
     grace_period: Optional[int] = None
+    written: str = ""  # the URL as the spec wrote it, when it names environment variables (`${OPTUNA_STORAGE}`)
 
     @classmethod
     def parse(cls, text: str, heartbeat_interval: int = 30, grace_period: Optional[int] = None) -> "StorageChoice":
@@ -67,11 +69,18 @@ class StorageChoice:
                                           failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
 
     @property
+    def recorded(self) -> str:
+        """What MLflow records: `${OPTUNA_STORAGE}` as written (no password in the tag), else the location."""
+        return self.written or self.location
+
+    @property
     def shown(self) -> str:
         """The location without its password (for printing)."""
         return _hide_password(self.location) if self.kind == "rdb" else self.location
 
     def dashboard(self) -> str:
+        if self.written:  # the shell expands it: no password on the screen
+            return f'optuna-dashboard "{self.written}"'
         return f"optuna-dashboard {shlex.quote(self.location)}"
 
 
@@ -108,6 +117,8 @@ def choose_storage(plan: SearchPlan, cluster: str) -> StorageChoice:
         raise ConfigError([f"{where}: an environment variable in it is not set (scripts/tracking-server.sh status "
                            f"prints OPTUNA_STORAGE), got {spec.url!r}"])
     choice = StorageChoice.parse(url, spec.heartbeat_interval, spec.grace_period)
+    if url != spec.url:
+        choice = dataclasses.replace(choice, written=spec.url)
     check_storage(choice, where)
     if choice.kind == "sqlite" and workers > 1:
         raise ConfigError([f"{where}: SQLite is for one process; {workers} workers need a journal file (one "
@@ -165,7 +176,7 @@ def open_study(location: str, study: Optional[str] = None) -> "optuna.Study":
     """A study from a storage URL or journal file (what the notebook and the tests use)."""
     import optuna
 
-    storage = StorageChoice.parse(location).open()
+    storage = StorageChoice.parse(os.path.expandvars(location)).open()  # a recorded `${OPTUNA_STORAGE}` too
     if study is None:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
         if len(names) != 1:
