@@ -94,7 +94,7 @@ pg_pid() {
 }
 pg_port() { cat "$D/pg_port" 2>/dev/null; }
 as_pg() { runuser -u postgres -- "$@"; }
-psql_admin() { as_pg psql -X -q -v ON_ERROR_STOP=1 -h "$RUN" -p "$(pg_port)" -U postgres -d postgres "$@"; }
+psql_admin() { as_pg "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$RUN" -p "$(pg_port)" -U postgres -d postgres "$@"; }
 pg_ready() { as_pg "$BIN/pg_isready" -q -h "$RUN" -p "$(pg_port)"; }
 
 start_postgres() {
@@ -230,7 +230,8 @@ EOF
   done
 }
 
-# stop_mlflow: TERM our server's process group (it forks uvicorn and job runners), KILL after 15 s.
+# stop_mlflow: TERM our server's process group (it forks uvicorn and job runners), KILL after 5 s
+# (its state is in PostgreSQL and the artifact folder: nothing to flush).
 stop_mlflow() {
   local pid i
   pid="$(mlflow_pid)" || {
@@ -239,7 +240,7 @@ stop_mlflow() {
   }
   log "stopping mlflow server (pid $pid, its process group)"
   kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 150; i++)); do
+  for ((i = 0; i < 50; i++)); do
     pgrep -g "$pid" >/dev/null 2>&1 || break
     sleep 0.1
   done

@@ -1,6 +1,6 @@
 """Cluster-grade tracking (issue 15 items 1, 2, 6): the PostgreSQL-backed `mlflow server` and Optuna
 storage of scripts/tracking-server.sh, used by real SLURM jobs, by a 3-worker search whose worker
-freezes mid-trial, and by 16 concurrent writers; the script's basic-auth mode; a 2-node DDP run.
+freezes mid-trial, and by 16 concurrent writers; a 2-node DDP run; the script's basic-auth mode (last: it restarts the server's mlflow).
 
 The server is the one `.ci/run` starts (`bash scripts/tracking-server.sh start`); the tests skip
 when it is not running, as the SLURM tests skip without a cluster. Each test writes to its own
@@ -8,9 +8,7 @@ experiment and study, so that reruns against the same server do not see each oth
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +18,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import optuna
 import pytest
@@ -251,49 +249,6 @@ def test_sixteen_concurrent_writers_lose_nothing(server: dict[str, str]) -> None
     assert len({t.number for t in study.trials}) == WRITERS * TRIALS
 
 
-# ------------------------------------------------------------------------- basic auth, start/stop
-def _postgres_installed() -> bool:
-    return any(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
-
-
-@pytest.mark.timeout(300)
-@pytest.mark.skipif(os.geteuid() != 0 or not _postgres_installed(),
-                    reason="needs root and Debian's PostgreSQL (bash scripts/tracking-server.sh start installs it)")
-def test_the_script_starts_a_basic_auth_server_of_its_own_and_stops_only_it(server: dict[str, str]) -> None:
-    """A second instance (own folder and ports) with --auth: anonymous requests get 401, the printed
-    credentials work; `start` again is a no-op; `stop` ends its processes and leaves the CI server up."""
-    folder = Path(f"/tmp/tracking-server-test-{uuid.uuid4().hex[:8]}")  # postgres must reach it: not under /tmp/pytest-of-root
-    env = {"TRACKING_DIR": str(folder), "TRACKING_PORT": str(free_port()), "TRACKING_PG_PORT": str(free_port())}
-    run = lambda *args: subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,  # noqa: E731
-                                       timeout=200, env={**os.environ, **env})
-    try:
-        started = run("start", "--auth")
-        assert started.returncode == 0, started.stderr[-3000:]
-        code, exports = server_status(env)
-        assert code == 0 and exports["MLFLOW_TRACKING_USERNAME"] == "admin", exports
-        uri = exports["MLFLOW_TRACKING_URI"]
-        assert uri == f"http://127.0.0.1:{env['TRACKING_PORT']}" and f":{env['TRACKING_PG_PORT']}/optuna" in exports[
-            "OPTUNA_STORAGE"]
-        with pytest.raises(urllib.error.HTTPError) as anonymous:
-            urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
-        assert anonymous.value.code == 401
-        authed = subprocess.run([sys.executable, "-c", "import mlflow; print(mlflow.create_experiment('authed'))"],
-                                capture_output=True, text=True, timeout=120,
-                                env={**os.environ, **exports})
-        assert authed.returncode == 0, authed.stderr[-2000:]
-        pid = int((folder / "run" / "mlflow.pid").read_text())
-        again = run("start", "--auth")
-        assert again.returncode == 0 and int((folder / "run" / "mlflow.pid").read_text()) == pid  # idempotent
-        stopped = run("stop")
-        assert stopped.returncode == 0, stopped.stderr
-        assert server_status(env)[0] == 1
-        assert subprocess.run(["pgrep", "-g", str(pid)], capture_output=True).returncode == 1  # its group is gone
-        assert server_status()[0] == 0  # the CI server is untouched
-    finally:
-        run("stop")
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------- more than one node
 @pytest.mark.timeout(300)
 def test_two_node_ddp_through_torchrun(tmp_path: Path) -> None:
@@ -315,3 +270,43 @@ def test_two_node_ddp_through_torchrun(tmp_path: Path) -> None:
     assert run.info.status == "FINISHED"
     steps = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(run.info.run_id, "train/loss_step")
     assert sorted(m.step for m in steps) == list(range(256 // (2 * 32)))  # 2 ranks share the 256 images
+
+
+# ------------------------------------------------------------------------------------ basic auth
+def _script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=250)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(os.geteuid() != 0, reason="scripts/tracking-server.sh runs as root")
+def test_start_with_auth_puts_the_server_behind_basic_auth_and_start_switches_it_back(
+        server: dict[str, str]) -> None:
+    """`start --auth` restarts only mlflow (PostgreSQL and its data stay): anonymous requests get
+    401, the credentials `status` prints work, the runs logged before are still there; `start`
+    again is a no-op; `start` without --auth switches back. Runs last: the other tests need it open."""
+    client = MlflowClient(server["MLFLOW_TRACKING_URI"])
+    before = client.create_experiment(unique("cluster_auth"))
+    pg_pid = (Path(os.environ.get("TRACKING_DIR", "/tmp/tracking-server")) / "pgdata" / "postmaster.pid")
+    postmaster = pg_pid.read_text().split()[0]
+    try:
+        started = _script("start", "--auth")
+        assert started.returncode == 0, started.stderr[-3000:]
+        code, exports = server_status()
+        assert code == 0 and exports["MLFLOW_TRACKING_USERNAME"] == "admin" and exports["MLFLOW_TRACKING_PASSWORD"]
+        uri = exports["MLFLOW_TRACKING_URI"]
+        assert uri == server["MLFLOW_TRACKING_URI"] and exports["OPTUNA_STORAGE"] == server["OPTUNA_STORAGE"]
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+        assert anonymous.value.code == 401
+        authed = subprocess.run([sys.executable, "-c", f"import mlflow; print(mlflow.get_experiment({before!r}).name)"],
+                                capture_output=True, text=True, timeout=120, env={**os.environ, **exports})
+        assert authed.returncode == 0 and authed.stdout.startswith("cluster_auth_"), authed.stderr[-2000:]
+        assert pg_pid.read_text().split()[0] == postmaster  # PostgreSQL was not restarted
+        again = _script("start", "--auth")
+        assert again.returncode == 0 and "starting" not in again.stderr, again.stderr  # idempotent
+    finally:
+        reopened = _script("start")
+    assert reopened.returncode == 0 and "switching mlflow server to 'open'" in reopened.stderr, reopened.stderr
+    code, exports = server_status()
+    assert code == 0 and "MLFLOW_TRACKING_PASSWORD" not in exports
+    assert client.get_experiment(before).name.startswith("cluster_auth_")  # open again, the same store
