@@ -8,7 +8,9 @@ MLflow run and resume from their checkpoint, and so are runs that MLflow still s
 whose process or SLURM job is gone (killed hard); `--rerun` forces fresh runs.
 
 A run's folder is bound to its run key and MLflow run (harness/runstate.py): a folder that holds
-another configuration's state is moved aside (`<run>.before-<time>`) before its new run starts.
+another configuration's state is moved aside (`<run>.before-<time>`) before its new run starts;
+a queued or running job of that other configuration (the old students of a teacher whose
+settings changed) is cancelled first and its MLflow run marked KILLED (tag `superseded`).
 Runs left SCHEDULED by a launch that was killed before it submitted them are resubmitted; a
 launch killed hard is marked KILLED by the next one.
 
