@@ -959,7 +959,7 @@ def without_accounting(tmp: Path) -> dict[str, str]:
     shim.chmod(0o755)
     job_env = {"SBATCH_EXPORT": f"ALL,PATH={shim.parent}:{os.environ['PATH']}"}  # sbatch --export for every job
     probe = subprocess.run(["sbatch", "--wait", "--parsable", "-o", str(tmp / "probe.out"), "--wrap", "sacct"],
-                           env={**os.environ, **job_env}, capture_output=True, text=True, timeout=120)
+                           env={**os.environ, **job_env}, capture_output=True, text=True, timeout=300)
     assert probe.returncode != 0 and "accounting storage is disabled" in (tmp / "probe.out").read_text()
     return job_env
 
