@@ -18,7 +18,7 @@
 #   TRACKING_PORT       mlflow server port                          [5005]
 #   TRACKING_PG_HOST    address PostgreSQL listens on               [127.0.0.1]
 #   TRACKING_PG_PORT    PostgreSQL port                             [first free from 5433]
-#   TRACKING_WORKERS    mlflow server worker processes              [2]
+#   TRACKING_WORKERS    mlflow server worker processes              [1]
 #   TRACKING_PYTHON     python with mlflow + psycopg 3              [<repo>/.venv/bin/python]
 #   TRACKING_TIMEOUT    seconds to wait for each step               [90]
 set -euo pipefail
@@ -28,7 +28,7 @@ D="${TRACKING_DIR:-/tmp/tracking-server}"
 HOST="${TRACKING_HOST:-127.0.0.1}"
 PORT="${TRACKING_PORT:-5005}"
 PG_HOST="${TRACKING_PG_HOST:-127.0.0.1}"
-WORKERS="${TRACKING_WORKERS:-2}"
+WORKERS="${TRACKING_WORKERS:-1}"
 PY="${TRACKING_PYTHON:-$REPO/.venv/bin/python}"
 TIMEOUT="${TRACKING_TIMEOUT:-90}"
 ROLE=harness
