@@ -405,7 +405,8 @@ class Launch:
             if parent is not None and parent.info.status == "RUNNING" and signal_local(
                     parent.data.tags.get("launcher_pid", ""), parent.data.tags.get("launcher_host")):
                 parent.info._status = "KILLED"  # it would go on submitting the old runs' next stages
-            how = f"job {job} cancelled" if run in waiting else "no live job"
+            how = (f"job {job} cancelled" if run in waiting else
+                   f"job {job} not stopped (not on this machine)" if alive else "no live job")
             reason = (f"superseded: the configuration changed (run key {tags.get('run_key')} -> {new_key}); "
                       f"{how} by launch {self.parent_id}")
             self.client.set_tag(run.info.run_id, "superseded", reason)
