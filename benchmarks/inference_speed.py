@@ -2,7 +2,10 @@
 
 `--family deit` (default): DeiT-S against DynamicViT-S at keep ratios 0.9 / 0.8 / 0.7;
 `--family swin`: Swin-T against DynamicSwin-T, `--family convnext`: ConvNeXt-T against DynamicCNN-T,
-both at 0.9 / 0.7 (the T-PAMI zoo's ratios; only their third stage is sparsified).
+both at 0.9 / 0.7 (the T-PAMI zoo's ratios; only their third stage is sparsified);
+`--family lvvit`: LV-ViT-S against DynamicViT-LV-ViT-S at 0.7 / 0.5 (the zoo's ratios). timm has
+no LV-ViT: the dense model is the registered LV-ViT-S with `variant="dense"` (the official
+LV-ViT-S, whose TokenLabeling weights load into it).
 
 All models are measured side by side in one process, interleaved batch by batch: a round times
 one batch of every model (the order reverses every other round), so that drift or another
@@ -15,7 +18,7 @@ Before a round (at most every `--gate-every` seconds) the script waits up to `--
 seconds until no other process is runnable, and reports how long it waited.
 
     python benchmarks/inference_speed.py [--batch-sizes 32 1] [--rounds 30 200]
-                                         [--device cpu|cuda] [--bf16] [--family deit|swin|convnext]
+                                         [--device cpu|cuda] [--bf16] [--family deit|swin|convnext|lvvit]
 """
 from __future__ import annotations
 
@@ -36,13 +39,16 @@ import models  # noqa: E402,F401  (registers the DynamicViT family)
 from harness.measure import count_gflops, input_shape  # noqa: E402
 
 RATIOS = (0.9, 0.8, 0.7)
-# family -> (dense label, timm dense name, dynamic label, registered dynamic name, default keep ratios)
+# family -> (dense label, dense model name, dynamic label, registered dynamic name, default keep ratios)
 FAMILIES = {
     "deit": ("DeiT-S (timm, dense)", "deit_small_patch16_224", "DynamicViT-S", "dynamicvit_deit_small_patch16_224", RATIOS),
     "swin": ("Swin-T (timm, dense)", "swin_tiny_patch4_window7_224", "DynamicSwin-T",
              "dynamicswin_tiny_patch4_window7_224", (0.9, 0.7)),
     "convnext": ("ConvNeXt-T (timm, dense)", "convnext_tiny", "DynamicCNN-T", "dynamicconvnext_tiny", (0.9, 0.7)),
+    "lvvit": ("LV-ViT-S (dense)", "dynamicvit_lvvit_small_patch16_224", "DynamicViT-LV-ViT-S",
+              "dynamicvit_lvvit_small_patch16_224", (0.7, 0.5)),
 }
+DENSE_KWARGS = {"lvvit": {"variant": "dense"}}  # a family without a timm dense model: ours, dense
 
 
 def machine(device: str) -> str:
@@ -173,9 +179,10 @@ def main() -> None:
                         help="interleaved rounds, one batch per model each (one value, or one per batch size)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches per model first")
     parser.add_argument("--family", choices=list(FAMILIES), default="deit",
-                        help="deit: DeiT-S vs DynamicViT-S; swin: Swin-T vs DynamicSwin-T; convnext: ConvNeXt-T vs DynamicCNN-T")
+                        help="deit: DeiT-S vs DynamicViT-S; swin: Swin-T vs DynamicSwin-T; convnext: ConvNeXt-T "
+                             "vs DynamicCNN-T; lvvit: LV-ViT-S vs DynamicViT-LV-ViT-S")
     parser.add_argument("--ratios", type=float, nargs="+", default=None,
-                        help="keep ratios (default: 0.9 0.8 0.7 for deit, 0.9 0.7 for swin and convnext)")
+                        help="keep ratios (default: 0.9 0.8 0.7 for deit, 0.9 0.7 for swin and convnext, 0.7 0.5 for lvvit)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--idle-wait", type=float, default=60.0,
                         help="wait up to this many seconds for other processes to leave the CPU "
@@ -192,7 +199,7 @@ def main() -> None:
     if args.breakdown and args.family != "deit":
         raise SystemExit(f"--breakdown: times the DeiT family's blocks by token count, got --family {args.family}")
 
-    candidates = {dense_label: timm.create_model(dense_model)}
+    candidates = {dense_label: timm.create_model(dense_model, **DENSE_KWARGS.get(args.family, {}))}
     for ratio in args.ratios or default_ratios:
         candidates[f"{label}/{ratio}"] = timm.create_model(dynamic_model, keep_ratio=ratio)
     shape = input_shape(list(candidates.values())[-1])  # timm's ConvNeXt has no patch_embed to ask
