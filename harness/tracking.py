@@ -149,15 +149,20 @@ def ui_base(uri: str) -> str:
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
 
 
+# MLflow 3's UI opens an experiment in its GenAI mode (traces, "Training runs" under GenAI) whatever the
+# experiment's kind tag says; this query parameter selects its "Model training" mode, where runs live.
+_TRAINING_MODE = "workflowType=machine_learning"
+
+
 def runs_table_url(uri: str, experiment_id: str) -> str:
-    """The UI page of an experiment's runs table."""
-    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs"
+    """The UI page of an experiment's runs table, in the UI's model-training mode."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?{_TRAINING_MODE}"
 
 
 def compare_url(uri: str, experiment_id: str, run_ids: list[str]) -> str:
     """The UI's compare view of `run_ids` (its route takes JSON lists)."""
     runs, experiments = quote(json.dumps(run_ids)), quote(json.dumps([experiment_id]))
-    return f"{ui_base(uri)}/#/compare-runs?runs={runs}&experiments={experiments}"
+    return f"{ui_base(uri)}/#/compare-runs?runs={runs}&experiments={experiments}&{_TRAINING_MODE}"
 
 
 def _clip(value: Any, limit: int) -> str:

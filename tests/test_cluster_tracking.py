@@ -131,7 +131,7 @@ def test_a_slurm_launch_logs_every_run_to_the_postgres_backed_server(tmp_path: P
 @pytest.mark.timeout(600)
 def test_search_with_three_slurm_workers_survives_a_frozen_worker(tmp_path: Path, server: dict[str, str]) -> None:
     """A worker is frozen (SIGSTOP) mid-trial: its heartbeat stops, the trial is failed and retried
-    (RetryFailedTrialCallback), the frozen job is then killed, and the budget is still met."""
+    (RetryHeartbeatStaleTrialCallback), the frozen job is then killed, and the budget is still met."""
     name = unique("cluster_search")
     storage = server["OPTUNA_STORAGE"]
     spec = spec_with(trials=4, workers=3, objectives=["val/acc1"], pruner={"name": "none"},

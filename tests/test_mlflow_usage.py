@@ -64,14 +64,16 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_training_experiment_and_the_printed_ui_pages(launched: dict[str, Any]) -> None:
     experiment, runs = launched["experiment"], launched["runs"]
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs table
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     lines = launched["stdout"].splitlines()
-    assert f"runs table: http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs" in lines
+    # the UI's model-training mode: MLflow 3.17's UI opens its GenAI mode unless asked (tests/test_ui.py sees it)
+    assert (f"runs table: http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+            "?workflowType=machine_learning") in lines
     (compare,) = [line for line in lines if line.startswith("compare the runs of this launch: ")]
     query = unquote(compare.split("#/compare-runs?", 1)[1])
     listed = json.loads(query.split("runs=", 1)[1].split("&experiments=", 1)[0])
     assert sorted(listed) == sorted(r.info.run_id for r in runs) and len(listed) == 2
-    assert query.endswith(f"&experiments={json.dumps([experiment.experiment_id])}")
+    assert query.endswith(f"&experiments={json.dumps([experiment.experiment_id])}&workflowType=machine_learning")
 
 
 def test_source_tags_queue_time_and_dataset_inputs(launched: dict[str, Any]) -> None:

@@ -167,6 +167,8 @@ def test_runs_table_lists_the_launch_with_its_child_runs(launched: Launched, pag
     assert children == ["students/dynamic", "students/static", "teacher/teacher"]
     # The page the launch printed (for a SQLite store, on `mlflow ui`'s default address: here, our server's).
     page.goto(launched.printed_url("runs table"))
+    # the UI's model-training mode ("Runs"), not its GenAI mode, where the same table is "Training runs"
+    expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible()
     parent_row = page.get_by_role("row").filter(has=page.get_by_role("link", name=parent.info.run_name, exact=True))
     expect(parent_row).to_be_visible()
     child_links = [page.get_by_role("link", name=name, exact=True) for name in children]

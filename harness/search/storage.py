@@ -50,7 +50,7 @@ class StorageChoice:
 
     def open(self) -> "optuna.storages.BaseStorage":
         import optuna
-        from optuna.storages import RetryFailedTrialCallback
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
         from optuna.storages.journal import JournalFileBackend
 
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -66,7 +66,7 @@ class StorageChoice:
         # new WAITING trial with the same parameters that the next free worker takes
         return optuna.storages.RDBStorage(self.location, engine_kwargs=engine,
                                           heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period,
-                                          failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+                                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
 
     @property
     def recorded(self) -> str:
