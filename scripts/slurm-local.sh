@@ -30,26 +30,9 @@ DB="$D/mariadb"       # MariaDB data directory
 DB_SOCK="$RUN/mariadbd.sock"
 MUNGE_DIR="$D/munge"  # owned by munge: munged's pid + log file
 
-log() { printf 'slurm-local: %s\n' "$*" >&2; }
-die() {
-  log "ERROR: $1"
-  if [[ -n "${2:-}" ]]; then
-    log "read the log: $2"
-    [[ -r "$2" ]] && tail -n 15 "$2" | sed 's/^/    | /' >&2
-  fi
-  exit 1
-}
-
-# wait_for SECONDS DESCRIPTION LOGFILE CMD...: poll CMD every 0.1 s.
-wait_for() {
-  local secs="$1" what="$2" logf="$3"
-  shift 3
-  local deadline=$((SECONDS + secs))
-  until "$@" >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || die "timed out after ${secs}s waiting for $what" "$logf"
-    sleep 0.1
-  done
-}
+LIB_NAME=slurm-local
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"  # log, die, wait_for, install_packages
 
 # ---------------------------------------------------------------- pid files
 # pid_of NAME: prints the pid of our daemon NAME if its pid file names a live
@@ -82,21 +65,6 @@ spawn() {
   # 9>&-: the daemon must not inherit (and so keep holding) our flock on $D/.lock
   setsid "$@" </dev/null >>"$LOG/$name.out" 2>&1 9>&- &
   echo $! >"$RUN/$name.pid"
-}
-
-# ---------------------------------------------------------------- install
-install_packages() {
-  local missing=() p
-  for p in "${PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-  done
-  ((${#missing[@]} == 0)) && return 0
-  log "installing ${missing[*]} (apt log: $LOG/apt.log)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >>"$LOG/apt.log" 2>&1 || die "apt-get update failed" "$LOG/apt.log"
-  apt-get install -y -qq --no-install-recommends \
-    slurmctld slurmd slurm-client munge slurmdbd mariadb-server \
-    >>"$LOG/apt.log" 2>&1 || die "apt-get install failed" "$LOG/apt.log"
 }
 
 # ---------------------------------------------------------------- hostname

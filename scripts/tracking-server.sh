@@ -21,6 +21,8 @@
 #   TRACKING_WORKERS    mlflow server worker processes              [1]
 #   TRACKING_PYTHON     python with mlflow + psycopg 3              [<repo>/.venv/bin/python]
 #   TRACKING_TIMEOUT    seconds to wait for each step               [90]
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  MLflow's GenAI job runner (8 huey processes;
+#                       the harness does not use it)                [false]
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -31,6 +33,7 @@ PG_HOST="${TRACKING_PG_HOST:-127.0.0.1}"
 WORKERS="${TRACKING_WORKERS:-1}"
 PY="${TRACKING_PYTHON:-$REPO/.venv/bin/python}"
 TIMEOUT="${TRACKING_TIMEOUT:-90}"
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 ROLE=harness
 PACKAGES=(postgresql postgresql-client)
 
@@ -39,43 +42,13 @@ LOG="$D/log"
 PGDATA="$D/pgdata"
 ARTIFACTS="$D/artifacts"
 
-log() { printf 'tracking-server: %s\n' "$*" >&2; }
-die() {
-  log "ERROR: $1"
-  if [[ -n "${2:-}" ]]; then
-    log "read the log: $2"
-    [[ -r "$2" ]] && tail -n 15 "$2" | sed 's/^/    | /' >&2
-  fi
-  exit 1
-}
-
-# wait_for SECONDS DESCRIPTION LOGFILE CMD...: poll CMD every 0.2 s.
-wait_for() {
-  local secs="$1" what="$2" logf="$3"
-  shift 3
-  local deadline=$((SECONDS + secs))
-  until "$@" >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || die "timed out after ${secs}s waiting for $what" "$logf"
-    sleep 0.2
-  done
-}
+LIB_NAME=tracking-server
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"  # log, die, wait_for, install_packages
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # ---------------------------------------------------------------- install
-install_packages() {
-  local missing=() p
-  for p in "${PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-  done
-  ((${#missing[@]} == 0)) && return 0
-  log "installing ${missing[*]} (apt log: $LOG/apt.log)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >>"$LOG/apt.log" 2>&1 || die "apt-get update failed" "$LOG/apt.log"
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >>"$LOG/apt.log" 2>&1 \
-    || die "apt-get install failed" "$LOG/apt.log"
-}
-
 pg_bin() {
   local dir
   dir="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)"
