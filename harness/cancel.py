@@ -77,7 +77,47 @@ def cancel(experiment: str, scale: str, uri: str) -> list[str]:
                      f"{run.info.run_id} KILLED")
     for launch in launches:
         client.set_terminated(launch.info.run_id, "KILLED")
+    if runs and not wait_until_gone(slurm_ids, [r.data.tags.get("job_id", "") for r in runs]):
+        print(f"warning: some jobs had not stopped after {GONE_TIMEOUT_S} s; their runs are marked KILLED "
+              "as of now", file=sys.stderr)
+    for run in runs:  # a job that was still starting when cancelled may have marked its run RUNNING since
+        if client.get_run(run.info.run_id).info.status in ("SCHEDULED", "RUNNING"):
+            client.set_terminated(run.info.run_id, "KILLED")
     return lines
+
+
+GONE_TIMEOUT_S = 90  # past SLURM's default KillWait (30 s), after which a cancelled job is SIGKILLed
+
+
+def wait_until_gone(slurm_ids: list[str], local_ids: list[str], timeout_s: float = GONE_TIMEOUT_S) -> bool:
+    """Wait until the cancelled SLURM jobs have left the queue and the local job processes have ended.
+
+    Why: a job cancelled while it starts (submitit ignores TERM until the engine's handler is set)
+    can still mark its run RUNNING; once it is gone, nothing changes the run's status any more.
+    """
+    arrays = sorted({j.split("_")[0] for j in slurm_ids})
+    pids = [int(j.split("_")[0]) for j in local_ids if j.split("_")[0].isdigit() and int(j.split("_")[0]) != os.getpid()]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        queued = False
+        if arrays and shutil.which("squeue"):
+            try:
+                out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(arrays)], capture_output=True,
+                                     text=True, timeout=30)
+                queued = bool(out.stdout.strip()) and out.returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                queued = False
+        alive = False
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive = True
+            except (ProcessLookupError, PermissionError):
+                pass
+        if not queued and not alive:
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -95,6 +95,26 @@ def mark_requeued(cfg: RunConfig) -> None:
         print(f"could not mark MLflow run {cfg.tracking.run_id} SCHEDULED for its requeue: {err}", file=sys.stderr)
 
 
+def cancelled_before_start(cfg: RunConfig) -> bool:
+    """Whether `harness.cancel` ended this run (KILLED, tag `cancelled`) after this job was submitted.
+
+    Why: SLURM's TERM for a job still starting reaches submitit, which ignores it, before the engine
+    listens; such a job would otherwise train on until SLURM's KillWait. A relaunch makes the run
+    SCHEDULED again before it submits, so a resumed run starts as usual.
+    """
+    if not cfg.tracking.run_id:
+        return False
+    try:
+        from mlflow import MlflowClient
+
+        from harness.tracking import resolve_tracking_uri
+
+        run = MlflowClient(resolve_tracking_uri(cfg.tracking)).get_run(cfg.tracking.run_id)
+    except Exception:  # the engine reports an unreachable store itself
+        return False
+    return run.info.status == "KILLED" and "cancelled" in run.data.tags
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """`TrainJob()(config_dict)` trains one run through the engine and returns its final metrics."""
 
@@ -108,6 +128,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         if threads:  # the cores this job was given, not every core of the node
             torch.set_num_threads(int(threads))
         cfg = RunConfig.model_validate(config)
+        if cancelled_before_start(cfg):
+            raise RuntimeError(f"MLflow run {cfg.tracking.run_id} was cancelled (harness.cancel) before this job "
+                               "started; not training (the next launch resumes it)")
         try:
             return run(cfg)
         except Preempted as stop:
