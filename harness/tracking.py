@@ -489,16 +489,20 @@ class RunTracker:
         try:  # refused (e.g. the run was deleted meanwhile): one more try, then report and keep them
             self._send(points)
         except Exception as exc:
+            self._restart_sender()  # the points stay buffered: the new sender tries them again
             raise RuntimeError(f"MLflow logging failed for run {self._run_id}: "
                                f"{len(points)} metric points unsent") from exc
-        finally:
-            with self._cond:
-                self._error = None
-            self._thread = threading.Thread(target=self._worker, name=f"mlflow-{self._run_id[:8]}", daemon=True)
-            self._thread.start()
-        with self._cond:
+        with self._cond:  # sent: out of the buffer before a new sender could take them again
             for _ in points:
                 self._buffer.popleft()
+        self._restart_sender()
+
+    def _restart_sender(self) -> None:
+        """A new background sender after the last one stopped on an error."""
+        with self._cond:
+            self._error = None
+        self._thread = threading.Thread(target=self._worker, name=f"mlflow-{self._run_id[:8]}", daemon=True)
+        self._thread.start()
 
     def spill(self, path: PathLike) -> int:
         """Write the points MLflow has not got to `path` (JSON lines) for `resend()`; how many.

@@ -29,10 +29,10 @@ from mlflow.entities import Run
 from tests.servers import free_port, mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS, STEPS = 2, 4  # 128 digits in batches of 32: 4 optimiser steps per epoch, each logged
+EPOCHS, STEPS = 2, 8  # 256 digits in batches of 32: 8 optimiser steps per epoch, each logged
 TINY: dict[str, Any] = {
     "model": {"name": "dynamicvit_tiny_patch8_64", "variant": "dense"},
-    "data": {"name": "cluttered_mnist", "train_digits": 128, "val_digits": 32, "val_placements": 1},
+    "data": {"name": "cluttered_mnist", "train_digits": 256, "val_digits": 32, "val_placements": 1},
     "aug": {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0},
     "optim": {"warmup_epochs": 0, "backbone_lr_scale": 1.0, "backbone_freeze_epochs": 0, "freeze": [],
               "lr_base_batch": 32, "log_every": 1},
@@ -74,6 +74,16 @@ def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+def pause(proc: subprocess.Popen[str], tmp: Path) -> None:
+    """Freeze the job before it ends an epoch, so that the outage starting next falls inside its training.
+
+    On an idle machine the tiny job trains its two epochs in about a second: begun without this, an
+    outage can start after the job has logged everything (nothing then fails, and nothing is tested).
+    """
+    os.kill(proc.pid, signal.SIGSTOP)
+    assert not (tmp / "run" / "checkpoint.pth").exists(), "the job ended an epoch before it could be paused"
+
+
 def hold_outage(tmp: Path, seconds: float = 4) -> None:
     """Wait at least `seconds`, and until an epoch has ended meanwhile (training went on)."""
     checkpoint = tmp / "run" / "checkpoint.pth"
@@ -100,7 +110,9 @@ def test_short_outage_is_waited_out_and_every_point_arrives(tmp_path: Path) -> N
     with mlflow_server(tmp_path / "server") as server:
         proc = start_train(write_config(tmp_path, server.uri, outage_limit_s=120))
         run = wait_for_training(server.uri, proc)
+        pause(proc, tmp_path)
         os.killpg(server.pid, signal.SIGSTOP)
+        os.kill(proc.pid, signal.SIGCONT)
         try:
             hold_outage(tmp_path)
         finally:
@@ -128,8 +140,10 @@ def test_database_outage_is_waited_out(tmp_path: Path) -> None:
         uri = f"http://127.0.0.1:{env['TRACKING_PORT']}"
         proc = start_train(write_config(tmp_path, uri, outage_limit_s=120))
         run = wait_for_training(uri, proc)
+        pause(proc, tmp_path)
         stop = subprocess.run(["runuser", "-u", "postgres", "--", str(PG_CTL[-1]), "-D", str(folder / "pgdata"),
                                "-m", "fast", "-w", "stop"], capture_output=True, text=True, timeout=60)
+        os.kill(proc.pid, signal.SIGCONT)
         assert stop.returncode == 0, stop.stderr
         hold_outage(tmp_path)
         restarted = script("start")  # brings PostgreSQL back; the MLflow server kept running
