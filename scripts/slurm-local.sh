@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # slurm-local.sh start|stop|status
 #
-# A single-node SLURM cluster (Debian's slurm 22.05 packages) with munge and
+# A SLURM cluster on this one host (Debian's slurm 22.05 packages) with munge and
 # slurmdbd/MariaDB accounting, started by hand (no systemd), for tests and CI.
+# Two nodes, two slurmd daemons (Debian builds slurmd with MULTIPLE_SLURMD):
+# node 1 (named after this host) is the default partition `debug`, where every
+# job without -p lands; the partition `multi` holds node 1 and node 2 (`<host>-2`,
+# its slurmd on its own port) for multi-node jobs (sbatch -p multi -N 2).
 # Must run as root. All state, logs and pid files live under SLURM_LOCAL_DIR
 # (default /tmp/slurm-local); the config is written to /etc/slurm/.
 #
@@ -12,12 +16,14 @@
 #   SLURM_LOCAL_DB_PORT     MariaDB TCP port (127.0.0.1)    [first free from 3307]
 #   SLURM_LOCAL_TIMEOUT     seconds to wait for each step   [60]
 #   SLURM_LOCAL_MAX_ARRAY   MaxArraySize                    [100001]
+#   SLURM_LOCAL_NODE2_PORT  the second slurmd's port        [6820]
 set -euo pipefail
 
 D="${SLURM_LOCAL_DIR:-/tmp/slurm-local}"
 CLUSTER="${SLURM_LOCAL_CLUSTER:-localcluster}"
 TIMEOUT="${SLURM_LOCAL_TIMEOUT:-60}"
 MAX_ARRAY="${SLURM_LOCAL_MAX_ARRAY:-100001}"
+NODE2_PORT="${SLURM_LOCAL_NODE2_PORT:-6820}"
 CONF_DIR=/etc/slurm
 SLURM_CONF_FILE="$CONF_DIR/slurm.conf"
 DBD_CONF_FILE="$CONF_DIR/slurmdbd.conf"
@@ -30,23 +36,34 @@ DB="$D/mariadb"       # MariaDB data directory
 DB_SOCK="$RUN/mariadbd.sock"
 MUNGE_DIR="$D/munge"  # owned by munge: munged's pid + log file
 
+# The two nodes: both run here (NodeAddr 127.0.0.1), each its own `slurmd -N NAME`.
+HOST="$(hostname -s)"
+NODE1="$HOST"
+NODE2="$HOST-2"
+NODES=("$NODE1" "$NODE2")
+MULTI=multi # the partition of both nodes (jobs ask for it: -p multi)
+
 LIB_NAME=slurm-local
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"  # log, die, wait_for, install_packages
 
 # ---------------------------------------------------------------- pid files
 # pid_of NAME: prints the pid of our daemon NAME if its pid file names a live
-# process whose /proc/PID/comm is NAME; returns 1 otherwise.
+# process whose /proc/PID/comm is NAME's program; returns 1 otherwise. The
+# slurmds are named slurmd-NODE (pid file run/slurmd-NODE.pid, which slurmd
+# itself writes too: SlurmdPidFile=run/slurmd-%n.pid); a bare `slurmd` is the
+# single slurmd of an earlier version of this script, stopped on start/stop.
 pid_file() {
   if [[ "$1" == munged ]]; then echo "$MUNGE_DIR/munged.pid"; else echo "$RUN/$1.pid"; fi
 }
+program_of() { if [[ "$1" == slurmd-* ]]; then echo slurmd; else echo "$1"; fi; }
 pid_of() {
   local f pid
   f="$(pid_file "$1")"
   [[ -r "$f" ]] || return 1
   pid="$(tr -dc '0-9' <"$f" 2>/dev/null)" || return 1
   [[ -n "$pid" ]] || return 1
-  alive "$pid" "$1" || return 1
+  alive "$pid" "$(program_of "$1")" || return 1
   echo "$pid"
 }
 # alive PID NAME: PID is a live (not zombie) process whose comm is NAME. Zombies
@@ -69,7 +86,6 @@ spawn() {
 
 # ---------------------------------------------------------------- hostname
 ensure_hostname() {
-  HOST="$(hostname -s)"
   if ! getent hosts "$HOST" >/dev/null 2>&1; then
     log "adding '127.0.0.1 $HOST' to /etc/hosts"
     printf '127.0.0.1 %s\n' "$HOST" >>/etc/hosts
@@ -174,10 +190,12 @@ write_if_changed() {
   return 0
 }
 
-node_line() {
-  # "NodeName=vm CPUs=2 Boards=1 ... RealMemory=23995" with RealMemory -5%.
+node_hardware() {
+  # "CPUs=2 Boards=1 ... RealMemory=23995" (slurmd -C without its NodeName) with RealMemory -5%.
+  # Both nodes declare this host's hardware: each slurmd reports it when it registers.
   local line mem
   line="$(slurmd -C 2>/dev/null | grep -m1 '^NodeName=')" || die "slurmd -C failed"
+  line="${line#NodeName=* }"
   mem="$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$line")"
   [[ -n "$mem" ]] || mem=1000
   mem=$((mem * 95 / 100))
@@ -187,8 +205,8 @@ node_line() {
 
 write_configs() {
   install -d -m 0755 "$CONF_DIR"
-  local node
-  node="$(node_line)"
+  local hw
+  hw="$(node_hardware)"
   CONF_CHANGED=0
   write_if_changed "$SLURM_CONF_FILE" 0644 <<EOF && CONF_CHANGED=1 || true
 $MARKER
@@ -200,11 +218,11 @@ AuthType=auth/munge
 AuthInfo=cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$D/state/slurmctld
-SlurmdSpoolDir=$D/state/slurmd
+SlurmdSpoolDir=$D/state/slurmd-%n
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$RUN/slurmd-%n.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -222,8 +240,10 @@ InactiveLimit=0
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 JobCompType=jobcomp/none
-$node NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+NodeName=$NODE1 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=6818 $hw State=UNKNOWN
+NodeName=$NODE2 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$NODE2_PORT $hw State=UNKNOWN
+PartitionName=debug Nodes=$NODE1 Default=YES MaxTime=INFINITE State=UP
+PartitionName=$MULTI Nodes=$NODE1,$NODE2 MaxTime=INFINITE State=UP
 EOF
   write_if_changed "$DBD_CONF_FILE" 0600 <<EOF || true
 $MARKER
@@ -249,8 +269,14 @@ cluster_known() {
 }
 dbd_answers() { timeout 5 sacctmgr -n -P show cluster format=Cluster; }
 ctld_answers() { timeout 5 scontrol ping 2>/dev/null | grep -q 'is UP'; }
-node_state() { timeout 5 sinfo -h -N -o '%t' 2>/dev/null | head -n1; }
-node_usable() { [[ "$(node_state)" =~ ^(idle|mix|alloc|comp)$ ]]; }
+# nodes_usable: both nodes idle (a fresh cluster) or mix/alloc/comp (jobs from before a restart).
+nodes_usable() {
+  local states n
+  states="$(timeout 5 sinfo -h -N -o '%N %t' 2>/dev/null)" || return 1
+  for n in "${NODES[@]}"; do
+    awk -v n="$n" '$1 == n && $2 ~ /^(idle|mix|alloc|comp)$/ {ok = 1} END {exit !ok}' <<<"$states" || return 1
+  done
+}
 
 start_slurm() {
   if ! is_up slurmdbd; then
@@ -263,33 +289,48 @@ start_slurm() {
     timeout 20 sacctmgr -i add cluster "$CLUSTER" >>"$LOG/sacctmgr.log" 2>&1 \
       || die "sacctmgr add cluster failed" "$LOG/slurmdbd.log"
   fi
+  local n
+  if is_up slurmd; then # the single slurmd of an earlier version of this script
+    stop_daemon slurmd
+  fi
+  if ((CONF_CHANGED)) && is_up slurmctld; then
+    # a restart, not `scontrol reconfigure`: SLURM 22.05 adds or removes nodes only on a restart
+    # (jobs keep running: their slurmstepds do not depend on the daemons)
+    log "slurm.conf changed: restarting slurmctld and the slurmds"
+    for n in "${NODES[@]}"; do stop_daemon "slurmd-$n"; done
+    stop_daemon slurmctld
+  fi
   if ! is_up slurmctld; then
     log "starting slurmctld"
     spawn slurmctld /usr/sbin/slurmctld -D
-  elif ((CONF_CHANGED)); then
-    log "slurm.conf changed: scontrol reconfigure"
-    timeout 20 scontrol reconfigure || true
   fi
   wait_for "$TIMEOUT" slurmctld "$LOG/slurmctld.log" ctld_answers
-  if ! is_up slurmd; then
-    log "starting slurmd"
-    spawn slurmd /usr/sbin/slurmd -D
-  fi
-  # idle on a fresh cluster; mix/alloc if jobs from before a restart are still running
-  wait_for "$TIMEOUT" "node $HOST to be idle (sinfo)" "$LOG/slurmd.log" node_usable
+  for n in "${NODES[@]}"; do
+    if ! is_up "slurmd-$n"; then
+      log "starting slurmd -N $n"
+      mkdir -p "$D/state/slurmd-$n"
+      spawn "slurmd-$n" /usr/sbin/slurmd -D -N "$n"
+    fi
+  done
+  wait_for "$TIMEOUT" "nodes ${NODES[*]} to be idle (sinfo -N)" "$LOG/slurmd-$NODE2.log" nodes_usable
 }
 
 smoke_test() {
-  log "smoke test: sbatch --wait --wrap true"
+  log "smoke test: sbatch --wait --wrap true; sbatch -p $MULTI -N 2 --wait --wrap 'srun true'"
   timeout "$TIMEOUT" sbatch --quiet --wait -o /dev/null -J slurm-local-smoke --wrap true \
     >>"$LOG/smoke.log" 2>&1 || {
     cat "$LOG/smoke.log" >&2 || true
-    die "sbatch --wait --wrap true failed" "$LOG/slurmctld.log (and $LOG/slurmd.log)"
+    die "sbatch --wait --wrap true failed" "$LOG/slurmctld.log (and $LOG/slurmd-$NODE1.log)"
+  }
+  timeout "$TIMEOUT" sbatch --quiet --wait -o /dev/null -J slurm-local-smoke -p "$MULTI" -N 2 --wrap 'srun true' \
+    >>"$LOG/smoke.log" 2>&1 || {
+    cat "$LOG/smoke.log" >&2 || true
+    die "a 2-node job (sbatch -p $MULTI -N 2) failed" "$LOG/slurmctld.log (and $LOG/slurmd-$NODE2.log)"
   }
 }
 
 # ---------------------------------------------------------------- commands
-DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd) # start order
+DAEMONS=(munged mariadbd slurmdbd slurmctld "slurmd-$NODE1" "slurmd-$NODE2") # start order
 
 all_up() {
   local n
@@ -300,12 +341,12 @@ all_up() {
 
 cmd_start() {
   [[ $EUID -eq 0 ]] || die "must run as root"
-  mkdir -p "$D" "$RUN" "$LOG" "$D/state/slurmctld" "$D/state/slurmd"
+  mkdir -p "$D" "$RUN" "$LOG" "$D/state/slurmctld"
   chmod 0755 "$D"
   exec 9>"$D/.lock"
   flock -w 300 9 || die "another slurm-local.sh holds $D/.lock"
 
-  if command -v sinfo >/dev/null 2>&1 && all_up && ctld_answers && node_usable; then
+  if command -v sinfo >/dev/null 2>&1 && all_up && ctld_answers && nodes_usable; then
     log "already running (state in $D)"
     return 0
   fi
@@ -318,12 +359,14 @@ cmd_start() {
   write_configs
   start_slurm
   smoke_test
-  log "cluster '$CLUSTER' up in $((SECONDS - t0))s (partition debug, node $HOST; logs in $LOG)"
+  log "cluster '$CLUSTER' up in $((SECONDS - t0))s (partition debug: node $NODE1; partition $MULTI:" \
+    "nodes $NODE1,$NODE2; logs in $LOG)"
 }
 
 # stop_daemon NAME: TERM it (if it is ours and alive), wait, KILL after 30 s.
 stop_daemon() {
-  local name="$1" pid i
+  local name="$1" prog pid i
+  prog="$(program_of "$name")"
   pid="$(pid_of "$name")" || {
     rm -f "$(pid_file "$name")"
     return 0
@@ -331,10 +374,10 @@ stop_daemon() {
   log "stopping $name (pid $pid)"
   kill -TERM "$pid" 2>/dev/null || true
   for ((i = 0; i < 300; i++)); do
-    alive "$pid" "$name" || break
+    alive "$pid" "$prog" || break
     sleep 0.1
   done
-  if alive "$pid" "$name"; then
+  if alive "$pid" "$prog"; then
     log "$name did not exit in 30 s: SIGKILL"
     kill -KILL "$pid" 2>/dev/null || true
     sleep 0.2
@@ -351,7 +394,7 @@ cmd_stop() {
   exec 9>"$D/.lock"
   flock -w 300 9 || die "another slurm-local.sh holds $D/.lock"
   local any=0 n
-  for n in "${DAEMONS[@]}"; do is_up "$n" && any=1; done
+  for n in "${DAEMONS[@]}" slurmd; do is_up "$n" && any=1; done
   if ((any == 0)); then
     log "not running"
     return 0
@@ -371,7 +414,7 @@ cmd_stop() {
       done
     fi
   fi
-  for n in slurmd slurmctld slurmdbd mariadbd munged; do stop_daemon "$n"; done
+  for n in "slurmd-$NODE2" "slurmd-$NODE1" slurmd slurmctld slurmdbd mariadbd munged; do stop_daemon "$n"; done
   log "stopped"
 }
 
@@ -379,17 +422,17 @@ cmd_status() {
   local n pid ok=0
   for n in "${DAEMONS[@]}"; do
     if pid="$(pid_of "$n")"; then
-      printf '%-10s up (pid %s)\n' "$n" "$pid"
+      printf '%-14s up (pid %s)\n' "$n" "$pid"
     elif [[ "$n" == munged ]] && command -v munge >/dev/null 2>&1 && munge_works; then
-      printf '%-10s up (not started by this script)\n' "$n"
+      printf '%-14s up (not started by this script)\n' "$n"
     else
-      printf '%-10s down\n' "$n"
+      printf '%-14s down\n' "$n"
       ok=1
     fi
   done
   if command -v sinfo >/dev/null 2>&1; then
     timeout 10 sinfo 2>&1 || ok=1
-    node_usable || ok=1
+    nodes_usable || ok=1
   else
     echo "sinfo: not installed"
     ok=1

@@ -1,6 +1,8 @@
 """Cluster-grade tracking (issue 15 items 1, 2, 6): the PostgreSQL-backed `mlflow server` and Optuna
 storage of scripts/tracking-server.sh, used by real SLURM jobs, by a 3-worker search whose worker
-freezes mid-trial, and by 16 concurrent writers; a 2-node DDP run; the script's basic-auth mode (last: it restarts the server's mlflow).
+freezes mid-trial, and by 16 concurrent writers; a 2-node DDP job through SLURM (partition `multi` of
+scripts/slurm-local.sh: two slurmd daemons on this host); the script's basic-auth mode (last: it restarts
+the server's mlflow).
 
 The server is the one `.ci/run` starts (`bash scripts/tracking-server.sh start`); the tests skip
 when it is not running, as the SLURM tests skip without a cluster. Each test writes to its own
@@ -26,7 +28,6 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from tests.servers import free_port
 from tests.test_launch import needs_slurm
 from tests.test_search import spec_with
 
@@ -252,26 +253,90 @@ def test_sixteen_concurrent_writers_lose_nothing(server: dict[str, str]) -> None
 
 
 # ---------------------------------------------------------------------------- more than one node
+def _ddp_rank(config: dict[str, Any]) -> dict[str, Any]:
+    """One task of the 2-node job: `harness.job.TrainJob`, what `harness.launch` submits, trains through the
+    engine (harness.distributed joins the process group from submitit's environment); returns what the
+    test checks of this rank. Sent to the job by value: nothing here refers to this module."""
+    import hashlib
+    import os
+
+    from harness import engine
+    from harness.job import TrainJob
+
+    trained: dict[str, Any] = {}
+    fit = engine.Trainer.fit
+
+    def keep(self: Any, *args: Any, **kwargs: Any) -> Any:
+        trained["trainer"] = self
+        return fit(self, *args, **kwargs)
+
+    engine.Trainer.fit = keep
+    final = TrainJob()(config)
+    trainer = trained["trainer"]
+    weights = hashlib.sha256()
+    for name, value in sorted(trainer.model.state_dict().items()):
+        weights.update(name.encode() + value.detach().cpu().contiguous().numpy().tobytes())
+    return {"rank": trainer.env.rank, "world_size": trainer.env.world_size, "node": os.environ["SLURMD_NODENAME"],
+            "job_nodes": os.environ["SLURM_JOB_NUM_NODES"], "weights": weights.hexdigest(), "final": final}
+
+
+MULTI = "multi"  # scripts/slurm-local.sh's partition of its two nodes (two slurmd daemons on this host)
+
+
+def multi_partition_nodes() -> list[str]:
+    out = subprocess.run(["sinfo", "-h", "-N", "-p", MULTI, "-o", "%N"], capture_output=True, text=True, timeout=30)
+    return sorted(set(out.stdout.split())) if out.returncode == 0 else []
+
+
+@pytest.mark.slurm
+@needs_slurm
 @pytest.mark.timeout(300)
-def test_two_node_ddp_through_torchrun(tmp_path: Path) -> None:
-    """Two torchrun agents (--nnodes 2, one process each) on 127.0.0.1, as two nodes would run them:
-    harness.distributed's env:// set-up over gloo; each rank trains on half of the data, rank 0 logs."""
+def test_two_node_ddp_job_through_submitit(tmp_path: Path) -> None:
+    """A real 2-node SLURM job (partition `multi`: two slurmd daemons on this host), submitted as
+    harness.launch submits (make_executor with slurm nodes: 2, tasks_per_node: 1, the partition), one
+    task a node: both ranks join one gloo process group (world size 2) from different SLURM nodes,
+    train on half of the data each and end with identical weights; rank 0 alone logs one MLflow run."""
+    from types import SimpleNamespace
+
+    import cloudpickle
+
+    from harness.launch import make_executor
+    from harness.spec import SlurmResources
     from tests.test_engine import runs, write_config
 
-    config = write_config(tmp_path, "ddp2", train__epochs=1, optim__log_every=1)
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                                "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-                                "-m", "harness.train", str(config)],
-                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-              for rank in (0, 1)]
-    outputs = [agent.communicate(timeout=280)[0] for agent in agents]
-    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    if len(multi_partition_nodes()) < 2:
+        pytest.skip(f"no 2-node partition '{MULTI}' (restart the cluster: bash scripts/slurm-local.sh stop; ... start)")
+    config = yaml.safe_load(write_config(tmp_path, "ddp2", train__epochs=1, optim__log_every=1,
+                                         tracking__visualize_images=0).read_text())
+    plan = SimpleNamespace(stage="ddp", slurm=SlurmResources(partition=MULTI, nodes=2, tasks_per_node=1, cpus_per_task=1,
+                                                             timeout_min=5))
+    executor = make_executor("slurm", tmp_path / "submitit", plan, "ddp2", [])
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)  # the job need not import the tests
+    try:
+        job = executor.submit(_ddp_rank, config)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    try:
+        wait_for(job.done, 240, f"2-node job {job.job_id}", poll_s=1)
+        ranks = sorted(job.results(), key=lambda r: r["rank"])
+    except BaseException:
+        subprocess.run(["scancel", str(job.job_id)], capture_output=True)
+        for log in sorted((tmp_path / "submitit").glob("*_log.*")):
+            print(f"--- {log.name}\n{log.read_text()[-3000:]}")
+        raise
+    assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
+    assert {r["job_nodes"] for r in ranks} == {"2"}
+    assert sorted(r["node"] for r in ranks) == multi_partition_nodes()  # one rank on each slurmd
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # different seeds per rank: DDP kept them in sync
+    assert ranks[0]["final"]["val/acc1"] >= 0 and ranks[1]["final"] == {}  # only rank 0 reports
     (run,) = runs(tmp_path)
     assert run.info.status == "FINISHED"
-    steps = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(run.info.run_id, "train/loss_step")
-    assert sorted(m.step for m in steps) == list(range(256 // (2 * 32)))  # 2 ranks share the 256 images
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    steps = client.get_metric_history(run.info.run_id, "train/loss_step")
+    assert sorted(m.step for m in steps) == list(range(256 // (2 * 32)))  # 2 ranks share the 256 images; one logger
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")] == [0]
+    assert client.get_metric_history(run.info.run_id, "val/acc1")[0].value == ranks[0]["final"]["val/acc1"]
 
 
 # ------------------------------------------------------------------------------------ basic auth
