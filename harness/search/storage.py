@@ -85,11 +85,16 @@ class StorageChoice:
 
 
 def _slurm_nodes(partition: Optional[str]) -> Optional[int]:
-    """How many nodes the partition has (None if sinfo cannot say)."""
-    command = ["sinfo", "-h", "-o", "%D"] + (["-p", partition] if partition else [])
+    """How many nodes the partition has, or the default one (`*`: where a job without -p lands) when
+    none is named; None if sinfo cannot say. Not every node of the cluster: scripts/slurm-local.sh's
+    second node is only in the partition `multi`."""
+    command = ["sinfo", "-h", "-o", "%P %D"] + (["-p", partition] if partition else [])
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout
-        return sum(int(n) for n in out.split())
+        rows = [line.split() for line in out.splitlines() if line.strip()]
+        if not partition:
+            rows = [row for row in rows if row[0].endswith("*")]
+        return sum(int(count) for _, count in rows) if rows else None
     except (OSError, subprocess.SubprocessError, ValueError):
         return None
 
