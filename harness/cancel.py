@@ -44,7 +44,7 @@ def cancel(experiment: str, scale: str, uri: str) -> list[str]:
     """Stop the experiment's launches and jobs at `scale`, mark the runs KILLED; one line per run."""
     from mlflow import MlflowClient
 
-    from harness.tracking import find_runs
+    from harness.tracking import current_run_id, find_runs
 
     client = MlflowClient(uri)
     where = f"tags.scale = '{scale}'"
@@ -71,18 +71,20 @@ def cancel(experiment: str, scale: str, uri: str) -> list[str]:
             how = f"local job {tags['job_id']} " + ("stopped" if signal_local(tags["job_id"]) else "not running")
         else:
             how = "never submitted"
-        client.set_tag(run.info.run_id, "cancelled", stamp)
-        client.set_terminated(run.info.run_id, "KILLED")
+        run_id = current_run_id(client, run.info.run_id)  # a job that started meanwhile replaced its placeholder
+        client.set_tag(run_id, "cancelled", stamp)
+        client.set_terminated(run_id, "KILLED")
         lines.append(f"{tags.get('stage', '?')}/{run.info.run_name or run.info.run_id}: {how}; MLflow run "
-                     f"{run.info.run_id} KILLED")
+                     f"{run_id} KILLED")
     for launch in launches:
         client.set_terminated(launch.info.run_id, "KILLED")
     if runs and not wait_until_gone(slurm_ids, [r.data.tags.get("job_id", "") for r in runs]):
         print(f"warning: some jobs had not stopped after {GONE_TIMEOUT_S} s; their runs are marked KILLED "
               "as of now", file=sys.stderr)
     for run in runs:  # a job that was still starting when cancelled may have marked its run RUNNING since
-        if client.get_run(run.info.run_id).info.status in ("SCHEDULED", "RUNNING"):
-            client.set_terminated(run.info.run_id, "KILLED")
+        run_id = current_run_id(client, run.info.run_id)
+        if client.get_run(run_id).info.status in ("SCHEDULED", "RUNNING"):
+            client.set_terminated(run_id, "KILLED")
     return lines
 
 

@@ -462,12 +462,16 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             tags = {"variant": cfg.model.variant, "run_key": cfg.run_key(), "model": cfg.model.name,
                     "recipe": cfg.recipe, "precision": self.precision}
+            launched_as = cfg.tracking.run_id
             self.tracker = RunTracker.start(
                 cfg.tracking, params=cfg.model_dump(), tags=tags, async_logging=True,
-                resume_run_id=state["mlflow_run_id"] if state else cfg.tracking.run_id, data=cfg.data,
+                resume_run_id=state["mlflow_run_id"] if state else launched_as, data=cfg.data,
             )
             self.tracker.resend(self.out / UNSENT)  # what an outage kept from the last job
-            runstate.bind(self.out, cfg.run_key(), self.tracker.run_id)
+            replaced = launched_as if launched_as and launched_as != self.tracker.run_id else None
+            if replaced:  # the launcher's placeholder: from now on (and in a requeue) this job's own run
+                cfg.tracking.run_id = self.tracker.run_id
+            runstate.bind(self.out, cfg.run_key(), self.tracker.run_id, queued_as=replaced)
             if state is not None and self.history:  # lost if the last run was killed hard
                 self.tracker.log_metrics_if_missing(self.history, step=self.epoch - 1)
             if state is not None:

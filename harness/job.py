@@ -115,8 +115,29 @@ def cancelled_before_start(cfg: RunConfig) -> bool:
     return run.info.status == "KILLED" and "cancelled" in run.data.tags
 
 
+def job_id_tags() -> dict[str, str]:
+    """This job's id, tagged as the launcher tags it: a job that starts before the launcher's tag
+    reaches its placeholder run still names its job (relaunches and harness.cancel need it)."""
+    try:
+        env = submitit.JobEnvironment()
+        job = env.job_id
+    except Exception:  # not inside a submitit job (tests, harness.train)
+        return {}
+    if env.cluster == "slurm":
+        return {"slurm_job_id": job}
+    return {"job_id": job} if env.cluster == "local" else {}
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """`TrainJob()(config_dict)` trains one run through the engine and returns its final metrics."""
+
+    run_id: Optional[str] = None  # the MLflow run this job trained into (its placeholder's replacement)
+
+    def checkpoint(self, config: dict[str, Any]) -> submitit.helpers.DelayedSubmission:
+        """The requeued call: the same config, logging into the run this job started, not the placeholder."""
+        if self.run_id:
+            config = {**config, "tracking": {**config["tracking"], "run_id": self.run_id}}
+        return super().checkpoint(config)
 
     def __call__(self, config: dict[str, Any]) -> dict[str, float]:
         import torch
@@ -128,12 +149,14 @@ class TrainJob(submitit.helpers.Checkpointable):
         if threads:  # the cores this job was given, not every core of the node
             torch.set_num_threads(int(threads))
         cfg = RunConfig.model_validate(config)
+        cfg.tracking.tags.update(job_id_tags())
         if cancelled_before_start(cfg):
             raise RuntimeError(f"MLflow run {cfg.tracking.run_id} was cancelled (harness.cancel) before this job "
                                "started; not training (the next launch resumes it)")
         try:
             return run(cfg)
         except Preempted as stop:
+            self.run_id = cfg.tracking.run_id  # the engine's own run, which the requeued job resumes
             cancelled, why = stopped_for_good(stop)
             if cancelled:
                 print(f"cancelled: {stop}; {why}; not requeued (the next launch resumes from the checkpoint)",

@@ -272,9 +272,15 @@ class Launch:
         return "submit", failed[0] if failed else None
 
     def prepare(self, plan: RunPlan, continue_run: Optional[Any]) -> dict[str, Any]:
-        """The job's config: tracking set to a child run of this launch, SCHEDULED until it starts."""
+        """The job's config: tracking set to a child run of this launch, SCHEDULED until it starts.
+
+        A new run is a placeholder until its job starts and replaces it with a run of its own
+        (harness.tracking.replace_placeholder), so that MLflow's start time is the job's start.
+        """
+        from harness.tracking import QUEUED_AT
         tags = {"mlflow.source.name": "harness/launch.py", "mlflow.source.type": "JOB", **plan.config.tracking.tags,
-                "run_key": plan.key, "variant": plan.variant, "mlflow.parentRunId": self.parent_id}
+                "run_key": plan.key, "variant": plan.variant, "mlflow.parentRunId": self.parent_id,
+                QUEUED_AT: str(int(time.time() * 1000))}
         if continue_run is not None and not runstate.folder_is_resumable(plan.output_dir, plan.key,
                                                                          continue_run.info.run_id):
             print(f"{plan.stage}/{plan.name}: {plan.output_dir} holds another run's state; starting a new MLflow "
@@ -358,13 +364,25 @@ class Launch:
         """Tag each MLflow run with its job id; link the job's log into the run's folder."""
         for (plan, job_cfg), job in zip(todo, jobs):
             self.run_ids.setdefault(plan.stage, []).append(job_cfg["run_id"])
-            self.client.set_tag(job_cfg["run_id"], "slurm_job_id" if self.cluster == "slurm" else "job_id", job.job_id)
+            self.tag_run(job_cfg["run_id"], "slurm_job_id" if self.cluster == "slurm" else "job_id", job.job_id)
             plan.output_dir.mkdir(parents=True, exist_ok=True)
             log = plan.output_dir / "job.log"  # the job's log under the run's own name
             if log.is_symlink():
                 log.unlink()
             log.symlink_to(Path(job.paths.stdout).resolve())
         return [(plan, job) for (plan, _), job in zip(todo, jobs)]
+
+    def tag_run(self, run_id: str, key: str, value: str) -> None:
+        """Tag a submitted run, or the run its job created if the job has already started (its
+        placeholder is then deleted and MLflow refuses tags on it)."""
+        from mlflow.exceptions import MlflowException
+
+        from harness.tracking import current_run_id
+
+        try:
+            self.client.set_tag(run_id, key, value)
+        except MlflowException:
+            self.client.set_tag(current_run_id(self.client, run_id), key, value)
 
     def in_flight_job_ids(self, stage: str) -> list[str]:
         ids = []
@@ -386,6 +404,7 @@ class Launch:
         until those jobs have ended (up to `wait_s`) before any folder is handed to a new run.
         """
         from harness.cancel import signal_local
+        from harness.tracking import current_run_id
 
         current = {p.config.tracking.run_name: p.key for s in self.expanded.stage_order
                    for p in self.expanded.stage_runs(s)}
@@ -409,10 +428,11 @@ class Launch:
                    f"job {job} not stopped (not on this machine)" if alive else "no live job")
             reason = (f"superseded: the configuration changed (run key {tags.get('run_key')} -> {new_key}); "
                       f"{how} by launch {self.parent_id}")
-            self.client.set_tag(run.info.run_id, "superseded", reason)
-            self.client.set_terminated(run.info.run_id, "KILLED")
+            run_id = current_run_id(self.client, run.info.run_id)  # its job may have started meanwhile
+            self.client.set_tag(run_id, "superseded", reason)
+            self.client.set_terminated(run_id, "KILLED")
             run.info._status = "KILLED"
-            print(f"{run.info.run_name}: {reason}; MLflow run {run.info.run_id} KILLED", file=sys.stderr)
+            print(f"{run.info.run_name}: {reason}; MLflow run {run_id} KILLED", file=sys.stderr)
         deadline = time.monotonic() + wait_s
         while waiting and time.monotonic() < deadline:
             waiting = [r for r in waiting if job_alive(r.data.tags)]
@@ -442,8 +462,12 @@ class Launch:
             self.client.set_terminated(self._parent_id, status=status)
 
     def submitted_run_ids(self) -> list[str]:
-        """The MLflow runs of the jobs this launch submitted, in stage order."""
-        return [run_id for stage in self.expanded.stage_order for run_id in self.run_ids.get(stage, [])]
+        """The MLflow runs of the jobs this launch submitted, in stage order (a started job's own run,
+        not the placeholder the launcher created for it)."""
+        from harness.tracking import current_run_id
+
+        return [current_run_id(self.client, run_id) for stage in self.expanded.stage_order
+                for run_id in self.run_ids.get(stage, [])]
 
 
 POLL_S = 0.2  # how often finished local processes are looked for

@@ -39,6 +39,11 @@ class StaleRunFolder(ConfigError):
 class Binding:
     run_key: str
     mlflow_run_id: Optional[str]
+    queued_as: Optional[str] = None  # the launcher's placeholder run that `mlflow_run_id` replaced
+
+    def names(self, run_id: Optional[str]) -> bool:
+        """Whether `run_id` is this folder's MLflow run (or its placeholder), or either is unknown."""
+        return run_id is None or self.mlflow_run_id is None or run_id in (self.mlflow_run_id, self.queued_as)
 
 
 def _read_json(path: Path) -> Optional[dict[str, Any]]:
@@ -57,7 +62,7 @@ def read_binding(folder: Path) -> Optional[Binding]:
     for name in (BINDING, RESULT):
         data = _read_json(folder / name)
         if data and data.get("run_key"):
-            return Binding(str(data["run_key"]), data.get("mlflow_run_id"))
+            return Binding(str(data["run_key"]), data.get("mlflow_run_id"), data.get("queued_as"))
     return None
 
 
@@ -66,12 +71,17 @@ def holds_state(folder: Path) -> bool:
     return any((folder / name).exists() for name in STATE_FILES)
 
 
-def bind(folder: Path, run_key: str, mlflow_run_id: Optional[str]) -> None:
-    """Record (atomically) that `folder` belongs to this run key and MLflow run."""
+def bind(folder: Path, run_key: str, mlflow_run_id: Optional[str], queued_as: Optional[str] = None) -> None:
+    """Record (atomically) that `folder` belongs to this run key and MLflow run.
+
+    `queued_as`: the placeholder run the job replaced (harness.tracking.replace_placeholder): the
+    other ranks of a distributed job, started with its id, still find the folder theirs.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{BINDING}.", dir=folder)
     with os.fdopen(fd, "w") as handle:
-        json.dump({"run_key": run_key, "mlflow_run_id": mlflow_run_id}, handle)
+        record = {"run_key": run_key, "mlflow_run_id": mlflow_run_id}
+        json.dump({**record, "queued_as": queued_as} if queued_as else record, handle)
     os.chmod(tmp, 0o644)
     os.replace(tmp, folder / BINDING)
 
@@ -85,7 +95,7 @@ def mismatch(folder: Path, run_key: str, mlflow_run_id: Optional[str] = None) ->
         return (f"{folder}: holds the state of run key {bound.run_key}, this configuration's run key is {run_key} "
                 f"(the configuration changed since the folder was written); move the folder away or choose "
                 f"another output_dir, got run key {run_key}")
-    if mlflow_run_id and bound.mlflow_run_id and bound.mlflow_run_id != mlflow_run_id:
+    if not bound.names(mlflow_run_id):
         return (f"{folder}: belongs to MLflow run {bound.mlflow_run_id} (run key {run_key}), this job logs to "
                 f"MLflow run {mlflow_run_id}; move the folder away to start over, got run id {mlflow_run_id}")
     return None
@@ -194,7 +204,7 @@ def claim(folder: Path, run_key: str, mlflow_run_id: str, root: Optional[Path] =
     moved = None
     if folder.exists() and holds_state(folder):
         bound = read_binding(folder)
-        ours = bound is not None and bound.run_key == run_key and bound.mlflow_run_id in (None, mlflow_run_id)
+        ours = bound is not None and bound.run_key == run_key and bound.names(mlflow_run_id)
         if not (resume and ours):
             moved = move_aside(folder, root)
     bind(folder, run_key, mlflow_run_id)
@@ -206,7 +216,7 @@ def folder_is_resumable(folder: Path, run_key: str, mlflow_run_id: str) -> bool:
     if not folder.exists() or not holds_state(folder):
         return True
     bound = read_binding(folder)
-    return bound is not None and bound.run_key == run_key and bound.mlflow_run_id in (None, mlflow_run_id)
+    return bound is not None and bound.run_key == run_key and bound.names(mlflow_run_id)
 
 
 # ------------------------------------------------------------------ the MLflow side of a job
@@ -257,6 +267,9 @@ def mark_failed(cfg: RunConfig, err: BaseException) -> None:
             run_id = bound.mlflow_run_id if bound else None
             if not run_id:
                 return
+        from harness.tracking import current_run_id
+
+        run_id = current_run_id(client, run_id)  # another rank's job may have replaced the placeholder
         status = client.get_run(run_id).info.status
         if status == "SCHEDULED" or buried:
             client.set_tag(run_id, "error", _one_line(err, Path(cfg.output_dir)))

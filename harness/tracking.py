@@ -259,6 +259,55 @@ def find_runs(tracking_uri: str, experiment_name: str, filter_string: str = "") 
             return runs
 
 
+# ----------------------------------------------------------------- queued runs (placeholders)
+REPLACED_BY = "replaced_by"  # tag of a deleted placeholder: the run its job created
+QUEUED_AS = "queued_as"  # tag of that run: the placeholder it replaced
+QUEUED_AT = "queued_at_ms"  # tag the launcher sets at each submission (a relaunch reuses a placeholder)
+_PLACEHOLDER_ONLY_TAGS = {"mlflow.runName", "error", "cancelled", "requeued"}
+
+
+def is_placeholder(run: Run) -> bool:
+    """Whether `run` only stands for a queued job: SCHEDULED and nothing logged by a job yet.
+
+    The launcher creates one per submitted run, so that relaunches, `harness.cancel` and the
+    runs table see the job queued; MLflow cannot move a run's start time later (UpdateRun
+    takes status, end time and name), so the job replaces it with a run of its own.
+    """
+    return run.info.status == "SCHEDULED" and not run.data.params and not run.data.metrics
+
+
+def replace_placeholder(client: MlflowClient, placeholder: Run,
+                        call: Callable[..., Any] = lambda fn, *a, **k: fn(*a, **k)) -> tuple[str, float]:
+    """Create the job's run in the placeholder's place; (its id, seconds the job was queued).
+
+    The new run has the placeholder's name, parent and tags (job ids, run key), tag
+    `queued_as`, metric `queue_time_s` (logged by the caller); the placeholder gets tag
+    `replaced_by` and is deleted (the runs table shows active runs; `current_run_id` follows it).
+    Created before the placeholder is deleted: a relaunch meanwhile sees the run in flight.
+    `call` runs each MLflow request (RunTracker.call: waits out an outage, one request at a time).
+    """
+    tags = {k: v for k, v in placeholder.data.tags.items() if k not in _PLACEHOLDER_ONLY_TAGS}
+    tags[QUEUED_AS] = placeholder.info.run_id
+    created = call(client.create_run, placeholder.info.experiment_id, run_name=placeholder.info.run_name, tags=tags)
+    call(client.set_tag, placeholder.info.run_id, REPLACED_BY, created.info.run_id)
+    call(client.delete_run, placeholder.info.run_id)
+    queued_at = placeholder.data.tags.get(QUEUED_AT, "")
+    since = int(queued_at) if queued_at.isdigit() else placeholder.info.start_time
+    queued_s = max(0.0, (created.info.start_time - since) / 1000)
+    return created.info.run_id, queued_s
+
+
+def current_run_id(client: MlflowClient, run_id: str) -> str:
+    """The run that stands for `run_id` now: the job's run if `run_id` was a replaced placeholder."""
+    for _ in range(5):  # a chain only if a placeholder was replaced more than once (never, but bounded)
+        run = client.get_run(run_id)
+        successor = run.data.tags.get(REPLACED_BY)
+        if run.info.lifecycle_stage != "deleted" or not successor:
+            return run_id
+        run_id = successor
+    return run_id
+
+
 class RunTracker:
     """One MLflow run, addressed by id. Create it with `RunTracker.start(...)`.
 
@@ -305,8 +354,8 @@ class RunTracker:
 
         `params` is the nested resolved config; it is logged with dotted keys. On resume,
         only params that the run lacks are logged (MLflow refuses to change a param) and no
-        new run is created. A run the launcher created SCHEDULED gets tag `job_started_at` and
-        metric `queue_time_s` (MLflow keeps a run's start time as created: its submission).
+        new run is created. A launcher's placeholder (`is_placeholder`) is replaced by the
+        job's own run, so that the run's start time is its job's start (`replace_placeholder`).
         """
         uri = resolve_tracking_uri(cfg)
         client = MlflowClient(uri)
@@ -316,10 +365,11 @@ class RunTracker:
         flat = {k: _clip(v, MAX_PARAM_VAL_LENGTH) for k, v in flatten(dict(params)).items()}
         probe = cls(client, "", outage_limit_s=cfg.outage_limit_s)  # waits out an outage at the job's start
         queued_s: Optional[float] = None
-        if resume_run_id is not None:
+        run = probe.call(client.get_run, resume_run_id) if resume_run_id is not None else None
+        if run is not None and is_placeholder(run):
+            resume_run_id, queued_s = replace_placeholder(client, run, probe.call)
             run = probe.call(client.get_run, resume_run_id)
-            if run.info.status == "SCHEDULED" and "job_started_at" not in run.data.tags:
-                queued_s = max(0.0, time.time() - run.info.start_time / 1000)
+        if run is not None and resume_run_id is not None:
             probe.call(client.update_run, resume_run_id, status="RUNNING")
             have = run.data.params
             changed = sorted(k for k, v in flat.items() if k in have and have[k] != v)
@@ -335,7 +385,6 @@ class RunTracker:
                       buffer_points=cfg.buffer_points)
         tracker._log_params(flat)
         if queued_s is not None:
-            all_tags["job_started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             tracker.call(client.log_batch, run_id, metrics=[Metric("queue_time_s", queued_s, int(time.time() * 1000), 0)])
         tracker.set_tags(all_tags)
         if data is not None:

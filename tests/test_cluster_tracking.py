@@ -122,8 +122,8 @@ def test_a_slurm_launch_logs_every_run_to_the_postgres_backed_server(tmp_path: P
     mlflow_db = server["OPTUNA_STORAGE"].rsplit("/", 1)[0] + "/mlflow"
     every_run = client.search_runs([experiment.experiment_id])  # the train runs and the launch's parent run
     assert len(every_run) > len(runs)
-    assert pg_count(mlflow_db, "SELECT count(*) FROM runs WHERE experiment_id = %s",
-                    int(experiment.experiment_id)) == len(every_run)
+    assert pg_count(mlflow_db, "SELECT count(*) FROM runs WHERE experiment_id = %s AND lifecycle_stage = 'active'",
+                    int(experiment.experiment_id)) == len(every_run)  # (the deleted ones: the jobs' placeholders)
 
 
 # ------------------------------------- (b) a 3-worker search on PostgreSQL with a frozen worker
@@ -308,6 +308,19 @@ def test_two_node_ddp_job_through_submitit(tmp_path: Path) -> None:
         pytest.skip(f"no 2-node partition '{MULTI}' (restart the cluster: bash scripts/slurm-local.sh stop; ... start)")
     config = yaml.safe_load(write_config(tmp_path, "ddp2", train__epochs=1, optim__log_every=1,
                                          tracking__visualize_images=0).read_text())
+    # as harness.launch hands a run to its job: a SCHEDULED placeholder run, the folder bound to it;
+    # rank 0 replaces it with the job's own run, rank 1 (started with the placeholder's id) follows
+    from harness import runstate
+    from harness.config import RunConfig
+    from harness.tracking import ensure_experiment
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    cfg = RunConfig.model_validate(config)
+    experiment_id = ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment)
+    placeholder = client.create_run(experiment_id, run_name="ddp2", tags={"run_key": cfg.run_key()}).info.run_id
+    client.update_run(placeholder, status="SCHEDULED")
+    runstate.claim(Path(cfg.output_dir), cfg.run_key(), placeholder)
+    config["tracking"]["run_id"] = placeholder
     plan = SimpleNamespace(stage="ddp", slurm=SlurmResources(partition=MULTI, nodes=2, tasks_per_node=1, cpus_per_task=1,
                                                              timeout_min=5))
     executor = make_executor("slurm", tmp_path / "submitit", plan, "ddp2", [])
@@ -331,8 +344,8 @@ def test_two_node_ddp_job_through_submitit(tmp_path: Path) -> None:
     assert ranks[0]["weights"] == ranks[1]["weights"]  # different seeds per rank: DDP kept them in sync
     assert ranks[0]["final"]["val/acc1"] >= 0 and ranks[1]["final"] == {}  # only rank 0 reports
     (run,) = runs(tmp_path)
-    assert run.info.status == "FINISHED"
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert run.info.status == "FINISHED" and run.data.tags["queued_as"] == placeholder
+    assert client.get_run(placeholder).info.lifecycle_stage == "deleted"
     steps = client.get_metric_history(run.info.run_id, "train/loss_step")
     assert sorted(m.step for m in steps) == list(range(256 // (2 * 32)))  # 2 ranks share the 256 images; one logger
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")] == [0]

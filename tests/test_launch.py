@@ -331,7 +331,8 @@ def test_slurm_preemption_requeues_into_the_same_mlflow_run(tmp_path: Path) -> N
         time.sleep(2)
     assert state == "COMPLETED", (state, log.read_text()[-3000:])
     (final,) = train_runs(tmp_path)
-    assert final.info.run_id == run.info.run_id and final.info.status == "FINISHED"
+    assert final.info.run_id == waiting.info.run_id and final.info.status == "FINISHED"  # the job's own run
+    assert run.info.run_id in (final.data.tags["queued_as"], final.info.run_id)  # it replaced the placeholder
     history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(final.info.run_id, "val/acc1")
     assert [m.step for m in history] == [0, 1, 2]
     assert "preempted" in log.read_text().lower() or "requeu" in log.read_text().lower()

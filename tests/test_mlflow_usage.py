@@ -1,6 +1,6 @@
 """MLflow as its users expect, read back from a launch of a tiny spec (local executor, SQLite):
-a training experiment, the UI's runs table and compare view printed at the end, queue time
-apart from the run, the standard source tags, the dataset inputs, the final model as a
+a training experiment, the UI's runs table and compare view printed at the end, a run's start
+time at its job's start with the queue time apart, the standard source tags, the dataset inputs, the final model as a
 loadable MLflow model linked to its metrics, and no new parent run for a launch that submits
 nothing."""
 from __future__ import annotations
@@ -33,7 +33,7 @@ SPEC: dict[str, Any] = {
         "train": {"epochs": 1, "batch_size": 32, "ema": None},
         "tracking": {"visualize_images": 0},
     },
-    "scales": {"tiny": {"slurm": {"cpus_per_task": 1}}},
+    "scales": {"tiny": {"slurm": {"cpus_per_task": 1, "array_parallelism": 1}}},  # seed1 queues behind seed0
     "stages": {"seeds": {"row": "dense", "runs": {"variants": [
         {"name": "seed0", "set": {"train.seed": 0}},
         {"name": "seed1", "set": {"train.seed": 1}},
@@ -83,12 +83,36 @@ def test_source_tags_queue_time_and_dataset_inputs(launched: dict[str, Any]) -> 
         assert tags["mlflow.source.git.commit"] == commit
         assert (tags["mlflow.source.name"], tags["mlflow.source.type"]) == ("harness/launch.py", "JOB")
         assert tags["code_version"].startswith(commit)
-        assert "job_started_at" in tags and run.data.metrics["queue_time_s"] >= 0  # created at submission
         inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
         assert set(inputs) == {"cluttered_mnist-train", "cluttered_mnist-val"}
         assert [t.value for t in inputs["cluttered_mnist-train"].tags] == ["training"]
         assert inputs["cluttered_mnist-train"].dataset.digest != inputs["cluttered_mnist-val"].dataset.digest
         assert json.loads(inputs["cluttered_mnist-val"].dataset.source)["tags"]["split"] == "val"
+
+
+def test_start_time_is_the_jobs_start_and_queue_time_is_apart(launched: dict[str, Any]) -> None:
+    """Both runs were submitted at once, one job at a time: seed1's job waited for seed0's whole run.
+    Its MLflow start time is when its job started, not the submission (the launcher's placeholder,
+    deleted once the job's own run exists, which names it)."""
+    from mlflow.entities import ViewType
+
+    client, experiment = launched["client"], launched["experiment"]
+    seed0, seed1 = sorted(launched["runs"], key=lambda r: r.info.run_name)
+    assert seed1.info.start_time >= seed0.info.end_time - 1000  # not its submission, before seed0 trained
+    waited = seed1.data.metrics["queue_time_s"]
+    assert waited >= (seed0.info.end_time - seed0.info.start_time) / 1000  # seed0's whole run
+    assert seed0.data.metrics["queue_time_s"] < waited
+    placeholders = client.search_runs([experiment.experiment_id], "tags.kind = 'train'",
+                                      run_view_type=ViewType.DELETED_ONLY)
+    assert sorted(p.data.tags["replaced_by"] for p in placeholders) == sorted(r.info.run_id for r in launched["runs"])
+    for run in (seed0, seed1):
+        (placeholder,) = [p for p in placeholders if p.data.tags["replaced_by"] == run.info.run_id]
+        assert run.data.tags["queued_as"] == placeholder.info.run_id
+        assert placeholder.info.start_time <= seed0.info.start_time  # both created at submission
+        assert run.data.tags["mlflow.parentRunId"] == placeholder.data.tags["mlflow.parentRunId"]
+        assert run.data.tags["job_id"] == placeholder.data.tags["job_id"]  # the job's id, for relaunch and cancel
+    binding = json.loads((launched["tmp"] / "runs" / "usage" / "tiny" / "seeds" / "seed1" / "run.json").read_text())
+    assert binding["mlflow_run_id"] == seed1.info.run_id and binding["queued_as"] == seed1.data.tags["queued_as"]
 
 
 def test_final_model_is_a_loadable_mlflow_model_linked_to_its_metrics(launched: dict[str, Any]) -> None:
