@@ -1,5 +1,5 @@
 """Searches through their CLI: real Optuna storages (journal file, SQLite), real worker processes
-(local submitit jobs and the single-node SLURM of scripts/slurm-local.sh), MLflow's contents."""
+(local submitit jobs and the local SLURM of scripts/slurm-local.sh), MLflow's contents."""
 from __future__ import annotations
 
 import copy
@@ -314,7 +314,7 @@ def test_two_workers_on_slurm(tmp_path: Path) -> None:
         subprocess.run(["scancel", "--name", f"{name}-trials"], capture_output=True)
         raise
     assert result.returncode == 0, result.stderr[-4000:]
-    study = load(tmp_path, name=name)  # auto storage: a journal file, the test cluster being one node
+    study = load(tmp_path, name=name)  # auto storage: a journal file, the default partition of the test cluster being one node
     assert len(done(study)) == 4
     workers = {t.user_attrs["worker"] for t in study.trials}
     assert all("_" in w for w in workers), workers  # SLURM array tasks: <array job>_<index>
