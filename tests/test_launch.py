@@ -1,5 +1,5 @@
 """Specs and the launcher through their CLIs: validation, dry run, local and SLURM submission,
-idempotence and preemption (against the real single-node SLURM of scripts/slurm-local.sh)."""
+idempotence and preemption (against the real local SLURM of scripts/slurm-local.sh)."""
 from __future__ import annotations
 
 import shutil
@@ -183,21 +183,26 @@ def test_local_launch_is_idempotent(tmp_path: Path) -> None:
 
     again = launch(tmp_path, path, "--executor", "local")
     assert again.returncode == 0 and "0 submitted, 3 skipped (finished)" in again.stdout
+    # one more student, of 2 epochs validated every 2nd: only it runs, and status counts its epochs
     spec = yaml.safe_load(yaml.safe_dump(MINI))
     spec["stages"]["students"]["runs"]["variants"].append(
-        {"name": "random", "row": "b/random", "set": {"model.variant": "random"}})
-    half = launch(tmp_path, write_spec(tmp_path, spec), "--executor", "local")
+        {"name": "random", "row": "b/random",
+         "set": {"model.variant": "random", "train.epochs": 2, "train.eval_every": 2}})
+    more = write_spec(tmp_path, spec, "more.yaml")
+    half = launch(tmp_path, more, "--executor", "local")
     assert half.returncode == 0 and "1 submitted, 3 skipped" in half.stdout, half.stdout
     assert len(train_runs(tmp_path)) == 4
-    dense_student = ["stages.students.runs.variants=[]", "stages.students.row=dense-student",
-                     "stages.students.train.epochs=2", "stages.students.train.eval_every=2"]
-    rerun = launch(tmp_path, path, "--executor", "local", "--rerun", *dense_student)
-    assert rerun.returncode == 0, rerun.stderr
-    table = status(tmp_path, path, *dense_student)
+    table = status(tmp_path, more)
     assert table.returncode == 0, table.stderr
     rows = {line.split()[1]: line.split() for line in table.stdout.splitlines()[1:]}
     assert rows["teacher"][2:4] == ["FINISHED", "1/1"]
-    assert rows["students"][2:4] == ["FINISHED", "2/2"]  # validated once, trained two epochs
+    assert rows["random"][2:4] == ["FINISHED", "2/2"]  # validated once, trained two epochs
+    # --rerun: a fresh run of a finished one, its old folder kept aside (the teacher alone: one job)
+    spec["stages"] = {"teacher": spec["stages"]["teacher"]}
+    rerun = launch(tmp_path, write_spec(tmp_path, spec, "teacher.yaml"), "--executor", "local", "--rerun")
+    assert rerun.returncode == 0 and "1 submitted, 0 skipped" in rerun.stdout, rerun.stderr
+    teachers = [r for r in train_runs(tmp_path) if r.data.tags["stage"] == "teacher"]
+    assert len(teachers) == 2 and all(r.info.status == "FINISHED" for r in teachers)
     assert any(p.name.startswith("teacher.before-") for p in (tmp_path / "runs/mini/tiny/teacher").iterdir())
 
 
