@@ -157,6 +157,22 @@ def test_dry_run_validates_without_torch_and_chooses_the_storage(tmp_path: Path)
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_password_written_into_the_storage_url_is_warned_about_and_never_shown(tmp_path: Path) -> None:
+    """A typed-out password ends up in the job files and MLflow's tag: say so, and how to avoid it;
+    the same URL through ${OPTUNA_STORAGE} gets no warning. Neither prints the password."""
+    url = "postgresql+psycopg://harness:s3cret-pw@127.0.0.1:1/optuna"
+    common = ["--dry-run", "--executor", "local"]
+    typed = run_search(tmp_path, write_spec(tmp_path, spec_with(storage={"url": url})), *common)
+    assert typed.returncode == 0, typed.stderr
+    (warning,) = [line for line in typed.stderr.splitlines() if line.startswith("warning: ")]
+    assert "search.storage.url: the password is written out" in warning and "${OPTUNA_STORAGE}" in warning
+    via_env = subprocess.run(cli_args(tmp_path, write_spec(tmp_path, spec_with(storage={"url": "${OPTUNA_STORAGE}"}),
+                                                          "env.yaml"), *common),
+                             cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "OPTUNA_STORAGE": url})
+    assert via_env.returncode == 0 and "warning: " not in via_env.stderr, via_env.stderr
+    assert "s3cret-pw" not in typed.stdout + typed.stderr + via_env.stdout + via_env.stderr
+
+
 # ------------------------------------------------------------------- a search, end to end
 @pytest.fixture(scope="module")
 def tiny_search(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:

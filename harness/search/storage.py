@@ -10,6 +10,7 @@ import dataclasses
 import os
 import shlex
 import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,10 @@ def choose_storage(plan: SearchPlan, cluster: str) -> StorageChoice:
     if url != spec.url:
         choice = dataclasses.replace(choice, written=spec.url)
     check_storage(choice, where)
+    if choice.kind == "rdb" and not choice.written and _has_password(url):
+        print(f"warning: {where}: the password is written out; it stays in the submitit folder's job files and in "
+              "MLflow's `storage` tag: write url: ${OPTUNA_STORAGE} and export it (scripts/tracking-server.sh "
+              "status prints it) to keep it out of both", file=sys.stderr)
     if choice.kind == "sqlite" and workers > 1:
         raise ConfigError([f"{where}: SQLite is for one process; {workers} workers need a journal file (one "
                            f"machine) or an RDB URL (several nodes), got {spec.url!r}"])
@@ -166,6 +171,15 @@ def check_storage(choice: StorageChoice, where: str) -> None:
     if not os.access(existing, os.W_OK):
         raise ConfigError([f"{where}: {existing} cannot be written (read-only or no permission), "
                            f"got {str(file)!r}"])
+
+
+def _has_password(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).password is not None
+    except Exception:  # check_storage has accepted it; a URL it cannot read has no password to hide
+        return False
 
 
 def _hide_password(url: str) -> str:
