@@ -281,6 +281,11 @@ def sacct(job_id: str, fields: str) -> list[str]:
     return out.stdout.strip().splitlines()
 
 
+def sacct_state(job_id: str) -> str:
+    """The job's state in accounting; '' while slurmdbd has not recorded the job yet (just submitted)."""
+    return (sacct(job_id, "State") or [""])[0]
+
+
 @pytest.mark.slurm
 @needs_slurm
 def test_slurm_launch_with_afterok_dependency(tmp_path: Path) -> None:
@@ -316,7 +321,7 @@ def test_slurm_preemption_requeues_into_the_same_mlflow_run(tmp_path: Path) -> N
     checkpoint = tmp_path / "runs/mini/tiny/only/only/checkpoint.pth"
     deadline = time.time() + 300
     while not checkpoint.exists() and time.time() < deadline:
-        assert sacct(job_id, "State")[0] in ("PENDING", "RUNNING", ""), (tmp_path / "runs/mini/tiny/only/only/job.log").read_text()
+        assert sacct_state(job_id) in ("PENDING", "RUNNING", ""), (tmp_path / "runs/mini/tiny/only/only/job.log").read_text()
         time.sleep(0.2)
     assert checkpoint.exists()
     subprocess.run(["scancel", "--signal", "USR2", job_id], check=True)  # what SLURM sends before a time-out
@@ -330,7 +335,7 @@ def test_slurm_preemption_requeues_into_the_same_mlflow_run(tmp_path: Path) -> N
     log = tmp_path / "runs/mini/tiny/only/only/job.log"
     deadline = time.time() + 420
     while time.time() < deadline:
-        (state,) = sacct(job_id, "State")
+        state = sacct_state(job_id)
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") and (tmp_path / "runs/mini/tiny/only/only/result.json").exists():
             break
         time.sleep(2)
