@@ -366,17 +366,16 @@ class RunTracker:
         probe = cls(client, "", outage_limit_s=cfg.outage_limit_s)  # waits out an outage at the job's start
         queued_s: Optional[float] = None
         run = probe.call(client.get_run, resume_run_id) if resume_run_id is not None else None
-        if run is not None and is_placeholder(run):
-            resume_run_id, queued_s = replace_placeholder(client, run, probe.call)
-            run = probe.call(client.get_run, resume_run_id)
-        if run is not None and resume_run_id is not None:
-            probe.call(client.update_run, resume_run_id, status="RUNNING")
+        if run is not None and is_placeholder(run):  # a new run, RUNNING, nothing logged yet
+            run_id, queued_s = replace_placeholder(client, run, probe.call)
+        elif run is not None:
+            run_id = run.info.run_id
+            probe.call(client.update_run, run_id, status="RUNNING")
             have = run.data.params
             changed = sorted(k for k, v in flat.items() if k in have and have[k] != v)
             if changed:
-                warnings.warn(f"resumed run {resume_run_id}: params differ and are kept as logged: {changed}")
+                warnings.warn(f"resumed run {run_id}: params differ and are kept as logged: {changed}")
             flat = {k: v for k, v in flat.items() if k not in have}
-            run_id = resume_run_id
         else:
             experiment_id = probe.call(_get_or_create_experiment, client, cfg, uri)
             run_id = probe.call(client.create_run, experiment_id, run_name=cfg.run_name).info.run_id
