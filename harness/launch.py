@@ -583,6 +583,8 @@ def _main(args: argparse.Namespace) -> int:
     output_root = Path(args.output_root).resolve()
     expanded = load_and_expand(args.spec, args.overrides, args.scale, str(output_root))
     check_report_inputs(expanded)
+    for note in expanded.notes:  # an override that some runs' own layers undo: which ones, and why
+        print(note, file=sys.stderr)
     if args.dry_run:
         print(render_table(expanded))
         return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -164,6 +164,7 @@ class Expanded:
     scale: str
     stage_order: list[str]
     runs: list[RunPlan]
+    notes: list[str] = dataclass_field(default_factory=list)  # one line per override that some runs' own layers undo
 
     def stage_runs(self, stage: str) -> list[RunPlan]:
         return [r for r in self.runs if r.stage == stage]
@@ -346,50 +347,103 @@ def _get_dotted(tree: dict[str, Any], dotted: str) -> Any:
 DERIVED = "(set by the launcher for every run)"
 
 
-def _lost_override(path: str, label: str, field: str, value: Any, later: list[tuple[str, dict]],
-                   merged: dict[str, Any], run: str) -> list[str]:
-    """A command-line override that a later layer undoes: one line naming that layer."""
+@dataclass
+class Reach:
+    """Where one spec-layer override of run configuration took effect, over the runs it targets."""
+
+    text: str  # as typed
+    key: str  # the dotted key it edits, e.g. scales.tiny.train.epochs
+    targets: list[str]  # the runs whose layers include the edited one (stage/name)
+    reached: list[str]  # those in which at least one of its values takes effect
+    kept: dict[tuple[str, str, str], list[str]]  # (later layer, leaf, its value) -> runs where it undoes the override
+
+
+def _undone(field: str, value: Any, later: list[tuple[str, dict]], merged: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(later layer, leaf, the run's value) for each leaf of an override that a later layer undoes."""
+    lost = []
     for leaf, want in flatten(_nested({field: value})).items():
         have = _get_dotted(merged, leaf)
         if have == want:
             continue
         setter = next((where for where, layer in reversed(later) if _sets(layer, leaf)), None)
-        if setter is None:
-            continue
-        if setter == DERIVED:
-            return [f"{path}: {label}: cannot be overridden, the launcher sets {leaf} for every run (output_dir: "
-                    f"--output-root; tracking: the spec's name; train.init_from, teacher.run_dir: the stage's "
-                    f"init_from, distill_from), got {show(want)}"]
-        return [f"{path}: {label}: has no effect on run {run}: {setter} sets {leaf} = {show(have)} after it; "
-                f"pass {leaf}={show(want)} (applied after every layer) or override {setter}, got {show(want)}"]
-    return []
+        if setter is not None:
+            lost.append((setter, leaf, have))
+    return lost
 
 
-def _shadowed(spec: Spec, path: str, layers: list[tuple[str, dict]], derived: dict[str, Any],
-              merged: dict[str, Any], run: str, reported: set[str]) -> list[str]:
-    """Command-line overrides that do not reach this run's configuration (refused, never ignored)."""
+def _derived_line(path: str, label: str, leaf: str, value: Any) -> str:
+    return (f"{path}: {label}: cannot be overridden, the launcher sets {leaf} for every run (output_dir: "
+            f"--output-root; tracking: the spec's name; train.init_from, teacher.run_dir: the stage's "
+            f"init_from, distill_from), got {show(value)}")
+
+
+def _track_overrides(spec: Spec, path: str, layers: list[tuple[str, dict]], derived: dict[str, Any],
+                     merged: dict[str, Any], run: str, reach: dict[str, Reach], reported: set[str]) -> list[str]:
+    """Record where each command-line override reaches this run; refuse one the launcher's values undo.
+
+    A spec-layer override that a later layer undoes in this run is not an error by itself: it is
+    refused only when it reaches none of the runs it targets (`override_reach`).
+    """
     problems: list[str] = []
     later_all = [*layers, (DERIVED, derived)]
     for text, key, value in spec._edits:
         owners = [i for i, (where, _) in enumerate(layers) if key.startswith(where + ".")]
-        if not owners or text in reported:
+        if not owners:
             continue
         owner = max(owners, key=lambda i: len(layers[i][0]))
         field = key[len(layers[owner][0]) + 1:]
         if field.split(".")[0] not in RunConfig.model_fields:
             continue  # a control key (runs, slurm, after...): not a config value
-        lost = _lost_override(path, key, field, value, later_all[owner + 1:], merged, run)
-        if lost:
-            reported.add(text)
-            problems += lost
+        entry = reach.setdefault(text, Reach(text, key, [], [], {}))
+        entry.targets.append(run)
+        undone = _undone(field, value, later_all[owner + 1:], merged)
+        if len(undone) < len(flatten(_nested({field: value}))):
+            entry.reached.append(run)
+        for setter, leaf, have in undone:
+            if setter == DERIVED:
+                if text not in reported:
+                    reported.add(text)
+                    problems.append(_derived_line(path, key, leaf, value))
+            else:
+                entry.kept.setdefault((setter, leaf, show(have)), []).append(run)
     for field, text in spec._cli_texts.items():
-        if text not in reported:
-            lost = _lost_override(path, f"{field} {CLI}", field, parse_override(text)[1], [(DERIVED, derived)],
-                                  merged, run)
-            if lost:
-                reported.add(text)
-                problems += lost
+        lost = _undone(field, parse_override(text)[1], [(DERIVED, derived)], merged)
+        if lost and text not in reported:
+            reported.add(text)
+            problems.append(_derived_line(path, f"{field} {CLI}", lost[0][1], parse_override(text)[1]))
     return problems
+
+
+def _runs_list(runs: list[str], limit: int = 4) -> str:
+    shown = ", ".join(runs[:limit])
+    return shown + (f" and {len(runs) - limit} more" if len(runs) > limit else "")
+
+
+def override_reach(path: str, reach: dict[str, Reach]) -> tuple[list[str], list[str]]:
+    """(errors, notes): an override that reaches none of its runs is refused, naming the layers that
+    undo it; one that reaches some says, in one line, which runs keep their own value and why.
+
+    The advice names only those layers (which hold a subset of the runs the override targets), never
+    a wider override such as the run config key itself, which would change runs the user left alone.
+    """
+    errors, notes = [], []
+    for entry in reach.values():
+        if not entry.kept:
+            continue
+        value = parse_override(entry.text)[1]
+        why = "; ".join(f"{setter} sets {leaf} = {have} after it" + ("" if len(runs) == len(entry.targets)
+                                                                       else f" ({_runs_list(runs)})")
+                        for (setter, leaf, have), runs in entry.kept.items())
+        if not entry.reached:
+            layers = " or ".join(dict.fromkeys(f"{setter}.{leaf}" for setter, leaf, _ in entry.kept))
+            errors.append(f"{path}: {entry.key}: has no effect on any run: {why}; override {layers} instead, "
+                          f"got {show(value)}")
+        else:
+            groups = "; ".join(f"{_runs_list(runs)} {'keeps its' if len(runs) == 1 else 'keep their'} own "
+                               f"{leaf} ({setter} sets {leaf} = {have})"
+                               for (setter, leaf, have), runs in entry.kept.items())
+            notes.append(f"{path}: {entry.text}: applies to {len(entry.reached)} of {len(entry.targets)} runs; {groups}")
+    return errors, notes
 
 
 def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str = "runs",
@@ -409,6 +463,7 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
     scale_spec = spec.scales[scale]
     plans: list[RunPlan] = []
     reported: set[str] = set()  # command-line overrides already refused
+    reach: dict[str, Reach] = {}  # spec-layer overrides: the runs they target and those that keep their value
     invalid: set[str] = set()  # stages with a run refused above (their references are not counted)
     stage_keys: dict[str, str] = {}  # stage -> the run key of its (single) run, for stages that refer to it
     for stage_name in order:
@@ -450,9 +505,9 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
                 row = variant.row or stage.row or variant.name
                 derived = _derived(spec, scale, stage_name, stage, name, row, output_root, merged, stage_keys)
                 merged = _merge(merged, derived)
-                shadowed = _shadowed(spec, path, layers, derived, merged, f"{stage_name}/{name}", reported)
-                if shadowed:
-                    errors += shadowed
+                refused = _track_overrides(spec, path, layers, derived, merged, f"{stage_name}/{name}", reach, reported)
+                if refused:
+                    errors += refused
                     invalid.add(stage_name)
                     continue
                 try:
@@ -473,12 +528,14 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
                 plans.append(RunPlan(stage_name, name, row, config.model.variant, config, slurm))
                 stage_keys[stage_name] = config.run_key()
     errors += _check_references(spec, plans, path, order, invalid)
+    unreached, notes = override_reach(path, reach)
+    errors = unreached + errors
     names = [(p.stage, p.name) for p in plans]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         errors.append(f"{path}: stages.{dup[0]}.runs: two runs are both named {dup[1]!r}")
     if errors:
         raise SpecError(list(dict.fromkeys(errors)))
-    return Expanded(spec, path, scale, order, plans)
+    return Expanded(spec, path, scale, order, plans, notes)
 
 
 def _at_scale(spec: Spec, order: list[str], scale: str) -> list[str]:

@@ -239,7 +239,8 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
     @case("override-shadowed-by-scale")
     def _(c: Ctx) -> Built:
         return (c.launch(c.spec(), "base.train.epochs=3"), 2, str(c.tmp / "spec.yaml"),
-                "base.train.epochs: has no effect on run teacher/teacher: scales.tiny sets train.epochs")
+                "base.train.epochs: has no effect on any run: scales.tiny sets train.epochs = 1 after it; override "
+                "scales.tiny.train.epochs instead")
 
     @case("override-shadowed-and-invalid")
     def _(c: Ctx) -> Built:
@@ -761,6 +762,7 @@ def test_run_keys_do_not_depend_on_where_the_checkout_lives(tmp_path: Path) -> N
 
 
 def test_a_command_line_override_reaches_every_run_or_is_refused(tmp_path: Path) -> None:
+    """Refused only when it reaches no run (tests/test_spec.py: one that reaches some runs applies)."""
     from harness.spec import SpecError
 
     spec = spec_dict()  # scales.tiny sets train.epochs: 1, the teacher stage sets nothing
@@ -769,9 +771,9 @@ def test_a_command_line_override_reaches_every_run_or_is_refused(tmp_path: Path)
     assert {p.config.train.epochs for p in expand(tmp_path, spec, "scales.tiny.train.epochs=3").runs} == {3}
     with pytest.raises(SpecError) as err:
         expand(tmp_path, spec, "base.train.epochs=3")
-    assert err.value.lines == [f"{tmp_path / 'spec.yaml'}: base.train.epochs: has no effect on run teacher/teacher: "
-                               "scales.tiny sets train.epochs = 1 after it; pass train.epochs=3 (applied after every "
-                               "layer) or override scales.tiny, got 3"]
+    assert err.value.lines == [f"{tmp_path / 'spec.yaml'}: base.train.epochs: has no effect on any run: "
+                               "scales.tiny sets train.epochs = 1 after it; override scales.tiny.train.epochs "
+                               "instead, got 3"]
     del spec["scales"]["tiny"]["train"]
     assert {p.config.train.epochs for p in expand(tmp_path, spec, "base.train.epochs=3").runs} == {3}
 

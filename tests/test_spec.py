@@ -151,3 +151,54 @@ def test_malformed_spec_is_one_line_per_problem_exit_2(tmp_path: Path, capsys: p
     assert err and all(line.startswith(f"{path}: ") for line in err), err
     assert not any("Traceback" in line for line in err)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------- overrides do what the user meant (issue 23, point 3)
+def test_a_scale_override_shortens_the_students_and_says_the_teacher_keeps_its_epochs(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`scales.tiny.train.epochs=1` on table3: the teacher stage (an evaluation) sets its own epochs (0)."""
+    monkeypatch.chdir(REPO)
+    table3 = "experiments/table3.yaml"
+    before = {p.name: p for p in load_and_expand(table3, [], "tiny").runs}
+    after = {p.name: p for p in load_and_expand(table3, ["scales.tiny.train.epochs=1"], "tiny").runs}
+    assert after["teacher"].config.train.epochs == 0 and after["teacher"].key == before["teacher"].key
+    students = [p for p in after.values() if p.stage == "students"]
+    assert len(students) == 7 and {p.config.train.epochs for p in students} == {1}
+    assert launch.main([table3, "scales.tiny.train.epochs=1", "--dry-run"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{table3}: scales.tiny.train.epochs=1: applies to 7 of 8 runs; teacher/teacher keeps its own "
+                   "train.epochs (stages.teacher sets train.epochs = 0)"]
+
+
+def test_an_override_is_refused_only_where_it_reaches_no_run_and_advises_only_the_undoing_layers(
+        tmp_path: Path) -> None:
+    from harness.spec import SpecError
+
+    spec = spec_copy()
+    spec["stages"]["teacher"]["train.epochs"] = 0
+    spec["stages"]["students"]["runs"]["variants"][1]["set"]["train.epochs"] = 2
+    spec["stages"]["students"]["runs"]["variants"][1]["set"]["train.batch_size"] = 16
+    path = tmp_path / "spec.yaml"
+    # reaches the dynamic student only: applied there, one line for the runs that keep their own value
+    expanded = expand(tmp_path, spec, "scales.tiny.train.epochs=3")
+    assert {p.name: p.config.train.epochs for p in expanded.runs} == {"teacher": 0, "dynamic": 3, "static": 2}
+    assert expanded.notes == [
+        f"{path}: scales.tiny.train.epochs=3: applies to 1 of 3 runs; teacher/teacher keeps its own train.epochs "
+        "(stages.teacher sets train.epochs = 0); students/static keeps its own train.epochs "
+        "(stages.students.runs.variants[1].set sets train.epochs = 2)"]
+    # a stage override that every run of that stage undoes: refused, naming the layer, no wider advice
+    spec["stages"]["students"]["runs"]["variants"][0]["set"]["train.epochs"] = 4
+    with pytest.raises(SpecError) as err:
+        expand(tmp_path, spec, "stages.students.train.epochs=5")
+    assert err.value.lines == [
+        f"{path}: stages.students.train.epochs: has no effect on any run: stages.students.runs.variants[0].set sets "
+        "train.epochs = 4 after it (students/dynamic); stages.students.runs.variants[1].set sets train.epochs = 2 "
+        "after it (students/static); override stages.students.runs.variants[0].set.train.epochs or "
+        "stages.students.runs.variants[1].set.train.epochs instead, got 5"]
+    assert "train.epochs=5" not in err.value.lines[0]  # never the run config key: it would retrain the teacher
+    # a section override: one leaf reaching a run is enough; the leaves kept elsewhere are said
+    expanded = expand(tmp_path, spec, "stages.students.train={epochs: 5, batch_size: 8}")
+    assert {p.name: (p.config.train.epochs, p.config.train.batch_size) for p in expanded.runs} == {
+        "teacher": (0, 32), "dynamic": (4, 8), "static": (2, 16)}
+    assert len(expanded.notes) == 1 and "applies to 1 of 2 runs" in expanded.notes[0]
+    assert expand(tmp_path, spec, "train.epochs=5").notes == []  # the run config key: every run, no note
