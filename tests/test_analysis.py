@@ -180,6 +180,19 @@ def test_collect_runs_counts_finished_training_runs_only(store: dict[str, Any]) 
     assert collect.collect_runs(store["uri"], "no-such-experiment").empty
 
 
+def test_collect_reads_a_database_as_an_mlflow_server_answers(store: dict[str, Any]) -> None:
+    """The direct read of a database store (one query per table, only the keys it needs) gives the
+    frame `mlflow.search_runs` gives through a server on the same file: rows, order, values, dtypes."""
+    from tests.servers import mlflow_server
+
+    assert collect.is_database(store["uri"]) and not collect.is_database("http://127.0.0.1:5000")
+    with mlflow_server(store["tmp"]) as server:  # serves store["tmp"]/mlflow.db, the fixture's store
+        for scale in ("tiny", "paper", None):
+            direct = collect.collect_runs(store["uri"], EXPERIMENT, scale)
+            pd.testing.assert_frame_equal(direct, collect.collect_runs(server.uri, EXPERIMENT, scale))
+        assert collect.collect_runs(server.uri, "no-such-experiment").empty
+
+
 def test_collect_reads_the_best_epoch_as_the_official_code_reports(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
