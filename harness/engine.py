@@ -461,7 +461,8 @@ class Trainer:
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             tags = {"variant": cfg.model.variant, "run_key": cfg.run_key(), "model": cfg.model.name,
-                    "recipe": cfg.recipe, "precision": self.precision}
+                    "recipe": cfg.recipe, "precision": self.precision,
+                    "steps_per_epoch": str(self.steps_per_epoch)}  # the total of harness/progress.py's steps
             launched_as = cfg.tracking.run_id
             self.tracker = RunTracker.start(
                 cfg.tracking, params=cfg.model_dump(), tags=tags, async_logging=True,

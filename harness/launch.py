@@ -345,7 +345,7 @@ class Launch:
               f"skipped {skipped}", file=sys.stderr)
         submitted: list[tuple[RunPlan, Any]] = []
         running: list[tuple[RunPlan, Any]] = []
-        with Finished(len(todo), progress, stage) as finished:
+        with Finished(len(todo), progress, stage, self.watch) as finished:
             for entry in todo:
                 running = finished.wait(running, leave=at_once - 1)  # a free slot
                 (pair,) = self._record([entry], [executor.submit(TrainJob(), entry[1]["config"])])
@@ -457,7 +457,18 @@ class Launch:
                 return False
         return True
 
+    @property
+    def watch(self) -> Any:
+        """Where its runs stand, read from MLflow while the launch waits (harness/progress.py)."""
+        if getattr(self, "_watch", None) is None:
+            from harness.progress import launch_watch
+
+            self._watch = launch_watch(self)
+        return self._watch
+
     def finish(self, status: str = "FINISHED") -> None:
+        if getattr(self, "_watch", None) is not None:
+            self._watch.close()
         if self._parent_id is not None:
             self.client.set_terminated(self._parent_id, status=status)
 
@@ -488,11 +499,12 @@ def failure_line(err: BaseException) -> str:
 class Finished:
     """Counts a stage's finished jobs on a progress bar and keeps the failed ones."""
 
-    def __init__(self, total: int, progress: bool, desc: str) -> None:
+    def __init__(self, total: int, progress: bool, desc: str, watch: Any = None) -> None:
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, desc=desc, unit="run", disable=not progress)
         self.failed: list[RunPlan] = []
+        self.watch = watch  # harness.progress.Watch: the runs' epochs, steps and ETAs while waiting
 
     def __enter__(self) -> "Finished":
         return self
@@ -522,12 +534,16 @@ class Finished:
         while len(pending) > leave:
             time.sleep(POLL_S)
             pending = self.collect(pending)
+            if self.watch is not None:
+                self.watch.tick()
+        if self.watch is not None:
+            self.watch.pause()
         return pending
 
 
-def wait_for(jobs: list[tuple[RunPlan, Any]], progress: bool, desc: str = "runs") -> bool:
+def wait_for(jobs: list[tuple[RunPlan, Any]], progress: bool, desc: str = "runs", watch: Any = None) -> bool:
     """Follow jobs to the end with a progress bar of finished runs; False if any failed."""
-    with Finished(len(jobs), progress, desc) as finished:
+    with Finished(len(jobs), progress, desc, watch) as finished:
         finished.wait(list(jobs))
     return not finished.failed
 
@@ -600,7 +616,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         ok = launch.submit_all(progress)
         if ok and args.wait and cluster == "slurm":
-            ok = wait_for([j for jobs in launch.jobs.values() for j in jobs], progress)
+            ok = wait_for([j for jobs in launch.jobs.values() for j in jobs], progress, watch=launch.watch)
         status = "FINISHED" if ok else "FAILED"
     except Exception:
         status = "FAILED"

@@ -1,8 +1,10 @@
 """Where a spec's runs stand: `python -m harness.status experiments/table3.yaml [--scale tiny]`.
 
-One row per run of the spec: state in MLflow (or 'not launched'), epochs done, best val/acc1,
-job id and MLflow run id. Reads MLflow only; submits nothing, creates nothing: a tracking store
-that does not exist (a mistyped `--tracking-uri`) or does not answer is said in one line.
+One row per run of the spec: state in MLflow (or 'not launched'), its epoch (the one being
+trained, or the epochs done) and optimiser step of the total, the ETA of a running run (as
+`launch --wait` shows them: harness/progress.py), best val/acc1, job id and MLflow run id.
+Reads MLflow only; submits nothing, creates nothing: a tracking store that does not exist (a
+mistyped `--tracking-uri`) or does not answer is said in one line.
 Exit codes: 0 shown, 1 the tracking server did not answer, 2 invalid spec or arguments.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness.errors import handle
+from harness.progress import run_progress
 from harness.spec import load_and_expand
 from harness.store import bound_requests, check_store, resolve_uri
 
@@ -45,19 +48,19 @@ def show(args: argparse.Namespace) -> int:
     latest: dict[str, object] = {}
     for run in sorted(runs, key=lambda r: r.info.start_time or 0):
         latest[run.data.tags.get("run_key", "")] = run
-    header = ["stage", "name", "state", "epoch", "best val/acc1", "job id", "mlflow run id"]
+    header = ["stage", "name", "state", "epoch", "step", "ETA", "best val/acc1", "job id", "mlflow run id"]
     rows = []
     for plan in expanded.runs:
         run = latest.get(plan.key)
         if run is None:
-            rows.append([plan.stage, plan.name, "not launched", "-", "-", "-", "-"])
+            rows.append([plan.stage, plan.name, "not launched", "-", "-", "-", "-", "-", "-"])
             continue
         history = client.get_metric_history(run.info.run_id, "val/acc1")
         best = f"{max(m.value for m in history):.2f}" if history else "-"
-        # every epoch logs its time; val/acc1 only every train.eval_every epochs
-        epochs = {m.step for m in client.get_metric_history(run.info.run_id, "epoch_time_s")}
+        # every epoch logs its time (epoch), train/loss_step every optim.log_every steps (step)
+        epoch, step, eta = run_progress(run, plan.stage, plan.name, plan.config.train.epochs).columns()
         tags = run.data.tags
-        rows.append([plan.stage, plan.name, run.info.status, f"{len(epochs)}/{plan.config.train.epochs}", best,
+        rows.append([plan.stage, plan.name, run.info.status, epoch, step, eta, best,
                      tags.get("slurm_job_id") or tags.get("job_id", "-"), run.info.run_id])
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     for line in [header, *rows]:

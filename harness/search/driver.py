@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from harness.config import ConfigError
 from harness.launch import make_executor
+from harness.progress import trial_watch
 from harness.search.spec import PrunerSpec, SearchPlan
 from harness.search.storage import StorageChoice
 from harness.search.worker import SearchWorker, WorkerSetup, process_gone, trial_counts
@@ -122,6 +123,7 @@ class Search:
         section = self.section
         cap = section.workers + section.failure_limit  # every replacement job follows a failure
         ended: set[str] = set()
+        self.progress = trial_watch(self)  # the running trials' epochs, steps and ETAs (closed by `finish`)
         with tqdm(total=section.trials, desc=self.plan.study, unit="trial", disable=not progress) as bar:
             while True:
                 broken = False
@@ -137,6 +139,7 @@ class Search:
                 bar.n = min(finished, section.trials)
                 bar.set_postfix(pruned=counts["PRUNED"], failed=counts["FAIL"], running=counts["RUNNING"])
                 bar.refresh()
+                self.progress.tick()
                 if finished >= section.trials and not self.live:
                     return True
                 left = section.trials - finished - counts["RUNNING"]
@@ -172,6 +175,8 @@ class Search:
 
     def finish(self, ok: bool) -> dict[str, Any]:
         """Tag every trial's run with its final state and mark the best (single) or Pareto (several) trials."""
+        if getattr(self, "progress", None) is not None:
+            self.progress.close()
         trials = [t for t in self.study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         if not complete:
