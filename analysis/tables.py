@@ -24,12 +24,16 @@ TOP1_PAPER, TOP1_REPRO, STD, DELTA = "top-1 (paper)", "top-1 (reproduced)", "std
 GAP_PAPER, GAP_REPRO = "gap to anchor (paper)", "gap to anchor (reproduced)"
 SPEED_PAPER, SPEED_REPRO = "img/s (paper)", "img/s (reproduced)"
 RUNS, RUNS_FROM, STATUS = "runs", "runs from", "status"
+SEEDS, CI95 = "seeds", "95% CI"
+KEEP_TRAINED, KEEP_TESTED = "keep trained", "keep tested"
+KEEP_TOLERANCE = 0.03  # docs/tiny-scale.md: a learned selector has converged when it trains on what it is tested on
 
 REPRODUCED, MISSING, NOT_AVAILABLE, NOT_IN_PAPER = "reproduced", "missing", "not available", "not in paper"
 DASH = "—"
 PROXY_NOTE = (
-    "Reproduced numbers are the tiny CPU proxy (cluttered MNIST, a small ViT), not ImageNet: "
-    "compare each row's gap to the anchor row, not absolute top-1; `delta` is across datasets."
+    "Reproduced numbers are the tiny CPU proxy (cluttered MNIST, a small ViT; docs/tiny-scale.md), not "
+    "ImageNet: compare each row's gap to the anchor row, not absolute top-1 (no `delta` column: it would "
+    "compare MNIST top-1 with ImageNet top-1)."
 )
 SUBSET_NOTE = (
     "Reproduced numbers are ImageNet-100 (the 100 CMC classes, 1000-way top-1 on their 5,000 val "
@@ -37,22 +41,62 @@ SUBSET_NOTE = (
     "absolute top-1; `delta` is across datasets."
 )
 SCALE_NOTES = {"tiny": PROXY_NOTE, "imagenet100": SUBSET_NOTE}  # scales whose numbers are not ImageNet-1k's
-_REPRODUCED_COLUMNS = (GFLOPS_REPRO, TOP1_REPRO, STD, DELTA, GAP_REPRO, SPEED_REPRO)
+DATASET_SCALES = {"tiny"}  # scales on another dataset than the paper's: no `delta` column
+LEARNED_VARIANTS = {"dynamic", "static"}  # selectors trained by the ratio loss (Gumbel decisions in training)
+_REPRODUCED_COLUMNS = (GFLOPS_REPRO, TOP1_REPRO, STD, CI95, DELTA, GAP_REPRO, SPEED_REPRO, KEEP_TRAINED, KEEP_TESTED)
+_STAGES = (1, 2, 3)
+
+
+def t_interval(std: float, n: int) -> float:
+    """Half-width of the 95% t-interval of a mean over `n` seeds (NaN below 2: no spread to report)."""
+    if n < 2 or std != std:
+        return math.nan
+    from scipy.stats import t  # scipy comes with scikit-learn (mlflow's dependency)
+
+    return float(t.ppf(0.975, n - 1) * std / math.sqrt(n))
+
+
+def _fractions(group: pd.DataFrame, prefix: str) -> str:
+    """Mean kept fraction per stage over a row's runs, "0.69/0.48/0.33"; "" when none were logged."""
+    means = [group[f"{prefix}_keep_stage{s}"].mean() for s in _STAGES if f"{prefix}_keep_stage{s}" in group]
+    return "/".join(f"{m:.2f}" for m in means if m == m)
+
+
+def keep_mismatch(runs: pd.DataFrame) -> pd.Series:
+    """Per run: the largest |trained - tested| kept fraction over its stages (NaN without both)."""
+    diffs = [(runs[f"train_keep_stage{s}"] - runs[f"val_keep_stage{s}"]).abs()
+             for s in _STAGES if f"train_keep_stage{s}" in runs and f"val_keep_stage{s}" in runs]
+    if not diffs:
+        return pd.Series(math.nan, index=runs.index)
+    return pd.concat(diffs, axis=1).max(axis=1, skipna=True)
 
 
 def _aggregate(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per row: mean/std of top-1 over its runs (std needs >= 2), mean cost, run count."""
+    """Per row: mean/std/95% interval of top-1 over its runs (spread needs >= 2), mean cost, run and
+    seed counts, and for learned selectors the kept fractions trained on (the last epoch's
+    mean `train/keep_stage*`) and tested on (`val/keep_stage*`), averaged over the runs."""
     runs = runs[runs["row"].notna()] if "row" in runs else runs.iloc[0:0]
+    columns = ["acc1", "std", "ci95", "gflops", "speed", "runs", "seeds", "keep_trained", "keep_tested", "mismatch"]
     if runs.empty:
-        return pd.DataFrame(columns=["acc1", "std", "gflops", "speed", "runs"], dtype=float)
+        return pd.DataFrame(columns=columns, dtype=float)
     grouped = runs.groupby("row", sort=False)
+    std = grouped["acc1"].std(ddof=1)  # NaN for a single run: no spread to report
+    count = grouped["run_id"].count()
+    seeds = grouped["seed"].nunique() if "seed" in runs else count
+    learned = {row: "variant" in g and g["variant"].isin(LEARNED_VARIANTS).any() for row, g in grouped}
+    mismatch = keep_mismatch(runs).groupby(runs["row"], sort=False).max()
     return pd.DataFrame({
         "acc1": grouped["acc1"].mean(),
-        "std": grouped["acc1"].std(ddof=1),  # NaN for a single run: no spread to report
+        "std": std,
+        "ci95": [t_interval(std[row], int(count[row])) for row in std.index],
         "gflops": grouped["gflops"].mean(),
         "speed": grouped["throughput_img_s"].mean(),
-        "runs": grouped["run_id"].count(),
-    })
+        "runs": count,
+        "seeds": seeds.where(seeds > 0, count),
+        "keep_trained": [_fractions(g, "train") if learned[row] else "" for row, g in grouped],
+        "keep_tested": [_fractions(g, "val") if learned[row] else "" for row, g in grouped],
+        "mismatch": [mismatch.get(row, math.nan) if learned[row] else math.nan for row in std.index],
+    }, index=std.index)
 
 
 def _single_scale(runs: pd.DataFrame) -> Optional[str]:
@@ -112,6 +156,10 @@ def build_table(runs: pd.DataFrame, table: str) -> pd.DataFrame:
         SPEED_PAPER: ref["throughput"].to_numpy(),
         SPEED_REPRO: picked["speed"].to_numpy(dtype=float),
         RUNS: picked["runs"].fillna(0).to_numpy(dtype=int),
+        SEEDS: picked["seeds"].fillna(0).to_numpy(dtype=int),
+        CI95: picked["ci95"].to_numpy(dtype=float),
+        KEEP_TRAINED: picked["keep_trained"].fillna("").to_numpy(dtype=object),
+        KEEP_TESTED: picked["keep_tested"].fillna("").to_numpy(dtype=object),
         RUNS_FROM: shared,
         STATUS: [
             NOT_AVAILABLE if not available else (REPRODUCED if s is not None else MISSING)
@@ -124,23 +172,88 @@ def build_table(runs: pd.DataFrame, table: str) -> pd.DataFrame:
             ROW: extra.index, GFLOPS_REPRO: extra["gflops"].to_numpy(dtype=float),
             TOP1_REPRO: extra["acc1"].to_numpy(dtype=float), STD: extra["std"].to_numpy(dtype=float),
             SPEED_REPRO: extra["speed"].to_numpy(dtype=float), RUNS: extra["runs"].to_numpy(dtype=int),
+            SEEDS: extra["seeds"].to_numpy(dtype=int), CI95: extra["ci95"].to_numpy(dtype=float),
+            KEEP_TRAINED: extra["keep_trained"].to_numpy(dtype=object),
+            KEEP_TESTED: extra["keep_tested"].to_numpy(dtype=object),
             RUNS_FROM: extra.index, STATUS: NOT_IN_PAPER,
         })], ignore_index=True)
     out[DELTA] = out[TOP1_REPRO] - out[TOP1_PAPER]
     out[GAP_PAPER], out[GAP_REPRO] = _gaps(out, list(ref["anchor"]) + [None] * len(extra))
-    columns = [ROW, MODEL, KEEP, GFLOPS_PAPER, GFLOPS_REPRO, TOP1_PAPER, TOP1_REPRO, STD, DELTA,
-               GAP_PAPER, GAP_REPRO, SPEED_PAPER, SPEED_REPRO, RUNS, RUNS_FROM, STATUS]
+    columns = [ROW, MODEL, KEEP, GFLOPS_PAPER, GFLOPS_REPRO, TOP1_PAPER, TOP1_REPRO, STD, CI95, DELTA,
+               GAP_PAPER, GAP_REPRO, SPEED_PAPER, SPEED_REPRO, SEEDS, KEEP_TRAINED, KEEP_TESTED, RUNS, RUNS_FROM,
+               STATUS]
     if ref["throughput"].isna().all():  # only Table 1 reports speed
         columns = [c for c in columns if c not in (SPEED_PAPER, SPEED_REPRO)]
+    if scale in DATASET_SCALES:  # MNIST top-1 minus ImageNet top-1 means nothing
+        columns.remove(DELTA)
     out = out[columns]
-    notes = [f"{info['gap_note']}; std: sample standard deviation over a row's runs (seeds).",
+    notes = [f"{info['gap_note']}; std: sample standard deviation over a row's runs (seeds); 95% CI: "
+             "half-width of the 95% t-interval of the mean over seeds (t with seeds - 1 degrees of freedom).",
              "top-1 (reproduced): the best epoch's val top-1 of the (non-EMA) model, the number the "
              "official code reports (max_accuracy); with validation after the last epoch only, the final model's."]
+    if out[KEEP_TRAINED].astype(bool).any():
+        notes.append(_keep_note(out, agg))
+    orderings = ordering_note(out)
+    if orderings:
+        notes.append(orderings)
     if scale in SCALE_NOTES:
         notes.insert(0, SCALE_NOTES[scale])
     out.attrs = {"table": info["table"], "title": info["title"], "name": info["name"],
                  "scale": scale, "notes": notes}
     return out
+
+
+def _keep_note(out: pd.DataFrame, agg: pd.DataFrame) -> str:
+    """Which learned selectors train on the token fractions they are tested on (every stage, every run)."""
+    rows = [r for r, trained in zip(out[ROW], out[KEEP_TRAINED]) if trained and r in agg.index]
+    off = [f"{r} ({agg.at[r, 'mismatch']:.2f})" for r in rows if not agg.at[r, "mismatch"] <= KEEP_TOLERANCE]
+    verdict = (f"every learned selector is within {KEEP_TOLERANCE} at every stage in every run" if not off else
+               f"not within {KEEP_TOLERANCE} (largest |trained - tested| over stages and runs): {', '.join(off)}")
+    return ("keep trained / tested: per stage, the last epoch's mean kept fraction in training (Gumbel "
+            f"decisions, `train/keep_stage*`) and the fraction top-k keeps at test time, mean over runs; {verdict}.")
+
+
+def _group(row: str, model: Any) -> str:
+    """The rows whose order the paper reports together: Table 3's parts (a/, b/, c/), else one model's rows."""
+    head = row.split("/")[0] if "/" in row else ""
+    return f"({head})" if len(head) == 1 else str(model)
+
+
+def ordering_note(out: pd.DataFrame) -> str:
+    """Which of the paper's orderings (strict, within one group of rows) the reproduced means keep.
+
+    A pair is "held" when the reproduced means are in the paper's order, "reversed" otherwise;
+    either is marked "within noise" when the two rows' 95% intervals overlap (or a row has one seed)."""
+    rows = out[out[TOP1_PAPER].notna() & out[TOP1_REPRO].notna() & (out[STATUS] == REPRODUCED)]
+    if len(rows) < 2:
+        return ""
+    parts = []
+    for group, members in rows.groupby([_group(r, m) for r, m in zip(rows[ROW], rows[MODEL])], sort=False):
+        members = members.drop_duplicates(RUNS_FROM)  # b/predictor is a/dynamic's runs: one entry
+        ranked = members.sort_values(TOP1_PAPER, ascending=False, kind="stable").to_dict("records")
+        held, reversed_ = [], []
+        for i, a in enumerate(ranked):
+            for b in ranked[i + 1:]:
+                if a[TOP1_PAPER] <= b[TOP1_PAPER]:
+                    continue  # a tie in the paper orders nothing
+                diff = a[TOP1_REPRO] - b[TOP1_REPRO]
+                noise = a[SEEDS] < 2 or b[SEEDS] < 2 or abs(diff) <= a[CI95] + b[CI95]
+                mark = " (within noise)" if noise else ""
+                if diff > 0:
+                    held.append(f"{a[ROW]} > {b[ROW]}{mark}")
+                else:
+                    reversed_.append(f"{b[ROW]} >= {a[ROW]}{mark}")
+        pairs = held + reversed_
+        if not pairs:
+            continue
+        text = f"{group}: {len(held)} of {len(pairs)} held"
+        text += f" ({'; '.join(held)})" if held else ""
+        text += f", reversed: {'; '.join(reversed_)}" if reversed_ else ""
+        parts.append(text)
+    if not parts:
+        return ""
+    return ("the paper's orderings (each strict pair of its top-1s within a group) in the reproduced means: "
+            + " | ".join(parts) + "; within noise: the two rows' 95% intervals overlap, or a row has one seed.")
 
 
 # ------------------------------------------------------------------------------ rendering
@@ -163,9 +276,11 @@ _FORMATS: dict[str, Callable[[Any], str]] = {
     KEEP: _paper, GFLOPS_PAPER: _paper, GFLOPS_REPRO: _number(".3g"),
     TOP1_PAPER: _paper, TOP1_REPRO: _number(".2f"), STD: _number(".2f"), DELTA: _number("+.2f"),
     GAP_PAPER: _number("+.2f"), GAP_REPRO: _number("+.2f"), SPEED_PAPER: _paper,
-    SPEED_REPRO: _number(".0f"), RUNS: _number("d"),
+    SPEED_REPRO: _number(".0f"), RUNS: _number("d"), SEEDS: _number("d"), CI95: lambda v: DASH if v is None or v != v else f"±{v:.2f}",
+    KEEP_TRAINED: lambda v: v if isinstance(v, str) and v else DASH,
+    KEEP_TESTED: lambda v: v if isinstance(v, str) and v else DASH,
 }
-_HIDDEN = (RUNS_FROM, STATUS)  # shown through the cells they explain
+_HIDDEN = (RUNS_FROM, STATUS, RUNS)  # shown through the cells they explain; `seeds` counts the runs shown
 
 
 def display_frame(df: pd.DataFrame) -> pd.DataFrame:
