@@ -22,7 +22,7 @@ import time
 from typing import Optional
 
 from harness.errors import EnvironmentProblem, handle
-from harness.spec import load_spec
+from harness.spec import load_and_expand
 from harness.store import bound_requests, check_store, resolve_uri
 
 IN_FLIGHT = "attributes.status = 'SCHEDULED' or attributes.status = 'RUNNING'"
@@ -126,19 +126,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.cancel", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", help="experiment spec YAML, e.g. experiments/table3.yaml")
+    parser.add_argument("overrides", nargs="*", help="the launch's overrides, as `status` takes them (e.g. name=other "
+                        "names another experiment); checked like the launch's")
     parser.add_argument("--scale", help="which of the spec's scales (default: the spec's default_scale)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     return handle("harness.cancel", lambda: _main(args))
 
 
 def _main(args: argparse.Namespace) -> int:
-    from harness.config import ConfigError
-
-    spec = load_spec(args.spec)
-    scale = args.scale or spec.default_scale
-    if scale not in spec.scales:
-        raise ConfigError([f"{args.spec}: scale: unknown scale, expected one of {', '.join(spec.scales)}, got {scale!r}"])
+    # validated as `status` and `launch` validate them (the runs' input files do not matter here)
+    expanded = load_and_expand(args.spec, args.overrides, args.scale, check_files=False)
+    spec, scale = expanded.spec, expanded.scale
     uri, source = resolve_uri(args.tracking_uri)
     check_store(uri, source, must_exist=True, write=True)
     bound_requests()

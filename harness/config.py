@@ -376,6 +376,53 @@ def format_validation_error(err: Any, source: str, model: type[BaseModel], prefi
             for field, problem in validation_problems(err, model)]
 
 
+def _unique_key_loader() -> type:
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last).
+
+    Keys brought in by a `<<: *alias` merge may still be overridden: only the mapping's own keys count.
+    """
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                first: dict[Any, Any] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        earlier = first.setdefault(key, key_node.start_mark)
+                    except TypeError:  # an unhashable key: the base class says so
+                        continue
+                    if earlier is not key_node.start_mark:
+                        raise DuplicateKey(key, earlier, key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+class DuplicateKey(Exception):
+    """A mapping names one key twice: where both are (YAML marks)."""
+
+    def __init__(self, key: Any, first: Any, again: Any) -> None:
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+    def line(self, source: str) -> str:
+        from harness.errors import show
+
+        return (f"{source}: line {self.again.line + 1}: duplicate key {show(self.key)} in one mapping (first at "
+                f"line {self.first.line + 1}; YAML would silently keep only the last), got {show(self.key)} twice")
+
+
+def yaml_load(text: str) -> Any:
+    """`yaml.safe_load` that raises DuplicateKey for a key given twice in one mapping."""
+    import yaml
+
+    return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'a.b=value' -> ('a.b', YAML-parsed value), so numbers, lists and null work as expected."""
     import yaml
@@ -385,7 +432,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key or not all(part.strip() for part in key.split(".")):
         raise ConfigError([f"override {text!r}: expected key=value with a dotted key, e.g. train.epochs=2"])
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml_load(raw) if raw != "" else ""
+    except DuplicateKey as err:
+        raise ConfigError([f"override {text!r}: {key}: duplicate key {err.key!r} in the value, got it twice"]) from None
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -449,7 +498,9 @@ def read_yaml(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
 
     text = _read_text(path)
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
+    except DuplicateKey as err:
+        raise ConfigError([err.line(path)]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"

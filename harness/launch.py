@@ -21,10 +21,13 @@ files (one line each; nothing written, nothing submitted).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -34,7 +37,7 @@ from typing import Any, Optional
 from harness import runstate
 from harness.config import ConfigError
 from harness.errors import EnvironmentProblem, handle
-from harness.spec import Expanded, RunPlan, differing_values, load_and_expand
+from harness.spec import MAX_RUNS, Expanded, RunPlan, differing_values, load_and_expand
 from harness.store import bound_requests, check_store, resolve_uri
 
 EXIT_FAILED, EXIT_INVALID = 1, 2
@@ -55,6 +58,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--wait", action="store_true", help="follow the runs to the end, then report")
     parser.add_argument("--output-root", default="runs", help="runs/<spec>/<scale>/<stage>/<run>/ (default: runs)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument("--max-runs", type=int, default=MAX_RUNS, metavar="N",
+                        help=f"refuse a spec that expands to more than N runs (default: {MAX_RUNS})")
     return parser.parse_intermixed_args(argv)
 
 
@@ -582,6 +587,26 @@ def check_output_root(root: Path) -> None:
         raise ConfigError([f"--output-root: not writable, got {str(root)!r}"])
 
 
+def check_run_folders(expanded: Expanded, root: Path) -> None:
+    """Every run folder's existing part must be a folder: a symlink loop or a file in the way is
+    refused before any MLflow run is created (it would otherwise fail the launch half-way)."""
+    for folder in sorted({plan.output_dir for plan in expanded.runs}):
+        for part in [*reversed(folder.parents), folder]:
+            if part != root and root not in part.parents:
+                continue
+            try:
+                is_dir = stat.S_ISDIR(os.stat(part).st_mode)
+            except FileNotFoundError:
+                break  # created later, with everything below it
+            except OSError as err:  # ELOOP: a symlink loop; EACCES: a folder nobody may enter
+                raise ConfigError([f"--output-root: {part}: {(err.strerror or str(err)).lower()}"
+                                   f"{' (a symlink loop)' if err.errno == errno.ELOOP else ''}, "
+                                   f"got {str(root)!r}"]) from None
+            if not is_dir:
+                raise ConfigError([f"--output-root: {part}: not a folder (a run folder lies under it), "
+                                   f"got {str(root)!r}"])
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM (scancel of a launcher job, `kill`, harness.cancel): stop like Ctrl-C."""
 
@@ -597,7 +622,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     output_root = Path(args.output_root).resolve()
-    expanded = load_and_expand(args.spec, args.overrides, args.scale, str(output_root))
+    if args.max_runs < 1:
+        raise ConfigError([f"--max-runs: must be at least 1, got {args.max_runs}"])
+    expanded = load_and_expand(args.spec, args.overrides, args.scale, str(output_root), max_runs=args.max_runs)
     check_report_inputs(expanded)
     for note in expanded.notes:  # an override that some runs' own layers undo: which ones, and why
         print(note, file=sys.stderr)
@@ -607,6 +634,7 @@ def _main(args: argparse.Namespace) -> int:
     uri, source = resolve_uri(args.tracking_uri)
     check_store(uri, source, must_exist=False, write=True)
     check_output_root(output_root)
+    check_run_folders(expanded, output_root)
     bound_requests()
     cluster = choose_executor(args.executor)
     launch = Launch(expanded, uri, cluster, args.rerun, output_root)
@@ -639,7 +667,7 @@ def print_urls(launch: Launch, uri: str, finished: bool) -> None:
     from harness.tracking import compare_url, runs_table_url
 
     if not uri.startswith(("http://", "https://")):
-        print(f"MLflow UI: mlflow ui --backend-store-uri {uri}   (then open the pages below)")
+        print(f"MLflow UI: mlflow ui --backend-store-uri {shlex.quote(uri)}   (then open the pages below)")
     print(f"runs table: {runs_table_url(uri, launch.experiment_id)}")
     run_ids = launch.submitted_run_ids()
     if finished and run_ids:

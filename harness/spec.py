@@ -30,7 +30,7 @@ from harness.config import (
     validation_problems,
 )
 from harness.errors import show
-from harness.inputs import check_run_inputs
+from harness.inputs import MAX_BATCH, check_run_inputs
 
 STAGE_KEYS = {"after", "init_from", "distill_from", "runs", "slurm", "scales", "row", "only_scales"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")  # names are folder names: never a path, never '..'
@@ -446,12 +446,28 @@ def override_reach(path: str, reach: dict[str, Reach]) -> tuple[list[str], list[
     return errors, notes
 
 
+MAX_RUNS = 1000  # runs one launch submits unless --max-runs raises it: a larger grid is most likely a typo
+
+
+def count_runs(spec: Spec, stages: Sequence[str]) -> dict[str, int]:
+    """How many runs each stage expands to (variants x grid product x zip length), without expanding it."""
+    counts = {}
+    for name in stages:
+        runs = spec.stages[name].runs
+        per_variant = len(next(iter(runs.zip.values()))) if runs.zip else 1
+        for values in runs.grid.values():
+            per_variant *= len(values)
+        counts[name] = max(1, len(runs.variants)) * per_variant
+    return counts
+
+
 def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str = "runs",
-           check_files: bool = True) -> Expanded:
+           check_files: bool = True, max_runs: Optional[int] = None) -> Expanded:
     """Every run of the spec at `scale`, validated. Raises SpecError listing every problem.
 
     `check_files`: also check that the files and folders the runs read exist and look usable
     (datasets, pretrained weights); a command that only reads MLflow (status) skips this.
+    `max_runs`: refuse, before expanding anything, a spec of more runs (a 10,000-point grid).
     """
     scale = scale or spec.default_scale
     errors: list[str] = []
@@ -460,6 +476,12 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
     order, order_errors = _stage_order(spec, path)
     errors += order_errors
     order = _at_scale(spec, order, scale)
+    counts = count_runs(spec, order)
+    if max_runs is not None and sum(counts.values()) > max_runs:
+        largest = max(counts, key=counts.__getitem__)
+        raise SpecError([f"{path}: stages.{largest}.runs: the spec expands to {sum(counts.values())} runs at scale "
+                         f"{scale} ({counts[largest]} in stage {largest}), more than the limit of {max_runs}; pass "
+                         f"--max-runs {sum(counts.values())} to launch them all, got {sum(counts.values())}"])
     scale_spec = spec.scales[scale]
     plans: list[RunPlan] = []
     reported: set[str] = set()  # command-line overrides already refused
@@ -517,6 +539,7 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
                                for field, problem in validation_problems(err, RunConfig)]
                     invalid.add(stage_name)
                     continue
+                errors += _check_batches(config, slurm, path, layers)
                 if check_files:
                     errors += _check_data(config, path, layers)
                     produced = flatten({k: v for k, v in derived.items() if k in ("train", "teacher")})
@@ -620,6 +643,31 @@ def _check_data(config: RunConfig, path: str, layers: list[tuple[str, dict]]) ->
     return []
 
 
+def _check_batches(config: RunConfig, slurm: SlurmResources, path: str, layers: list[tuple[str, dict]]) -> list[str]:
+    """An epoch must hold at least one optimiser step, else the job fails after the queue.
+
+    Training drops an epoch's last partial batch, and its last incomplete update (harness/engine.py):
+    each process sees its share of the training images (DDP over nodes x tasks_per_node).
+    """
+    data, train = config.data, config.train
+    if train.batch_size > MAX_BATCH:
+        return []  # refused on its own (harness/inputs.py): one line is enough
+    sizes = {"cluttered_mnist": ("data.train_digits", data.train_digits), "synthetic": ("data.train_size", data.train_size)}
+    if data.name not in sizes:
+        return []  # an image folder's size is known only when it is read
+    field, images = sizes[data.name]
+    world = slurm.nodes * slurm.tasks_per_node
+    per_process = (images // 256 * 256 if train.repeated_aug else images) // world
+    if per_process // train.batch_size // train.accum_steps >= 1:
+        return []
+    needed = train.batch_size * train.accum_steps * world
+    how = f"train.batch_size {train.batch_size} ({_locate('train.batch_size', layers)}) x train.accum_steps " \
+          f"{train.accum_steps}" + (f" x {world} processes" if world > 1 else "")
+    rounded = " (train.repeated_aug keeps a multiple of 256)" if train.repeated_aug else ""
+    return [f"{path}: {_locate(field, layers)}: too few training images for one optimiser step of {how}: "
+            f"at least {needed} needed{rounded}, got {images}"]
+
+
 def differing_values(plans: list[RunPlan]) -> list[str]:
     """Dotted config keys whose values differ between runs (what a dry-run table shows)."""
     flats = [flatten(p.config.model_dump(exclude={"output_dir", "tracking"})) for p in plans]
@@ -628,6 +676,6 @@ def differing_values(plans: list[RunPlan]) -> list[str]:
 
 
 def load_and_expand(path: str, overrides: Sequence[str] = (), scale: Optional[str] = None,
-                    output_root: str = "runs", check_files: bool = True) -> Expanded:
-    return expand(load_spec(path, overrides), path, scale, output_root, check_files)
+                    output_root: str = "runs", check_files: bool = True, max_runs: Optional[int] = None) -> Expanded:
+    return expand(load_spec(path, overrides), path, scale, output_root, check_files, max_runs)
 

@@ -28,13 +28,47 @@ _SET_BY_US = "DVIT_BOUNDED_MLFLOW_ENV"  # which of CLI_REQUEST_LIMITS this proce
 
 
 def resolve_uri(cli_value: Optional[str]) -> tuple[str, str]:
-    """(uri, where it came from): the option, else $MLFLOW_TRACKING_URI, else ./mlflow.db (absolute)."""
+    """(uri, where it came from): the option, else $MLFLOW_TRACKING_URI, else ./mlflow.db (absolute).
+
+    Credentials never travel in the URI (it is printed, tagged and written into job files): in
+    $MLFLOW_TRACKING_URI they move to MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (what
+    MLflow's client and every job read); on a command line (visible in `ps`) they are refused.
+    """
     if cli_value:
+        if _credentials(cli_value)[1] is not None:
+            raise ConfigError([f"--tracking-uri: a password in the URI shows in `ps` and would be written into job "
+                               f"files; export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead, got "
+                               f"{masked(cli_value)!r}"])
         return cli_value, "--tracking-uri"
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
-        return env, "$MLFLOW_TRACKING_URI"
+        clean, user, password = _credentials(env)
+        for key, value in (("MLFLOW_TRACKING_URI", clean), ("MLFLOW_TRACKING_USERNAME", user),
+                           ("MLFLOW_TRACKING_PASSWORD", password)):
+            if value is not None:  # what this process's MLflow client and its jobs read
+                os.environ[key] = value
+        return clean, "$MLFLOW_TRACKING_URI"
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}", "tracking store (default ./mlflow.db)"
+
+
+def _credentials(uri: str) -> tuple[str, Optional[str], Optional[str]]:
+    """(the http(s) URI without `user:password@`, user, password); other URIs are returned as they are."""
+    parts = urlparse(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri, None, None
+    host = parts.netloc.rsplit("@", 1)[1]
+    clean = parts._replace(netloc=host).geturl()
+    user = unquote(parts.username) if parts.username is not None else None
+    return clean, user, unquote(parts.password) if parts.password is not None else None
+
+
+def masked(uri: str) -> str:
+    """The URI with its password (if any) shown as ***, for messages."""
+    clean, user, password = _credentials(uri)
+    if user is None and password is None:
+        return uri
+    parts = urlparse(clean)
+    return parts._replace(netloc=f"{user or ''}{':***' if password is not None else ''}@{parts.netloc}").geturl()
 
 
 def sqlite_path(uri: str) -> Optional[Path]:
@@ -106,16 +140,38 @@ def _check_sqlite(db: Path, uri: str, source: str, *, must_exist: bool, write: b
 
 
 def _check_server(uri: str, source: str, timeout_s: float) -> None:
-    """Any HTTP answer means a server is there (MLflow's /health, or a proxy's error page)."""
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
-            return
-    except urllib.error.HTTPError:
-        return
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", None) or err
-        raise EnvironmentProblem(f"{source}: cannot reach the MLflow tracking server within {timeout_s:.0f} s "
-                                 f"({reason}), got {uri!r}") from None
+    """Any HTTP answer means a server is there (MLflow's /health, or a proxy's error page); one that
+    refuses this command's credentials (basic auth, `tracking-server.sh start --auth`) is one line."""
+    for path in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
+        request = urllib.request.Request(uri.rstrip("/") + path, headers=_auth_header())
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s):
+                continue
+        except urllib.error.HTTPError as err:
+            if err.code == 401:
+                given = os.environ.get("MLFLOW_TRACKING_USERNAME") or os.environ.get("MLFLOW_TRACKING_TOKEN")
+                why = ("wrong MLFLOW_TRACKING_USERNAME or MLFLOW_TRACKING_PASSWORD" if given else
+                       "it needs MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, and none are set")
+                raise EnvironmentProblem(f"{source}: the MLflow tracking server refused the credentials (401 "
+                                         f"Unauthorized: {why}), got {uri!r}") from None
+            return  # a server answered; what it thinks of this request is for MLflow's client to say
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", None) or err
+            raise EnvironmentProblem(f"{source}: cannot reach the MLflow tracking server within {timeout_s:.0f} s "
+                                     f"({reason}), got {uri!r}") from None
+
+
+def _auth_header() -> dict[str, str]:
+    """The Authorization header MLflow's client would send (a token, else basic auth), if any."""
+    import base64
+
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
 
 
 def bound_requests() -> None:

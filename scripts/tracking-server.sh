@@ -129,6 +129,15 @@ EOF
 }
 
 db_url() { echo "postgresql://$ROLE:$(cat "$D/db_pass")@$PG_HOST:$(pg_port)/$1"; }
+# The server's own URLs carry no password: libpq reads it from $D/pgpass (root's, mode 0600, named by
+# PGPASSFILE), so that `ps` and /proc/PID/cmdline show no secret to other local users.
+server_db_url() { echo "postgresql://$ROLE@$PG_HOST:$(pg_port)/$1"; }
+write_pgpass() {
+  (umask 077 && echo "*:$(pg_port):*:$ROLE:$(cat "$D/db_pass")" >"$D/pgpass.tmp" && mv -f "$D/pgpass.tmp" "$D/pgpass")
+}
+# shows_password: the running server's command line holds the database password (started by an older
+# version of this script): it is restarted with the password moved out.
+shows_password() { tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" | grep -qF -- "$(cat "$D/db_pass")"; }
 
 # ---------------------------------------------------------------- mlflow
 # mlflow_pid: the pid of our `mlflow server` (a python process whose command line says so).
@@ -150,12 +159,16 @@ EOF
 }
 
 start_mlflow() {
-  local auth="$1" want_mode have_mode
+  local auth="$1" want_mode have_mode pid
   want_mode="$([[ "$auth" == 1 ]] && echo auth || echo open)"
   have_mode="$(cat "$D/mlflow_mode" 2>/dev/null || echo open)"
-  if mlflow_pid >/dev/null; then
-    [[ "$want_mode" == "$have_mode" ]] && return 0
-    log "switching mlflow server to '$want_mode': restarting it"
+  if pid="$(mlflow_pid)"; then
+    if shows_password "$pid"; then
+      log "restarting mlflow server: its command line shows the database password"
+    else
+      [[ "$want_mode" == "$have_mode" ]] && return 0
+      log "switching mlflow server to '$want_mode': restarting it"
+    fi
     stop_mlflow
   fi
   [[ -x "$PY" ]] || die "no python at $PY (TRACKING_PYTHON): create the venv first (pip install -e '.[dev]')"
@@ -163,10 +176,12 @@ start_mlflow() {
     || die "$PY lacks mlflow or psycopg 3 (SQLAlchemy's postgresql:// driver): pip install -e '.[dev]'" "$LOG/mlflow.out"
   port_in_use "$PORT" && die "port $PORT is taken (TRACKING_PORT)"
   mkdir -p "$ARTIFACTS"
-  local args=(-m mlflow server --backend-store-uri "$(db_url mlflow)"
+  write_pgpass
+  local args=(-m mlflow server --backend-store-uri "$(server_db_url mlflow)"
     --serve-artifacts --artifacts-destination "$ARTIFACTS"
     --host "$HOST" --port "$PORT" --workers "$WORKERS")
-  local env=(env -u MLFLOW_TRACKING_URI -u MLFLOW_TRACKING_USERNAME -u MLFLOW_TRACKING_PASSWORD)
+  local env=(env -u MLFLOW_TRACKING_URI -u MLFLOW_TRACKING_USERNAME -u MLFLOW_TRACKING_PASSWORD
+    PGPASSFILE="$D/pgpass")
   if [[ "$auth" == 1 ]]; then
     if [[ ! -s "$D/auth_pass" ]]; then
       (umask 077 && head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$D/auth_pass")
@@ -174,7 +189,7 @@ start_mlflow() {
     (umask 077 && cat >"$D/basic_auth.ini" <<EOF
 [mlflow]
 default_permission = READ
-database_uri = $(db_url mlflow_auth)
+database_uri = $(server_db_url mlflow_auth)
 admin_username = admin
 admin_password = $(cat "$D/auth_pass")
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth

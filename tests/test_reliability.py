@@ -615,6 +615,99 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
         return (c.search(c.search_spec(), "search.trials=0", "--dry-run"), 2, f"{c.tmp / 'search.yaml'}: search.trials",
                 "greater than 0")
 
+    # -- issue 24: duplicate keys, limits, folders and arguments refused before anything is written
+    @case("spec-duplicate-key")
+    def _(c: Ctx) -> Built:
+        text = yaml.safe_dump(spec_dict(), sort_keys=False).replace(
+            "base:\n", "base:\n  train:\n    batch_size: 8\n    ema: 0.99\n", 1)
+        p = write(c.tmp / "dup.yaml", text)
+        first, again = [i for i, row in enumerate(text.splitlines(), 1) if row == "  train:"]
+        return c.launch(str(p)), 2, f"{p}: line {again}: duplicate key 'train'", f"first at line {first}"
+
+    @case("train-config-duplicate-key")
+    def _(c: Ctx) -> Built:
+        p = write(c.tmp / "run.yaml", "model: {name: dynamicvit_micro_patch4_32}\ntrain: {epochs: 1, epochs: 2}\n")
+        return ["harness.train", str(p)], 2, f"{p}: line 2: duplicate key 'epochs'", "first at line 2"
+
+    @case("override-value-duplicate-key")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(), "train={epochs: 1, epochs: 2}"), 2, "override 'train={epochs: 1, epochs: 2}'",
+                "duplicate key 'epochs'")
+
+    @case("grid-over-max-runs")
+    def _(c: Ctx) -> Built:  # 2 variants x 100 x 50: 10,001 runs in all
+        return (c.launch(c.spec(), f"stages.students.runs.grid={{train.seed: {list(range(100))}, "
+                                   f"data.seed: {list(range(50))}}}"), 2,
+                f"{c.tmp / 'spec.yaml'}: stages.students.runs: the spec expands to 10001 runs",
+                "more than the limit of 1000; pass --max-runs 10001")
+
+    @case("grid-over-a-lowered-max-runs")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(), "--max-runs", "2"), 2, f"{c.tmp / 'spec.yaml'}: stages.",
+                "expands to 3 runs at scale tiny (2 in stage students), more than the limit of 2")
+
+    @case("max-runs-zero")
+    def _(c: Ctx) -> Built:
+        return c.launch(c.spec(), "--max-runs=0"), 2, "--max-runs: must be at least 1", "got 0"
+
+    @case("output-root-symlink-loop")
+    def _(c: Ctx) -> Built:
+        (c.tmp / "runs").mkdir()
+        (c.tmp / "runs/mini").symlink_to(c.tmp / "runs/loop")
+        (c.tmp / "runs/loop").symlink_to(c.tmp / "runs/mini")
+        return c.launch(c.spec()), 2, f"--output-root: {c.tmp / 'runs/mini'}", "a symlink loop"
+
+    @case("output-root-run-folder-is-a-file")
+    def _(c: Ctx) -> Built:
+        write(c.tmp / "runs/mini/tiny", "x")
+        return c.launch(c.spec()), 2, f"--output-root: {c.tmp / 'runs/mini/tiny'}: not a folder", "runs"
+
+    @case("train-digits-below-one-batch")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(), "data.train_digits=10", "train.batch_size=64"), 2,
+                f"{c.tmp / 'spec.yaml'}: data.train_digits (command line): too few training images for one optimiser "
+                f"step of train.batch_size 64 (train.batch_size (command line))", "at least 64 needed, got 10")
+
+    @case("train-size-below-accumulated-batches")
+    def _(c: Ctx) -> Built:
+        return (c.launch(c.spec(**{"base/data": {"name": "synthetic", "train_size": 100}}), "train.accum_steps=4"),
+                2, f"{c.tmp / 'spec.yaml'}: base.data.train_size: too few training images", "x train.accum_steps 4")
+
+    @case("cancel-takes-status-overrides")
+    def _(c: Ctx) -> Built:  # accepted (the store is what is missing), as `status` accepts them
+        return (["harness.cancel", c.spec(), "train.epochs=2", "--tracking-uri", c.db], 2,
+                "--tracking-uri: no such SQLite file", "mlflow.db")
+
+    @case("cancel-override-invalid")
+    def _(c: Ctx) -> Built:
+        return (["harness.cancel", c.spec(), "train.epochs=abc", "--tracking-uri", c.db], 2,
+                f"{c.tmp / 'spec.yaml'}: train.epochs (command line)", "valid integer")
+
+    @case("tracking-uri-with-password")
+    def _(c: Ctx) -> Built:
+        argv = c.launch(c.spec())
+        argv[argv.index("--tracking-uri") + 1] = f"http://admin:hunter2secret@127.0.0.1:{free_port()}"
+        return argv, 2, "--tracking-uri: a password in the URI shows in `ps`", "http://admin:***@127.0.0.1"
+
+    @case("status-tracking-uri-with-password")
+    def _(c: Ctx) -> Built:
+        uri = f"https://u:hunter2secret@127.0.0.1:{free_port()}/mlflow"
+        return ["harness.status", c.spec(), "--tracking-uri", uri], 2, "--tracking-uri: a password", "u:***@"
+
+    @case("search-journal-damaged")
+    def _(c: Ctx) -> Built:
+        journal = write(c.tmp / "study.journal", '{"op_code": 0, "worker_id": "w", "study_name": "s", '
+                                                 '"directions": [1]}\n\x00garbage\n{"op_code": 0}\n')
+        return (c.search(c.search_spec(), f"--storage={journal}", "--workers=2"), 2,
+                f"{c.tmp / 'search.yaml'}: search.storage.url: {journal}: line 2: not an Optuna journal record",
+                "move the file aside")
+
+    @case("search-auto-journal-damaged")
+    def _(c: Ctx) -> Built:  # the search's own file, not one the user named: the environment's problem
+        journal = write(c.tmp / "runs/mini_search/tiny/mini_search-tiny/study.journal", b'{"op_code": 0}\n\xff\xfe\n{}\n')
+        return (c.search(c.search_spec(), "--workers=2"), 1, f"{c.tmp / 'search.yaml'}: search.storage.url (auto, "
+                f"under --output-root): {journal}: line 2: not an Optuna journal record", "move the file aside")
+
     return cases
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from harness.config import ConfigError, TrackingConfig
+from harness.config import ConfigError
 from harness.search.spec import PrunerSpec, SearchPlan, load_search
 from harness.search.storage import StorageChoice, choose_storage
 
@@ -61,6 +61,21 @@ def render_plan(plan: SearchPlan, storage: StorageChoice, cluster: str) -> str:
     return "\n".join(lines)
 
 
+def failure_reasons(study: Any) -> list[str]:
+    """One line per distinct reason the study's trials failed, with the trials it failed (a search whose
+    trials all fail must say why, not only how many)."""
+    from optuna.trial import TrialState
+
+    reasons: dict[str, list[int]] = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if trial.user_attrs.get("surplus"):
+            continue
+        why = trial.user_attrs.get("error") or "no error recorded (its worker was lost or killed: see its log)"
+        reasons.setdefault(why, []).append(trial.number)
+    return [f"failed: trial{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers[:10]))}"
+            f"{' ...' if len(numbers) > 10 else ''}: {why}" for why, numbers in reasons.items()]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     output_root = str(Path(args.output_root).resolve())
@@ -78,9 +93,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
 
     from harness.search.driver import Search
-    from harness.tracking import resolve_tracking_uri
+    from harness.store import check_store, resolve_uri
 
-    uri = resolve_tracking_uri(TrackingConfig(uri=args.tracking_uri))
+    uri, source = resolve_uri(args.tracking_uri)
+    check_store(uri, source, must_exist=False, write=True)  # in seconds, one line; MLflow's set-up lines kept quiet
     try:
         search = Search(plan, storage, cluster, uri)
     except ConfigError as err:
@@ -90,6 +106,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     summary = search.finish(ok)
     print(f"{plan.name} ({plan.scale}): study {plan.study}: {summary['complete']} complete, {summary['pruned']} pruned, "
           f"{summary['fail']} failed of a budget of {plan.section.trials}; storage {storage.shown}")
+    for line in failure_reasons(search.study):
+        print(f"  {line}")
     names = [o.metric for o in plan.section.objectives]
     for trial in summary["best"]:
         values = ", ".join(f"{n} {v:.4g}" for n, v in zip(names, trial.values))

@@ -33,6 +33,7 @@ class StorageChoice:
     heartbeat_interval: int = 30
     grace_period: Optional[int] = None
     written: str = ""  # the URL as the spec wrote it, when it names environment variables (`${OPTUNA_STORAGE}`)
+    given: bool = True  # named by the user (a damaged file is then bad input, exit 2), not chosen by `auto`
 
     @classmethod
     def parse(cls, text: str, heartbeat_interval: int = 30, grace_period: Optional[int] = None) -> "StorageChoice":
@@ -57,7 +58,12 @@ class StorageChoice:
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         if self.kind == "journal":
             Path(self.location).parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.JournalStorage(JournalFileBackend(self.location))
+            try:  # replays the whole journal: a damaged record raises JSONDecodeError, UnicodeDecodeError...
+                return optuna.storages.JournalStorage(JournalFileBackend(self.location))
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                line = f"{self.location}: {_damaged_record(Path(self.location), err)}; move the file aside to start " \
+                       f"the study afresh, got a damaged Optuna journal"
+                raise (ConfigError([line]) if self.given else EnvironmentProblem(line)) from None
         if self.kind == "sqlite":
             Path(self.location[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
             engine: dict[str, Any] = {"connect_args": {"timeout": 60}}  # a reader must wait, not fail
@@ -83,6 +89,26 @@ class StorageChoice:
         if self.written:  # the shell expands it: no password on the screen
             return f'optuna-dashboard "{self.written}"'
         return f"optuna-dashboard {shlex.quote(self.location)}"
+
+
+def _damaged_record(path: Path, err: Optional[Exception] = None) -> str:
+    """`line N: not an Optuna journal record (why)` for the first line that is not JSON (a last,
+    half-written line is one Optuna skips); else, given Optuna's error, that error; else ''."""
+    import json
+
+    try:
+        with path.open("rb") as handle:
+            lines = handle.read().split(b"\n")
+    except OSError as read_err:
+        return f"cannot be read ({read_err.strerror})"
+    for number, raw in enumerate(lines[:-1], start=1):
+        try:
+            json.loads(raw)
+        except ValueError as bad:
+            return f"line {number}: not an Optuna journal record ({str(bad).splitlines()[0][:80]})"
+    if err is None:
+        return ""
+    return f"a record Optuna cannot replay ({type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''})"
 
 
 def _slurm_nodes(partition: Optional[str]) -> Optional[int]:
@@ -113,7 +139,7 @@ def choose_storage(plan: SearchPlan, cluster: str) -> StorageChoice:
             check_storage(choice, f"{where} (auto, under --output-root)")
             return choice
         if one_machine:
-            choice = StorageChoice.parse(str(plan.study_dir / "study.journal"))
+            choice = dataclasses.replace(StorageChoice.parse(str(plan.study_dir / "study.journal")), given=False)
             check_storage(choice, f"{where} (auto, under --output-root)")
             return choice
         raise ConfigError([f"{where}: {workers} workers may run on different SLURM nodes: give an RDB URL "
@@ -171,6 +197,11 @@ def check_storage(choice: StorageChoice, where: str) -> None:
     if not os.access(existing, os.W_OK):
         raise ConfigError([f"{where}: {existing} cannot be written (read-only or no permission), "
                            f"got {str(file)!r}"])
+    if choice.kind == "journal" and file.is_file():  # a damaged record stops every worker: refuse it first
+        problem = _damaged_record(file)
+        if problem:
+            line = f"{where}: {file}: {problem}; move the file aside to start the study afresh, got a damaged Optuna journal"
+            raise ConfigError([line]) if choice.given else EnvironmentProblem(line)
 
 
 def _has_password(url: str) -> bool:

@@ -165,8 +165,9 @@ class TrialObjective:
             self._tag_state(run_id, "FAIL")
             self.study.stop()
             raise
-        except BaseException:
+        except BaseException as err:
             self._tag_state(run_id, "FAIL")
+            self._record_error(trial, run_id, err)
             raise
         for key in FINAL_METRICS:
             if key in final:
@@ -211,6 +212,17 @@ class TrialObjective:
                 raise Pruned(f"trial {trial.number} pruned after epoch {epoch + 1}: {metric} {metrics[metric]:.2f}")
 
         return on_epoch
+
+    def _record_error(self, trial: optuna.Trial, run_id: str, err: BaseException) -> None:
+        """Why the trial failed, in one line: the search's summary names each distinct reason."""
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]
+        reason = f"{type(err).__name__}: {lines[-1] if lines else ''}".rstrip(": ")[:500]
+        try:
+            trial.set_user_attr("error", reason)
+            if "error" not in self.client.get_run(run_id).data.tags:  # the engine's own, when it got that far
+                self.client.set_tag(run_id, "error", reason)
+        except Exception as problem:  # the trial's failure matters more
+            print(f"could not record trial {trial.number}'s error: {problem}", file=sys.stderr)
 
     def _tag_state(self, run_id: str, state: str) -> None:
         try:
