@@ -113,7 +113,7 @@ def run_progress(run: Any, stage: str, name: str, epochs: Optional[int] = None, 
         progress.steps = epochs * steps_per_epoch
         logged = step_point.step + 1 if step_point is not None else 0
         progress.step = min(progress.steps, max(logged, done * steps_per_epoch))
-        if state == "finished":
+        if state == "finished" and done == epochs:  # its last points may be fewer than its steps (log_every)
             progress.step = progress.steps
     elif step_point is not None:
         progress.step = step_point.step + 1
