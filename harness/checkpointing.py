@@ -69,11 +69,15 @@ def load(path: Path) -> Optional[dict[str, Any]]:
 
 
 def weights_file(source: str) -> str:
-    """A weights source for `models.load_weights`: a file/URL as is, a run folder -> its weights."""
+    """A weights source for `models.load_weights`: a file/URL as is, a run folder -> its final weights.
+
+    Never the folder's resume checkpoint: that is a run still training (or stopped) half-way, and
+    a student initialised or distilled from it would look like a result of the finished teacher.
+    """
     path = Path(source)
     if path.is_dir():
-        for name in (FINAL_WEIGHTS, CHECKPOINT):
-            if (path / name).is_file():
-                return str(path / name)
-        raise FileNotFoundError(f"{source}: no {FINAL_WEIGHTS} or {CHECKPOINT} in this run folder")
+        if (path / FINAL_WEIGHTS).is_file():
+            return str(path / FINAL_WEIGHTS)
+        raise FileNotFoundError(f"{source}: no {FINAL_WEIGHTS} in this run folder: its run has not finished "
+                                f"(a {CHECKPOINT} is a resume point, never used as weights)")
     return source

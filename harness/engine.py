@@ -542,6 +542,7 @@ def run(cfg: RunConfig, on_epoch: Optional[EpochCallback] = None) -> dict[str, f
         if done is not None:
             runstate.mark_finished_if_open(cfg)
             return done
+        runstate.check_sources(cfg)  # never from a teacher (or init run) that has not FINISHED
         env = init_distributed()
         http_client_settings()  # our outage handling decides how long to wait for MLflow, not its client
         return Trainer(cfg, env).fit(on_epoch)

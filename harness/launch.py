@@ -21,6 +21,7 @@ files (one line each; nothing written, nothing submitted).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shlex
@@ -38,7 +39,7 @@ from harness import runstate
 from harness.config import ConfigError
 from harness.errors import EnvironmentProblem, handle
 from harness.spec import MAX_RUNS, Expanded, RunPlan, differing_values, load_and_expand
-from harness.store import bound_requests, check_store, resolve_uri
+from harness.store import StoreLock, bound_requests, check_store, resolve_uri
 
 EXIT_FAILED, EXIT_INVALID = 1, 2
 IN_FLIGHT = ("SCHEDULED", "RUNNING")
@@ -195,33 +196,45 @@ class Launch:
     """One launch of a spec: MLflow bookkeeping, then one job array per stage."""
 
     def __init__(self, expanded: Expanded, tracking_uri: str, cluster: str, rerun: bool,
-                 output_root: Optional[Path] = None) -> None:
+                 output_root: Optional[Path] = None, lock: Optional[StoreLock] = None) -> None:
         from mlflow import MlflowClient
 
-        from harness.tracking import ensure_experiment, find_runs
+        from harness.tracking import ensure_experiment
 
         self.expanded = expanded
         self.uri = tracking_uri
         self.cluster = cluster
         self.rerun = rerun
         self.root = output_root
-        self.client = MlflowClient(tracking_uri)
-        self.experiment_id = ensure_experiment(tracking_uri, expanded.spec.name)
-        existing = find_runs(tracking_uri, expanded.spec.name,
-                             f"tags.kind = 'train' and tags.scale = '{expanded.scale}'")
-        self.by_key: dict[str, list[Any]] = {}
-        for run in existing:
-            self.by_key.setdefault(run.data.tags.get("run_key", ""), []).append(run)
-        self.launches = {run.info.run_id: run for run in find_runs(
-            tracking_uri, expanded.spec.name, "tags.kind = 'launch' and attributes.status = 'RUNNING'")}
-        for run in self.launches.values():  # killed hard (SIGKILL): nobody marked it
-            if not launcher_alive(run.data.tags):
-                self.client.set_terminated(run.info.run_id, "KILLED")
-                run.info._status = "KILLED"
+        self.lock = lock or StoreLock(tracking_uri, output_root or Path("runs").resolve())
         self._parent_id: Optional[str] = None  # created with the first run it submits
+        with self.lock:  # a new store's tables are created (MlflowClient) by one process at a time
+            self.client = MlflowClient(tracking_uri)
+            self.experiment_id = ensure_experiment(tracking_uri, expanded.spec.name)
+            self.refresh()
         self.run_ids: dict[str, list[str]] = {}  # stage -> MLflow runs of the jobs submitted
         self.jobs: dict[str, list[tuple[RunPlan, Any]]] = {}
         self.skipped: dict[str, str] = {}
+        self.started: list[tuple[str, Any]] = []  # (MLflow run, job) of every job submitted
+
+    def refresh(self) -> None:
+        """What MLflow says now: the runs by key, the launches still running (those killed hard marked KILLED).
+
+        Read again under the store lock before each stage is decided: another launch may have
+        submitted or finished runs meanwhile (a local launch trains a stage outside the lock).
+        """
+        from harness.tracking import find_runs
+
+        expanded = self.expanded
+        self.by_key: dict[str, list[Any]] = {}
+        for run in find_runs(self.uri, expanded.spec.name, f"tags.kind = 'train' and tags.scale = '{expanded.scale}'"):
+            self.by_key.setdefault(run.data.tags.get("run_key", ""), []).append(run)
+        self.launches = {run.info.run_id: run for run in find_runs(
+            self.uri, expanded.spec.name, "tags.kind = 'launch' and attributes.status = 'RUNNING'")}
+        for run in self.launches.values():  # killed hard (SIGKILL): nobody marked it
+            if run.info.run_id != self._parent_id and not launcher_alive(run.data.tags):
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                run.info._status = "KILLED"
         self._job_alive: dict[str, bool] = {}
 
     @property
@@ -311,8 +324,43 @@ class Launch:
         config.tracking.tags.update({"mlflow.source.name": "harness/launch.py", "mlflow.source.type": "JOB"})
         return {"run_id": run_id, "config": config.model_dump()}
 
-    def submit_stage(self, stage: str, depends_on: list[str], progress: bool = False) -> tuple[list[tuple[RunPlan, Any]], bool]:
-        """Submit the stage's runs that need it; (jobs, False if a run failed).
+    def plan_stage(self, stage: str, sources: set[str]) -> list[tuple[RunPlan, dict[str, Any]]]:
+        """Decide each run of the stage; create the MLflow runs of those to submit (under the store lock).
+
+        Locally nothing orders this stage after another launch's runs of the stages it starts
+        from (`sources`): while one of them has not FINISHED (it trains in another launch), the
+        stage is not submitted; that launch goes on to it, or a relaunch once it has finished.
+        """
+        waiting = self.unfinished(sources) if self.cluster != "slurm" else []
+        todo: list[tuple[RunPlan, dict[str, Any]]] = []
+        for plan in self.expanded.stage_runs(stage):
+            if waiting:
+                done = any(r.info.status == "FINISHED" for r in self.by_key.get(plan.key, []))
+                self.skipped[f"{stage}/{plan.name}"] = "finished" if done and not self.rerun else "waits for a stage"
+                continue
+            decision, existing = self.decide(plan)
+            if decision == "submit":
+                todo.append((plan, self.prepare(plan, existing)))
+            else:
+                self.skipped[f"{stage}/{plan.name}"] = decision
+        if waiting and any(v == "waits for a stage" for k, v in self.skipped.items() if k.startswith(stage + "/")):
+            print(f"{stage}: not submitted: it starts from {', '.join(waiting)}, not FINISHED; the launch running "
+                  f"it goes on to {stage} (or relaunch once it has finished)", file=sys.stderr)
+        return todo
+
+    def unfinished(self, stages: set[str]) -> list[str]:
+        """The runs of `stages` that MLflow does not show FINISHED, each with the state it shows."""
+        found = []
+        for stage in sorted(stages):
+            for plan in self.expanded.stage_runs(stage):
+                states = [r.info.status for r in self.by_key.get(plan.key, [])]
+                if "FINISHED" not in states:
+                    found.append(f"{stage}/{plan.name} ({states[0] if states else 'not launched'})")
+        return found
+
+    def submit_stage(self, stage: str, todo: list[tuple[RunPlan, dict[str, Any]]], depends_on: list[str],
+                     progress: bool = False) -> tuple[list[tuple[RunPlan, Any]], bool]:
+        """Submit the stage's runs that need it (`plan_stage`); (jobs, False if a run failed).
 
         SLURM: one job array, returned at once. Local processes: as many at once as the cores
         allow, each with its cpus_per_task threads, a freed slot starting the next run at once
@@ -321,13 +369,6 @@ class Launch:
         """
         from harness.job import TrainJob
 
-        todo: list[tuple[RunPlan, dict[str, Any]]] = []
-        for plan in self.expanded.stage_runs(stage):
-            decision, existing = self.decide(plan)
-            if decision == "submit":
-                todo.append((plan, self.prepare(plan, existing)))
-            else:
-                self.skipped[f"{stage}/{plan.name}"] = decision
         skipped = sum(1 for k in self.skipped if k.startswith(stage + "/"))
         if not todo:
             print(f"{stage}: nothing to submit, skipped {skipped}", file=sys.stderr)
@@ -353,7 +394,9 @@ class Launch:
         with Finished(len(todo), progress, stage, self.watch) as finished:
             for entry in todo:
                 running = finished.wait(running, leave=at_once - 1)  # a free slot
-                (pair,) = self._record([entry], [executor.submit(TrainJob(), entry[1]["config"])])
+                with children_ignore_sigint():
+                    job = executor.submit(TrainJob(), entry[1]["config"])
+                (pair,) = self._record([entry], [job])
                 submitted.append(pair)
                 running.append(pair)
             finished.wait(running)
@@ -369,6 +412,7 @@ class Launch:
         """Tag each MLflow run with its job id; link the job's log into the run's folder."""
         for (plan, job_cfg), job in zip(todo, jobs):
             self.run_ids.setdefault(plan.stage, []).append(job_cfg["run_id"])
+            self.started.append((job_cfg["run_id"], job))
             self.tag_run(job_cfg["run_id"], "slurm_job_id" if self.cluster == "slurm" else "job_id", job.job_id)
             plan.output_dir.mkdir(parents=True, exist_ok=True)
             log = plan.output_dir / "job.log"  # the job's log under the run's own name
@@ -449,18 +493,45 @@ class Launch:
                                      "relaunch once they have")
 
     def submit_all(self, progress: bool) -> bool:
-        """Submit every stage; locally, run each stage to its end before the next. False if a run failed."""
-        self.retire_superseded()
-        for stage in self.expanded.stage_order:
-            stage_spec = self.expanded.spec.stages[stage]
-            deps = set(stage_spec.after) | {s for s in (stage_spec.init_from, stage_spec.distill_from) if s}
-            dependency = [job.job_id for d in sorted(deps) for _, job in self.jobs.get(d, [])]
-            dependency += [i for d in sorted(deps) for i in self.in_flight_job_ids(d)]
-            self.jobs[stage], stage_ok = self.submit_stage(stage, dependency, progress)
-            if not stage_ok:
-                print(f"{stage}: a run failed; later stages are not submitted", file=sys.stderr)
-                return False
+        """Submit every stage; locally, run each stage to its end before the next. False if a run failed.
+
+        Under the store lock (one launch or search at a time): on SLURM the whole submission; locally
+        each stage's decisions and MLflow runs, not its training (a relaunch meanwhile sees them in flight).
+        """
+        with self.lock if self.cluster == "slurm" else contextlib.nullcontext():
+            with self.lock:
+                self.refresh()
+                self.retire_superseded()
+            for stage in self.expanded.stage_order:
+                stage_spec = self.expanded.spec.stages[stage]
+                deps = set(stage_spec.after) | {s for s in (stage_spec.init_from, stage_spec.distill_from) if s}
+                with self.lock:
+                    self.refresh()
+                    dependency = [job.job_id for d in sorted(deps) for _, job in self.jobs.get(d, [])]
+                    dependency += [i for d in sorted(deps) for i in self.in_flight_job_ids(d)]
+                    todo = self.plan_stage(stage, deps)
+                self.jobs[stage], stage_ok = self.submit_stage(stage, todo, dependency, progress)
+                if not stage_ok:
+                    print(f"{stage}: a run failed; later stages are not submitted", file=sys.stderr)
+                    return False
         return True
+
+    def stop_local(self, why: str, wait_s: float = 60.0) -> None:
+        """Stop this launch's local jobs that still run, and say why in each run's `error` tag.
+
+        They ignore Ctrl-C (`children_ignore_sigint`): the launcher, their parent, ends them with TERM,
+        as harness.cancel does (a checkpoint at the next step, then KILLED; the next launch resumes).
+        """
+        from harness.tracking import current_run_id
+
+        live = [(run_id, job) for run_id, job in self.started if not job.done()]
+        stop_jobs([job for _, job in live], wait_s)
+        for run_id, _ in live:
+            run_id = current_run_id(self.client, run_id)
+            self.client.set_tag(run_id, "error", f"interrupted: {why}; stopped at its last checkpoint "
+                                                 "(the next launch resumes it)")
+            if self.client.get_run(run_id).info.status in IN_FLIGHT:
+                self.client.set_terminated(run_id, "KILLED")
 
     @property
     def watch(self) -> Any:
@@ -607,6 +678,40 @@ def check_run_folders(expanded: Expanded, root: Path) -> None:
                                    f"got {str(root)!r}"])
 
 
+def stop_jobs(jobs: list[Any], wait_s: float, every_s: float = 2.0) -> None:
+    """TERM local jobs (their submitit controller, which passes it on) until they have ended, for at most
+    `wait_s`. Again every `every_s`: a job still starting ignores TERM (submitit's handler) until the
+    engine listens; from then on the engine writes a checkpoint at the next step and stops."""
+    from harness.cancel import signal_local
+
+    deadline = time.monotonic() + wait_s
+    signalled = 0.0
+    while time.monotonic() < deadline:
+        live = [job for job in jobs if not job.done()]
+        if not live:
+            return
+        if time.monotonic() - signalled >= every_s:
+            for job in live:
+                signal_local(job.job_id)
+            signalled = time.monotonic()
+        time.sleep(POLL_S)
+
+
+@contextlib.contextmanager
+def children_ignore_sigint() -> Any:
+    """Local jobs started inside ignore SIGINT (an ignored signal stays ignored across exec).
+
+    Ctrl-C reaches the terminal's whole process group: submitit's job controller died of it with a
+    KeyboardInterrupt traceback and the training job with an empty FAILED run. The launcher stops
+    its jobs itself (`Launch.stop_local`).
+    """
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM (scancel of a launcher job, `kill`, harness.cancel): stop like Ctrl-C."""
 
@@ -637,7 +742,7 @@ def _main(args: argparse.Namespace) -> int:
     check_run_folders(expanded, output_root)
     bound_requests()
     cluster = choose_executor(args.executor)
-    launch = Launch(expanded, uri, cluster, args.rerun, output_root)
+    launch = Launch(expanded, uri, cluster, args.rerun, output_root, StoreLock(uri, output_root))
     progress = sys.stderr.isatty()
     status = "KILLED"  # unless the launch gets to the end
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -646,6 +751,10 @@ def _main(args: argparse.Namespace) -> int:
         if ok and args.wait and cluster == "slurm":
             ok = wait_for([j for jobs in launch.jobs.values() for j in jobs], progress, watch=launch.watch)
         status = "FINISHED" if ok else "FAILED"
+    except KeyboardInterrupt as stop:  # Ctrl-C, or TERM (_Terminated): the local jobs end with the launch
+        if cluster != "slurm":
+            launch.stop_local("SIGTERM to the launch" if isinstance(stop, _Terminated) else "Ctrl-C (SIGINT) to the launch")
+        raise
     except Exception:
         status = "FAILED"
         raise
@@ -657,7 +766,7 @@ def _main(args: argparse.Namespace) -> int:
           f"({', '.join(sorted(set(launch.skipped.values()))) or 'none'}); MLflow experiment "
           f"{expanded.spec.name!r} at {uri}, parent run {launch._parent_id or 'none (nothing submitted)'}")
     if ok and args.wait:
-        report(expanded, uri)
+        report(expanded, uri, launch._parent_id)
     print_urls(launch, uri, finished=cluster == "local" or args.wait)
     return 0 if ok else EXIT_FAILED
 
@@ -674,15 +783,27 @@ def print_urls(launch: Launch, uri: str, finished: bool) -> None:
         print(f"compare the runs of this launch: {compare_url(uri, launch.experiment_id, run_ids)}")
 
 
-def report(expanded: Expanded, uri: str) -> None:
-    """After --wait: regenerate the spec's tables (analysis notebooks) and point to the MLflow UI."""
+def report(expanded: Expanded, uri: str, parent_id: Optional[str]) -> None:
+    """After --wait: regenerate the spec's tables (analysis notebooks), put them on the launch's
+    MLflow run (that of the latest launch of the spec and scale if this one submitted nothing)."""
     notebooks = expanded.spec.notebooks
     if notebooks:
-        from analysis.report import run_notebooks
+        from analysis.mlflow_report import NoParentRun, find_parent
+        from analysis.report import make_report
 
+        chosen = ""
+        if parent_id is None:
+            try:
+                parent_id, chosen = find_parent(uri, expanded.spec.name, expanded.scale)
+            except NoParentRun as err:
+                print(f"not put on MLflow: {err}", file=sys.stderr)
         out = Path("reports") / expanded.spec.name / expanded.scale
-        print(run_notebooks(expanded.spec.name, expanded.scale, uri, notebooks, str(out), expanded.spec.table))
+        tables, where = make_report(expanded.spec.name, expanded.scale, uri, notebooks, str(out),
+                                    expanded.spec.table, parent_id, chosen)
+        print(tables)
         print(f"tables and figures: {out}/")
+        if where:
+            print(where)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from harness.config import ConfigError, RunConfig
+from harness.errors import EnvironmentProblem
 
 BINDING = "run.json"
 RESULT = "result.json"  # the engine's final metrics (harness.engine.RESULT)
@@ -167,6 +168,72 @@ def load_checkpoint(path: Path, cfg: RunConfig) -> Optional[dict[str, Any]]:
             raise StaleRunFolder(f"{path}: not a training checkpoint, got a {type(state).__name__}")
         check_checkpoint(path, state, cfg)
     return state
+
+
+class SourceNotFinished(EnvironmentProblem):
+    """A run this one starts or distils from has not FINISHED (exit 1: relaunch once it has)."""
+
+
+def sources(cfg: RunConfig) -> list[tuple[str, str, Optional[str]]]:
+    """(field, run folder, the run key the spec expects there) of every other run whose weights this one loads."""
+    teacher = None
+    if cfg.needs_teacher:
+        teacher = ("teacher.checkpoint", cfg.teacher.checkpoint) if cfg.teacher.checkpoint else \
+            ("teacher.run_dir", cfg.teacher.run_dir)
+    found = []
+    for field, value, tag in (("model.pretrained", cfg.model.pretrained, None),
+                              ("train.init_from", cfg.train.init_from, "init_from_run_key"),
+                              (*(teacher or ("teacher.run_dir", None)), "teacher_run_key")):
+        if value and Path(value).is_dir():  # a file or URL is loaded as given
+            found.append((field, value, cfg.tracking.tags.get(tag) if tag else None))
+    return found
+
+
+def check_sources(cfg: RunConfig) -> None:
+    """Refuse to start unless every run folder this run initialises or distils from holds a FINISHED run.
+
+    Why: on the local executor nothing orders a relaunch's stages after another launch's, and a
+    job may start while its teacher still trains; it would read no final weights (or, before, the
+    teacher's half-trained checkpoint). Finished means: `model.pth` and `result.json` there, the
+    run key the spec expects, and its MLflow run (named by `result.json`) FINISHED when this store
+    has it: `result.json` is written just before the run is marked FINISHED.
+    """
+    for field, folder, expected in sources(cfg):
+        where = Path(folder)
+        result = _read_json(where / RESULT)
+        if result is None or not (where / "model.pth").is_file():
+            missing = " and ".join(n for n in (RESULT, "model.pth") if not (where / n).is_file()) or RESULT
+            raise SourceNotFinished(f"{field}: {folder} holds no finished run (no {missing}: it is still training "
+                                    f"or was stopped); a run starts only from a FINISHED run's final weights: "
+                                    f"relaunch once it has finished, got {folder}")
+        if expected and result.get("run_key") != expected:
+            raise SourceNotFinished(f"{field}: {folder} holds run key {result.get('run_key')}, the spec's run there "
+                                    f"is {expected} (it was replaced since this job was submitted); relaunch, "
+                                    f"got {folder}")
+        status = _mlflow_status(cfg, result.get("mlflow_run_id"))
+        if status not in (None, "FINISHED"):
+            raise SourceNotFinished(f"{field}: {folder}: its MLflow run {result['mlflow_run_id']} is {status}, not "
+                                    f"FINISHED; a run starts only from a FINISHED run: relaunch once it has "
+                                    f"finished, got {folder}")
+
+
+def _mlflow_status(cfg: RunConfig, run_id: Optional[str]) -> Optional[str]:
+    """The status of MLflow run `run_id` in this run's store; None when the store has no such run
+    (a folder trained against another store is judged by its files)."""
+    if not run_id:
+        return None
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from harness.tracking import resolve_tracking_uri
+
+    try:
+        run = MlflowClient(resolve_tracking_uri(cfg.tracking)).get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return None if run.info.lifecycle_stage == "deleted" else run.info.status
 
 
 def finished_metrics(cfg: RunConfig) -> Optional[dict[str, float]]:

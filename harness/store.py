@@ -21,6 +21,7 @@ from harness.config import ConfigError
 from harness.errors import EnvironmentProblem
 
 PROBE_TIMEOUT_S = 5.0
+LOCK_WAIT_S = 10.0  # another process's write transaction on an SQLite store: waited out this long, then one line
 SQLITE_HEADER = b"SQLite format 3\x00"
 # A command (not a training job) gives up on an unanswering server after about a minute, not ten
 CLI_REQUEST_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
@@ -128,15 +129,43 @@ def _check_sqlite(db: Path, uri: str, source: str, *, must_exist: bool, write: b
         raise ConfigError([f"{source}: not an SQLite database, got {uri!r}"])
     if header:
         try:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=timeout_s) as con:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=LOCK_WAIT_S) as con:
                 con.execute("select count(*) from sqlite_master").fetchone()
         except sqlite3.OperationalError as err:
-            if "locked" not in str(err):
-                raise ConfigError([f"{source}: cannot open the SQLite database ({err}), got {uri!r}"]) from None
+            if "locked" in str(err):
+                raise _locked(uri, source) from None
+            raise ConfigError([f"{source}: cannot open the SQLite database ({err}), got {uri!r}"]) from None
         except sqlite3.DatabaseError as err:  # "file is not a database", "database disk image is malformed"
             raise ConfigError([f"{source}: a damaged SQLite database ({err}), got {uri!r}"]) from None
     if write and not (os.access(db, os.W_OK) and os.access(db.parent, os.W_OK | os.X_OK)):
         raise ConfigError([f"{source}: the SQLite file (or its folder, for the journal) is not writable, got {uri!r}"])
+    if header and write:
+        _check_write_lock(db, uri, source)
+
+
+def _locked(uri: str, source: str) -> EnvironmentProblem:
+    return EnvironmentProblem(f"{source}: the SQLite store is locked by another process (a write transaction open "
+                              f"for over {LOCK_WAIT_S:.0f} s: another command, or a sqlite3 shell); try again once "
+                              f"it has ended, got {uri!r}")
+
+
+def _check_write_lock(db: Path, uri: str, source: str) -> None:
+    """Whether this command could write: another process's write transaction (even one that lets
+    readers through) would otherwise fail MLflow's first write after its own retries, with a traceback.
+
+    `BEGIN IMMEDIATE` takes the write lock and `ROLLBACK` gives it back: nothing is written.
+    """
+    try:
+        con = sqlite3.connect(str(db), timeout=LOCK_WAIT_S, isolation_level=None)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err) or "busy" in str(err):
+            raise _locked(uri, source) from None
+        raise ConfigError([f"{source}: cannot open the SQLite database ({err}), got {uri!r}"]) from None
 
 
 def _check_server(uri: str, source: str, timeout_s: float) -> None:
@@ -188,3 +217,46 @@ def unbound_requests() -> None:
     for key in os.environ.pop(_SET_BY_US, "").split(","):
         if key:
             os.environ.pop(key, None)
+
+
+class StoreLock:
+    """Launches and searches on one store take turns at their MLflow bookkeeping and submissions.
+
+    Why: two at once both find a run missing and both create and submit it (a second MLflow run and
+    job for one run key), and on a new SQLite store both run MLflow's schema migration, one dying
+    in it. A file lock beside the SQLite file (for another store: in the output root, named after
+    the store) makes the second wait; it says once what it waits for. Held for the bookkeeping and
+    submission only, not while local runs train: a relaunch meanwhile sees them in flight.
+    Re-entrant (nested `with` blocks of one StoreLock); released when the process dies.
+    """
+
+    def __init__(self, uri: str, output_root: Path) -> None:
+        import hashlib
+
+        from filelock import FileLock
+
+        db = sqlite_path(uri)
+        if db is not None:
+            self.path = db.with_name(db.name + ".launch.lock")
+        else:
+            self.path = output_root / f".launch-{hashlib.sha1(uri.encode()).hexdigest()[:12]}.lock"
+        self._lock = FileLock(str(self.path))
+        self.waited = False
+
+    def __enter__(self) -> "StoreLock":
+        from filelock import Timeout
+
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            import sys
+
+            if not self.waited:
+                print(f"waiting for another launch or search on this tracking store to finish submitting "
+                      f"(it holds {self.path})", file=sys.stderr, flush=True)
+            self.waited = True
+            self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()

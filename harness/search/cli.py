@@ -93,16 +93,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
 
     from harness.search.driver import Search
-    from harness.store import check_store, resolve_uri
+    from harness.store import StoreLock, check_store, resolve_uri
 
     uri, source = resolve_uri(args.tracking_uri)
     check_store(uri, source, must_exist=False, write=True)  # in seconds, one line; MLflow's set-up lines kept quiet
     try:
-        search = Search(plan, storage, cluster, uri)
+        with StoreLock(uri, Path(output_root)):  # two searches (or launches) at once: one sets up the store at a time
+            search = Search(plan, storage, cluster, uri)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return EXIT_INVALID
-    ok = search.watch(sys.stderr.isatty())
+    try:
+        ok = search.watch(sys.stderr.isatty())
+    except KeyboardInterrupt:  # Ctrl-C: the parent run ends KILLED, not RUNNING until a rerun
+        search.interrupt("Ctrl-C (SIGINT) to the search")
+        raise
     summary = search.finish(ok)
     print(f"{plan.name} ({plan.scale}): study {plan.study}: {summary['complete']} complete, {summary['pruned']} pruned, "
           f"{summary['fail']} failed of a budget of {plan.section.trials}; storage {storage.shown}")

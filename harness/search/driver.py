@@ -18,7 +18,7 @@ from submitit.core.utils import FailedJobError
 from tqdm import tqdm
 
 from harness.config import ConfigError
-from harness.launch import make_executor
+from harness.launch import children_ignore_sigint, make_executor, stop_jobs
 from harness.progress import trial_watch
 from harness.search.spec import PrunerSpec, SearchPlan
 from harness.search.storage import StorageChoice
@@ -44,12 +44,36 @@ class Search:
         self.client = MlflowClient(tracking_uri)
         self.experiment_id = ensure_experiment(tracking_uri, plan.name)
         self.parent_id = self._parent_run()
-        if not self.study.trials:
-            for point in self.section.enqueue:
-                self.study.enqueue_trial(self.section.optuna_point(point), skip_if_exists=True)
         self.live: list[Any] = []  # worker jobs of this invocation that have not ended
         self.closed: set[int] = set()  # FAIL trials whose MLflow run is closed
         self.submitted = 0
+        self.fail_lost_trials(set())  # an earlier invocation's trials whose worker is gone (Ctrl-C, a lost node)
+        self.enqueue_points()
+
+    def enqueue_points(self) -> None:
+        """The spec's enqueued points, each until it has a result: one whose trial failed or was
+        interrupted (Ctrl-C during the first trial) is enqueued again by the next invocation; one
+        waiting, running, complete or pruned is not. (Optuna's `skip_if_exists` skips failed ones too.)"""
+        kept = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+        trials = self.study.get_trials(deepcopy=False, states=kept)
+        for point in self.section.enqueue:
+            params = self.section.optuna_point(point)
+            if not any(t.system_attrs.get("fixed_params", t.params) == params for t in trials):
+                self.study.enqueue_trial(params)
+
+    def interrupt(self, why: str, wait_s: float = 60.0) -> None:
+        """Stop this invocation's local workers (TERM: their trials fail at the next step), fail their
+        trials, and end the parent run KILLED with `why` in its `error` tag (not RUNNING until a rerun).
+
+        Local workers ignore Ctrl-C (they were started under `children_ignore_sigint`); SLURM workers
+        go on (harness.cancel, or scancel, stops them).
+        """
+        local = [job for job in self.live if self.cluster != "slurm"]
+        stop_jobs(local, wait_s)
+        self.fail_lost_trials({job.job_id for job in local if job.done()})
+        self.live = []  # submitit's jobs cancel themselves when collected: now, not during the interpreter's exit
+        self.client.set_tag(self.parent_id, "error", f"interrupted: {why}")
+        self.client.set_terminated(self.parent_id, "KILLED")
 
     def _parent_run(self) -> str:
         """The study's one parent run, kept in the study so that a re-run continues under it."""
@@ -87,7 +111,8 @@ class Search:
         """`count` more worker jobs: one array on SLURM, processes locally (same resources as a stage's runs)."""
         executor = make_executor(self.cluster, self.plan.study_dir / "submitit", self.plan.run, self.plan.name, [])
         indices = list(range(self.submitted, self.submitted + count))
-        jobs = executor.map_array(SearchWorker(), [self.setup()] * count, indices)
+        with children_ignore_sigint():  # Ctrl-C reaches the driver, which stops them (`interrupt`)
+            jobs = executor.map_array(SearchWorker(), [self.setup()] * count, indices)
         self.live += jobs
         self.submitted += count
         print(f"{self.plan.study}: submitted {count} worker(s) ({self.cluster}): "

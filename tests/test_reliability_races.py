@@ -1,0 +1,230 @@
+"""Reliability, round two (issue 24): launches that cannot race, stages that start only from FINISHED
+runs, interruptions that end runs KILLED with a reason, a locked store in one line.
+
+Through the real commands as subprocesses against real SQLite stores, real local submitit jobs,
+a real `BEGIN EXCLUSIVE` held by another process and real SIGINTs to a process group (Ctrl-C).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from tests.test_launch import train_runs
+from tests.test_reliability import REPO, cli, snapshot, spec_dict, teacher_only, write
+
+WAITING = "waiting for another launch or search on this tracking store to finish submitting"
+
+
+def popen(module: str, *args: str, cwd: Path) -> subprocess.Popen:
+    """A command in its own process group (a terminal's foreground job: Ctrl-C reaches all of it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+
+
+def launch_args(tmp: Path, spec: Path, *extra: str) -> list[str]:
+    return [str(spec), "--executor", "local", "--output-root", str(tmp / "runs"),
+            "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", *extra]
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.time() + timeout_s
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def runs_in(tmp: Path, status: str, kind: str = "train", experiment: str = "mini") -> list:
+    """The runs of `kind` in `status` (an empty list while the store or experiment does not exist yet)."""
+    if not (tmp / "mlflow.db").exists():
+        return []
+    try:
+        client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+        exp = client.get_experiment_by_name(experiment)
+        return client.search_runs([exp.experiment_id], f"tags.kind = '{kind}' and attributes.status = '{status}'") \
+            if exp else []
+    except Exception:  # the store is being created by the command
+        return []
+
+
+def one_finished_run_per_key(tmp: Path) -> dict[str, list[str]]:
+    by_key: dict[str, list[str]] = {}
+    for run in train_runs(tmp):
+        by_key.setdefault(run.data.tags["run_key"], []).append(run.info.status)
+    return by_key
+
+
+# ------------------------------------------------------- case 1: students never start from a teacher in flight
+def test_a_relaunch_while_the_teacher_trains_does_not_start_its_students(tmp_path: Path) -> None:
+    """The issue's t2.yaml recipe: a second launch while the first one's teacher trains skips the teacher
+    (in flight) and does not submit the students either (the local executor has no dependency between
+    stages); the first launch trains them from the finished teacher: one FINISHED run per run key."""
+    spec = spec_dict(**{"base/data/train_digits": 512})
+    spec["stages"]["teacher"]["train"] = {"epochs": 2}
+    spec["stages"]["students"]["data"] = {"train_digits": 64}
+    spec["stages"]["students"]["runs"]["variants"] = spec["stages"]["students"]["runs"]["variants"][:1]
+    path = write(tmp_path / "t2.yaml", spec)
+    first = popen("harness.launch", *launch_args(tmp_path, path), cwd=tmp_path)
+    wait_until(lambda: bool(runs_in(tmp_path, "RUNNING")) or first.poll() is not None, 240, "the teacher to train")
+    second = cli("harness.launch", *launch_args(tmp_path, path), cwd=tmp_path, timeout=240)
+    out, err = first.communicate(timeout=400)
+    assert first.returncode == 0, err
+    assert second.returncode == 0, second.stderr
+    assert "0 submitted, 2 skipped (in flight, waits for a stage)" in second.stdout, second.stdout
+    assert "students: not submitted: it starts from teacher/teacher (RUNNING), not FINISHED" in second.stderr
+    assert "2 submitted" in out, out
+    by_key = one_finished_run_per_key(tmp_path)
+    assert sorted(by_key.values()) == [["FINISHED"], ["FINISHED"]], by_key
+
+
+# ---------------------------------- case 8: two launches at once; a job never reads an unfinished run's weights
+def test_two_launches_at_once_on_a_new_store_make_one_run_and_one_job(tmp_path: Path) -> None:
+    """Both launches start while a third process holds the store's launch lock: each says in one line what
+    it waits for; once it is free, one creates the store and submits, the other finds the run in flight.
+    Then the teacher's folder, as it is while it trains (no model.pth, no result.json) or while its MLflow
+    run is not FINISHED, is refused as `train.init_from` in one line (never its checkpoint.pth)."""
+    from filelock import FileLock
+
+    path = write(tmp_path / "t.yaml", teacher_only())
+    held = FileLock(str(tmp_path / "mlflow.db.launch.lock"))
+    held.acquire()
+    launches = [popen("harness.launch", *launch_args(tmp_path, path), cwd=tmp_path) for _ in range(2)]
+    errs: list[list[str]] = [[], []]
+    readers = [threading.Thread(target=lambda p=p, e=e: e.extend(p.stderr), daemon=True)
+               for p, e in zip(launches, errs)]
+    for reader in readers:
+        reader.start()
+    wait_until(lambda: all(any(WAITING in line for line in e) for e in errs) or
+               any(p.poll() is not None for p in launches), 120, "both launches to wait for the lock")
+    held.release()
+    results = []
+    for launch, reader, err in zip(launches, readers, errs):
+        out = launch.stdout.read()
+        launch.wait(timeout=300)
+        reader.join(timeout=30)
+        results.append((launch.returncode, out, "".join(err)))
+    for code, out, err in results:
+        assert code == 0, err
+        assert "Traceback" not in err and "duplicate column" not in err, err
+        assert WAITING in err, err
+    submitted = sorted(out.split(" submitted,")[0].rsplit(" ", 1)[-1] for _, out, _ in results)
+    assert submitted == ["0", "1"], [out for _, out, _ in results]
+    (run,) = train_runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    teacher = tmp_path / "runs/mini/tiny/teacher/teacher"
+    assert len(list((teacher.parent / "submitit").glob("*_submission.sh"))) <= 1  # one job
+
+    training = tmp_path / "in-flight"  # the teacher's folder as it is while it trains
+    shutil.copytree(teacher, training, ignore=shutil.ignore_patterns("model.pth", "result.json"))
+    assert (training / "checkpoint.pth").is_file()
+    student = write(tmp_path / "student.yaml", {
+        "model": {"name": "dynamicvit_tiny_patch8_64", "variant": "dense"},
+        "data": {"name": "cluttered_mnist", "train_digits": 64, "val_digits": 32, "val_placements": 1},
+        "aug": {"mixup": 0, "cutmix": 0, "label_smoothing": 0}, "train": {"epochs": 1, "batch_size": 32},
+        "losses": {"kl": 0, "token": 0}, "output_dir": str(tmp_path / "student"),
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "visualize_images": 0}})
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    refused = cli("harness.train", str(student), f"train.init_from={training}", cwd=tmp_path, timeout=240)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and len(lines) == 1, refused.stderr
+    assert lines[0].startswith(f"train.init_from: {training} holds no finished run (no result.json and model.pth"), lines
+    client.update_run(run.info.run_id, status="RUNNING")  # result.json is written just before FINISHED
+    refused = cli("harness.train", str(student), f"train.init_from={teacher}", cwd=tmp_path, timeout=240)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and len(lines) == 1, refused.stderr
+    assert lines[0].startswith(f"train.init_from: {teacher}: its MLflow run {run.info.run_id} is RUNNING, not "
+                               "FINISHED"), lines
+    assert not any((tmp_path / "student").iterdir())  # harness.train makes the folder; nothing trained into it
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
+
+
+# -------------------------------------------------- case 11: a store another process holds locked
+@pytest.mark.timeout(120)
+def test_a_locked_store_is_one_line_within_30_s_and_nothing_is_written(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.yaml", teacher_only())
+    MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()  # an existing store
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        f"con = sqlite3.connect({str(tmp_path / 'mlflow.db')!r}, isolation_level=None)\n"
+        "con.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(120)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(tmp_path)
+        started = time.monotonic()
+        commands = [popen("harness.status", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                          cwd=tmp_path),
+                    popen("harness.launch", *launch_args(tmp_path, path), cwd=tmp_path)]
+        results = [(p.wait(timeout=60), p.communicate()[1], time.monotonic() - started) for p in commands]
+    finally:
+        holder.kill()
+    for code, err, elapsed in results:
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1, err
+        assert lines[0].startswith("--tracking-uri: the SQLite store is locked by another process"), lines
+        assert elapsed < 30, elapsed
+    assert snapshot(tmp_path) == before
+
+
+# -------------------------------------------------- case 10: Ctrl-C to a launch
+def test_ctrl_c_to_a_launch_ends_its_run_killed_with_the_reason_in_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.yaml", teacher_only(**{"base/data/train_digits": 512, "scales/tiny/train/epochs": 3}))
+    launch = popen("harness.launch", *launch_args(tmp_path, path, "--wait"), cwd=tmp_path)
+    wait_until(lambda: bool(runs_in(tmp_path, "RUNNING")) or launch.poll() is not None, 240, "the run to train")
+    assert launch.poll() is None, launch.communicate()
+    os.killpg(launch.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    _, err = launch.communicate(timeout=120)
+    assert launch.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "harness.launch: interrupted", err
+    (run,) = train_runs(tmp_path)
+    assert run.info.status == "KILLED", run.info.status
+    assert run.data.tags["error"].startswith("interrupted: Ctrl-C (SIGINT) to the launch; stopped at its last "
+                                             "checkpoint"), run.data.tags.get("error")
+
+
+# -------------------------------------------------- case 9: Ctrl-C during a search's enqueued first trial
+def search_spec() -> dict[str, Any]:
+    from tests.test_search import SPEC
+
+    spec = json.loads(json.dumps(SPEC))
+    spec["base"]["data"]["train_digits"] = 256
+    spec["scales"]["tiny"]["train"] = {"epochs": 2}
+    spec["search"] = {"space": {"model.keep_ratio": {"low": 0.5, "high": 0.9}}, "objectives": ["val/acc1"],
+                      "trials": 1, "workers": 1, "max_failed": 3, "enqueue": [{"model.keep_ratio": 0.7}]}
+    return spec
+
+
+def test_ctrl_c_during_the_enqueued_first_trial_keeps_it_for_the_rerun(tmp_path: Path) -> None:
+    path = write(tmp_path / "search.yaml", search_spec())
+    args = [str(path), "--executor", "local", "--output-root", str(tmp_path / "runs"),
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    search = popen("harness.search", *args, cwd=tmp_path)
+    wait_until(lambda: bool(runs_in(tmp_path, "RUNNING", "trial", "mini_search")) or search.poll() is not None,
+               240, "the first trial to train")
+    assert search.poll() is None, search.communicate()
+    os.killpg(search.pid, signal.SIGINT)
+    _, err = search.communicate(timeout=120)
+    assert search.returncode == 130, err
+    assert "Traceback" not in err, err
+    (parent,) = runs_in(tmp_path, "KILLED", "search", "mini_search")  # not RUNNING until a rerun
+    assert parent.data.tags["error"] == "interrupted: Ctrl-C (SIGINT) to the search"
+    rerun = cli("harness.search", *args, cwd=tmp_path, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr
+    storage = tmp_path / "runs/mini_search/tiny/mini_search-tiny/study.db"  # one worker: SQLite
+    study = optuna.load_study(study_name="mini_search-tiny", storage=f"sqlite:///{storage}")
+    states = [(t.state.name, t.params) for t in study.trials]
+    assert states == [("FAIL", {"model.keep_ratio": 0.7}), ("COMPLETE", {"model.keep_ratio": 0.7})], states
