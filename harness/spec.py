@@ -419,6 +419,13 @@ def _runs_list(runs: list[str], limit: int = 4) -> str:
     return shown + (f" and {len(runs) - limit} more" if len(runs) > limit else "")
 
 
+def _advice(setter: str, leaf: str) -> str:
+    """How to change `leaf` in the layer that sets it: an override, or (a variant, a grid: list items and
+    dotted keys that an override cannot address) an edit of the spec file."""
+    where = setter if setter.endswith("." + leaf) else f"{setter}.{leaf}"
+    return f"edit {where} in the spec" if ".runs." in setter else f"override {where}"
+
+
 def override_reach(path: str, reach: dict[str, Reach]) -> tuple[list[str], list[str]]:
     """(errors, notes): an override that reaches none of its runs is refused, naming the layers that
     undo it; one that reaches some says, in one line, which runs keep their own value and why.
@@ -435,9 +442,8 @@ def override_reach(path: str, reach: dict[str, Reach]) -> tuple[list[str], list[
                                                                        else f" ({_runs_list(runs)})")
                         for (setter, leaf, have), runs in entry.kept.items())
         if not entry.reached:
-            layers = " or ".join(dict.fromkeys(f"{setter}.{leaf}" for setter, leaf, _ in entry.kept))
-            errors.append(f"{path}: {entry.key}: has no effect on any run: {why}; override {layers} instead, "
-                          f"got {show(value)}")
+            layers = " or ".join(dict.fromkeys(_advice(setter, leaf) for setter, leaf, _ in entry.kept))
+            errors.append(f"{path}: {entry.key}: has no effect on any run: {why}; {layers} instead, got {show(value)}")
         else:
             groups = "; ".join(f"{_runs_list(runs)} {'keeps its' if len(runs) == 1 else 'keep their'} own "
                                f"{leaf} ({setter} sets {leaf} = {have})"

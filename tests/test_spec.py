@@ -193,8 +193,8 @@ def test_an_override_is_refused_only_where_it_reaches_no_run_and_advises_only_th
     assert err.value.lines == [
         f"{path}: stages.students.train.epochs: has no effect on any run: stages.students.runs.variants[0].set sets "
         "train.epochs = 4 after it (students/dynamic); stages.students.runs.variants[1].set sets train.epochs = 2 "
-        "after it (students/static); override stages.students.runs.variants[0].set.train.epochs or "
-        "stages.students.runs.variants[1].set.train.epochs instead, got 5"]
+        "after it (students/static); edit stages.students.runs.variants[0].set.train.epochs in the spec or edit "
+        "stages.students.runs.variants[1].set.train.epochs in the spec instead, got 5"]
     assert "train.epochs=5" not in err.value.lines[0]  # never the run config key: it would retrain the teacher
     # a section override: one leaf reaching a run is enough; the leaves kept elsewhere are said
     expanded = expand(tmp_path, spec, "stages.students.train={epochs: 5, batch_size: 8}")
