@@ -137,7 +137,11 @@ write_pgpass() {
 }
 # shows_password: the running server's command line holds the database password (started by an older
 # version of this script): it is restarted with the password moved out.
-shows_password() { tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" | grep -qF -- "$(cat "$D/db_pass")"; }
+shows_password() {
+  local pass
+  pass="$(cat "$D/db_pass" 2>/dev/null)" || return 1
+  [[ -n "$pass" ]] && tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" | grep -qF -- "$pass"
+}
 
 # ---------------------------------------------------------------- mlflow
 # mlflow_pid: the pid of our `mlflow server` (a python process whose command line says so).
