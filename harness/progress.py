@@ -184,7 +184,7 @@ class Watch:
         self.poll_s = _env_seconds("DVIT_PROGRESS_POLL_S", 5.0 if self.terminal else min(10.0, self.line_s))
         self.states: dict[tuple[str, str], str] = {}
         self.seen: dict[str, tuple[int, float]] = {}  # run id -> (step, time) when first seen running
-        self.rows: list[RunProgress] = []
+        self.unanswered = False  # the last reading failed (said once)
         self.next_poll = 0.0
         self.last_line: Optional[float] = None
         self.bars: list[Any] = []
@@ -252,10 +252,11 @@ class Watch:
         try:
             rows = self.read()
         except Exception as err:  # progress is advice: a tracking hiccup must never stop a wait
-            if not self.terminal:
+            if not self.terminal and not self.unanswered:  # one line per outage
                 self._print(f"progress: MLflow did not answer ({(str(err) or repr(err)).splitlines()[0][:200]})")
+            self.unanswered = True
             return
-        self.rows = rows
+        self.unanswered = False
         if self.terminal:
             self._draw(rows)
         else:
