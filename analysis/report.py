@@ -6,7 +6,11 @@
 Each notebook gets the papermill parameters `tracking_uri`, `experiment` (the spec name),
 `scale` and `output_dir` (plus `table` when the spec names one) and writes
 `<output_dir>/<notebook stem>.{md,tex,csv}`, its figures and the executed notebook there.
-Default output: `reports/<spec>/<scale>/` under the current directory.
+Default output: `reports/<spec>/<scale>/` under the current directory. Then the same results go
+to MLflow (`analysis.mlflow_report`): the tables (Markdown and HTML), figures, executed notebooks
+(ipynb and HTML) and the headline numbers as metrics on the most recent launch (or search) parent
+run of the spec at that scale, replacing what an earlier report put there; the last line printed
+names that run and its page. A store without such a run keeps the report on disk only (said on stderr).
 Exit codes: 0 done, 1 a notebook failed or the tracking server did not answer, 2 invalid input
 (one line on stderr: an unknown scale, a missing notebook or table, a store that does not exist).
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -94,6 +99,24 @@ def run_notebooks(spec_name: str, scale: str, tracking_uri: str, notebooks: list
     return "\n".join(texts)
 
 
+def make_report(spec_name: str, scale: str, tracking_uri: str, notebooks: list[str], output_dir: str,
+                table: Optional[str] = None, parent_run_id: Optional[str] = None, chosen: str = "") -> tuple[str, str]:
+    """Run the notebooks, then put their results on the MLflow run `parent_run_id` (`analysis.mlflow_report`).
+
+    Returns (the tables' Markdown, the line naming the parent run and its page; "" without a run).
+    `chosen`: how the run was chosen, said in that line (`mlflow_report.find_parent`).
+    """
+    from analysis.mlflow_report import publish
+
+    started = time.time()
+    markdown = run_notebooks(spec_name, scale, tracking_uri, notebooks, output_dir, table)
+    if parent_run_id is None:
+        return markdown, ""
+    stems = [resolve_notebook(n).stem for n in notebooks]
+    published = publish(tracking_uri, output_dir, stems, started, parent_run_id, chosen)
+    return markdown, published.line()
+
+
 def _check_store(tracking_uri: str, experiment: str, source: str = "--tracking-uri") -> None:
     """Refuse before starting a kernel: a missing SQLite file or experiment is a typo, not an empty table."""
     from harness.config import ConfigError
@@ -152,12 +175,22 @@ def _main(args: argparse.Namespace) -> int:
     output_dir = args.output_dir or f"reports/{spec.name}/{scale}"
     from papermill.exceptions import PapermillExecutionError
 
+    from analysis.mlflow_report import NoParentRun, find_parent
+
+    parent, chosen = None, ""
     try:
-        print(run_notebooks(spec.name, scale, uri, notebooks, output_dir, spec.table), end="")
+        parent, chosen = find_parent(uri, spec.name, scale)
+    except NoParentRun as err:  # runs trained by hand, say: the report stays on disk
+        print(f"{args.spec}: not put on MLflow: {err}; the report stays in {output_dir}/", file=sys.stderr)
+    try:
+        markdown, where = make_report(spec.name, scale, uri, notebooks, output_dir, spec.table, parent, chosen)
     except PapermillExecutionError as err:
         print(f"{args.spec}: notebook failed at cell {err.exec_count}: {err.ename}: {err.evalue} "
               f"(see the executed notebook in {output_dir})", file=sys.stderr)
         return EXIT_FAILED
+    print(markdown, end="")
+    if where:
+        print(where)
     return 0
 
 

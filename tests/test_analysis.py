@@ -112,7 +112,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     _train_real_run(tmp, uri)
     client = MlflowClient(uri)
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
-    parent = client.create_run(experiment_id, tags={"kind": "launch", "spec": EXPERIMENT}).info.run_id
+    parent = client.create_run(experiment_id, tags={"kind": "launch", "spec": EXPERIMENT, "scale": "tiny"}).info.run_id
     client.set_terminated(parent)
     run = lambda **kw: _fixture_run(client, experiment_id, parent, **kw)  # noqa: E731
     expected: dict[str, list[str]] = {}
@@ -129,7 +129,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run(row="a/dynamic", seed=0, acc1=[79.0], scale="paper", gflops=2.9)
     real = client.search_runs([experiment_id], "tags.row = 'a/static'")
     expected["a/static"] = [real[0].info.run_id]
-    return {"uri": uri, "tmp": tmp, "client": client, "expected": expected}
+    return {"uri": uri, "tmp": tmp, "client": client, "expected": expected, "parent": parent,
+            "experiment_id": experiment_id}
 
 
 def _final(client: MlflowClient, run_ids: list[str], key: str) -> list[float]:
@@ -287,14 +288,50 @@ def test_notebooks_are_paired_and_parameterised() -> None:
 
 
 def test_report_cli_runs_the_table3_notebook_headless(store: dict[str, Any]) -> None:
-    tmp, client = store["tmp"], store["client"]
+    tmp, client, parent = store["tmp"], store["client"], store["parent"]
     spec = REPO / "experiments" / "table3.yaml"  # the real spec: its name, table and notebook
     out = tmp / "report"
+    # an older launch at the same scale and a newer one at another: the report goes to `parent`,
+    # and replaces what an earlier report left there
+    older = client.create_run(store["experiment_id"], start_time=1, tags={"kind": "launch", "scale": "tiny"})
+    other = client.create_run(store["experiment_id"], tags={"kind": "launch", "scale": "paper"})
+    client.log_text(parent, "an earlier report's file", "report/figures/stale.png")
     result = subprocess.run([sys.executable, "-m", "analysis.report", str(spec), "--tracking-uri", store["uri"],
                              "--output-dir", str(out)], cwd=tmp, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "without encryption" not in result.stderr  # the kernel runs over IPC, not plain TCP
-    assert result.stdout == (out / "table3.md").read_text()
+    markdown, where = result.stdout[:-1].rsplit("\n", 1)
+    assert markdown + "\n" == (out / "table3.md").read_text()
+    assert where.startswith("MLflow: the report (table, 4 figures, notebook, ")
+    assert where.endswith(f"(the most recent of 2 launch/search runs of table3 at scale tiny): "
+                          f"http://127.0.0.1:5000/#/experiments/{store['experiment_id']}/runs/{parent}"
+                          f"?workflowType=machine_learning")
+
+    def listing(run_id: str, folder: str = "") -> list[str]:
+        found = []
+        for item in client.list_artifacts(run_id, folder):
+            found += listing(run_id, item.path) if item.is_dir else [item.path]
+        return sorted(found)
+
+    figures_ = ["table3_a_static_kept_tokens.png", "table3_a_static_static_map.png", "table3_acc_vs_gflops.png",
+                "table3_gaps.png"]
+    assert listing(parent) == sorted(["report/table3.md", "report/table3.html", "report/table3.tex",
+                                      "report/table3.csv", "report/notebook/table3.ipynb",
+                                      "report/notebook/table3.html", *[f"report/figures/{f}" for f in figures_]])
+    assert listing(older.info.run_id) == [] and listing(other.info.run_id) == []
+    page = Path(client.download_artifacts(parent, "report/table3.html", str(tmp))).read_text()
+    assert "<table>" in page and "<td>a/dynamic</td>" in page
+    notebook_page = Path(client.download_artifacts(parent, "report/notebook/table3.html", str(tmp))).read_text()
+    assert "data:image/png;base64," in notebook_page  # the figures, embedded
+    metrics = client.get_run(parent).data.metrics
+    dynamic = [61.5, 62.5, 60.25]
+    assert metrics["table/a/dynamic/top1"] == pytest.approx(sum(dynamic) / 3)
+    assert metrics["table/a/dynamic/std"] == pytest.approx(pd.Series(dynamic).std())
+    assert metrics["table/b/random/gap"] == pytest.approx(44.2 - sum(dynamic) / 3)
+    assert "table/b/random/std" not in metrics and "table/c/2-stage/top1" not in metrics  # one seed; no run
+    shared = ["b/predictor", "c/3-stage"]  # the same model as a/dynamic in the paper: its runs
+    assert set(metrics) == {f"table/{row}/{k}" for row in [*store["expected"], *shared] for k in ("top1", "gap")} | {
+        f"table/{row}/std" for row in ["a/dynamic", *shared]}
     assert "| a/dynamic |" in result.stdout and "missing" in result.stdout
     table = pd.read_csv(out / "table3.csv").set_index("row")
     assert table.index.tolist() == PAPER_ROWS["table3"]

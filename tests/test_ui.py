@@ -110,11 +110,13 @@ class Launched:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
-    """MINI (a teacher, then two students, one epoch each: ~30 s) launched here, its store served by mlflow."""
+    """MINI (a teacher, then two students, one epoch each: ~30 s) launched here with --wait, so that it also
+    reports (Table 3's notebook, ~30 s) onto its parent run; its store served by mlflow."""
     root = tmp_path_factory.mktemp("ui-launch")
     spec = copy.deepcopy(MINI)
     spec["base"]["tracking"]["visualize_images"] = 2  # the kept-token figure of each pruned run
-    result = launch(root, write_launch_spec(root, spec), "--executor", "local")
+    spec["notebooks"] = ["analysis/table3.ipynb"]
+    result = launch(root, write_launch_spec(root, spec), "--executor", "local", "--wait")
     assert result.returncode == 0, result.stderr[-4000:]
     with mlflow_server(root) as server:  # the same root/mlflow.db the launch wrote
         client = MlflowClient(server.uri)
@@ -267,6 +269,35 @@ def test_run_page_shows_the_kept_token_figure(launched: Launched, page: Page, sh
     expect(figure).to_be_visible()
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=figure.element_handle())
     assert figure.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [width, height]
+    shot("figure")
+
+
+def test_launch_run_shows_the_reproduced_table_its_figures_and_metrics(
+    launched: Launched, page: Page, shot: Callable[[str], None]
+) -> None:
+    (parent,) = [r for r in launched.runs if r.data.tags.get("kind") == "launch"]
+    rows = [k.split("/", 1)[1].rsplit("/", 1)[0] for k in parent.data.metrics if k.endswith("/top1")]
+    assert {"a/dynamic", "a/static"} <= set(rows), sorted(parent.data.metrics)
+    # The page the launch printed after its report (moved to this test's server).
+    (line,) = [line for line in launched.stdout.splitlines() if line.startswith("MLflow: the report ")]
+    url = line.rsplit(" ", 1)[1]
+    assert url.startswith(f"{UI_DEFAULT}/#/experiments/{launched.experiment_id}/runs/{parent.info.run_id}?"), line
+    page.goto(launched.uri + url[len(UI_DEFAULT):])
+    expect(page.get_by_role("heading", name=parent.info.run_name)).to_be_visible()
+    for row in ("a/dynamic", "a/static"):  # the overview's metrics list the table's rows
+        expect(page.get_by_text(f"table/{row}/top1", exact=True).first).to_be_visible()
+    shot("metrics")
+    page.get_by_role("tab", name="Artifacts").click()
+    page.get_by_text("report", exact=True).first.click()
+    page.get_by_text("table3.html", exact=True).first.click()
+    table = page.frame_locator("iframe").first.get_by_role("table")  # MLflow shows an HTML artifact in a frame
+    expect(table.get_by_role("cell", name="a/dynamic", exact=True)).to_be_visible()
+    shot("table")
+    page.get_by_text("figures", exact=True).first.click()
+    page.get_by_text("table3_gaps.png", exact=True).first.click()
+    figure = page.get_by_role("img", name="table3_gaps.png")
+    expect(figure).to_be_visible()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 100", arg=figure.element_handle())
     shot("figure")
 
 

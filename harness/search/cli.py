@@ -120,9 +120,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"MLflow: experiment {plan.name!r} at {uri}, parent run {search.parent_id}")
     print(f"dashboard: {storage.dashboard()}")
     if args.report and plan.notebooks:  # the notebook finds this study through the parent run's tags
-        from analysis.report import run_notebooks
+        from analysis.report import make_report
 
         out = Path("reports") / plan.name / plan.scale
-        print(run_notebooks(plan.name, plan.scale, uri, plan.notebooks, str(out), plan.table), end="")
+        tables, where = make_report(plan.name, plan.scale, uri, plan.notebooks, str(out), plan.table,
+                                    search.parent_id)
+        print(tables, end="")
         print(f"report: {out}/")
+        print(where)  # the tables, figures and notebooks on the search's parent run
     return 0 if ok else EXIT_FAILED
