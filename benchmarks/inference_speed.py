@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import timm
 import torch
@@ -166,6 +167,48 @@ def breakdown(models_: dict[str, torch.nn.Module], batch: int, rounds: int, time
         print(f"| {key} | " + " | ".join(cells) + " |")
 
 
+def forward_timer(device: torch.device, autocast: Optional[torch.dtype] = None
+                  ) -> Callable[[torch.nn.Module, torch.Tensor], float]:
+    """Seconds of one eval forward pass (no_grad, under autocast to `autocast` if given), the device
+    synchronised before and after (CUDA runs asynchronously: without it the clock measures the launch)."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    @torch.no_grad()
+    def timed(model: torch.nn.Module, images: torch.Tensor) -> float:
+        sync()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+            model(images)
+        sync()
+        return time.perf_counter() - start
+    return timed
+
+
+def interleaved(candidates: dict[str, torch.nn.Module], images: torch.Tensor, rounds: int,
+                timed: Callable[[torch.nn.Module, torch.Tensor], float], warmup: int = 3,
+                idle_wait: float = 0.0, gate_every: float = 5.0) -> tuple[dict[str, list[float]], float, int]:
+    """Every model's batch times, side by side: `warmup` untimed batches each, then `rounds` rounds of
+    one timed batch per model, the order reversed every other round (drift and other processes hit
+    the models of a round alike). With `idle_wait`, before a round (at most every `gate_every` s) wait
+    for an idle CPU. Returns (seconds per model, seconds waited, checks that found others running)."""
+    names = list(candidates)
+    for model in candidates.values():
+        for _ in range(warmup):
+            timed(model, images)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    waited, busy_rounds, last_gate = 0.0, 0, -float("inf")
+    for round_ in range(rounds):
+        if idle_wait > 0 and time.perf_counter() - last_gate >= gate_every:
+            seconds, busy = wait_for_idle(idle_wait)
+            waited, busy_rounds = waited + seconds, busy_rounds + (busy > 0)
+            last_gate = time.perf_counter()
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            times[name].append(timed(candidates[name], images))
+    return times, waited, busy_rounds
+
+
 def quartiles(values: list[float]) -> tuple[float, float]:
     q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
     return q[0], q[2]
@@ -206,22 +249,7 @@ def main() -> None:
     gflops = {name: count_gflops(model, shape) for name, model in candidates.items()}
     for model in candidates.values():
         model.to(device).eval()
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
-    )
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    @torch.no_grad()
-    def timed(model: torch.nn.Module, images: torch.Tensor) -> float:
-        sync()
-        start = time.perf_counter()
-        with autocast():
-            model(images)
-        sync()
-        return time.perf_counter() - start
+    timed = forward_timer(device, torch.bfloat16 if args.bf16 else None)
 
     print(f"machine: {machine(args.device)}; torch {torch.__version__}, timm {timm.__version__}")
     print(f"command: {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}")
@@ -229,19 +257,9 @@ def main() -> None:
     dense_name = names[0]
     for batch, n_rounds in zip(args.batch_sizes, rounds):
         images = torch.randn(batch, *shape, device=device)
-        for model in candidates.values():
-            for _ in range(args.warmup):
-                timed(model, images)
         load_before = loadavg()
-        times: dict[str, list[float]] = {name: [] for name in candidates}
-        waited, busy_rounds, last_gate = 0.0, 0, -float("inf")
-        for round_ in range(n_rounds):
-            if args.idle_wait > 0 and time.perf_counter() - last_gate >= args.gate_every:
-                seconds, busy = wait_for_idle(args.idle_wait)
-                waited, busy_rounds = waited + seconds, busy_rounds + (busy > 0)
-                last_gate = time.perf_counter()
-            for name in names if round_ % 2 == 0 else names[::-1]:
-                times[name].append(timed(candidates[name], images))
+        times, waited, busy_rounds = interleaved(candidates, images, n_rounds, timed, args.warmup,
+                                                 args.idle_wait, args.gate_every)
         dense_time = statistics.median(times[dense_name])
         print(f"\nbatch {batch}: {n_rounds} rounds (one batch per model each); load average "
               f"(1/5/15 min) before {load_before}, after {loadavg()}; waited {waited:.0f} s for an "

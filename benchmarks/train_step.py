@@ -26,12 +26,13 @@ every `optim.log_every` = 20 steps, so its real overhead is that figure / 20.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import timm
 import torch
@@ -65,21 +66,50 @@ def soft_batch(batch: int, chans: int, size: int, classes: int, seed: int = 0) -
     return mixup(images, labels)
 
 
+class Precision:
+    """Where a step runs: the device (synchronised around the clock on CUDA, which runs asynchronously)
+    and the autocast dtype of forward and loss (None: fp32), with a GradScaler for fp16 as the engine has."""
+
+    def __init__(self, device: torch.device = torch.device("cpu"), autocast: Optional[torch.dtype] = None) -> None:
+        self.device, self.dtype = device, autocast
+        self.scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+FP32_CPU = Precision()
+
+
 class DenseStep:
     """timm's dense ViT: forward, soft-target CE, backward, AdamW step."""
 
-    def __init__(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> None:
+    def __init__(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                 precision: Precision = FP32_CPU) -> None:
         self.model = model.train()
         self.images, self.targets = images, targets
         self.criterion = SoftTargetCrossEntropy()
         self.optimizer = build_optimizer(model, OptimConfig(), images.shape[0])
+        self.precision = precision
 
     def __call__(self) -> float:
+        self.precision.sync()
         start = time.perf_counter()
-        loss = self.criterion(self.model(self.images), self.targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        with self.precision.autocast():
+            output = self.model(self.images)  # our dense variant answers a DynamicViTOutput in train mode
+            loss = self.criterion(getattr(output, "logits", output), self.targets)
+        self.precision.backward_step(loss, self.optimizer)
+        self.precision.sync()
         return time.perf_counter() - start
 
 
@@ -88,27 +118,30 @@ class DynamicStep:
 
     def __init__(
         self, model: models.DynamicVisionTransformer, teacher: torch.nn.Module,
-        images: torch.Tensor, targets: torch.Tensor,
+        images: torch.Tensor, targets: torch.Tensor, precision: Precision = FP32_CPU,
     ) -> None:
         self.model = model.train()
         self.teacher = teacher.eval().requires_grad_(False)
         self.images, self.targets = images, targets
         self.loss = DynamicViTLoss(LossConfig(), model.stage_ratios, SoftTargetCrossEntropy())
         self.optimizer = build_optimizer(model, OptimConfig(), images.shape[0])
+        self.precision = precision
         self.last_loss: dict[str, float] = {}
 
     def __call__(self) -> tuple[float, float]:
         """(teacher seconds, student step seconds)."""
+        self.precision.sync()
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self.precision.autocast():
             t = self.teacher.forward_masked(self.images)
         teacher_out = (t.logits, self.model.align_teacher_tokens(t.tokens))
+        self.precision.sync()
         mid = time.perf_counter()
-        output = self.model(self.images)
-        loss, parts = self.loss(output, self.targets, teacher_out)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        with self.precision.autocast():
+            output = self.model(self.images)
+            loss, parts = self.loss(output, self.targets, teacher_out)
+        self.precision.backward_step(loss, self.optimizer)
+        self.precision.sync()
         end = time.perf_counter()
         self.last_loss = {"loss": loss.detach(), **{f"loss_{k}": v.detach() for k, v in parts.items()}}
         for stage in range(output.keep_fractions.shape[1]):
@@ -127,39 +160,53 @@ def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1e3
 
 
-def step_benchmark(args: argparse.Namespace) -> dict[str, float]:
-    images, targets = soft_batch(args.batch, 3, 224, 1000)
+def build_steps(dense_name: str, dynamic_name: str, batch: int, chans: int, size: int, classes: int,
+                precision: Precision = FP32_CPU, reference: bool = True) -> dict[str, Callable[[], object]]:
+    """The candidates on one fixed soft-target batch: `dense` (the timm dense model `dense_name`, or
+    `dynamic_name` with variant dense when they are the same), `dynamic` (`dynamic_name` at rho 0.7,
+    the fused masked attention) and, with `reference`, `dynamic_ref` (the reference masked softmax)."""
+    device = precision.device
+    images, targets = (t.to(device) for t in soft_batch(batch, chans, size, classes))
     torch.manual_seed(0)
-    dense = timm.create_model("deit_small_patch16_224")
-    teacher = timm.create_model("dynamicvit_deit_small_patch16_224", variant="dense")
+    kwargs = {"variant": "dense"} if dense_name == dynamic_name else {}
+    dense = timm.create_model(dense_name, num_classes=classes, **kwargs)
+    teacher = timm.create_model(dynamic_name, num_classes=classes, variant="dense")
     teacher.load_state_dict(dense.state_dict())  # same backbone weights, as a real teacher would be
-    student = timm.create_model("dynamicvit_deit_small_patch16_224", keep_ratio=0.7)
+    student = timm.create_model(dynamic_name, num_classes=classes, keep_ratio=0.7)
     student.load_state_dict({**student.state_dict(), **dense.state_dict()})
-    reference = timm.create_model("dynamicvit_deit_small_patch16_224", keep_ratio=0.7)
-    reference.load_state_dict(student.state_dict())
-    set_fused_masked_attn(reference, False)
-
     steps: dict[str, Callable[[], object]] = {
-        "dense": DenseStep(dense, images, targets),
-        "dynamic": DynamicStep(student, teacher, images, targets),
+        "dense": DenseStep(dense.to(device), images, targets, precision),
+        "dynamic": DynamicStep(student.to(device), teacher.to(device), images, targets, precision),
     }
-    if not args.no_reference:
-        steps["dynamic_ref"] = DynamicStep(reference, teacher, images, targets)
+    if reference:
+        ref = timm.create_model(dynamic_name, num_classes=classes, keep_ratio=0.7)
+        ref.load_state_dict(student.state_dict())
+        steps["dynamic_ref"] = DynamicStep(set_fused_masked_attn(ref, False).to(device), teacher, images, targets,
+                                           precision)
+    return steps
+
+
+def time_steps(steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 2, per_round: int = 1,
+               idle_wait: float = 0.0, verbose: bool = True) -> tuple[dict[str, list[float]], float, int]:
+    """Interleaved rounds (the order reverses every other round) of `per_round` steps per candidate after
+    `warmup` untimed ones. Returns (seconds: dense, teacher, dynamic, dynamic_ref), waited s, busy rounds)."""
     times: dict[str, list[float]] = {"dense": [], "teacher": [], "dynamic": [], "dynamic_ref": []}
-    print(f"warm-up ({args.warmup} steps each) ...", flush=True)
-    for _ in range(args.warmup):
+    if verbose:
+        print(f"warm-up ({warmup} steps each) ...", flush=True)
+    for _ in range(warmup):
         for step in steps.values():
             step()
-    print(f"load average before: {loadavg()}", flush=True)
+    if verbose:
+        print(f"load average before: {loadavg()}", flush=True)
     names = list(steps)
     waited, busy_rounds = 0.0, 0
-    for round_ in range(args.rounds):
-        if args.idle_wait > 0:
-            seconds, busy = wait_for_idle(args.idle_wait)
+    for round_ in range(rounds):
+        if idle_wait > 0:
+            seconds, busy = wait_for_idle(idle_wait)
             waited, busy_rounds = waited + seconds, busy_rounds + (busy > 0)
         order = names if round_ % 2 == 0 else names[::-1]
         for name in order:
-            for _ in range(args.steps):
+            for _ in range(per_round):
                 result = steps[name]()
                 if name == "dense":
                     times["dense"].append(result)  # type: ignore[arg-type]
@@ -167,8 +214,16 @@ def step_benchmark(args: argparse.Namespace) -> dict[str, float]:
                     teacher_s, student_s = result  # type: ignore[misc]
                     times["teacher"].append(teacher_s)
                     times[name].append(student_s)
-        print(f"  round {round_ + 1}/{args.rounds}: " + ", ".join(
-            f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names), flush=True)
+        if verbose:
+            print(f"  round {round_ + 1}/{rounds}: " + ", ".join(
+                f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names), flush=True)
+    return times, waited, busy_rounds
+
+
+def step_benchmark(args: argparse.Namespace) -> dict[str, float]:
+    steps = build_steps("deit_small_patch16_224", "dynamicvit_deit_small_patch16_224", args.batch, 3, 224, 1000,
+                        reference=not args.no_reference)
+    times, waited, busy_rounds = time_steps(steps, args.rounds, args.warmup, args.steps, args.idle_wait)
     load = loadavg()
     dense_ms = median_ms(times["dense"])
     def per_round(name: str) -> str:
