@@ -36,18 +36,17 @@ def resolve_uri(cli_value: Optional[str]) -> tuple[str, str]:
     MLflow's client and every job read); on a command line (visible in `ps`) they are refused.
     """
     if cli_value:
-        if _credentials(cli_value)[1] is not None:
+        clean, user, password = _credentials(cli_value)
+        if password is not None:
             raise ConfigError([f"--tracking-uri: a password in the URI shows in `ps` and would be written into job "
                                f"files; export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead, got "
                                f"{masked(cli_value)!r}"])
-        return cli_value, "--tracking-uri"
+        _export({"MLFLOW_TRACKING_USERNAME": user})
+        return clean, "--tracking-uri"
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         clean, user, password = _credentials(env)
-        for key, value in (("MLFLOW_TRACKING_URI", clean), ("MLFLOW_TRACKING_USERNAME", user),
-                           ("MLFLOW_TRACKING_PASSWORD", password)):
-            if value is not None:  # what this process's MLflow client and its jobs read
-                os.environ[key] = value
+        _export({"MLFLOW_TRACKING_URI": clean, "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password})
         return clean, "$MLFLOW_TRACKING_URI"
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}", "tracking store (default ./mlflow.db)"
 
@@ -61,6 +60,13 @@ def _credentials(uri: str) -> tuple[str, Optional[str], Optional[str]]:
     clean = parts._replace(netloc=host).geturl()
     user = unquote(parts.username) if parts.username is not None else None
     return clean, user, unquote(parts.password) if parts.password is not None else None
+
+
+def _export(values: dict[str, Optional[str]]) -> None:
+    """Set the given variables (None: leave alone): what this process's MLflow client and its jobs read."""
+    for key, value in values.items():
+        if value is not None:
+            os.environ[key] = value
 
 
 def masked(uri: str) -> str:
