@@ -4,6 +4,10 @@ A checkpoint holds the model, optimiser, scheduler, EMA, the position in trainin
 batches done in that epoch, running sums of the epoch's train metrics), every RNG state and
 the MLflow run id. It is written to a temporary file in the same folder and renamed over the
 previous one, so a kill during the write never destroys the last good checkpoint.
+
+It holds only tensors, numbers, strings and plain containers (numpy's RNG state is stored as a
+tensor), so it is read back with `torch.load(weights_only=True)` like any other checkpoint: a
+file placed in a run folder cannot run code when the run resumes (harness/unpickle.py).
 """
 from __future__ import annotations
 
@@ -43,9 +47,11 @@ def _umask() -> int:
 
 
 def rng_state() -> dict[str, Any]:
+    """Every RNG's state in types weights_only loads: numpy's key array becomes an int64 tensor."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -55,17 +61,21 @@ def rng_state() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]  # a tensor, or a numpy array in checkpoints written before issue 24
+    np.random.set_state((name, np.asarray(keys.numpy() if isinstance(keys, torch.Tensor) else keys, np.uint32), *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load(path: Path) -> Optional[dict[str, Any]]:
-    """The checkpoint at `path`, or None if there is none."""
+    """The checkpoint at `path`, or None if there is none; a file that would unpickle anything but
+    tensors and plain data is refused in one line naming it and the type (UnsafeCheckpoint)."""
+    from harness import unpickle
+
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are pickled
+    return unpickle.load(path, str(path))
 
 
 def weights_file(source: str) -> str:

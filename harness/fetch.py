@@ -6,7 +6,12 @@
 For clusters whose compute nodes are offline: run it on a machine that is online and shares the
 cache (`$DVIT_CACHE`, default ~/.cache/dvit-harness); the jobs then find every file cached and
 verify it against the hash recorded here. Prints `sha256  path  source` per checkpoint.
-Exit codes: 0 all fetched, 1 one failed (one line each on stderr), 2 invalid spec.
+A file is cached under a name keyed by its whole URL, and only once it is a whole torch
+checkpoint that holds nothing but tensors, plain containers and admitted types
+(harness/unpickle.py); a cache of verified files is only read (it may be read-only).
+Exit codes: 0 all fetched, 1 one failed (one line each on stderr: offline, truncated, a cache
+that cannot be written), 2 invalid spec or a file refused for what it would unpickle, 130 Ctrl-C
+(no partial file is left).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from harness.errors import handle
 from models.checkpoint import CheckpointError, cache_dir, fetch, is_url, read_record, sha256_of
 
 
@@ -30,6 +36,10 @@ def spec_sources(spec_path: str, scale: Optional[str], overrides: Sequence[str] 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    return handle("harness.fetch", lambda: _main(argv))
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.fetch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", nargs="*", help="checkpoint URLs (URL#sha256=HEX pins a hash) or files")
@@ -49,7 +59,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
     if not sources:
         parser.error("give checkpoint URLs or files, or --spec SPEC")
-    failed = 0
+    failed = refused = 0
     for source in sources:
         try:
             path = fetch(source)
@@ -57,10 +67,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(err, file=sys.stderr)
             failed += 1
             continue
+        except ValueError as err:  # UnsafeCheckpoint: the URL's file would unpickle a type not admitted
+            print(err, file=sys.stderr)
+            refused += 1
+            continue
         record = read_record(path) if is_url(source) else None  # fetch just verified it
         print(f"{record['sha256'] if record else sha256_of(path)}  {path}  {source}")
-    print(f"checkpoints in {cache_dir()}: {len(sources) - failed} ok, {failed} failed", file=sys.stderr)
-    return 1 if failed else 0
+    print(f"checkpoints in {cache_dir()}: {len(sources) - failed - refused} ok, {failed + refused} failed",
+          file=sys.stderr)
+    return 1 if failed else 2 if refused else 0
 
 
 if __name__ == "__main__":

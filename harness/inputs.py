@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 
 from harness.config import RunConfig
 from harness.errors import show
+from harness.unpickle import refused_globals, refused_line
 
 WEIGHT_FIELDS = ("model.pretrained", "teacher.checkpoint", "train.init_from", "teacher.run_dir")
 RUN_FOLDER_FILES = ("model.pth", "checkpoint.pth")  # what a run folder given as weights must hold
@@ -27,6 +28,19 @@ def _get(cfg: RunConfig, dotted: str) -> object:
     return node
 
 
+def _unsafe(path: Path) -> str | None:
+    """The refusal of a checkpoint whose pickle would import a type not admitted (harness/unpickle.py).
+
+    A pickle that cannot be read is left to the job, which says so in one line: the launcher
+    refuses what would run code or build unknown objects, the cheap checks above the rest.
+    """
+    try:
+        refused = refused_globals(path)
+    except (ValueError, OSError):
+        return None
+    return refused_line(refused) if refused else None
+
+
 def weights_problem(value: str) -> str | None:
     """Why `value` cannot be loaded as weights (a file, a run folder), or None. URLs are not fetched here."""
     if "://" in value:
@@ -34,9 +48,11 @@ def weights_problem(value: str) -> str | None:
         return None if scheme in ("http", "https") else f"only http(s) URLs can be fetched, got {show(value)}"
     path = Path(value).expanduser()
     if path.is_dir():
-        if not any((path / name).is_file() for name in RUN_FOLDER_FILES):
+        present = [path / name for name in RUN_FOLDER_FILES if (path / name).is_file()]
+        if not present:
             return f"a folder without {' or '.join(RUN_FOLDER_FILES)} (not a finished run), got {show(value)}"
-        return None
+        refused = _unsafe(present[0])  # the file the job would load: it must not run code either
+        return f"{present[0]}: {refused}, got {show(value)}" if refused else None
     if not path.exists():
         where = "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"
         return f"no such file{where}, got {show(value)}"
@@ -49,10 +65,11 @@ def weights_problem(value: str) -> str | None:
         return f"cannot be read ({err.strerror}), got {show(value)}"
     if not head:
         return f"an empty file, not a checkpoint, got {show(value)}"
-    if head[:1] == b"\x80":  # torch's legacy (pickle) format
-        return None
-    if head[:2] == b"PK":  # torch's zip format: a truncated file has no central directory
-        return None if zipfile.is_zipfile(path) else f"a truncated or damaged checkpoint (not a valid zip archive), got {show(value)}"
+    if head[:2] == b"PK" and not zipfile.is_zipfile(path):  # torch's zip format: a truncated file has no central directory
+        return f"a truncated or damaged checkpoint (not a valid zip archive), got {show(value)}"
+    if head[:1] == b"\x80" or head[:2] == b"PK":  # torch's legacy (pickle) or zip format
+        refused = _unsafe(path)  # a pickle that would import anything but tensors and plain data
+        return f"{refused}, got {show(value)}" if refused else None
     kind = "a text file" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "not a torch checkpoint"
     return f"{kind}, not a torch checkpoint, got {show(value)}"
 

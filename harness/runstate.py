@@ -156,8 +156,12 @@ def load_checkpoint(path: Path, cfg: RunConfig) -> Optional[dict[str, Any]]:
 
     if path.exists() and not path.is_file():
         raise StaleRunFolder(f"{path}: not a file, got a {'folder' if path.is_dir() else 'special file'}")
+    from harness.unpickle import UnsafeCheckpoint
+
     try:
         state = checkpointing.load(path)
+    except UnsafeCheckpoint as err:  # it would run code or build an unknown type: names the file and type
+        raise StaleRunFolder(f"{err}; move it away to start the run over") from None
     except Exception as err:  # empty, truncated, not a checkpoint: torch raises many kinds
         message = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise StaleRunFolder(f"{path}: cannot be loaded ({type(err).__name__}: {message}); it is corrupt or "

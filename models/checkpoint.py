@@ -1,11 +1,17 @@
 """Weights in the official layouts: DynamicViT model-zoo checkpoints and DeiT backbones.
 
 A checkpoint is a local file or a URL. A URL is downloaded once into a cache folder (with a
-progress bar) and its sha256 is recorded beside the file (`<file>.sha256.json`); every later
-use hashes the cached file again and refuses it if it changed. A URL may pin the hash it must
-have, pip-style: `https://host/file.pth#sha256=<64 hex digits>`. Offline, or when the cache
-cannot be trusted, the error is one line naming the URL, the file and what to do.
+progress bar), under a name keyed by the whole URL (two URLs never share a file), and its URL
+and sha256 are recorded beside the file (`<file>.sha256.json`) once the download is checked to
+be a whole torch checkpoint; every later use hashes the cached file again and refuses it if it
+changed or was recorded for another URL. A URL may pin the hash it must have, pip-style:
+`https://host/file.pth#sha256=<64 hex digits>`. Offline, or when the cache cannot be trusted,
+the error is one line naming the URL, the file and what to do. A cache of verified files is
+only read (it may be read-only); the lock is taken only to download or record.
 
+Every file is unpickled with `torch.load(weights_only=True)` (harness/unpickle.py): tensors,
+plain containers and the few types official files hold (argparse.Namespace, numpy arrays),
+anything else refused in one line naming the file and the type -- never code from a checkpoint.
 Official files keep the weights under "model"; DeiT's published files use the same backbone
 keys, so a DeiT checkpoint loads into a DynamicViT with only the predictor keys missing.
 `python -m harness.fetch` downloads and verifies ahead of the jobs (e.g. on a login node).
@@ -28,14 +34,19 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from harness import unpickle
+from harness.errors import EnvironmentProblem
+from harness.unpickle import UnsafeCheckpoint
+
 PREDICTOR_PREFIX = "score_predictor."
 RECORD_SUFFIX = ".sha256.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
+_EXTENSIONS = (".pth", ".pt", ".tar", ".bin", ".ckpt")  # kept at the end of a cached file's name
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be fetched or trusted, said in one line."""
+class CheckpointError(EnvironmentProblem):
+    """A checkpoint that cannot be fetched or trusted, said in one line (the machine or the cache: exit 1)."""
 
 
 def cache_dir() -> Path:
@@ -66,15 +77,26 @@ def split_pin(source: str) -> tuple[str, Optional[str]]:
 
 
 def cache_name(url: str) -> str:
-    """The cached file's name: the URL's file name, or `host-lastpart` when the URL names no file.
+    """The cached file's name: the URL's file name (or `host-lastpart` when it names no file) and a
+    hash of the whole URL, `deit_small_patch16_224-cd65a155-<12 hex>.pth`.
 
-    Direct links such as `https://cloud.tsinghua.edu.cn/f/<id>/?dl=1` end in a folder-like id.
+    The hash keys the file by the URL, query included: `.../a/model.pth` and `.../b/model.pth`,
+    or `uc?id=A` and `uc?id=B`, are different files. Direct links such as
+    `https://cloud.tsinghua.edu.cn/f/<id>/?dl=1` end in a folder-like id.
     """
     parsed = urlparse(url)
     parts = [p for p in parsed.path.split("/") if p]
     last = parts[-1] if parts else "index"
-    name = last if "." in last.strip(".") else f"{parsed.hostname or 'host'}-{last}"
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", last if "." in last.strip(".") else f"{parsed.hostname or 'host'}-{last}")
+    stem, ext = os.path.splitext(name)
+    if ext.lower() not in _EXTENSIONS:
+        stem, ext = name, ""
+    return f"{stem[:100]}-{hashlib.sha256(url.encode()).hexdigest()[:12]}{ext}"
+
+
+def cached_path(url: str) -> Path:
+    """Where the cache keeps (or would keep) the file of `url` (a pin in the URL does not count)."""
+    return cache_dir() / cache_name(split_pin(url)[0])
 
 
 def sha256_of(path: Path) -> str:
@@ -114,8 +136,10 @@ def _write_record(target: Path, url: str, sha256: str, how: str) -> None:
 
 def _unreachable(url: str, target: Path, err: BaseException) -> CheckpointError:
     """The one-line error for a download that failed: what, why, and where to put the file by hand."""
-    if isinstance(err, urllib.error.HTTPError):
-        why = f"the server answered HTTP {err.code} {err.reason}"
+    if isinstance(err, urllib.error.HTTPError) and err.code in (301, 302, 303, 307, 308):
+        why = f"the server redirects in a loop or too often (HTTP {err.code})"  # urllib's reason spans lines
+    elif isinstance(err, urllib.error.HTTPError):
+        why = f"the server answered HTTP {err.code} {' '.join(str(err.reason).split())}"
     else:
         reason = getattr(err, "reason", None) or err
         why = f"{type(reason).__name__}: {reason}; this machine may be offline"
@@ -129,8 +153,9 @@ def _unreachable(url: str, target: Path, err: BaseException) -> CheckpointError:
 def _download(url: str, target: Path, pinned: Optional[str]) -> str:
     """Stream `url` to `target` (hashing as it goes, behind a progress bar); return its sha256.
 
-    Written to a temporary name and renamed only when complete and matching the pin, so an
-    interrupted or wrong download never looks like a cached checkpoint.
+    Written to a temporary name and renamed only when complete, a whole torch checkpoint that
+    imports nothing but admitted types, and matching the pin, so an interrupted, truncated (a
+    server that sends no Content-Length and closes early) or wrong download is never cached.
     """
     from tqdm import tqdm
 
@@ -141,7 +166,7 @@ def _download(url: str, target: Path, pinned: Optional[str]) -> str:
         with urllib.request.urlopen(request, timeout=download_timeout_s()) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                      desc=f"download {target.name}", mininterval=1.0) as bar:
+                      desc=f"download {Path(urlparse(url).path).name or target.name}", mininterval=1.0) as bar:
                 size = 0
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
@@ -150,24 +175,41 @@ def _download(url: str, target: Path, pinned: Optional[str]) -> str:
                     size += len(chunk)
             if total is not None and size != total:
                 raise http.client.IncompleteRead(b"", total - size)
+        _check_download(part, url, target)
+        actual = digest.hexdigest()
+        if pinned is not None and actual != pinned:
+            raise CheckpointError(f"checkpoint: {url}: sha256 mismatch: expected {pinned} (pinned in the URL), "
+                                  f"got {actual}; nothing was cached")
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         part.unlink(missing_ok=True)
         raise _unreachable(url, target, err) from None
-    actual = digest.hexdigest()
-    if pinned is not None and actual != pinned:
+    except BaseException:  # a refusal, Ctrl-C or a kill: no partial file is left behind
         part.unlink(missing_ok=True)
-        raise CheckpointError(f"checkpoint: {url}: sha256 mismatch: expected {pinned} (pinned in the URL), "
-                              f"got {actual}; nothing was cached")
+        raise
     os.replace(part, target)
     _write_record(target, url, actual, "downloaded")
     return actual
 
 
-def _verify(target: Path, url: str, pinned: Optional[str]) -> str:
+def _check_download(path: Path, url: str, target: Path) -> None:
+    """A downloaded (or hand-placed) file must be a whole torch checkpoint of admitted types before its hash is recorded."""
+    problem = unpickle.refusal(path, crc=True)
+    if problem is None:
+        return
+    if problem.startswith("refused"):  # whole, but it would run code or build unknown objects: the URL's fault
+        raise UnsafeCheckpoint(f"checkpoint: {url}: {problem}; nothing was cached")
+    raise CheckpointError(f"checkpoint: {url}: the file is {problem}: the download ended early or the server sent "
+                          f"something else; nothing was cached, try again (or place a good copy at {target})")
+
+
+def _verify(target: Path, url: str, pinned: Optional[str], record: Optional[dict[str, Any]]) -> str:
     """Hash the cached file and check it against its record (and the pin); record it if unrecorded."""
     actual = sha256_of(target)
-    record = read_record(target)
+    if record is not None and record.get("url") != url:
+        raise CheckpointError(f"checkpoint: {target}: recorded as the download of {record.get('url')!r}, not of "
+                              f"{url}; delete it and {record_path(target).name} to download it again")
     if record is None:  # placed by hand (the offline route) or cached before hashes were recorded
+        _check_download(target, url, target)
         if pinned is not None and actual != pinned:
             raise CheckpointError(f"checkpoint: {target}: sha256 mismatch: expected {pinned} (pinned in {url}), "
                                   f"got {actual}")
@@ -201,27 +243,40 @@ def fetch(source: str) -> Path:
     from filelock import FileLock  # a dependency of torch
 
     url, pinned = split_pin(source)
-    target = cache_dir() / cache_name(url)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    target = cached_path(url)
+    if target.is_file() and (record := read_record(target)) is not None:
+        _verify(target, url, pinned, record)  # only reads: a shared read-only cache of verified files works
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(target) + ".lock")
+        lock.acquire()
+    except OSError as err:
+        raise CheckpointError(
+            f"checkpoint: {target.parent}: the checkpoint cache cannot be written ({err.strerror}) and holds no "
+            f"verified copy of {url}: fetch it into a writable cache (DVIT_CACHE) or pass a local file"
+        ) from None
+    try:
         if target.is_file():
-            _verify(target, url, pinned)
+            _verify(target, url, pinned, read_record(target))
         else:
             _download(url, target, pinned)
+    finally:
+        lock.release()
     return target
 
 
 def read_state_dict(source: str) -> dict[str, torch.Tensor]:
     """The model weights inside a checkpoint file/URL, unwrapped from "model"/"state_dict"."""
     path = fetch(source)
+    what = f"checkpoint: {source}" + (f" ({path})" if str(path) != str(source) else "")
     try:
-        ckpt: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # official files also pickle their argparse Namespace: trusted source only
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # e.g. an HTML page saved in place of the file
-            raise ValueError(f"checkpoint: {source}: {path} is not a torch checkpoint "
-                             f"({type(err).__name__}: {str(err)[:120]})") from None
+        ckpt: Any = unpickle.load(path, what)  # weights_only: official files' args admitted by name
+    except UnsafeCheckpoint:
+        raise
+    except Exception as err:  # e.g. an HTML page saved in place of the file
+        line = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+        raise ValueError(f"{what}: not a torch checkpoint ({type(err).__name__}: {line})") from None
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
             ckpt = ckpt[key]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import signal
 import socket
@@ -130,6 +131,23 @@ def _bomb() -> str:
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
     return "\n".join(lines) + "\nname: bomb\nbase: {train: {epochs: *a8}}\n"
+
+
+class _RunsCode:
+    """Unpickling it runs `touch MARKER` (issue 24: no checkpoint may run code when it is loaded)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {self.marker}",)
+
+
+def _code_running_checkpoint(path: Path) -> Path:
+    """A whole torch zip checkpoint (`<archive>/data.pkl`) whose pickle calls os.system."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("evil/data.pkl", pickle.dumps({"model": {}, "x": _RunsCode(path.with_name("MARKER"))}, 2))
+    return path
 
 
 def _truncated_zip(path: Path) -> Path:
@@ -330,6 +348,12 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
         return (c.launch(c.spec(**{"stages/teacher/model.pretrained": str(p)})), 2, str(c.tmp / "spec.yaml"),
                 "model.pretrained: a truncated or damaged checkpoint")
 
+    @case("pretrained-would-run-code")
+    def _(c: Ctx) -> Built:
+        p = _code_running_checkpoint(c.tmp / "evil.pth")
+        return (c.launch(c.spec(**{"stages/teacher/model.pretrained": str(p)})), 2, str(c.tmp / "spec.yaml"),
+                "model.pretrained: refused: unpickling it would import posix.system")
+
     @case("pretrained-a-folder-without-weights")
     def _(c: Ctx) -> Built:
         (c.tmp / "notarun").mkdir()
@@ -517,6 +541,12 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
         p = write(c.tmp / "w.pth", "hello\n")
         return (["harness.train", c.train_cfg(**{"model/pretrained": str(p)})], 2, str(c.tmp / "run.yaml"),
                 "model.pretrained: a text file")
+
+    @case("train-init-from-would-run-code")
+    def _(c: Ctx) -> Built:
+        p = _code_running_checkpoint(c.tmp / "evil.pth")
+        return (["harness.train", c.train_cfg(**{"train/init_from": str(p)})], 2, str(c.tmp / "run.yaml"),
+                "train.init_from: refused: unpickling it would import posix.system")
 
     @case("train-teacher-missing")
     def _(c: Ctx) -> Built:

@@ -31,7 +31,7 @@ from analysis import collect, zoo_table
 from analysis.reference import load_reference
 from harness.fetch import spec_sources
 from harness.spec import load_and_expand
-from models.checkpoint import CheckpointError, cache_name, fetch, read_record, record_path
+from models.checkpoint import CheckpointError, cache_name, cached_path, fetch, read_record, record_path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DYNAMIC = REPO / "checkpoints" / "tiny_dynamicvit_0.7.pth"
@@ -108,7 +108,8 @@ def test_first_download_records_the_hash_and_later_uses_hit_the_cache(served: Fi
     url = f"{served.url}/zoo/{TINY_DYNAMIC.name}"
     model = tiny_model()
     assert models.load_weights(model, url) == []  # downloaded; every key, the predictors too, loaded
-    target = tmp_path / "cache" / "checkpoints" / TINY_DYNAMIC.name
+    target = cached_path(url)
+    assert target.parent == tmp_path / "cache" / "checkpoints"
     assert served.requests == [f"/zoo/{TINY_DYNAMIC.name}"]
     assert sha256(target) == sha256(TINY_DYNAMIC)
     record = json.loads(record_path(target).read_text())
@@ -152,7 +153,7 @@ def test_a_pinned_hash_is_checked_on_download_and_in_the_cache(served: FileServe
     with pytest.raises(CheckpointError, match=f"sha256 mismatch: expected {wrong} \\(pinned in the URL\\), "
                                               f"got {sha256(TINY_DYNAMIC)}; nothing was cached"):
         fetch(f"{url}#sha256={wrong}")
-    target = tmp_path / "cache" / "checkpoints" / TINY_DYNAMIC.name
+    target = cached_path(url)
     assert not target.exists() and not list(target.parent.glob(".*.part"))
     assert fetch(f"{url}#sha256={sha256(TINY_DYNAMIC).upper()}") == target  # pins are case-insensitive
     with pytest.raises(CheckpointError, match=f"expected {wrong} \\(pinned in {url}\\)"):
@@ -165,7 +166,7 @@ def test_a_file_placed_by_hand_is_used_and_its_hash_recorded(tmp_path: Path, mon
                                                              capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setenv("DVIT_CACHE", str(tmp_path / "cache"))
     url = closed_port_url().replace("gone.pth", TINY_DYNAMIC.name)  # offline: the file comes by hand
-    target = tmp_path / "cache" / "checkpoints" / TINY_DYNAMIC.name
+    target = cached_path(url)
     target.parent.mkdir(parents=True)
     shutil.copy(TINY_DYNAMIC, target)
     assert fetch(url) == target
@@ -177,7 +178,7 @@ def test_a_file_placed_by_hand_is_used_and_its_hash_recorded(tmp_path: Path, mon
 def test_offline_is_one_clear_line_and_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DVIT_CACHE", str(tmp_path / "cache"))
     url = closed_port_url()
-    target = tmp_path / "cache" / "checkpoints" / "gone.pth"
+    target = cached_path(url)
     started = time.monotonic()
     with pytest.raises(CheckpointError) as caught:
         models.load_weights(tiny_model(), url)
@@ -203,10 +204,12 @@ def test_a_stalled_server_times_out_and_a_404_is_named(tmp_path: Path, monkeypat
 
 
 def test_cache_names_of_the_official_links() -> None:
-    assert cache_name("https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth") == \
-        "deit_small_patch16_224-cd65a155.pth"
-    assert cache_name("https://cloud.tsinghua.edu.cn/f/698896dfbcea430b9591/?dl=1") == \
-        "cloud.tsinghua.edu.cn-698896dfbcea430b9591"
+    """The URL's file name (or host-id) and a hash of the whole URL: two URLs never share a file."""
+    deit = "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth"
+    tsinghua = "https://cloud.tsinghua.edu.cn/f/698896dfbcea430b9591/?dl=1"
+    assert cache_name(deit) == f"deit_small_patch16_224-cd65a155-{hashlib.sha256(deit.encode()).hexdigest()[:12]}.pth"
+    assert cache_name(tsinghua) == \
+        f"cloud.tsinghua.edu.cn-698896dfbcea430b9591-{hashlib.sha256(tsinghua.encode()).hexdigest()[:12]}"
 
 
 def test_prefetch_cli_prints_hash_and_path_or_one_error_line(served: FileServer, tmp_path: Path) -> None:
@@ -215,7 +218,7 @@ def test_prefetch_cli_prints_hash_and_path_or_one_error_line(served: FileServer,
     result = subprocess.run([sys.executable, "-m", "harness.fetch", url, gone], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr  # one of the two failed
-    target = tmp_path / "cache" / "checkpoints" / TINY_DYNAMIC.name
+    target = tmp_path / "cache" / "checkpoints" / cache_name(url)
     assert result.stdout == f"{sha256(TINY_DYNAMIC)}  {target}  {url}\n"
     assert read_record(target)["sha256"] == sha256(TINY_DYNAMIC)
     errors = [line for line in result.stderr.splitlines() if line.startswith("checkpoint: ")]
@@ -361,6 +364,6 @@ def test_tiny_zoo_end_to_end_reproduces_the_recorded_numbers(tmp_path: Path) -> 
         assert table.loc[row, zoo_table.ACC5_ZOO] == recorded.loc[row, "top5"]
     assert "| tiny/0.7 | tiny ViT | 0.7 | 61.6 |" in result.stdout  # the report printed by --wait
     # the cache holds the downloaded file, its hash recorded; the local files were neither copied nor downloaded
-    cached = tmp_path / "cache" / "checkpoints" / TINY_DYNAMIC.name
-    assert sorted(p.name for p in cached.parent.glob("*.pth")) == [TINY_DYNAMIC.name]
+    cached = tmp_path / "cache" / "checkpoints" / cache_name(url)
+    assert sorted(p.name for p in cached.parent.glob("*.pth")) == [cached.name]
     assert read_record(cached)["sha256"] == sha256(TINY_DYNAMIC)
