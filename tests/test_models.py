@@ -152,7 +152,10 @@ def test_checkpoint_url_is_cached_and_offline_is_a_clear_error(tmp_path: Path, m
     with pytest.raises(RuntimeError, match="could not download .*offline"):
         models.load_weights(micro(), url)
     source = micro()
-    cached = tmp_path / "checkpoints" / "micro.pth"
+    from models.checkpoint import cached_path
+
+    cached = cached_path(url)  # the cache's name for this URL (keyed by the whole URL)
+    assert cached.parent == tmp_path / "checkpoints"
     cached.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": source.state_dict()}, cached)
     target = timm.create_model(MICRO, checkpoint=url)  # served from the cache, no network
