@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.catalog import ALL_MODELS, SPATIAL_MODELS, SPATIAL_VARIANTS, pruning_depth
+from harness.errors import ConfigError, show  # ConfigError re-exported: the loaders below raise it
 
 
 class Section(BaseModel):
@@ -325,14 +326,6 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 # ------------------------------------------------------------------------ loading + errors
-class ConfigError(ValueError):
-    """Invalid user input: one line per problem, `file: field: problem, got X`."""
-
-    def __init__(self, lines: list[str]) -> None:
-        super().__init__("\n".join(lines))
-        self.lines = lines
-
-
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The valid field names of the section that `loc` (minus its last part) points into."""
     current: Any = model
@@ -347,8 +340,6 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 def validation_problems(err: Any, model: type[BaseModel]) -> list[tuple[str, str]]:
     """pydantic's ValidationError as (dotted field, 'problem, got X') pairs (X shown bounded)."""
     import difflib
-
-    from harness.errors import show
 
     problems = []
     for item in err.errors():
@@ -410,8 +401,6 @@ class DuplicateKey(Exception):
         self.key, self.first, self.again = key, first, again
 
     def line(self, source: str) -> str:
-        from harness.errors import show
-
         return (f"{source}: line {self.again.line + 1}: duplicate key {show(self.key)} in one mapping (first at "
                 f"line {self.first.line + 1}; YAML would silently keep only the last), got {show(self.key)} twice")
 

@@ -31,6 +31,14 @@ _USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOT
                 errno.ENAMETOOLONG, errno.ELOOP}
 
 
+class ConfigError(ValueError):
+    """Invalid user input (exit 2): one line per problem, `file: field: problem, got X`."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
 class EnvironmentProblem(RuntimeError):
     """The environment, not the input, stops the command (exit 1): one line, `where: problem`."""
 
@@ -88,8 +96,6 @@ def handle(prog: str, main: Callable[[], int], log_dir: Callable[[], Optional[Pa
 
     `log_dir()` names where a traceback should go (a run's folder); a temporary folder otherwise.
     """
-    from harness.config import ConfigError  # pydantic only; imported here so that config can use show()
-
     try:
         return main()
     except ConfigError as err:
