@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import mlflow
 import numpy as np
@@ -88,8 +88,12 @@ def experiment_exists(tracking_uri: str, experiment: str) -> bool:
     return found is not None and found.lifecycle_stage == "active"
 
 
-def collect_runs(tracking_uri: str, experiment: str, scale: Optional[str] = None) -> pd.DataFrame:
+def collect_runs(tracking_uri: str, experiment: str, scale: Optional[str] = None,
+                 params: Sequence[str] = ()) -> pd.DataFrame:
     """Finished training runs of `experiment`, optionally of one `scale` (tag), newest first.
+
+    `params`: more run params to read in the same query, as columns `params.<key>` (MLflow's
+    strings; None where a run has none), e.g. the peers table's model knobs.
 
     Training runs are those tagged `kind=train`, or untagged `kind` but carrying a `row` tag
     (runs made before the launcher set `kind`); launch (parent) runs are left out. Metrics are
@@ -101,15 +105,16 @@ def collect_runs(tracking_uri: str, experiment: str, scale: Optional[str] = None
     (same config and seed) counts once, the newest, so that a re-launch never looks like an
     extra seed. An experiment that does not exist yields an empty frame.
     """
+    extra = [f"params.{key}" for key in params]
     filters = ["attributes.status = 'FINISHED'"]
     if scale is not None:
         filters.append(f"tags.scale = {_quote(scale)}")
     with _tracking_uri(tracking_uri):
         found = mlflow.get_experiment_by_name(experiment)
         if found is None:
-            return empty_runs()
+            return empty_runs().assign(**{column: pd.Series(dtype=object) for column in extra})
         if is_database(tracking_uri):
-            raw = _search_database(tracking_uri, found.experiment_id, scale)
+            raw = _search_database(tracking_uri, found.experiment_id, scale, params)
         else:
             raw = mlflow.search_runs(
                 experiment_ids=[found.experiment_id], filter_string=" and ".join(filters),
@@ -117,7 +122,7 @@ def collect_runs(tracking_uri: str, experiment: str, scale: Optional[str] = None
             )
     assert isinstance(raw, pd.DataFrame)
     if raw.empty:
-        return empty_runs()
+        return empty_runs().assign(**{column: pd.Series(dtype=object) for column in extra})
 
     nothing = pd.Series(None, index=raw.index, dtype=object)
     kind, row = raw.get("tags.kind", nothing), raw.get("tags.row", nothing)
@@ -130,13 +135,15 @@ def collect_runs(tracking_uri: str, experiment: str, scale: Optional[str] = None
     frame["run_id"] = raw["run_id"]
     frame["status"] = raw["status"]
     frame["end_time"] = raw["end_time"]
+    for name in extra:
+        frame[name] = column(name).astype(object).where(column(name).notna(), None)
     frame["variant"] = frame["variant"].where(frame["variant"].notna(), column("params.model.variant"))
     frame = _typed(frame)
     frame["acc1"] = frame["acc1"].fillna(frame["acc1_final"])  # runs from before val/acc1_best existed
     frame.loc[frame["variant"] == "dense", "keep_ratio"] = 1.0  # a dense model keeps every token
     keyed = frame["run_key"].notna()
     frame = pd.concat([frame[keyed].drop_duplicates("run_key", keep="first"), frame[~keyed]])
-    return frame.reindex(columns=COLUMNS + EXTRA_COLUMNS).reset_index(drop=True)
+    return frame.reindex(columns=COLUMNS + EXTRA_COLUMNS + extra).reset_index(drop=True)
 
 
 def is_database(tracking_uri: str) -> bool:
@@ -152,7 +159,8 @@ def _engine(tracking_uri: str):  # type: ignore[no-untyped-def]
     return create_sqlalchemy_engine_with_retry(tracking_uri)
 
 
-def _search_database(tracking_uri: str, experiment_id: str, scale: Optional[str]) -> pd.DataFrame:
+def _search_database(tracking_uri: str, experiment_id: str, scale: Optional[str],
+                     params: Sequence[str] = ()) -> pd.DataFrame:
     """What `mlflow.search_runs` returns for the FINISHED active runs of an experiment (optionally
     tagged `scale`), ordered as it orders them (end time, start time newest first, then run id),
     but only the columns `collect_runs` reads: one query each for runs, tags, params, latest metrics."""
@@ -161,7 +169,8 @@ def _search_database(tracking_uri: str, experiment_id: str, scale: Optional[str]
 
     finished = (select(SqlRun.run_uuid).where(SqlRun.experiment_id == int(experiment_id),
                                               SqlRun.status == "FINISHED", SqlRun.lifecycle_stage == "active"))
-    keys = {kind: [w.split(".", 1)[1] for w in _WANTED if w.startswith(kind + ".")]
+    wanted = _WANTED + [f"params.{key}" for key in params]
+    keys = {kind: [w.split(".", 1)[1] for w in wanted if w.startswith(kind + ".")]
             for kind in ("tags", "params", "metrics")}
     with _engine(tracking_uri).connect() as db:
         runs = pd.DataFrame(db.execute(

@@ -35,19 +35,11 @@ def _param(value: Any) -> Any:
 
 
 def peer_runs(tracking_uri: str, experiment: str, scale: Optional[str] = None) -> pd.DataFrame:
-    """`collect.collect_runs` plus each run's model knobs (columns `knob_<name>`, parsed)."""
-    import mlflow
-
-    runs = collect.collect_runs(tracking_uri, experiment, scale)
+    """`collect.collect_runs` plus each run's model knobs (columns `knob_<name>`, parsed), read in its query."""
+    runs = collect.collect_runs(tracking_uri, experiment, scale, params=[f"model.{knob}" for knob in KNOBS])
     for knob in KNOBS:
-        runs[f"knob_{knob}"] = pd.Series([None] * len(runs), dtype=object)
-    if runs.empty:
-        return runs
-    client = mlflow.MlflowClient(tracking_uri)
-    for index, run_id in runs["run_id"].items():
-        params = client.get_run(run_id).data.params
-        for knob in KNOBS:
-            runs.at[index, f"knob_{knob}"] = _param(params.get(f"model.{knob}"))
+        runs[f"knob_{knob}"] = pd.Series([_param(v) for v in runs.pop(f"params.model.{knob}")], index=runs.index,
+                                         dtype=object)
     return runs
 
 

@@ -191,6 +191,11 @@ def test_collect_reads_a_database_as_an_mlflow_server_answers(store: dict[str, A
         for scale in ("tiny", "paper", None):
             direct = collect.collect_runs(store["uri"], EXPERIMENT, scale)
             pd.testing.assert_frame_equal(direct, collect.collect_runs(server.uri, EXPERIMENT, scale))
+        params = ["model.name", "losses.kl.enabled", "data.name", "no.such.param"]  # more params, same query
+        direct = collect.collect_runs(store["uri"], EXPERIMENT, "tiny", params=params)
+        pd.testing.assert_frame_equal(direct, collect.collect_runs(server.uri, EXPERIMENT, "tiny", params=params))
+        assert set(direct["params.model.name"]) == {"dynamicvit_tiny_patch8_64"}
+        assert direct["params.no.such.param"].isna().all() and direct["params.data.name"].notna().sum() == 1
         assert collect.collect_runs(server.uri, "no-such-experiment").empty
 
 
