@@ -6,6 +6,7 @@ a real `BEGIN EXCLUSIVE` held by another process and real SIGINTs to a process g
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import optuna
 import pytest
@@ -27,12 +28,28 @@ from tests.test_reliability import REPO, cli, snapshot, spec_dict, teacher_only,
 WAITING = "waiting for another launch or search on this tracking store to finish submitting"
 
 
+STARTED: list[subprocess.Popen] = []  # this test's commands, stopped at its end if a failed assertion left them
+
+
+@pytest.fixture(autouse=True)
+def _reap() -> Iterator[None]:
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
 def popen(module: str, *args: str, cwd: Path) -> subprocess.Popen:
     """A command in its own process group (a terminal's foreground job: Ctrl-C reaches all of it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PYTHONPATH"] = str(REPO)
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    STARTED.append(proc)
+    return proc
 
 
 def launch_args(tmp: Path, spec: Path, *extra: str) -> list[str]:
@@ -67,6 +84,37 @@ def one_finished_run_per_key(tmp: Path) -> dict[str, list[str]]:
     return by_key
 
 
+class Lines(threading.Thread):
+    """Reads a process's stderr as it comes (to see what it says while it waits)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(daemon=True)
+        self.stream, self.lines = stream, []  # type: ignore[var-annotated]
+        self.start()
+
+    def run(self) -> None:
+        self.lines.extend(self.stream)
+
+    def text(self) -> str:
+        self.join(timeout=60)
+        return "".join(self.lines)
+
+
+def start_together(tmp: Path, module: str, args: list[str]) -> tuple[list[subprocess.Popen], list[Lines]]:
+    """Two processes of one command that start while a third holds the store's launch lock: each waits
+    (and says so); the lock is released once both do, so that they race for it at the same moment."""
+    from filelock import FileLock
+
+    held = FileLock(str(tmp / "mlflow.db.launch.lock"))
+    held.acquire()
+    procs = [popen(module, *args, cwd=tmp) for _ in range(2)]
+    errs = [Lines(p.stderr) for p in procs]
+    wait_until(lambda: all(any(WAITING in line for line in e.lines) for e in errs) or
+               any(p.poll() is not None for p in procs), 120, "both to wait for the lock")
+    held.release()
+    return procs, errs
+
+
 # ------------------------------------------------------- case 1: students never start from a teacher in flight
 def test_a_relaunch_while_the_teacher_trains_does_not_start_its_students(tmp_path: Path) -> None:
     """The issue's t2.yaml recipe: a second launch while the first one's teacher trains skips the teacher
@@ -96,26 +144,13 @@ def test_two_launches_at_once_on_a_new_store_make_one_run_and_one_job(tmp_path: 
     it waits for; once it is free, one creates the store and submits, the other finds the run in flight.
     Then the teacher's folder, as it is while it trains (no model.pth, no result.json) or while its MLflow
     run is not FINISHED, is refused as `train.init_from` in one line (never its checkpoint.pth)."""
-    from filelock import FileLock
-
     path = write(tmp_path / "t.yaml", teacher_only())
-    held = FileLock(str(tmp_path / "mlflow.db.launch.lock"))
-    held.acquire()
-    launches = [popen("harness.launch", *launch_args(tmp_path, path), cwd=tmp_path) for _ in range(2)]
-    errs: list[list[str]] = [[], []]
-    readers = [threading.Thread(target=lambda p=p, e=e: e.extend(p.stderr), daemon=True)
-               for p, e in zip(launches, errs)]
-    for reader in readers:
-        reader.start()
-    wait_until(lambda: all(any(WAITING in line for line in e) for e in errs) or
-               any(p.poll() is not None for p in launches), 120, "both launches to wait for the lock")
-    held.release()
+    launches, errs = start_together(tmp_path, "harness.launch", launch_args(tmp_path, path))
     results = []
-    for launch, reader, err in zip(launches, readers, errs):
+    for launch, err in zip(launches, errs):
         out = launch.stdout.read()
         launch.wait(timeout=300)
-        reader.join(timeout=30)
-        results.append((launch.returncode, out, "".join(err)))
+        results.append((launch.returncode, out, err.text()))
     for code, out, err in results:
         assert code == 0, err
         assert "Traceback" not in err and "duplicate column" not in err, err
@@ -208,23 +243,29 @@ def search_spec() -> dict[str, Any]:
     return spec
 
 
-def test_ctrl_c_during_the_enqueued_first_trial_keeps_it_for_the_rerun(tmp_path: Path) -> None:
+def test_two_searches_at_once_share_one_parent_and_ctrl_c_keeps_the_enqueued_point(tmp_path: Path) -> None:
+    """Two searches start at once on a new store (case 8): one sets it up, the other waits, then both
+    drive the same study under one parent run. Ctrl-C during the enqueued first trial (case 9): the
+    parent run ends KILLED with the reason, and the rerun trains the enqueued point again."""
     path = write(tmp_path / "search.yaml", search_spec())
     args = [str(path), "--executor", "local", "--output-root", str(tmp_path / "runs"),
             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
-    search = popen("harness.search", *args, cwd=tmp_path)
-    wait_until(lambda: bool(runs_in(tmp_path, "RUNNING", "trial", "mini_search")) or search.poll() is not None,
-               240, "the first trial to train")
-    assert search.poll() is None, search.communicate()
-    os.killpg(search.pid, signal.SIGINT)
-    _, err = search.communicate(timeout=120)
-    assert search.returncode == 130, err
-    assert "Traceback" not in err, err
-    (parent,) = runs_in(tmp_path, "KILLED", "search", "mini_search")  # not RUNNING until a rerun
+    searches, errs = start_together(tmp_path, "harness.search", args)
+    wait_until(lambda: bool(runs_in(tmp_path, "RUNNING", "trial", "mini_search")) or
+               any(s.poll() is not None for s in searches), 240, "the first trial to train")
+    assert all(s.poll() is None for s in searches), [e.text() for e in errs]
+    for search in searches:
+        os.killpg(search.pid, signal.SIGINT)
+    for search, err in zip(searches, errs):
+        search.wait(timeout=120)
+        assert search.returncode == 130, err.text()
+        assert "Traceback" not in err.text() and WAITING in err.text(), err.text()
+    (parent,) = runs_in(tmp_path, "KILLED", "search", "mini_search")  # one, and not RUNNING until a rerun
     assert parent.data.tags["error"] == "interrupted: Ctrl-C (SIGINT) to the search"
+    assert not runs_in(tmp_path, "RUNNING", "search", "mini_search")
     rerun = cli("harness.search", *args, cwd=tmp_path, timeout=400)
     assert rerun.returncode == 0, rerun.stderr
     storage = tmp_path / "runs/mini_search/tiny/mini_search-tiny/study.db"  # one worker: SQLite
     study = optuna.load_study(study_name="mini_search-tiny", storage=f"sqlite:///{storage}")
-    states = [(t.state.name, t.params) for t in study.trials]
+    states = [(t.state.name, t.params) for t in study.trials if not t.user_attrs.get("surplus")]
     assert states == [("FAIL", {"model.keep_ratio": 0.7}), ("COMPLETE", {"model.keep_ratio": 0.7})], states
