@@ -185,6 +185,15 @@ def test_two_launches_at_once_on_a_new_store_make_one_run_and_one_job(tmp_path: 
                                "FINISHED"), lines
     assert not any((tmp_path / "student").iterdir())  # harness.train makes the folder; nothing trained into it
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
+    client.update_run(run.info.run_id, status="FINISHED")
+    launched = cli("harness.launch", str(path), f"base.train.init_from={training}", "--executor", "local",
+                   "--output-root", str(tmp_path / "other"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                   cwd=tmp_path, timeout=240)  # a launched job: its run FAILED, the reason in its `error` tag
+    assert launched.returncode == 1, launched.stderr
+    (failed,) = [r for r in train_runs(tmp_path) if r.info.run_id != run.info.run_id]
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["error"].startswith(f"SourceNotFinished: train.init_from: {training} holds no finished "
+                                                "run"), failed.data.tags
 
 
 # -------------------------------------------------- case 11: a store another process holds locked
