@@ -160,6 +160,7 @@ def _download(url: str, target: Path, pinned: Optional[str]) -> str:
     from tqdm import tqdm
 
     part = target.with_name(f".{target.name}.{os.getpid()}.part")
+    record_path(target).unlink(missing_ok=True)  # a deleted file's old record: no reader may pair it with the new file
     digest = hashlib.sha256()
     request = urllib.request.Request(url, headers={"User-Agent": "dvit-harness"})
     try:
@@ -191,12 +192,16 @@ def _download(url: str, target: Path, pinned: Optional[str]) -> str:
     return actual
 
 
-def _check_download(path: Path, url: str, target: Path) -> None:
+def _check_download(path: Path, url: str, target: Path, placed: bool = False) -> None:
     """A downloaded (or hand-placed) file must be a whole torch checkpoint of admitted types before its hash is recorded."""
     problem = unpickle.refusal(path, crc=True)
     if problem is None:
         return
-    if problem.startswith("refused"):  # whole, but it would run code or build unknown objects: the URL's fault
+    refused = problem.startswith("refused")  # whole, but it would run code or build unknown objects
+    if placed:
+        raise (UnsafeCheckpoint if refused else CheckpointError)(
+            f"checkpoint: {target}: placed in the cache for {url}, but {problem}; replace it with a good copy")
+    if refused:
         raise UnsafeCheckpoint(f"checkpoint: {url}: {problem}; nothing was cached")
     raise CheckpointError(f"checkpoint: {url}: the file is {problem}: the download ended early or the server sent "
                           f"something else; nothing was cached, try again (or place a good copy at {target})")
@@ -209,7 +214,7 @@ def _verify(target: Path, url: str, pinned: Optional[str], record: Optional[dict
         raise CheckpointError(f"checkpoint: {target}: recorded as the download of {record.get('url')!r}, not of "
                               f"{url}; delete it and {record_path(target).name} to download it again")
     if record is None:  # placed by hand (the offline route) or cached before hashes were recorded
-        _check_download(target, url, target)
+        _check_download(target, url, target, placed=True)
         if pinned is not None and actual != pinned:
             raise CheckpointError(f"checkpoint: {target}: sha256 mismatch: expected {pinned} (pinned in {url}), "
                                   f"got {actual}")

@@ -228,6 +228,13 @@ def test_the_cache_keys_files_by_the_whole_url(tmp_path: Path, site: Site) -> No
     second.write_bytes(first.read_bytes())
     with pytest.raises(CheckpointError, match=f"recorded as the download of '{urls[0]}', not of {urls[1]}"):
         fetch(urls[1])
+    # a file placed in the cache by hand is checked like a download before its hash is recorded
+    placed = cached_path(f"{site.url}/placed.pth")
+    torch.save(evil(tmp_path / "MARKER"), placed)
+    with pytest.raises(UnsafeCheckpoint, match="placed in the cache for .*, but refused: unpickling it would "
+                                               "import posix.system"):
+        fetch(f"{site.url}/placed.pth")
+    assert not record_path(placed).exists() and not (tmp_path / "MARKER").exists()
 
 
 # ------------------------------------------------------- case 5 and 15: downloads that go wrong
