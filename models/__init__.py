@@ -1,7 +1,8 @@
 """The DynamicViT model family, registered in timm's model registry on import.
 
 One module per family: dynamic_vit.py (DeiT), lvvit.py (LV-ViT), swin.py (DynamicSwin),
-convnext.py (DynamicCNN), peers.py (EViT, Top-K, ToMe on the DeiT backbone); spatial.py holds
+convnext.py (DynamicCNN), peers.py (EViT, Top-K, ToMe on the DeiT backbone), deit_family.py (the
+DeiT family's entry points: dynamic_vit's and peers' classes by variant); spatial.py holds
 what Swin and ConvNeXt share (the T-PAMI spatial scheme). Each shared mechanism once:
 predictor.py (token-score predictors), token_selection.py (hard keep decisions),
 masked_attention.py (attention with a keep policy), registry.py (catalog -> timm entry points),
@@ -17,6 +18,7 @@ from models.lvvit import DynamicLVViT, LVViTOutput
 from models.convnext import DynamicConvNeXt
 from models.spatial import SpatialOutput
 from models.swin import DynamicSwinTransformer
+from models import deit_family  # noqa: F401 - registers the DeiT family (DynamicViT and the peers) with timm
 
 __all__ = [
     "MODEL_DEFAULTS",

@@ -35,10 +35,9 @@ from torch import Tensor, nn
 
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from harness.catalog import MODEL_DEFAULTS, PEER_VARIANTS, VARIANTS
+from harness.catalog import PEER_VARIANTS, VARIANTS
 from models.masked_attention import MaskedAttention
 from models.predictor import PredictorLG, StaticPredictor
-from models.registry import register_family
 from models.token_selection import keep_decision, topk_mask
 from models.validation import check as _check
 
@@ -322,15 +321,3 @@ class DynamicVisionTransformer(VisionTransformer):
         if self.variant in UNLEARNED_SELECTION:
             return self.forward_gathered_train(x)
         return self.forward_masked(x)
-
-
-# ------------------------------------------------------------------------------ registry
-def _build(variant: str = "dynamic", **kwargs: Any) -> DynamicVisionTransformer:
-    """Peer methods are subclasses (models/peers.py, imported here: it imports this module)."""
-    from models.peers import PEER_CLASSES
-
-    return PEER_CLASSES.get(variant, DynamicVisionTransformer)(variant=variant, **kwargs)
-
-
-# the entry points stay attributes of this module, as timm's own model modules have them
-globals().update(register_family(MODEL_DEFAULTS, "deit", _build, __name__, "DynamicViT"))
