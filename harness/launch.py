@@ -528,9 +528,12 @@ class Launch:
         stop_jobs([job for _, job in live], wait_s)
         for run_id, _ in live:
             run_id = current_run_id(self.client, run_id)
+            status = self.client.get_run(run_id).info.status
+            if status == "FINISHED":  # it ended on its own meanwhile
+                continue
             self.client.set_tag(run_id, "error", f"interrupted: {why}; stopped at its last checkpoint "
                                                  "(the next launch resumes it)")
-            if self.client.get_run(run_id).info.status in IN_FLIGHT:
+            if status in IN_FLIGHT:
                 self.client.set_terminated(run_id, "KILLED")
 
     @property

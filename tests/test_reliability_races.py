@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -64,17 +65,22 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
         time.sleep(0.3)
 
 
-def runs_in(tmp: Path, status: str, kind: str = "train", experiment: str = "mini") -> list:
-    """The runs of `kind` in `status` (an empty list while the store or experiment does not exist yet)."""
-    if not (tmp / "mlflow.db").exists():
-        return []
+def running(tmp: Path, kind: str = "train") -> bool:
+    """Whether a run of `kind` is RUNNING, read with sqlite3 (read-only): an MLflow client here would
+    set up the store's tables itself, racing the command that is creating them."""
     try:
-        client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-        exp = client.get_experiment_by_name(experiment)
-        return client.search_runs([exp.experiment_id], f"tags.kind = '{kind}' and attributes.status = '{status}'") \
-            if exp else []
-    except Exception:  # the store is being created by the command
-        return []
+        with sqlite3.connect(f"file:{tmp / 'mlflow.db'}?mode=ro", uri=True, timeout=1) as con:
+            return bool(con.execute("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid where "
+                                    "t.key = 'kind' and t.value = ? and r.status = 'RUNNING'", (kind,)).fetchone()[0])
+    except sqlite3.Error:  # no store, or no tables yet
+        return False
+
+
+def runs_in(tmp: Path, status: str, kind: str = "train", experiment: str = "mini") -> list:
+    """The runs of `kind` in `status` (once the commands have set up the store)."""
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], f"tags.kind = '{kind}' and attributes.status = '{status}'")
 
 
 def one_finished_run_per_key(tmp: Path) -> dict[str, list[str]]:
@@ -126,7 +132,7 @@ def test_a_relaunch_while_the_teacher_trains_does_not_start_its_students(tmp_pat
     spec["stages"]["students"]["runs"]["variants"] = spec["stages"]["students"]["runs"]["variants"][:1]
     path = write(tmp_path / "t2.yaml", spec)
     first = popen("harness.launch", *launch_args(tmp_path, path), cwd=tmp_path)
-    wait_until(lambda: bool(runs_in(tmp_path, "RUNNING")) or first.poll() is not None, 240, "the teacher to train")
+    wait_until(lambda: running(tmp_path) or first.poll() is not None, 240, "the teacher to train")
     second = cli("harness.launch", *launch_args(tmp_path, path), cwd=tmp_path, timeout=240)
     out, err = first.communicate(timeout=400)
     assert first.returncode == 0, err
@@ -228,7 +234,7 @@ def test_a_locked_store_is_one_line_within_30_s_and_nothing_is_written(tmp_path:
 def test_ctrl_c_to_a_launch_ends_its_run_killed_with_the_reason_in_one_line(tmp_path: Path) -> None:
     path = write(tmp_path / "t.yaml", teacher_only(**{"base/data/train_digits": 512, "scales/tiny/train/epochs": 3}))
     launch = popen("harness.launch", *launch_args(tmp_path, path, "--wait"), cwd=tmp_path)
-    wait_until(lambda: bool(runs_in(tmp_path, "RUNNING")) or launch.poll() is not None, 240, "the run to train")
+    wait_until(lambda: running(tmp_path) or launch.poll() is not None, 240, "the run to train")
     assert launch.poll() is None, launch.communicate()
     os.killpg(launch.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     _, err = launch.communicate(timeout=120)
@@ -260,7 +266,7 @@ def test_two_searches_at_once_share_one_parent_and_ctrl_c_keeps_the_enqueued_poi
     args = [str(path), "--executor", "local", "--output-root", str(tmp_path / "runs"),
             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
     searches, errs = start_together(tmp_path, "harness.search", args)
-    wait_until(lambda: bool(runs_in(tmp_path, "RUNNING", "trial", "mini_search")) or
+    wait_until(lambda: running(tmp_path, "trial") or
                any(s.poll() is not None for s in searches), 240, "the first trial to train")
     assert all(s.poll() is None for s in searches), [e.text() for e in errs]
     for search in searches:
