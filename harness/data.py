@@ -9,7 +9,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +22,7 @@ from torchvision.datasets import ImageFolder
 
 from harness.class_lists import IMAGENET1K_CLASSES, subset_labels
 from harness.config import AugConfig, DataConfig
+from harness.files import write_atomic
 
 MNIST_MEAN, MNIST_STD = 0.13, 0.3
 DIGIT = 28  # MNIST digit side
@@ -71,16 +71,8 @@ def cache_dir(cfg: DataConfig) -> Path:
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Readers never see a partial file; the group reads it when the umask says so (harness.files)."""
+    write_atomic(path, lambda handle: np.savez(handle, **arrays))
 
 
 def _load_npz(path: Path, keys: tuple[str, ...]) -> Optional[dict[str, np.ndarray]]:

@@ -12,8 +12,6 @@ Plain standard library and the config: the launcher checks folders without impor
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from typing import Any, Iterator, Optional
 
 from harness.config import ConfigError, RunConfig
 from harness.errors import EnvironmentProblem
+from harness.files import write_atomic
 
 BINDING = "run.json"
 RESULT = "result.json"  # the engine's final metrics (harness.engine.RESULT)
@@ -78,13 +77,9 @@ def bind(folder: Path, run_key: str, mlflow_run_id: Optional[str], queued_as: Op
     `queued_as`: the placeholder run the job replaced (harness.tracking.replace_placeholder): the
     other ranks of a distributed job, started with its id, still find the folder theirs.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{BINDING}.", dir=folder)
-    with os.fdopen(fd, "w") as handle:
-        record = {"run_key": run_key, "mlflow_run_id": mlflow_run_id}
-        json.dump({**record, "queued_as": queued_as} if queued_as else record, handle)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, folder / BINDING)
+    record = {"run_key": run_key, "mlflow_run_id": mlflow_run_id}
+    text = json.dumps({**record, "queued_as": queued_as} if queued_as else record)
+    write_atomic(folder / BINDING, lambda handle: handle.write(text.encode()))
 
 
 def mismatch(folder: Path, run_key: str, mlflow_run_id: Optional[str] = None) -> Optional[str]:

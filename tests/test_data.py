@@ -1,6 +1,8 @@
 """harness.data through its public entry points: build_data, make_loader, set_epoch."""
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +111,25 @@ def test_cache_dir_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     val = build_data(DataConfig(train_digits=100, val_digits=20)).val
     assert val.cache_path.parent == tmp_path / "cluttered_mnist"
     assert val.cache_path.is_file()
+
+
+def test_cache_and_run_files_follow_the_umask(tmp_path: Path) -> None:
+    """Under umask 002 (a group sharing a cluster's folders) the cache and a run folder's files are
+    group-readable and -writable like any file open() creates; the cache was mkstemp's 0600 before."""
+    from harness import checkpointing, runstate
+
+    previous = os.umask(0o002)
+    try:
+        val = build_data(DataConfig(root=str(tmp_path / "cache"), train_digits=100, val_digits=20)).val
+        runstate.bind(tmp_path / "run", "key", "run-id")
+        checkpointing.save_atomic({"step": torch.tensor(1)}, tmp_path / "run" / checkpointing.CHECKPOINT)
+    finally:
+        os.umask(previous)
+    written = [val.cache_path, tmp_path / "cache" / "mnist5000_uint8.npz", tmp_path / "run" / runstate.BINDING,
+               tmp_path / "run" / checkpointing.CHECKPOINT]
+    assert {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in written} == {
+        path.name: oct(0o664) for path in written}
+    assert not [p for p in tmp_path.rglob(".*") if p.name.endswith(".tmp")]  # no temporary file is left
 
 
 def test_digit_position_varies(tmp_path: Path) -> None:
