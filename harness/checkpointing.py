@@ -11,39 +11,22 @@ file placed in a run folder cannot run code when the run resumes (harness/unpick
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from harness.files import write_atomic
+
 CHECKPOINT = "checkpoint.pth"  # full training state, the resume point
 FINAL_WEIGHTS = "model.pth"  # {"model": state_dict}: what teachers and students load
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: the group on a shared cluster must read it
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """`torch.save` through harness.files.write_atomic: a kill mid-write keeps the last checkpoint."""
+    write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
 def rng_state() -> dict[str, Any]:
