@@ -36,6 +36,7 @@ from torch import nn
 
 from harness import unpickle
 from harness.errors import EnvironmentProblem
+from harness.files import write_atomic
 from harness.unpickle import UnsafeCheckpoint
 
 PREDICTOR_PREFIX = "score_predictor."
@@ -129,9 +130,8 @@ def read_record(target: Path) -> Optional[dict[str, Any]]:
 def _write_record(target: Path, url: str, sha256: str, how: str) -> None:
     record = {"url": url, "sha256": sha256, "bytes": target.stat().st_size, "how": how,
               "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = record_path(target).with_name(f".{record_path(target).name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, record_path(target))
+    text = json.dumps(record, indent=2) + "\n"
+    write_atomic(record_path(target), lambda handle: handle.write(text.encode()))
 
 
 def _unreachable(url: str, target: Path, err: BaseException) -> CheckpointError:
