@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+from harness.errors import EXIT_FAILED, EXIT_INVALID, handle
+
 REPO = Path(__file__).resolve().parents[1]
-EXIT_FAILED, EXIT_INVALID = 1, 2
 
 
 class ReportError(ValueError):
@@ -145,8 +146,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     parser.add_argument("--output-dir", help="where tables and figures go (default: reports/<spec>/<scale>/)")
     args = parser.parse_args(argv)
-    from harness.errors import handle
-
     return handle("analysis.report", lambda: _main(args))
 
 

@@ -24,7 +24,11 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
-EXIT_FAILED, EXIT_INVALID = 1, 2
+# every command's exit codes, defined here only
+EXIT_FAILED = 1  # the environment (a server that does not answer, a full disk) or a failed run
+EXIT_INVALID = 2  # the user's input (a spec, a config, an argument, a path)
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+EXIT_PREEMPTED = 143  # a run stopped by SIGTERM with its checkpoint written, as a shell reports SIGTERM
 
 # OSErrors the user fixes by naming another path or changing its permissions
 _USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.ENOENT,
@@ -109,7 +113,7 @@ def handle(prog: str, main: Callable[[], int], log_dir: Callable[[], Optional[Pa
         return 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except MemoryError:
         log = _write_log(prog, log_dir())
         print(f"{prog}: out of memory (sizes too large for this machine?) (traceback: {log})", file=sys.stderr)

@@ -19,7 +19,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from harness.errors import handle
+from harness.errors import EXIT_FAILED, EXIT_INVALID, handle
 from models.checkpoint import CheckpointError, cache_dir, fetch, is_url, read_record, sha256_of
 
 
@@ -56,7 +56,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
             sources += [s for s in spec_sources(args.spec, args.scale, args.set) if s not in sources]
         except ConfigError as err:
             print(err, file=sys.stderr)
-            return 2
+            return EXIT_INVALID
     if not sources:
         parser.error("give checkpoint URLs or files, or --spec SPEC")
     failed = refused = 0
@@ -75,7 +75,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
         print(f"{record['sha256'] if record else sha256_of(path)}  {path}  {source}")
     print(f"checkpoints in {cache_dir()}: {len(sources) - failed - refused} ok, {failed + refused} failed",
           file=sys.stderr)
-    return 1 if failed else 2 if refused else 0
+    return EXIT_FAILED if failed else EXIT_INVALID if refused else 0
 
 
 if __name__ == "__main__":

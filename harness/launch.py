@@ -37,11 +37,10 @@ from typing import Any, Optional
 
 from harness import runstate
 from harness.config import ConfigError
-from harness.errors import EnvironmentProblem, handle
+from harness.errors import EXIT_FAILED, EnvironmentProblem, handle
 from harness.spec import MAX_RUNS, Expanded, RunPlan, differing_values, load_and_expand
 from harness.store import StoreLock, bound_requests, check_store, resolve_uri
 
-EXIT_FAILED, EXIT_INVALID = 1, 2
 IN_FLIGHT = ("SCHEDULED", "RUNNING")
 
 

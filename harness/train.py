@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Optional
 
 from harness.config import ConfigError, RunConfig, load_run_config
-from harness.errors import handle
+from harness.errors import EXIT_FAILED, EXIT_INVALID, EXIT_PREEMPTED, handle
 from harness.inputs import check_run_inputs
 from harness.store import check_store, resolve_uri
 
-EXIT_INVALID, EXIT_FAILED, EXIT_PREEMPTED = 2, 1, 143
 DEBUG_ROOT = Path("runs/debug")
 
 

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harness.config import ConfigError
+from harness.errors import EXIT_FAILED, EXIT_INVALID
 from harness.search.spec import PrunerSpec, SearchPlan, load_search
 from harness.search.storage import StorageChoice, choose_storage
-
-EXIT_FAILED, EXIT_INVALID = 1, 2
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
