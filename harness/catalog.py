@@ -1,13 +1,16 @@
 """The registered DynamicViT models as plain data (no torch), shared by the model factory
-(models/dynamic_vit.py registers each name with timm) and spec validation (which must answer
-without importing torch)."""
+(models/: each family module registers its names with timm through models/registry.py) and spec
+validation (which must answer without importing torch)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
-VARIANTS = ("dense", "dynamic", "static", "structural", "random", "attention")
-PEER_VARIANTS = ("evit", "topk", "tome")  # peer token-reduction methods (models/peers.py)
-VARIANTS = VARIANTS + PEER_VARIANTS
+# the variant names, once: the config's `model.variant` type and the tuples the models check against
+OwnVariant = Literal["dense", "dynamic", "static", "structural", "random", "attention"]  # models/dynamic_vit.py
+PeerVariant = Literal["evit", "topk", "tome"]  # peer token-reduction methods (models/peers.py)
+Variant = Literal[OwnVariant, PeerVariant]
+PEER_VARIANTS: tuple[str, ...] = get_args(PeerVariant)
+VARIANTS: tuple[str, ...] = get_args(Variant)
 
 
 def _deit(embed_dim: int, heads: int, url: Optional[str] = None) -> dict[str, Any]:

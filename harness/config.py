@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from harness.catalog import ALL_MODELS, SPATIAL_MODELS, SPATIAL_VARIANTS, pruning_depth
+from harness.catalog import ALL_MODELS, SPATIAL_MODELS, SPATIAL_VARIANTS, Variant, pruning_depth
 from harness.errors import ConfigError, show  # ConfigError re-exported: the loaders below raise it
 
 
@@ -21,11 +21,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class Strict(BaseModel):
+    """Base for the sections of experiment and search specs: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class ModelConfig(Section):
     """Which network to build: a timm-registered name plus the DynamicViT arguments."""
 
     name: str = "dynamicvit_tiny_patch8_64"
-    variant: Literal["dense", "dynamic", "static", "structural", "random", "attention", "evit", "topk", "tome"] = "dynamic"
+    variant: Variant = "dynamic"
     keep_ratio: float = Field(0.7, gt=0.0, le=1.0)
     fuse_token: Optional[bool] = None  # evit only: fuse the dropped tokens into one (None: EViT's default, fused)
     tome_r: Optional[int | list[int]] = None  # tome only: tokens merged per block (one int, or one per block)

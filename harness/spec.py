@@ -16,11 +16,12 @@ from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
 from harness.config import (
     ConfigError,
     RunConfig,
+    Strict,
     deep_merge,
     flatten,
     format_validation_error,
@@ -42,10 +43,6 @@ def _check_name(name: object) -> object:
     if not isinstance(name, str) or not NAME.match(name):
         raise ValueError(NAME_RULE)
     return name
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class SlurmResources(Strict):

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from harness.config import (
     ConfigError,
     RunConfig,
+    Strict,
     flatten,
     format_validation_error,
     parse_override,
@@ -32,10 +33,6 @@ MINIMISED = ("val/loss", "gflops", "params_m")
 NOT_SEARCHABLE = ("output_dir", "tracking")  # set by the search itself
 PATH_FIELDS = ("model.pretrained", "teacher.checkpoint", "teacher.run_dir", "train.init_from")
 DIMENSION_KEYS = {"type", "low", "high", "log", "step", "choices"}
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 Number = Union[int, float]
