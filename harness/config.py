@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -306,13 +306,17 @@ class RunConfig(Section):
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {'a.b.c': value}, the form MLflow params and overrides use."""
+def flatten(tree: dict[str, Any], prefix: str = "", leaf: Callable[[dict[str, Any]], bool] = lambda _: False,
+            ) -> dict[str, Any]:
+    """Nested dict -> {'a.b.c': value}, the form MLflow params and overrides use.
+
+    `leaf(mapping)` says that a non-empty mapping is a value, not a section (a search dimension).
+    """
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, dotted + "."))
+        if isinstance(value, dict) and value and not leaf(value):
+            flat.update(flatten(value, dotted + ".", leaf))
         else:
             flat[dotted] = value
     return flat

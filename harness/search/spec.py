@@ -213,17 +213,14 @@ class SearchSection(Strict):
         return self.max_failed or self.trials
 
 
-def _flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten_space(space: dict[str, Any]) -> dict[str, Any]:
     """`{model: {keep_ratio: {low: ..}}}` -> `{'model.keep_ratio': {low: ..}}`: nested and dotted agree."""
-    flat: dict[str, Any] = {}
-    for key, value in space.items():
-        dotted = f"{prefix}{key}"
-        nested = isinstance(value, dict) and value and not (set(value) & DIMENSION_KEYS)
-        if nested and all(isinstance(v, (dict, list)) for v in value.values()):
-            flat.update(_flatten_space(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
+    return flatten(space, leaf=_is_value)
+
+
+def _is_value(mapping: dict[str, Any]) -> bool:
+    """A dimension (`{low: .., high: ..}`, `{choices: ..}`) or a mapping set as a value, not a section."""
+    return bool(set(mapping) & DIMENSION_KEYS) or not all(isinstance(v, (dict, list)) for v in mapping.values())
 
 
 @dataclass(frozen=True)
