@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import matplotlib
 
@@ -23,8 +23,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from analysis.reference import load_reference, table_info  # noqa: E402
+from harness.files import PathLike  # noqa: E402
 
-PathLike = Union[str, Path]
 _STYLE = "whitegrid"
 
 

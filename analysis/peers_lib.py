@@ -10,18 +10,18 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 import yaml
 
 from analysis import collect
+from harness.files import PathLike
 
 KNOBS = ("name", "variant", "keep_ratio", "fuse_token", "tome_r", "stage_ratios", "pool_after_block", "pruning_loc")
 MATCHED_ROWS = ("dense", "dynamicvit", "evit", "evit-unfused", "topk", "tome", "tome-off-shelf", "structural")
 TR_METHODS = ("dynamicvit", "topk", "evit", "tome")
-PathLike = Union[str, Path]
 
 
 def _param(value: Any) -> Any:

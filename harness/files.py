@@ -5,6 +5,7 @@ folder's run.json, the data cache) goes through `write_atomic`: readers never se
 file, a kill during the write leaves the previous file, and the one permission policy is the
 umask's, as for any file `open()` creates, so that the rest of a group on a shared cluster can
 read cache and run files when the umask says so (mkstemp alone would make them 0600).
+`PathLike` is the one type of a path argument.
 
 Plain standard library.
 """
@@ -13,7 +14,9 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Union
+
+PathLike = Union[str, "os.PathLike[str]"]  # what a function that takes a path accepts: a str or a Path
 
 
 def umask() -> int:

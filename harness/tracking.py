@@ -23,7 +23,7 @@ import time
 import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional, TypeVar, Union
+from typing import Any, Callable, Literal, Mapping, Optional, TypeVar
 from urllib.parse import quote, unquote
 
 from mlflow import MlflowClient
@@ -38,9 +38,9 @@ from mlflow.utils.validation import (
 
 from harness.config import DataConfig, TrackingConfig, flatten
 from harness.errors import EnvironmentProblem
+from harness.files import PathLike
 
 Status = Literal["FINISHED", "FAILED", "KILLED"]
-PathLike = Union[str, "os.PathLike[str]"]
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 _TRUNCATED = "...[truncated]"
