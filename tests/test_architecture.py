@@ -126,6 +126,17 @@ def test_the_import_graph_of_harness_models_and_analysis_has_no_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
+def test_the_error_path_and_the_file_helpers_import_only_the_standard_library():
+    """harness.errors runs when any command fails (it must not pull in torch or MLflow to print
+    one line); harness.files is imported by the light modules (runstate, the launcher's path)."""
+    for name in ("harness.errors", "harness.files"):
+        path = module_files()[name]
+        imported = {alias.name if isinstance(node, ast.Import) else node.module or ""
+                    for node in _imports(ast.parse(path.read_text())) for alias in node.names}
+        outside = {module for module in imported if module.split(".")[0] not in sys.stdlib_module_names}
+        assert not outside, f"{name} imports {sorted(outside)}"
+
+
 def test_the_graph_sees_function_local_relative_and_submodule_imports(tmp_path, monkeypatch):
     """The reader itself: a cycle closed by a function-local import, a relative import or
     `from pkg import submodule` is found (the ways cycles were hidden here before)."""
