@@ -31,6 +31,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from analysis import tables
+from harness.files import PathLike
 
 FOLDER = "report"
 _METRIC_UNSAFE = re.compile(r"[^\w\-. /:]")  # what MLflow refuses in a metric name
@@ -146,7 +147,7 @@ def stage(output_dir: Path, stems: list[str], since: float, into: Path) -> dict[
     return metrics
 
 
-def publish(tracking_uri: str, output_dir: str | Path, stems: list[str], since: float, run_id: str,
+def publish(tracking_uri: str, output_dir: PathLike, stems: list[str], since: float, run_id: str,
             chosen: str = "") -> Published:
     """Replace the run's `report/` artifacts and log the headline metrics (see the module doc).
 

@@ -21,9 +21,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 from harness.errors import EXIT_FAILED, EXIT_INVALID, handle
+from harness.files import PathLike
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ class ReportSpec:
     scales: list[str] = field(default_factory=list)
 
 
-def read_report_spec(path: Union[str, Path]) -> ReportSpec:
+def read_report_spec(path: PathLike) -> ReportSpec:
     """The spec's `name`, `table`, `default_scale` and `notebooks`, read by `harness.spec.load_spec`
     (so a report refuses exactly the specs the launcher refuses)."""
     from harness.config import ConfigError
@@ -57,7 +58,7 @@ def read_report_spec(path: Union[str, Path]) -> ReportSpec:
     return ReportSpec(spec.name, spec.table, spec.default_scale, notebooks, list(spec.scales))
 
 
-def resolve_notebook(path: str, spec_path: Union[str, Path] = "") -> Path:
+def resolve_notebook(path: str, spec_path: PathLike = "") -> Path:
     """A notebook path as given, else relative to the repository root (where `analysis/` lives)."""
     for candidate in (Path(path), REPO / path):
         if candidate.is_file():

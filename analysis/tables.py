@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
 
 from analysis.reference import load_reference, table_info
+from harness.files import PathLike
 
 # column names of the built table (its public schema)
 ROW, MODEL, KEEP = "row", "model", "keep ratio"
@@ -356,7 +357,7 @@ def to_latex(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_csv(df: pd.DataFrame, path: Union[str, Path]) -> Path:
+def to_csv(df: pd.DataFrame, path: PathLike) -> Path:
     """The numbers as numbers (empty cell where there is none) plus the `status` column."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -364,7 +365,7 @@ def to_csv(df: pd.DataFrame, path: Union[str, Path]) -> Path:
     return path
 
 
-def write_tables(df: pd.DataFrame, output_dir: Union[str, Path], stem: str) -> dict[str, Path]:
+def write_tables(df: pd.DataFrame, output_dir: PathLike, stem: str) -> dict[str, Path]:
     """`<stem>.md`, `<stem>.tex` and `<stem>.csv` in `output_dir`; what the notebooks call."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import pandas as pd
 
 from analysis.reference import load_reference, table_info
+from harness.files import PathLike
 
 TABLE = "zoo"
 ROW, MODEL, KEEP = "row", "model", "keep ratio"
@@ -116,7 +117,7 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(head + lines + tail) + "\n"
 
 
-def write_tables(df: pd.DataFrame, output_dir: Union[str, Path], stem: str = "zoo") -> dict[str, Path]:
+def write_tables(df: pd.DataFrame, output_dir: PathLike, stem: str = "zoo") -> dict[str, Path]:
     """`<stem>.md` (what `analysis.report` prints) and `<stem>.csv` (numbers as numbers, plus status)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
