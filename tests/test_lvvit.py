@@ -305,7 +305,7 @@ def test_a_tiny_lvvit_student_trains_through_the_engine_with_its_dense_teacher(t
 # --------------------------------------------------------------------------------- FLOPs
 def test_flops_at_the_zoos_keep_ratios() -> None:
     """Multiply-adds of matmuls and convolutions, predictors and the aux head included; the model
-    zoo's 4.6 / 3.7 / 8.5 are these cut to one decimal (README, "Models")."""
+    zoo's 4.6 / 3.7 / 8.5 are these cut to one decimal (docs/models.md)."""
     for name, ratio, ours, zoo in ((LVVIT_S, 0.7, 4.634, 4.6), (LVVIT_S, 0.5, 3.778, 3.7), (LVVIT_M, 0.7, 8.565, 8.5)):
         gflops = count_gflops(on_meta(name, keep_ratio=ratio))  # FLOPs depend on shapes only
         assert gflops == pytest.approx(ours, abs=1e-3), (name, ratio)
@@ -315,8 +315,8 @@ def test_flops_at_the_zoos_keep_ratios() -> None:
 
 
 def test_the_readme_flops_table_is_what_harness_measure_counts() -> None:
-    """Every "ours" number of README's LV-ViT FLOPs table (9 rows), read from the README itself."""
-    readme = (REPO / "README.md").read_text()
+    """Every "ours" number of the LV-ViT FLOPs table of docs/models.md (9 rows), read from the page itself."""
+    readme = (REPO / "docs" / "models.md").read_text()
     rows = re.findall(r"^  \| LV-ViT-([SM]) \| ([0-9.]+) \| ([0-9.]+) \|", readme, re.M)
     assert len(rows) == 9, rows
     for size, rho, ours in rows:

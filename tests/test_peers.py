@@ -3,7 +3,7 @@ FLOP counter, the run configuration and the training engine.
 
 Checked by hand, not here (the reference implementations' licences keep them out of the project):
 eval logits equal youweiliang/evit, facebookresearch/ToMe and JoakimHaurum/TokenReduction's
-Top-K / EViT for the same random DeiT-S and tiny weights (README, "Peer methods").
+Top-K / EViT for the same random DeiT-S and tiny weights (docs/peers.md).
 """
 from __future__ import annotations
 

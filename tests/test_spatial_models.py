@@ -2,7 +2,7 @@
 harness.measure, the loss and one real training run.
 
 Against the official code itself (same random weights, batch 1/2/3, fixed Gumbel noise, loss
-value) the models were checked by hand outside the project (README, "Swin and ConvNeXt"); the
+value) the models were checked by hand outside the project (docs/models.md, "Swin and ConvNeXt"); the
 tests here check the same properties against the formulas and the official key names.
 """
 from __future__ import annotations
@@ -300,9 +300,9 @@ def test_flops_at_the_zoo_keep_ratio(name: str, rho: float, official: float, den
 
 
 def test_the_readme_flops_table_is_what_harness_measure_counts() -> None:
-    """Every "ours" number of README's Swin/ConvNeXt FLOPs table (dense, and each zoo keep ratio),
-    read from the README itself, against `count_gflops` on the meta device."""
-    readme = (REPO / "README.md").read_text()
+    """Every "ours" number of the Swin/ConvNeXt FLOPs table of docs/models.md (dense, each zoo keep ratio),
+    read from the page itself, against `count_gflops` on the meta device."""
+    readme = (REPO / "docs" / "models.md").read_text()
     rows = re.findall(r"^  \| (Swin|ConvNeXt|DynamicSwin|DynamicCNN)-([TSB]) \| ([0-9./ a-z]+) \| ([0-9./ ]+) \|", readme, re.M)
     assert len(rows) == 12, rows
     for model, size, rhos, ours in rows:
