@@ -1,0 +1,82 @@
+"""The README and docs/ stay true to the tree: every relative link resolves (file and #anchor), every
+`python -m MODULE` they name answers `--help` with exit 0, the README names every module, and the test
+command CI runs (.ci/run) is the README's, character for character."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)\)")
+MODULE = re.compile(r"python -m ([A-Za-z_][\w.]*\w)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)  # no headings in code blocks
+    return {slug(m) for m in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+def test_every_relative_link_of_the_readme_and_docs_resolves() -> None:
+    broken = []
+    for page in PAGES:
+        for target in LINK.findall(page.read_text()):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = (page.parent / path).resolve() if path else page
+            if not resolved.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target}: no such file")
+            elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+                broken.append(f"{page.relative_to(REPO)}: {target}: no such heading")
+    assert not broken, "\n".join(broken)
+
+
+def test_every_python_m_command_of_the_readme_and_docs_answers_help() -> None:
+    modules = sorted({m for page in PAGES for m in MODULE.findall(page.read_text())})
+    assert {"harness.launch", "harness.train", "harness.search", "analysis.report"} <= set(modules), modules
+
+    def help_of(module: str) -> tuple[str, int, str]:
+        done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True,
+                              text=True, timeout=180)
+        return module, done.returncode, (done.stderr or done.stdout)[-400:]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        failed = [f"python -m {m} --help: exit {rc}: {out}" for m, rc, out in pool.map(help_of, modules) if rc != 0]
+    assert not failed, "\n".join(failed)
+
+
+def test_the_readme_names_every_module() -> None:
+    """The "where is X" table: every module of harness/ (search/ included), models/, analysis/ (the
+    notebooks' jupytext pairs are listed as notebooks), benchmarks/ and every script of scripts/."""
+    readme = (REPO / "README.md").read_text()
+    patterns = ["harness/*.py", "harness/search/*.py", "models/*.py", "analysis/*.py", "benchmarks/*.py",
+                "scripts/*.sh"]
+    tracked = subprocess.run(["git", "ls-files", *patterns], cwd=REPO, capture_output=True, text=True)
+    if tracked.returncode == 0 and tracked.stdout.strip():  # the committed tree, as CI checks it out
+        files = [REPO / line for line in tracked.stdout.split()]
+    else:  # not a git checkout
+        files = sorted({f for pattern in patterns for f in REPO.glob(pattern)})
+    missing = []
+    for file in files:
+        rel = file.relative_to(REPO).as_posix()
+        if "jupytext" in file.read_text()[:300] or file.name in ("__init__.py", "__main__.py"):
+            continue
+        if f"`{rel}`" not in readme:
+            missing.append(rel)
+    assert not missing, f"README.md's where-is-X table does not name: {missing}"
+
+
+def test_the_readme_test_command_is_the_one_ci_runs() -> None:
+    command = ".venv/bin/python -m pytest -q"
+    assert f"```bash\n{command}\n```" in (REPO / "README.md").read_text()
+    assert (REPO / ".ci" / "run").read_text().rstrip().endswith(command)
