@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)\)")
 MODULE = re.compile(r"python -m ([A-Za-z_][\w.]*\w)")
+SCRIPT = re.compile(r"python ((?:benchmarks|scripts|analysis|harness)/[\w/]+\.py)")
 
 
 def slug(heading: str) -> str:
@@ -42,16 +43,19 @@ def test_every_relative_link_of_the_readme_and_docs_resolves() -> None:
 
 
 def test_every_python_m_command_of_the_readme_and_docs_answers_help() -> None:
-    modules = sorted({m for page in PAGES for m in MODULE.findall(page.read_text())})
+    """`python -m MODULE` (and `python benchmarks/X.py`, the scripts the pages name) `--help`: exit 0."""
+    texts = [page.read_text() for page in PAGES]
+    modules = sorted({m for text in texts for m in MODULE.findall(text)})
     assert {"harness.launch", "harness.train", "harness.search", "analysis.report"} <= set(modules), modules
+    commands = [["-m", m] for m in modules] + [[s] for s in sorted({s for text in texts for s in SCRIPT.findall(text)})]
 
-    def help_of(module: str) -> tuple[str, int, str]:
-        done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True,
+    def help_of(command: list[str]) -> tuple[str, int, str]:
+        done = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True,
                               text=True, timeout=180)
-        return module, done.returncode, (done.stderr or done.stdout)[-400:]
+        return " ".join(command), done.returncode, (done.stderr or done.stdout)[-400:]
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        failed = [f"python -m {m} --help: exit {rc}: {out}" for m, rc, out in pool.map(help_of, modules) if rc != 0]
+        failed = [f"python {c} --help: exit {rc}: {out}" for c, rc, out in pool.map(help_of, commands) if rc != 0]
     assert not failed, "\n".join(failed)
 
 
