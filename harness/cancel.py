@@ -12,32 +12,17 @@ Exit codes: 0 done (also when nothing was in flight), 1 the tracking server did 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from typing import Optional
 
+from harness.cluster import scancel, signal_local, wait_until_gone
 from harness.errors import EnvironmentProblem, handle
 from harness.spec import load_and_expand
 from harness.store import bound_requests, check_store, resolve_uri
 
 IN_FLIGHT = "attributes.status = 'SCHEDULED' or attributes.status = 'RUNNING'"
-
-
-def signal_local(pid_text: str, host: Optional[str] = None) -> bool:
-    """TERM a process of this machine (a local job or a launcher); False if it is not here."""
-    pid = pid_text.split("_")[0]
-    if not pid.isdigit() or (host is not None and host != socket.gethostname()) or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+GONE_TIMEOUT_S = 90  # past SLURM's default KillWait (30 s), after which a cancelled job is SIGKILLed
 
 
 def cancel(experiment: str, scale: str, uri: str) -> list[str]:
@@ -55,20 +40,21 @@ def cancel(experiment: str, scale: str, uri: str) -> list[str]:
         signal_local(launch.data.tags.get("launcher_pid", ""), launch.data.tags.get("launcher_host"))
     slurm_ids = sorted({r.data.tags["slurm_job_id"] for r in runs if r.data.tags.get("slurm_job_id")})
     if slurm_ids:
-        if not shutil.which("scancel"):
+        problem = scancel(slurm_ids)
+        if problem == "scancel: not found":
             raise EnvironmentProblem(f"scancel: not found, got SLURM jobs {', '.join(slurm_ids)} to cancel")
-        done = subprocess.run(["scancel", *slurm_ids], capture_output=True, text=True, timeout=60)
-        if done.returncode != 0 and "invalid job id" not in done.stderr.lower():
-            raise EnvironmentProblem(f"scancel: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}, "
-                                     f"got jobs {', '.join(slurm_ids)}")
-    lines = []
+        if problem:
+            raise EnvironmentProblem(f"{problem}, got jobs {', '.join(slurm_ids)}")
+    lines, stopped = [], []  # stopped: the local jobs TERMed here, waited for below
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     for run in runs:
         tags = run.data.tags
         if tags.get("slurm_job_id"):
             how = f"SLURM job {tags['slurm_job_id']} cancelled"
         elif tags.get("job_id"):
-            how = f"local job {tags['job_id']} " + ("stopped" if signal_local(tags["job_id"]) else "not running")
+            term = signal_local(tags["job_id"])
+            stopped += [tags["job_id"]] if term else []
+            how = f"local job {tags['job_id']} " + ("stopped" if term else "not running")
         else:
             how = "never submitted"
         run_id = current_run_id(client, run.info.run_id)  # a job that started meanwhile replaced its placeholder
@@ -78,7 +64,8 @@ def cancel(experiment: str, scale: str, uri: str) -> list[str]:
                      f"{run_id} KILLED")
     for launch in launches:
         client.set_terminated(launch.info.run_id, "KILLED")
-    if runs and not wait_until_gone(slurm_ids, [r.data.tags.get("job_id", "") for r in runs]):
+    # a process that TERM could not reach (gone, or its pid now another user's) is not waited for
+    if runs and wait_until_gone(slurm_ids, stopped, GONE_TIMEOUT_S):
         print(f"warning: some jobs had not stopped after {GONE_TIMEOUT_S} s; their runs are marked KILLED "
               "as of now", file=sys.stderr)
     for run in runs:  # a job that was still starting when cancelled may have marked its run RUNNING since
@@ -86,40 +73,6 @@ def cancel(experiment: str, scale: str, uri: str) -> list[str]:
         if client.get_run(run_id).info.status in ("SCHEDULED", "RUNNING"):
             client.set_terminated(run_id, "KILLED")
     return lines
-
-
-GONE_TIMEOUT_S = 90  # past SLURM's default KillWait (30 s), after which a cancelled job is SIGKILLed
-
-
-def wait_until_gone(slurm_ids: list[str], local_ids: list[str], timeout_s: float = GONE_TIMEOUT_S) -> bool:
-    """Wait until the cancelled SLURM jobs have left the queue and the local job processes have ended.
-
-    Why: a job cancelled while it starts (submitit ignores TERM until the engine's handler is set)
-    can still mark its run RUNNING; once it is gone, nothing changes the run's status any more.
-    """
-    arrays = sorted({j.split("_")[0] for j in slurm_ids})
-    pids = [int(j.split("_")[0]) for j in local_ids if j.split("_")[0].isdigit() and int(j.split("_")[0]) != os.getpid()]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        queued = False
-        if arrays and shutil.which("squeue"):
-            try:
-                out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(arrays)], capture_output=True,
-                                     text=True, timeout=30)
-                queued = bool(out.stdout.strip()) and out.returncode == 0
-            except (OSError, subprocess.TimeoutExpired):
-                queued = False
-        alive = False
-        for pid in pids:
-            try:
-                os.kill(pid, 0)
-                alive = True
-            except (ProcessLookupError, PermissionError):
-                pass
-        if not queued and not alive:
-            return True
-        time.sleep(0.5)
-    return False
 
 
 def main(argv: Optional[list[str]] = None) -> int:

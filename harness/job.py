@@ -21,47 +21,16 @@ The engine turns SIGTERM/SIGUSR2 into a checkpoint at the next step boundary and
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from typing import Any, Optional
 
 import submitit
 
+from harness.cluster import slurm_job_state
 from harness.config import RunConfig
 from harness.store import unbound_requests
-
-
-def _ask(command: list[str]) -> str:
-    """A SLURM command's output, or '' when it is missing, fails (no accounting) or hangs."""
-    if not shutil.which(command[0]):
-        return ""
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return done.stdout if done.returncode == 0 else ""
-
-
-def slurm_job_state(job: str) -> tuple[Optional[str], str]:
-    """(what SLURM says of `job`: CANCELLED, COMPLETING, RUNNING, PREEMPTED ... or None; which command said it).
-
-    The controller first: `scontrol` answers with or without accounting, live. While the job is
-    being stopped it shows COMPLETING (for scancel as for a time-out) whatever the cause, and a
-    preempted job carries a PreemptTime: reported as PREEMPTED. Then accounting (`sacct`, which
-    records CANCELLED at once), for a controller that does not answer.
-    """
-    shown = _ask(["scontrol", "show", "job", "--oneliner", job])
-    state = re.search(r"\bJobState=(\S+)", shown)
-    if state:
-        preempt = re.search(r"\bPreemptTime=(\S+)", shown)
-        preempted = preempt is not None and preempt.group(1) not in ("None", "Unknown", "0")
-        return ("PREEMPTED" if preempted else state.group(1)), "scontrol"
-    accounted = _ask(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"]).split()
-    return (accounted[0], "sacct") if accounted else (None, "neither scontrol nor sacct answered")
 
 
 def stopped_for_good(stop: BaseException) -> tuple[bool, str]:

@@ -25,17 +25,16 @@ import contextlib
 import errno
 import os
 import shlex
-import shutil
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from harness import runstate
+from harness.cluster import choose_executor, job_alive, process_alive, scancel, signal_local, wait_until_gone
 from harness.config import ConfigError
 from harness.errors import EXIT_FAILED, EnvironmentProblem, handle
 from harness.spec import MAX_RUNS, Expanded, RunPlan, differing_values, load_and_expand
@@ -86,36 +85,6 @@ def _flat(plan: RunPlan) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ submission
-def slurm_reachable(timeout_s: float = 15.0) -> tuple[bool, str]:
-    """Whether a SLURM controller answers (`sinfo`), and why not when it does not.
-
-    `sbatch` on the PATH is not enough: the client packages are often installed on a laptop or
-    a login node whose controller is down, and every submission would then fail.
-    """
-    try:
-        probe = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True,
-                               timeout=timeout_s)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return False, f"sinfo failed: {error}"
-    if probe.returncode != 0:
-        lines = (probe.stderr or probe.stdout).strip().splitlines()
-        return False, f"sinfo: {lines[-1] if lines else f'exit {probe.returncode}'}"
-    return True, ""
-
-
-def choose_executor(name: str) -> str:
-    """`auto`: SLURM when a controller answers, else local processes (and say why)."""
-    if name != "auto":
-        return name
-    if not shutil.which("sbatch"):
-        return "local"
-    reachable, why = slurm_reachable()
-    if not reachable:
-        print(f"SLURM is installed but not reachable ({why}); running local processes "
-              "(--executor slurm to insist)", file=sys.stderr)
-    return "slurm" if reachable else "local"
-
-
 def make_executor(cluster: str, folder: Path, plan: RunPlan, spec_name: str, dependency: list[str]) -> Any:
     import submitit
 
@@ -137,48 +106,6 @@ def make_executor(cluster: str, folder: Path, plan: RunPlan, spec_name: str, dep
                 params[f"slurm_{key}"] = getattr(res, key)
     executor.update_parameters(**params)
     return executor
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process of this machine exists (one owned by another user counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-SLURM_ALIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
-               "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT")
-
-
-def job_alive(tags: dict[str, str]) -> bool:
-    """Whether the job behind a SCHEDULED/RUNNING run still exists; True when that cannot be told.
-
-    A job killed hard never marks its MLflow run, which would otherwise block its relaunch until
-    `--rerun` (and `--rerun` starts over instead of resuming from the checkpoint).
-    """
-    if tags.get("job_id"):  # a local process on this machine: submitit's local job id is its pid
-        pid = tags["job_id"].split("_")[0]
-        return process_alive(int(pid)) if pid.isdigit() else True
-    if tags.get("slurm_job_id") and shutil.which("squeue"):
-        job = tags["slurm_job_id"]
-        try:
-            queue = subprocess.run(["squeue", "--noheader", "--jobs", job, "--states=all",
-                                    "--format=%T %r"], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return True
-        if queue.returncode != 0:  # a job SLURM has forgotten, or no controller to ask
-            return "invalid job id" not in queue.stderr.lower()
-        rows = [line.split(None, 1) + [""] for line in queue.stdout.strip().splitlines() if line.strip()]
-        if any(state == "PENDING" and reason.strip() == "DependencyNeverSatisfied" for state, reason, *_ in rows):
-            # waits for a stage that failed: it would never start; cancel it so that a resubmission replaces it
-            subprocess.run(["scancel", job], capture_output=True, timeout=30)
-            return False
-        return any(state in SLURM_ALIVE for state, *_ in rows)
-    return True
 
 
 def launcher_alive(tags: dict[str, str]) -> bool:
@@ -451,7 +378,6 @@ class Launch:
         stopped too) and its MLflow run marked KILLED with tag `superseded` saying why. Waits
         until those jobs have ended (up to `wait_s`) before any folder is handed to a new run.
         """
-        from harness.cancel import signal_local
         from harness.tracking import current_run_id
 
         current = {p.config.tracking.run_name: p.key for s in self.expanded.stage_order
@@ -464,7 +390,7 @@ class Launch:
             alive = self.job_alive(run)
             job = tags.get("slurm_job_id") or tags.get("job_id")
             if alive and tags.get("slurm_job_id"):
-                subprocess.run(["scancel", job], capture_output=True, timeout=60)
+                scancel([job])
                 waiting.append(run)
             elif alive and tags.get("job_id") and signal_local(job):
                 waiting.append(run)
@@ -481,11 +407,10 @@ class Launch:
             self.client.set_terminated(run_id, "KILLED")
             run.info._status = "KILLED"
             print(f"{run.info.run_name}: {reason}; MLflow run {run_id} KILLED", file=sys.stderr)
-        deadline = time.monotonic() + wait_s
-        while waiting and time.monotonic() < deadline:
-            waiting = [r for r in waiting if job_alive(r.data.tags)]
-            if waiting:
-                time.sleep(1)
+        left = wait_until_gone([r.data.tags["slurm_job_id"] for r in waiting if r.data.tags.get("slurm_job_id")],
+                               [r.data.tags["job_id"] for r in waiting if not r.data.tags.get("slurm_job_id")],
+                               wait_s, poll_s=1)
+        waiting = [r for r in waiting if (r.data.tags.get("slurm_job_id") or r.data.tags.get("job_id")) in left]
         if waiting:
             names = ", ".join(r.info.run_name for r in waiting)
             raise EnvironmentProblem(f"the superseded jobs of {names} did not stop within {wait_s:.0f} s; "
@@ -684,8 +609,6 @@ def stop_jobs(jobs: list[Any], wait_s: float, every_s: float = 2.0) -> None:
     """TERM local jobs (their submitit controller, which passes it on) until they have ended, for at most
     `wait_s`. Again every `every_s`: a job still starting ignores TERM (submitit's handler) until the
     engine listens; from then on the engine writes a checkpoint at the next step and stops."""
-    from harness.cancel import signal_local
-
     deadline = time.monotonic() + wait_s
     signalled = 0.0
     while time.monotonic() < deadline:

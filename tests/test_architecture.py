@@ -137,6 +137,28 @@ def test_the_error_path_and_the_file_helpers_import_only_the_standard_library():
         assert not outside, f"{name} imports {sorted(outside)}"
 
 
+SLURM_COMMANDS = {"sbatch", "sinfo", "squeue", "scancel", "scontrol", "sacct", "srun"}
+
+
+def test_only_harness_cluster_talks_to_slurm_and_signals_processes():
+    """Every SLURM command (a string constant naming it, as a subprocess argument list has) and every
+    `os.kill` of harness/ lives in harness/cluster.py, which imports only the standard library (the
+    dry-run path and cancel's error path use it)."""
+    spelled = {}
+    for name, path in module_files().items():
+        if not name.startswith("harness.") or name == "harness.cluster":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in SLURM_COMMANDS:
+                spelled.setdefault(name, set()).add(node.value)
+            elif isinstance(node, ast.Attribute) and node.attr == "kill" and getattr(node.value, "id", "") == "os":
+                spelled.setdefault(name, set()).add("os.kill")
+    assert not spelled, f"SLURM commands or os.kill outside harness.cluster: {spelled}"
+    imported = {alias.name if isinstance(node, ast.Import) else node.module or ""
+                for node in _imports(ast.parse(module_files()["harness.cluster"].read_text())) for alias in node.names}
+    assert not {module for module in imported if module.split(".")[0] not in sys.stdlib_module_names}
+
+
 def test_the_graph_sees_function_local_relative_and_submodule_imports(tmp_path, monkeypatch):
     """The reader itself: a cycle closed by a function-local import, a relative import or
     `from pkg import submodule` is found (the ways cycles were hidden here before)."""

@@ -250,7 +250,7 @@ def test_auto_executor_falls_back_to_local_when_the_controller_is_down(tmp_path:
     Fixture, labelled: `sbatch` and `sinfo` here are two-line scripts standing in for the SLURM
     client of such a machine; `sinfo` fails the way the real one does without a controller.
     """
-    from harness.launch import choose_executor
+    from harness.cluster import choose_executor
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -268,7 +268,7 @@ def test_auto_executor_falls_back_to_local_when_the_controller_is_down(tmp_path:
 
 
 def slurm_available() -> bool:
-    from harness.launch import slurm_reachable
+    from harness.cluster import slurm_reachable
 
     return bool(shutil.which("sbatch")) and slurm_reachable(timeout_s=30)[0]
 

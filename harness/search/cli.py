@@ -78,7 +78,7 @@ def failure_reasons(study: Any) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     output_root = str(Path(args.output_root).resolve())
-    from harness.launch import choose_executor
+    from harness.cluster import choose_executor
 
     cluster = choose_executor(args.executor)
     try:

@@ -9,13 +9,13 @@ journal files the driver fails the trials of workers it sees end (harness/search
 import dataclasses
 import os
 import shlex
-import subprocess
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
+from harness.cluster import partition_nodes
 from harness.config import ConfigError
 from harness.errors import EnvironmentProblem
 from harness.search.spec import SearchPlan
@@ -111,27 +111,12 @@ def _damaged_record(path: Path, err: Optional[Exception] = None) -> str:
     return f"a record Optuna cannot replay ({type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''})"
 
 
-def _slurm_nodes(partition: Optional[str]) -> Optional[int]:
-    """How many nodes the partition has, or the default one (`*`: where a job without -p lands) when
-    none is named; None if sinfo cannot say. Not every node of the cluster: scripts/slurm-local.sh's
-    second node is only in the partition `multi`."""
-    command = ["sinfo", "-h", "-o", "%P %D"] + (["-p", partition] if partition else [])
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout
-        rows = [line.split() for line in out.splitlines() if line.strip()]
-        if not partition:
-            rows = [row for row in rows if row[0].endswith("*")]
-        return sum(int(count) for _, count in rows) if rows else None
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-
-
 def choose_storage(plan: SearchPlan, cluster: str) -> StorageChoice:
     """SQLite for one worker; a journal file for several on one machine; an RDB URL across nodes."""
     spec = plan.section.storage
     workers = plan.section.workers
     where = f"{plan.path}: search.storage.url"
-    one_machine = cluster != "slurm" or _slurm_nodes(plan.slurm.partition) == 1
+    one_machine = cluster != "slurm" or partition_nodes(plan.slurm.partition) == 1
     if spec.url == "auto":
         if workers == 1:
             choice = StorageChoice.parse(f"sqlite:///{plan.study_dir / 'study.db'}", spec.heartbeat_interval,

@@ -20,8 +20,8 @@ from mlflow import MlflowClient
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
+from harness.cluster import process_alive
 from harness.config import RunConfig, set_dotted
-from harness.launch import process_alive
 from harness.search.spec import FINAL_METRICS, Dimension, PrunerSpec, SamplerSpec, SearchSection
 from harness.search.storage import StorageChoice
 
