@@ -13,8 +13,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)\)")
-MODULE = re.compile(r"python -m ([A-Za-z_][\w.]*\w)")
-SCRIPT = re.compile(r"python ((?:benchmarks|scripts|analysis|harness)/[\w/]+\.py)")
+MODULE = re.compile(r"python -m ([a-z_][\w.]*\w)")  # lower case: `python -m MODULE` is a placeholder
+SCRIPT = re.compile(r"python ((?:benchmarks|scripts|analysis|harness)/[a-z_][\w/]*\.py)")
 
 
 def slug(heading: str) -> str:
