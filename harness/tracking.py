@@ -58,6 +58,10 @@ class TrackingUnavailable(EnvironmentProblem):
     """MLflow did not answer for longer than `tracking.outage_limit_s` (exit 1, resumable)."""
 
 
+# How the server's database reports a row inserted twice (PostgreSQL, SQLite, MySQL).
+_DUPLICATE_KEY = ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry")
+
+
 def transient(error: BaseException) -> bool:
     """Whether an MLflow call may succeed later: the server or database did not answer, or failed.
 
@@ -387,8 +391,25 @@ class RunTracker:
             tracker.call(client.log_batch, run_id, metrics=[Metric("queue_time_s", queued_s, int(time.time() * 1000), 0)])
         tracker.set_tags(all_tags)
         if data is not None:
-            tracker.call(client.log_inputs, run_id, datasets=dataset_inputs(data))
+            tracker.log_inputs(dataset_inputs(data))
         return tracker
+
+    def log_inputs(self, datasets: list[Any]) -> None:
+        """Link the run to its datasets.
+
+        MLflow's server adds an experiment's dataset row by look-up-then-insert, so runs of one
+        experiment that start together (a job array) can both insert it: the later one is refused
+        with a unique-key violation. The row exists by then, so the same request links it on a retry.
+        """
+        for attempt in range(5):
+            try:
+                self.call(self.client.log_inputs, self._run_id, datasets=datasets)
+                return
+            except Exception as error:
+                duplicate = any(mark in str(error) for mark in _DUPLICATE_KEY)
+                if not duplicate or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     @property
     def run_id(self) -> str:

@@ -390,3 +390,39 @@ def test_start_with_auth_puts_the_server_behind_basic_auth_and_start_switches_it
     code, exports = server_status()
     assert code == 0 and "MLFLOW_TRACKING_PASSWORD" not in exports
     assert client.get_experiment(before).name.startswith("cluster_auth_")  # open again, the same store
+
+
+@pytest.mark.timeout(120)
+def test_runs_of_one_experiment_starting_together_all_link_their_datasets(server: dict[str, str]) -> None:
+    """The jobs of an array start at once and each links the same datasets: MLflow's server inserts an
+    experiment's dataset row by look-up-then-insert, so one of two simultaneous requests met a unique-key
+    violation on PostgreSQL and its job failed (seen in CI); the tracker retries, and every run links both."""
+    import threading
+
+    from harness.config import DataConfig
+    from harness.tracking import RunTracker, dataset_inputs
+
+    client = MlflowClient(server["MLFLOW_TRACKING_URI"])
+    datasets = dataset_inputs(DataConfig())
+    for _ in range(3):  # fresh experiments: the race is on the first insert of each dataset row
+        experiment_id = client.create_experiment(unique("cluster_datasets"))
+        run_ids = [client.create_run(experiment_id).info.run_id for _ in range(8)]
+        barrier = threading.Barrier(len(run_ids))
+        errors: list[BaseException] = []
+
+        def link(run_id: str) -> None:
+            barrier.wait()
+            try:
+                RunTracker(client, run_id).log_inputs(datasets)
+            except BaseException as error:  # collected: the assertion below names it
+                errors.append(error)
+
+        threads = [threading.Thread(target=link, args=(run_id,)) for run_id in run_ids]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors[0]
+        for run_id in run_ids:
+            names = sorted(d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs)
+            assert names == ["cluttered_mnist-train", "cluttered_mnist-val"]
