@@ -24,12 +24,13 @@ from harness.spec import load_and_expand
 from tests.test_launch import MINI
 
 REPO = Path(__file__).resolve().parents[1]
-LINE_S = 3.0  # DVIT_PROGRESS_LINE_S in the launch below (60 s by default)
+LINE_S = 1.0  # DVIT_PROGRESS_LINE_S in the launch below (60 s by default)
+POLL_S = 0.5  # DVIT_PROGRESS_POLL_S: MLflow read often enough that the run is seen while it trains, on a fast machine too
 
 
 def spec_file(tmp: Path, teacher_only: bool) -> Path:
     spec = json.loads(json.dumps(MINI))
-    spec["base"]["data"]["train_digits"] = 256  # 8 steps of 32 an epoch
+    spec["base"]["data"]["train_digits"] = 512  # 16 steps of 32 an epoch
     spec["base"]["train"]["epochs"] = 2
     spec["base"]["optim"]["log_every"] = 1
     if teacher_only:
@@ -43,7 +44,7 @@ def test_a_local_launch_logs_progress_lines_while_its_run_trains(tmp_path: Path)
     """Not a terminal: one line per state change, a progress line every LINE_S s (never more often)
     with the running run's epoch, step of the total and ETA, before the run ends; then the load."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(PYTHONPATH=str(REPO), DVIT_PROGRESS_LINE_S=str(LINE_S))
+    env.update(PYTHONPATH=str(REPO), DVIT_PROGRESS_LINE_S=str(LINE_S), DVIT_PROGRESS_POLL_S=str(POLL_S))
     command = [sys.executable, "-m", "harness.launch", str(spec_file(tmp_path, teacher_only=True)), "--executor",
                "local", "--output-root", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
     lines: list[tuple[float, str]] = []
@@ -65,7 +66,7 @@ def test_a_local_launch_logs_progress_lines_while_its_run_trains(tmp_path: Path)
     ended, _ = first(r"^teacher/teacher: finished after \d+:\d\d \(1 finished, 0 running, 0 queued, 0 failed\)$")
     midway = [(when, line) for when, line in lines if re.search(
         r"^progress: teacher: 0 finished, 1 running, 0 queued, 0 failed \| teacher/teacher epoch [12]/2 "
-        r"step ([1-9]|1[0-5])/16 ETA \d+:\d\d$", line)]
+        r"step ([1-9]|[12]\d|3[01])/32 ETA \d+:\d\d$", line)]
     assert midway and started <= midway[0][0] < ended, text  # seen while it trains, not only at the end
     progress = [when for when, line in lines if line.startswith("progress: teacher:")]
     gaps = [b - a for a, b in zip(progress, progress[1:])]
