@@ -7,12 +7,13 @@ below: `mlflow.search_runs` would load every param and tag of every run as ORM o
 a file store) goes through one `mlflow.search_runs` call. Column-wise pandas either way;
 nothing here loads a model or an artifact.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from functools import lru_cache
-from typing import Iterator, Optional, Sequence
+from functools import cache
 
 import mlflow
 import numpy as np
@@ -42,8 +43,21 @@ _SOURCES: dict[str, tuple[str, str]] = {
     **{f"train_keep_stage{s}": (f"metrics.train/keep_stage{s}", "float") for s in (1, 2, 3)},
     **{f"val_keep_stage{s}": (f"metrics.val/keep_stage{s}", "float") for s in (1, 2, 3)},
 }
-COLUMNS = ["row", "variant", "scale", "seed", "keep_ratio", "gflops", "params_m", "throughput_img_s",
-           "acc1", "acc5", "run_id", "status", "stage"]
+COLUMNS = [
+    "row",
+    "variant",
+    "scale",
+    "seed",
+    "keep_ratio",
+    "gflops",
+    "params_m",
+    "throughput_img_s",
+    "acc1",
+    "acc5",
+    "run_id",
+    "status",
+    "stage",
+]
 EXTRA_COLUMNS = [c for c in _SOURCES if c not in COLUMNS] + ["end_time"]
 # every search_runs column that collect_runs reads: all a database read has to fetch
 _WANTED = sorted({source for source, _ in _SOURCES.values()} | {"tags.kind", "params.model.variant"})
@@ -88,8 +102,9 @@ def experiment_exists(tracking_uri: str, experiment: str) -> bool:
     return found is not None and found.lifecycle_stage == "active"
 
 
-def collect_runs(tracking_uri: str, experiment: str, scale: Optional[str] = None,
-                 params: Sequence[str] = ()) -> pd.DataFrame:
+def collect_runs(
+    tracking_uri: str, experiment: str, scale: str | None = None, params: Sequence[str] = ()
+) -> pd.DataFrame:
     """Finished training runs of `experiment`, optionally of one `scale` (tag), newest first.
 
     `params`: more run params to read in the same query, as columns `params.<key>` (MLflow's
@@ -117,8 +132,10 @@ def collect_runs(tracking_uri: str, experiment: str, scale: Optional[str] = None
             raw = _search_database(tracking_uri, found.experiment_id, scale, params)
         else:
             raw = mlflow.search_runs(
-                experiment_ids=[found.experiment_id], filter_string=" and ".join(filters),
-                order_by=["attributes.end_time DESC"], output_format="pandas",
+                experiment_ids=[found.experiment_id],
+                filter_string=" and ".join(filters),
+                order_by=["attributes.end_time DESC"],
+                output_format="pandas",
             )
     assert isinstance(raw, pd.DataFrame)
     if raw.empty:
@@ -151,7 +168,7 @@ def is_database(tracking_uri: str) -> bool:
     return tracking_uri.split(":", 1)[0].split("+", 1)[0] in _DATABASES
 
 
-@lru_cache(maxsize=None)
+@cache
 def _engine(tracking_uri: str):  # type: ignore[no-untyped-def]
     """One SQLAlchemy engine per store for this process (MLflow's own factory: its pool and retries)."""
     from mlflow.store.db.utils import create_sqlalchemy_engine_with_retry
@@ -159,30 +176,42 @@ def _engine(tracking_uri: str):  # type: ignore[no-untyped-def]
     return create_sqlalchemy_engine_with_retry(tracking_uri)
 
 
-def _search_database(tracking_uri: str, experiment_id: str, scale: Optional[str],
-                     params: Sequence[str] = ()) -> pd.DataFrame:
+def _search_database(
+    tracking_uri: str, experiment_id: str, scale: str | None, params: Sequence[str] = ()
+) -> pd.DataFrame:
     """What `mlflow.search_runs` returns for the FINISHED active runs of an experiment (optionally
     tagged `scale`), ordered as it orders them (end time, start time newest first, then run id),
     but only the columns `collect_runs` reads: one query each for runs, tags, params, latest metrics."""
     from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
     from sqlalchemy import select
 
-    finished = (select(SqlRun.run_uuid).where(SqlRun.experiment_id == int(experiment_id),
-                                              SqlRun.status == "FINISHED", SqlRun.lifecycle_stage == "active"))
+    finished = select(SqlRun.run_uuid).where(
+        SqlRun.experiment_id == int(experiment_id), SqlRun.status == "FINISHED", SqlRun.lifecycle_stage == "active"
+    )
     wanted = _WANTED + [f"params.{key}" for key in params]
-    keys = {kind: [w.split(".", 1)[1] for w in wanted if w.startswith(kind + ".")]
-            for kind in ("tags", "params", "metrics")}
+    keys = {
+        kind: [w.split(".", 1)[1] for w in wanted if w.startswith(kind + ".")] for kind in ("tags", "params", "metrics")
+    }
     with _engine(tracking_uri).connect() as db:
-        runs = pd.DataFrame(db.execute(
-            select(SqlRun.run_uuid, SqlRun.status, SqlRun.start_time, SqlRun.end_time)
-            .where(SqlRun.run_uuid.in_(finished))).all(), columns=["run_id", "status", "start_time", "end_time"])
+        runs = pd.DataFrame(
+            db.execute(
+                select(SqlRun.run_uuid, SqlRun.status, SqlRun.start_time, SqlRun.end_time).where(
+                    SqlRun.run_uuid.in_(finished)
+                )
+            ).all(),
+            columns=["run_id", "status", "start_time", "end_time"],
+        )
         wide = []
         for kind, table in (("tags", SqlTag), ("params", SqlParam), ("metrics", SqlLatestMetric)):
             nan = [table.is_nan] if kind == "metrics" else []
-            found = pd.DataFrame(db.execute(
-                select(table.run_uuid, table.key, table.value, *nan)
-                .where(table.key.in_(keys[kind]), table.run_uuid.in_(finished))).all(),
-                columns=["run_id", "key", "value", *(["is_nan"] if nan else [])])
+            found = pd.DataFrame(
+                db.execute(
+                    select(table.run_uuid, table.key, table.value, *nan).where(
+                        table.key.in_(keys[kind]), table.run_uuid.in_(finished)
+                    )
+                ).all(),
+                columns=["run_id", "key", "value", *(["is_nan"] if nan else [])],
+            )
             if nan:
                 found["value"] = found["value"].astype(float).where(~found["is_nan"].astype(bool))
             found["key"] = kind + "." + found["key"]
@@ -190,18 +219,18 @@ def _search_database(tracking_uri: str, experiment_id: str, scale: Optional[str]
     raw = runs.set_index("run_id").join(wide).rename_axis("run_id").reset_index()
     if scale is not None:
         raw = raw[raw.get("tags.scale", pd.Series(None, index=raw.index, dtype=object)) == scale]
-    raw = raw.sort_values(["end_time", "start_time", "run_id"], ascending=[False, False, True],
-                          na_position="last", kind="stable")
+    raw = raw.sort_values(
+        ["end_time", "start_time", "run_id"], ascending=[False, False, True], na_position="last", kind="stable"
+    )
     for column in ("start_time", "end_time"):
         raw[column] = pd.to_datetime(raw[column], unit="ms", utc=True)
     return raw.reset_index(drop=True)
 
 
-def pick_run(runs: pd.DataFrame, row: str) -> Optional[str]:
+def pick_run(runs: pd.DataFrame, row: str) -> str | None:
     """The run id to illustrate a table row with (lowest seed, then newest); None if it has no run."""
     chosen = runs[runs["row"] == row]
     if chosen.empty:
         return None
     seeds = chosen["seed"].astype(float).fillna(np.inf)
-    return str(chosen.assign(_seed=seeds).sort_values(["_seed", "end_time"], ascending=[True, False])
-               ["run_id"].iloc[0])
+    return str(chosen.assign(_seed=seeds).sort_values(["_seed", "end_time"], ascending=[True, False])["run_id"].iloc[0])

@@ -6,24 +6,25 @@ own, labelled panel, never on the reproduction's axis; only gaps between rows (p
 points, `gaps_to_anchor`) share one axis. Token maps rebuild the run's model
 from its MLflow artifacts (`config.yaml`, `model.pth`), so they show what was trained.
 """
+
 from __future__ import annotations
 
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
-from analysis.reference import load_reference, table_info  # noqa: E402
-from harness.files import PathLike  # noqa: E402
+from analysis.reference import load_reference, table_info
+from harness.files import PathLike
 
 _STYLE = "whitegrid"
 
@@ -39,8 +40,11 @@ def _save(fig: Any, path: PathLike) -> Path:
 def _repro_label(runs: pd.DataFrame) -> str:
     scales = sorted(runs["scale"].dropna().unique()) if "scale" in runs else []
     scale = scales[0] if len(scales) == 1 else "mixed" if scales else "?"
-    where = {"tiny": "tiny CPU proxy: cluttered MNIST", "paper": "ImageNet-1k",
-             "imagenet100": "ImageNet-100, 1000-way"}.get(scale, scale)
+    where = {
+        "tiny": "tiny CPU proxy: cluttered MNIST",
+        "paper": "ImageNet-1k",
+        "imagenet100": "ImageNet-100, 1000-way",
+    }.get(scale, scale)
     return f"reproduced ({where})"
 
 
@@ -68,8 +72,15 @@ def _label_points(ax: Any, xs: Any, ys: Any, labels: list[str]) -> None:
         key = round(float(x), 6)
         label_y = max(float(y), placed.get(key, -np.inf) + step)
         placed[key] = label_y
-        ax.annotate(label, xy=(x, y), xytext=(x, label_y), textcoords=shifted, fontsize=7, va="center",
-                    arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5} if label_y != y else None)
+        ax.annotate(
+            label,
+            xy=(x, y),
+            xytext=(x, label_y),
+            textcoords=shifted,
+            fontsize=7,
+            va="center",
+            arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5} if label_y != y else None,
+        )
     if placed:
         ax.set_ylim(low, max(high, max(placed.values()) + step))
 
@@ -88,8 +99,15 @@ def _paper_points(ax: Any, ref: pd.DataFrame) -> None:
             part = part.sort_values("gflops")
             ax.plot(part["gflops"], part["top1"], marker=marker, linestyle=style, label=f"{model}{suffix}")
             for item in part.itertuples():
-                ax.annotate(f"{item.keep_ratio:g}", (item.gflops, item.top1), xytext=(0, 5),
-                            textcoords="offset points", fontsize=6, ha="center", color="0.35")
+                ax.annotate(
+                    f"{item.keep_ratio:g}",
+                    (item.gflops, item.top1),
+                    xytext=(0, 5),
+                    textcoords="offset points",
+                    fontsize=6,
+                    ha="center",
+                    color="0.35",
+                )
         else:
             ax.scatter(part["gflops"], part["top1"], marker=marker, label=f"{model}{suffix}")
             labels_x += list(part["gflops"])
@@ -100,7 +118,7 @@ def _paper_points(ax: Any, ref: pd.DataFrame) -> None:
 
 
 # ------------------------------------------------------------------ accuracy vs cost/ratio
-def accuracy_vs_keep_ratio(runs: pd.DataFrame, path: PathLike, table: Optional[str] = None) -> Path:
+def accuracy_vs_keep_ratio(runs: pd.DataFrame, path: PathLike, table: str | None = None) -> Path:
     """Val top-1 vs keep ratio per variant (mean and sd over runs); the paper's beside it if `table`."""
     panels = 2 if table else 1
     with sns.axes_style(_STYLE):
@@ -110,17 +128,27 @@ def accuracy_vs_keep_ratio(runs: pd.DataFrame, path: PathLike, table: Optional[s
         if data.empty:
             _empty(ax, "no finished runs with a keep ratio")
         else:
-            sns.lineplot(data=data, x="keep_ratio", y="acc1", hue="variant", style="variant", markers=True,
-                         dashes=False, errorbar="sd", err_style="bars", ax=ax)
-            sns.scatterplot(data=data, x="keep_ratio", y="acc1", color="0.3", s=12, alpha=0.5, ax=ax,
-                            legend=False)
+            sns.lineplot(
+                data=data,
+                x="keep_ratio",
+                y="acc1",
+                hue="variant",
+                style="variant",
+                markers=True,
+                dashes=False,
+                errorbar="sd",
+                err_style="bars",
+                ax=ax,
+            )
+            sns.scatterplot(data=data, x="keep_ratio", y="acc1", color="0.3", s=12, alpha=0.5, ax=ax, legend=False)
         ax.set(xlabel="keep ratio rho", ylabel="val top-1 (%)", title=_repro_label(runs))
         if table:
             ref = load_reference(table).dropna(subset=["keep_ratio"])
             ref = ref.assign(implemented=np.where(ref["available"], "implemented here", "not available here"))
             ax = axes[0][1]
-            sns.lineplot(data=ref, x="keep_ratio", y="top1", hue="model", style="implemented", markers=True,
-                         dashes=False, ax=ax)
+            sns.lineplot(
+                data=ref, x="keep_ratio", y="top1", hue="model", style="implemented", markers=True, dashes=False, ax=ax
+            )
             ax.set(xlabel="keep ratio rho", ylabel="ImageNet-1k top-1 (%)", title="paper (ImageNet-1k)")
         fig.tight_layout()
         return _save(fig, path)
@@ -135,15 +163,22 @@ def accuracy_vs_gflops(runs: pd.DataFrame, table: str, path: PathLike) -> Path:
         if data.empty:
             _empty(left, "no finished runs")
         else:
-            stats = data.groupby("row", sort=False).agg(gflops=("gflops", "mean"), acc1=("acc1", "mean"),
-                                                        sd=("acc1", "std"), n=("acc1", "size")).reset_index()
+            stats = (
+                data.groupby("row", sort=False)
+                .agg(gflops=("gflops", "mean"), acc1=("acc1", "mean"), sd=("acc1", "std"), n=("acc1", "size"))
+                .reset_index()
+            )
             left.errorbar(stats["gflops"], stats["acc1"], yerr=stats["sd"].fillna(0), fmt="o", capsize=3)
-            _label_points(left, stats["gflops"], stats["acc1"], [f"{r} (n={n})" for r, n in zip(stats["row"], stats["n"])])
+            _label_points(
+                left, stats["gflops"], stats["acc1"], [f"{r} (n={n})" for r, n in zip(stats["row"], stats["n"])]
+            )
         left.set(xlabel="GFLOPs (measured, per image)", ylabel="val top-1 (%)", title=_repro_label(runs))
         _paper_points(right, load_reference(table))
         right.set(xlabel="GFLOPs (paper)", ylabel="ImageNet-1k top-1 (%)", title="paper (ImageNet-1k)")
-        fig.suptitle(f"{info['title']}. Different datasets and models: compare the shape "
-                     "(gaps between rows), not the values", fontsize=9)
+        fig.suptitle(
+            f"{info['title']}. Different datasets and models: compare the shape (gaps between rows), not the values",
+            fontsize=9,
+        )
         fig.tight_layout()
         return _save(fig, path)
 
@@ -158,21 +193,33 @@ def gaps_to_anchor(table_df: pd.DataFrame, path: PathLike) -> Path:
 
     rows = table_df[table_df[STATUS] != NOT_AVAILABLE]
     label = _row_labels(rows[ROW], rows[MODEL])
-    long = pd.concat([
-        pd.DataFrame({"row": label, "gap": rows[GAP_PAPER].to_numpy(dtype=float), "source": "paper (ImageNet-1k)"}),
-        pd.DataFrame({"row": label, "gap": rows[GAP_REPRO].to_numpy(dtype=float),
-                      "source": f"reproduced (scale {table_df.attrs.get('scale') or '?'})"}),
-    ], ignore_index=True)
+    long = pd.concat(
+        [
+            pd.DataFrame({"row": label, "gap": rows[GAP_PAPER].to_numpy(dtype=float), "source": "paper (ImageNet-1k)"}),
+            pd.DataFrame(
+                {
+                    "row": label,
+                    "gap": rows[GAP_REPRO].to_numpy(dtype=float),
+                    "source": f"reproduced (scale {table_df.attrs.get('scale') or '?'})",
+                }
+            ),
+        ],
+        ignore_index=True,
+    )
     with sns.axes_style(_STYLE):
         fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 4))
         sns.barplot(data=long, x="row", y="gap", hue="source", ax=ax)
         ax.axhline(0, color="0.3", lw=0.8)
         missing = [lab for lab, gap in zip(label, rows[GAP_REPRO]) if gap != gap]
         if missing:
-            ax.text(0.01, 0.02, "no reproduced gap: " + ", ".join(missing), transform=ax.transAxes, fontsize=7,
-                    color="0.4")
-        ax.set(xlabel="", ylabel="top-1 gap to anchor row (points)",
-               title=f"{table_df.attrs.get('title', '')}: gaps to the anchor row")
+            ax.text(
+                0.01, 0.02, "no reproduced gap: " + ", ".join(missing), transform=ax.transAxes, fontsize=7, color="0.4"
+            )
+        ax.set(
+            xlabel="",
+            ylabel="top-1 gap to anchor row (points)",
+            title=f"{table_df.attrs.get('title', '')}: gaps to the anchor row",
+        )
         ax.tick_params(axis="x", rotation=30, labelsize=8)
         fig.tight_layout()
         return _save(fig, path)
@@ -188,17 +235,16 @@ class RunModel:
     data: Any  # harness.data.DataBundle
 
 
-def load_run_model(tracking_uri: str, run_id: str, download_dir: Optional[PathLike] = None) -> RunModel:
+def load_run_model(tracking_uri: str, run_id: str, download_dir: PathLike | None = None) -> RunModel:
     """Download `config.yaml` + `model.pth` of a run and rebuild its model (strict weight loading)."""
     import mlflow
     import yaml
+    from mlflow.exceptions import MlflowException
 
     from harness.config import RunConfig
     from harness.data import build_data
     from harness.engine import build_model
     from models import read_state_dict
-
-    from mlflow.exceptions import MlflowException
 
     target = Path(download_dir or tempfile.mkdtemp(prefix=f"dvit-{run_id[:8]}-"))
     target.mkdir(parents=True, exist_ok=True)
@@ -208,7 +254,8 @@ def load_run_model(tracking_uri: str, run_id: str, download_dir: Optional[PathLi
     try:
         for name in ("config.yaml", "model.pth"):
             files[name] = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=name, dst_path=str(target), tracking_uri=tracking_uri)
+                run_id=run_id, artifact_path=name, dst_path=str(target), tracking_uri=tracking_uri
+            )
     except MlflowException as err:
         raise FileNotFoundError(f"run {run_id}: cannot download {name}: {err.message}") from None
     finally:
@@ -218,8 +265,12 @@ def load_run_model(tracking_uri: str, run_id: str, download_dir: Optional[PathLi
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
     cfg = RunConfig.model_validate(yaml.safe_load(Path(files["config.yaml"]).read_text()))
     # the weights come from model.pth: do not fetch the pretrained/initial checkpoints again
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": None}),
-                                 "train": cfg.train.model_copy(update={"init_from": None})})
+    cfg = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"pretrained": None}),
+            "train": cfg.train.model_copy(update={"init_from": None}),
+        }
+    )
     data = build_data(cfg.data, cfg.aug)
     model = build_model(cfg, data)
     model.load_state_dict(read_state_dict(files["model.pth"]), strict=True)
@@ -235,8 +286,14 @@ def _display_image(image: Any, mean: Any, std: Any) -> np.ndarray:
     return np.repeat(img_np, 3, axis=2) if img_np.shape[2] == 1 else img_np
 
 
-def kept_token_heatmaps(tracking_uri: str, run_id: str, path: PathLike, n_images: int = 4,
-                        stats_images: int = 256, loaded: Optional[RunModel] = None) -> Path:
+def kept_token_heatmaps(
+    tracking_uri: str,
+    run_id: str,
+    path: PathLike,
+    n_images: int = 4,
+    stats_images: int = 256,
+    loaded: RunModel | None = None,
+) -> Path:
     """Per validation image: the input, the kept patches per stage, and how many stages each patch
     survived; bottom row: how often each position is kept per stage over `stats_images` images."""
     import torch
@@ -273,13 +330,20 @@ def kept_token_heatmaps(tracking_uri: str, run_id: str, path: PathLike, n_images
         for col, title in enumerate(titles):
             axes[0][col].set_title(title, fontsize=9)
         freq_ax = axes[shown]
-        freq_ax[0].text(0.5, 0.5, f"keep frequency\nover {count}\nval images", ha="center", va="center",
-                        transform=freq_ax[0].transAxes)
+        freq_ax[0].text(
+            0.5,
+            0.5,
+            f"keep frequency\nover {count}\nval images",
+            ha="center",
+            va="center",
+            transform=freq_ax[0].transAxes,
+        )
         for stage in range(stages):
-            im = freq_ax[stage + 1].imshow(masks[stage].mean(axis=0).reshape(grid_h, grid_w), cmap="viridis",
-                                           vmin=0, vmax=1)
+            im = freq_ax[stage + 1].imshow(
+                masks[stage].mean(axis=0).reshape(grid_h, grid_w), cmap="viridis", vmin=0, vmax=1
+            )
         freq_ax[-1].set_visible(False)
-        fig.colorbar(im, ax=list(freq_ax[1:stages + 1]), fraction=0.02, label="fraction kept")
+        fig.colorbar(im, ax=list(freq_ax[1 : stages + 1]), fraction=0.02, label="fraction kept")
         for ax in axes.flat:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -287,7 +351,7 @@ def kept_token_heatmaps(tracking_uri: str, run_id: str, path: PathLike, n_images
         return _save(fig, path)
 
 
-def static_keep_map(tracking_uri: str, run_id: str, path: PathLike, loaded: Optional[RunModel] = None) -> Path:
+def static_keep_map(tracking_uri: str, run_id: str, path: PathLike, loaded: RunModel | None = None) -> Path:
     """The static variant's learned keep probability per token position and stage; dots mark the
     positions it keeps at inference (the same for every image)."""
     import torch
@@ -298,8 +362,9 @@ def static_keep_map(tracking_uri: str, run_id: str, path: PathLike, loaded: Opti
         raise ValueError(f"run {run_id}: static_keep_map needs the static variant, got {model.variant!r}")
     grid_h, grid_w = model.patch_embed.grid_size
     with torch.no_grad():
-        scores = [p.logits.log_softmax(dim=-1)[:, 0].exp().reshape(grid_h, grid_w).numpy()
-                  for p in model.score_predictor]
+        scores = [
+            p.logits.log_softmax(dim=-1)[:, 0].exp().reshape(grid_h, grid_w).numpy() for p in model.score_predictor
+        ]
         probe = torch.zeros(1, run.data.in_chans, run.data.img_size, run.data.img_size)
         _, kept = model.forward_pruned(probe, return_positions=True)
     low, high = min(s.min() for s in scores), max(s.max() for s in scores)
@@ -313,13 +378,13 @@ def static_keep_map(tracking_uri: str, run_id: str, path: PathLike, loaded: Opti
             ax.set_xticks([])
             ax.set_yticks([])
         fig.colorbar(im, ax=list(axes[0]), fraction=0.03, label="keep probability (softmax channel 0)")
-        fig.suptitle(f"static variant: learned keep score per position (run {run_id[:8]}); dots = kept",
-                     fontsize=10)
+        fig.suptitle(f"static variant: learned keep score per position (run {run_id[:8]}); dots = kept", fontsize=10)
         return _save(fig, path)
 
 
-def token_figures(tracking_uri: str, runs: pd.DataFrame, rows: dict[str, list[str]], output_dir: PathLike,
-                  stem: str) -> list[Path]:
+def token_figures(
+    tracking_uri: str, runs: pd.DataFrame, rows: dict[str, list[str]], output_dir: PathLike, stem: str
+) -> list[Path]:
     """For each table row: its illustrating run's kept-token heat maps and/or static keep map.
 
     `rows` maps a row id to the figures wanted ("kept_tokens", "static_map"). A row without a

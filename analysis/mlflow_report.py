@@ -14,6 +14,7 @@ the metrics are logged again at step 0 (MLflow shows the latest). Which parent r
 caller names (a launch or search just made), else the most recent `kind=launch` or `kind=search`
 run of the experiment at that scale.
 """
+
 from __future__ import annotations
 
 import html
@@ -24,7 +25,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -63,8 +63,10 @@ class Published:
 
     def line(self) -> str:
         how = f" ({self.chosen})" if self.chosen else ""
-        return (f"MLflow: the report (table, {sum(a.startswith(FOLDER + '/figures/') for a in self.artifacts)} "
-                f"figures, notebook, {len(self.metrics)} metrics) is on parent run {self.run_name}{how}: {self.url}")
+        return (
+            f"MLflow: the report (table, {sum(a.startswith(FOLDER + '/figures/') for a in self.artifacts)} "
+            f"figures, notebook, {len(self.metrics)} metrics) is on parent run {self.run_name}{how}: {self.url}"
+        )
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
@@ -80,15 +82,26 @@ def find_parent(tracking_uri: str, experiment: str, scale: str) -> tuple[str, st
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise NoParentRun(f"name: no MLflow experiment of that name, got {experiment!r}")
-    parents = [run for kind in ("launch", "search") for run in client.search_runs(
-        [found.experiment_id], f"tags.kind = '{kind}' and tags.scale = '{scale}'",
-        order_by=["attributes.start_time DESC"], max_results=1000)]
+    parents = [
+        run
+        for kind in ("launch", "search")
+        for run in client.search_runs(
+            [found.experiment_id],
+            f"tags.kind = '{kind}' and tags.scale = '{scale}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1000,
+        )
+    ]
     if not parents:
-        raise NoParentRun(f"no launch or search run of experiment {experiment!r} at scale {scale!r} "
-                          f"to put the report on")
+        raise NoParentRun(
+            f"no launch or search run of experiment {experiment!r} at scale {scale!r} to put the report on"
+        )
     newest = max(parents, key=lambda run: run.info.start_time)
-    note = (f"the most recent of {len(parents)} launch/search runs of {experiment} at scale {scale}"
-            if len(parents) > 1 else f"the one launch/search run of {experiment} at scale {scale}")
+    note = (
+        f"the most recent of {len(parents)} launch/search runs of {experiment} at scale {scale}"
+        if len(parents) > 1
+        else f"the one launch/search run of {experiment} at scale {scale}"
+    )
     return newest.info.run_id, note
 
 
@@ -147,8 +160,9 @@ def stage(output_dir: Path, stems: list[str], since: float, into: Path) -> dict[
     return metrics
 
 
-def publish(tracking_uri: str, output_dir: PathLike, stems: list[str], since: float, run_id: str,
-            chosen: str = "") -> Published:
+def publish(
+    tracking_uri: str, output_dir: PathLike, stems: list[str], since: float, run_id: str, chosen: str = ""
+) -> Published:
     """Replace the run's `report/` artifacts and log the headline metrics (see the module doc).
 
     `stems`: the notebooks' names (each wrote `<stem>.md` into `output_dir`); `since`: when the report
@@ -167,6 +181,12 @@ def publish(tracking_uri: str, output_dir: PathLike, stems: list[str], since: fl
     now = int(time.time() * 1000)
     items = [Metric(key, value, now, 0) for key, value in metrics.items()]
     for start in range(0, len(items), 1000):  # MLflow's limit per log_batch
-        client.log_batch(run_id, metrics=items[start:start + 1000])
-    return Published(run_id, run.info.run_name or run_id, run_url(tracking_uri, run.info.experiment_id, run_id),
-                     artifacts, metrics, chosen)
+        client.log_batch(run_id, metrics=items[start : start + 1000])
+    return Published(
+        run_id,
+        run.info.run_name or run_id,
+        run_url(tracking_uri, run.info.experiment_id, run_id),
+        artifacts,
+        metrics,
+        chosen,
+    )

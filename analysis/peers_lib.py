@@ -5,12 +5,13 @@ Used by analysis/peers.ipynb. A TokenReduction point is found by its configurati
 `analysis.peers_match.tr_knobs` gives for that rate), not by its stage, so that DynamicViT/0.7
 and (at the paper scale) Top-K/0.7 count in both groups from the one run each.
 """
+
 from __future__ import annotations
 
 import math
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,12 +35,13 @@ def _param(value: Any) -> Any:
         return value
 
 
-def peer_runs(tracking_uri: str, experiment: str, scale: Optional[str] = None) -> pd.DataFrame:
+def peer_runs(tracking_uri: str, experiment: str, scale: str | None = None) -> pd.DataFrame:
     """`collect.collect_runs` plus each run's model knobs (columns `knob_<name>`, parsed), read in its query."""
     runs = collect.collect_runs(tracking_uri, experiment, scale, params=[f"model.{knob}" for knob in KNOBS])
     for knob in KNOBS:
-        runs[f"knob_{knob}"] = pd.Series([_param(v) for v in runs.pop(f"params.model.{knob}")], index=runs.index,
-                                         dtype=object)
+        runs[f"knob_{knob}"] = pd.Series(
+            [_param(v) for v in runs.pop(f"params.model.{knob}")], index=runs.index, dtype=object
+        )
     return runs
 
 
@@ -66,7 +68,7 @@ def knob_label(run: pd.Series) -> str:
 
 
 # ----------------------------------------------------------------------- TokenReduction
-def tr_rate(run: pd.Series) -> Optional[tuple[float, str]]:
+def tr_rate(run: pd.Series) -> tuple[float, str] | None:
     """(rate, method) if the run is one of TokenReduction's keep-rate points, else None."""
     from analysis.peers_match import TR_RATES, knob_equal, tr_knobs
     from harness.catalog import MODEL_DEFAULTS
@@ -99,8 +101,14 @@ def tr_table(runs: pd.DataFrame) -> pd.DataFrame:
     if rows.empty:
         return pd.DataFrame(columns=["rate", "method", "acc1", "std", "gflops", "runs"])
     grouped = rows.groupby(["rate", "method"], sort=True)
-    out = pd.DataFrame({"acc1": grouped["acc1"].mean(), "std": grouped["acc1"].std(ddof=1),
-                        "gflops": grouped["gflops"].mean(), "runs": grouped["run_id"].count()}).reset_index()
+    out = pd.DataFrame(
+        {
+            "acc1": grouped["acc1"].mean(),
+            "std": grouped["acc1"].std(ddof=1),
+            "gflops": grouped["gflops"].mean(),
+            "runs": grouped["run_id"].count(),
+        }
+    ).reset_index()
     out["method"] = pd.Categorical(out["method"], TR_METHODS, ordered=True)
     return out.sort_values(["rate", "method"]).reset_index(drop=True)
 
@@ -132,15 +140,22 @@ def pareto_front(frame: pd.DataFrame, cost: str, cost_lower_is_better: bool, val
     for i in range(len(frame)):
         dominated = any(
             costs[j] <= costs[i] and values[j] >= values[i] and (costs[j] < costs[i] or values[j] > values[i])
-            for j in range(len(frame)) if j != i
+            for j in range(len(frame))
+            if j != i
         )
         on.append(not dominated and not (np.isnan(costs[i]) or np.isnan(values[i])))
     return pd.Series(on, index=frame.index)
 
 
 # ------------------------------------------------------------------------------ speed
-def interleaved_throughput(models: dict[str, tuple[str, dict[str, Any]]], batch_size: int = 32, rounds: int = 5,
-                           iters: int = 3, device: str = "", seed: int = 0) -> pd.DataFrame:
+def interleaved_throughput(
+    models: dict[str, tuple[str, dict[str, Any]]],
+    batch_size: int = 32,
+    rounds: int = 5,
+    iters: int = 3,
+    device: str = "",
+    seed: int = 0,
+) -> pd.DataFrame:
     """Eval images/s of each model, measured in this one process at one batch size, interleaved.
 
     Each round times every model once (`iters` batches after one warm-up batch) in a shuffled
@@ -170,11 +185,16 @@ def interleaved_throughput(models: dict[str, tuple[str, dict[str, Any]]], batch_
         for label in order:
             speed = measure_throughput(built[label], batch_size, device=device, warmup=1, iters=iters)
             rates[label].append(speed.images_per_s)
-    return pd.DataFrame({
-        "label": list(same), "images_per_s": [float(np.median(rates[key])) for key in same.values()],
-        "spread": [float(np.max(rates[key]) - np.min(rates[key])) for key in same.values()],
-        "batch_size": batch_size, "rounds": rounds, "device": device,
-    })
+    return pd.DataFrame(
+        {
+            "label": list(same),
+            "images_per_s": [float(np.median(rates[key])) for key in same.values()],
+            "spread": [float(np.max(rates[key]) - np.min(rates[key])) for key in same.values()],
+            "batch_size": batch_size,
+            "rounds": rounds,
+            "device": device,
+        }
+    )
 
 
 # ------------------------------------------------------------------------------ figures
@@ -182,13 +202,19 @@ def _front_line(ax: Any, points: pd.DataFrame, x: str, lower_is_better: bool) ->
     front = points[pareto_front(points, x, lower_is_better)].sort_values(x)
     if front.empty:
         return
-    ax.step(front[x], front["acc1"], where="post" if lower_is_better else "pre", color="black", lw=1,
-            ls="--", zorder=1)
+    ax.step(front[x], front["acc1"], where="post" if lower_is_better else "pre", color="black", lw=1, ls="--", zorder=1)
     ax.scatter(front[x], front["acc1"], s=160, facecolors="none", edgecolors="black", zorder=3)
 
 
-def accuracy_figure(points: pd.DataFrame, x: str, xlabel: str, path: PathLike, lower_is_better: bool,
-                    published: Optional[pd.DataFrame] = None, title: str = "") -> Path:
+def accuracy_figure(
+    points: pd.DataFrame,
+    x: str,
+    xlabel: str,
+    path: PathLike,
+    lower_is_better: bool,
+    published: pd.DataFrame | None = None,
+    title: str = "",
+) -> Path:
     """Top-1 (mean ± sd over seeds) against a cost axis; the Pareto front of the points dashed and circled.
 
     `points`: one row per point with `label`, `group` (matched / keep rate), `method` (its colour),
@@ -200,7 +226,6 @@ def accuracy_figure(points: pd.DataFrame, x: str, xlabel: str, path: PathLike, l
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.lines import Line2D
 
     panels = 2 if published is not None and not published.empty else 1
@@ -214,17 +239,41 @@ def accuracy_figure(points: pd.DataFrame, x: str, xlabel: str, path: PathLike, l
         for group, (marker, size) in shapes.items():
             part = mine[mine["group"] == group].sort_values(x)
             if not part.empty:
-                ax.errorbar(part[x], part["acc1"], yerr=part["std"].fillna(0), fmt=marker, ms=size, capsize=3,
-                            color=colour[method], zorder=2)
+                ax.errorbar(
+                    part[x],
+                    part["acc1"],
+                    yerr=part["std"].fillna(0),
+                    fmt=marker,
+                    ms=size,
+                    capsize=3,
+                    color=colour[method],
+                    zorder=2,
+                )
         rates = mine[mine["group"] == "keep rate"].sort_values(x)
         ax.plot(rates[x], rates["acc1"], lw=1, alpha=0.6, color=colour[method], zorder=1)
         for _, point in rates.iterrows():
-            ax.annotate(point["label"].split()[-1], (point[x], point["acc1"]), fontsize=6, xytext=(3, -8),
-                        textcoords="offset points", color=colour[method])
+            ax.annotate(
+                point["label"].split()[-1],
+                (point[x], point["acc1"]),
+                fontsize=6,
+                xytext=(3, -8),
+                textcoords="offset points",
+                color=colour[method],
+            )
     _front_line(ax, points.dropna(subset=[x, "acc1"]), x, lower_is_better)
     handles = [Line2D([], [], color=colour[m], marker="o", ls="", label=m) for m in methods]
-    handles += [Line2D([], [], color="black", mfc="none", marker=shapes[g][0], ls="", label=g if g != "keep rate" else
-                       "TokenReduction keep rate (labelled)") for g in shapes]
+    handles += [
+        Line2D(
+            [],
+            [],
+            color="black",
+            mfc="none",
+            marker=shapes[g][0],
+            ls="",
+            label=g if g != "keep rate" else "TokenReduction keep rate (labelled)",
+        )
+        for g in shapes
+    ]
     handles.append(Line2D([], [], color="black", ls="--", marker="o", mfc="none", label="Pareto front"))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("val top-1 (%), mean ± sd over seeds")
@@ -250,17 +299,35 @@ def accuracy_figure(points: pd.DataFrame, x: str, xlabel: str, path: PathLike, l
     return path
 
 
-def points_frame(runs: pd.DataFrame, speeds: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+def points_frame(runs: pd.DataFrame, speeds: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per matched row and per keep-rate point: mean/sd top-1, mean GFLOPs, interleaved images/s."""
     records: list[dict[str, Any]] = []
     matched = runs[runs["row"].isin(MATCHED_ROWS)]
     for row, part in matched.groupby("row", sort=False):
-        records.append({"label": row, "group": "matched", "method": row, "acc1": part["acc1"].mean(),
-                        "std": part["acc1"].std(ddof=1), "gflops": part["gflops"].mean(), "runs": len(part)})
+        records.append(
+            {
+                "label": row,
+                "group": "matched",
+                "method": row,
+                "acc1": part["acc1"].mean(),
+                "std": part["acc1"].std(ddof=1),
+                "gflops": part["gflops"].mean(),
+                "runs": len(part),
+            }
+        )
     table = tr_table(runs)
     for _, row in table.iterrows():
-        records.append({"label": f"{row['method']} {row['rate']:g}", "group": "keep rate", "method": row["method"],
-                        "acc1": row["acc1"], "std": row["std"], "gflops": row["gflops"], "runs": row["runs"]})
+        records.append(
+            {
+                "label": f"{row['method']} {row['rate']:g}",
+                "group": "keep rate",
+                "method": row["method"],
+                "acc1": row["acc1"],
+                "std": row["std"],
+                "gflops": row["gflops"],
+                "runs": row["runs"],
+            }
+        )
     points = pd.DataFrame.from_records(records, columns=["label", "group", "method", "acc1", "std", "gflops", "runs"])
     if speeds is not None and not speeds.empty:
         points = points.merge(speeds[["label", "images_per_s"]], on="label", how="left")
@@ -300,10 +367,19 @@ def search_trials(study: Any) -> pd.DataFrame:
             continue
         method = trial.params.get("method", "all")
         knob = {k.split(":", 1)[1]: v for k, v in trial.params.items() if k.startswith(f"{method}:")}
-        rows.append({"trial": trial.number, "state": trial.state.name, "method": method,
-                     "knob": ", ".join(f"{k.split('.')[-1]} {v:g}" if isinstance(v, float) else f"{k.split('.')[-1]} {v}"
-                                       for k, v in knob.items()),
-                     "acc1": trial.user_attrs.get("val/acc1", np.nan), "gflops": trial.user_attrs.get("gflops", np.nan)})
+        rows.append(
+            {
+                "trial": trial.number,
+                "state": trial.state.name,
+                "method": method,
+                "knob": ", ".join(
+                    f"{k.split('.')[-1]} {v:g}" if isinstance(v, float) else f"{k.split('.')[-1]} {v}"
+                    for k, v in knob.items()
+                ),
+                "acc1": trial.user_attrs.get("val/acc1", np.nan),
+                "gflops": trial.user_attrs.get("gflops", np.nan),
+            }
+        )
     return pd.DataFrame(rows, columns=["trial", "state", "method", "knob", "acc1", "gflops"])
 
 
@@ -317,7 +393,7 @@ def method_fronts(trials: pd.DataFrame) -> pd.DataFrame:
     return done.sort_values(["method", "gflops"]).reset_index(drop=True)
 
 
-def fronts_figure(fronts: pd.DataFrame, path: PathLike, matched: Optional[pd.DataFrame] = None, title: str = "") -> Path:
+def fronts_figure(fronts: pd.DataFrame, path: PathLike, matched: pd.DataFrame | None = None, title: str = "") -> Path:
     """Every complete trial, coloured by method, each method's front joined; the matched runs as stars."""
     import matplotlib
 
@@ -334,10 +410,19 @@ def fronts_figure(fronts: pd.DataFrame, path: PathLike, matched: Optional[pd.Dat
     if len(overall):
         ax.step(overall["gflops"], overall["acc1"], where="post", color="black", ls="--", lw=1, label="overall front")
     if matched is not None and not matched.empty:
-        ax.scatter(matched["gflops"], matched["acc1"], marker="*", s=140, color="black", zorder=4,
-                   label="peers.yaml matched rows (mean)")
+        ax.scatter(
+            matched["gflops"],
+            matched["acc1"],
+            marker="*",
+            s=140,
+            color="black",
+            zorder=4,
+            label="peers.yaml matched rows (mean)",
+        )
         for _, row in matched.iterrows():
-            ax.annotate(row["label"], (row["gflops"], row["acc1"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.annotate(
+                row["label"], (row["gflops"], row["acc1"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+            )
     if fronts.empty:
         ax.text(0.5, 0.5, "no complete trials yet", ha="center", transform=ax.transAxes, color="0.4")
     ax.set(xlabel="GFLOPs (measured, per image)", ylabel="val top-1 (%)", title=title or "per-method fronts")
@@ -355,8 +440,10 @@ def fronts_markdown(fronts: pd.DataFrame) -> str:
     """The points on each method's front, by method and cost."""
     lines = ["| method | trial | knob | GFLOPs | top-1 | on the overall front |", "|---|---:|---|---:|---:|---|"]
     for _, row in fronts[fronts["front"]].iterrows():
-        lines.append(f"| {row['method']} | {row['trial']} | {row['knob']} | {row['gflops']:.4g} | {row['acc1']:.2f} | "
-                     f"{'yes' if row['overall_front'] else ''} |")
+        lines.append(
+            f"| {row['method']} | {row['trial']} | {row['knob']} | {row['gflops']:.4g} | {row['acc1']:.2f} | "
+            f"{'yes' if row['overall_front'] else ''} |"
+        )
     if len(lines) == 2:
         lines.append("| (no complete trials yet) | | | | | |")
     return "\n".join(lines) + "\n"

@@ -15,28 +15,28 @@ TokenReduction's keep rates (the second group) are not matched but translated: r
 int(N * rho**s) tokens at stage s for Top-K, EViT (`stage_ratios`) and DynamicViT, and ToMe merges
 the difference at the same blocks (a per-block `tome_r`, capped at half the tokens as ToMe caps it).
 """
+
 from __future__ import annotations
 
 import argparse
 import math
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, Optional
+from functools import cache
+from typing import Any
 
 TARGET = {"variant": "dynamic", "keep_ratio": 0.7}
 TR_RATES = (0.5, 0.7, 0.9)
 KEEP_GRID = (30, 100)  # keep ratios 0.30 .. 1.00 in steps of 0.01
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gflops(name: str, frozen: tuple[tuple[str, Any], ...]) -> float:
     import timm
+    import torch
 
     import models  # noqa: F401  (registers the family)
     from harness.measure import count_gflops
-
-    import torch
 
     kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in frozen}
     with torch.device("meta"):  # shapes only: the count depends on no value, and DeiT-S builds in a blink
@@ -81,8 +81,9 @@ def _nearest(cost: Any, low: int, high: int, target: float) -> int:
 def match_keep(name: str, method: str, target: float, **fixed: Any) -> Match:
     cost = lambda k: gflops(name, keep_ratio=k / 100, **fixed)  # noqa: E731
     k = _nearest(cost, *KEEP_GRID, target)
-    return Match(method, {"keep_ratio": k / 100, **{k_: v for k_, v in fixed.items() if k_ != "variant"}},
-                 cost(k), target)
+    return Match(
+        method, {"keep_ratio": k / 100, **{k_: v for k_, v in fixed.items() if k_ != "variant"}}, cost(k), target
+    )
 
 
 def match_tome(name: str, target: float, tolerance: float, depth: int, tokens: int) -> Match:
@@ -100,8 +101,10 @@ def match_tome(name: str, target: float, tolerance: float, depth: int, tokens: i
 
 
 def match_structural(name: str, target: float, depth: int) -> Match:
-    found = [Match("structural", {"pool_after_block": b}, gflops(name, variant="structural", pool_after_block=b), target)
-             for b in range(1, depth)]
+    found = [
+        Match("structural", {"pool_after_block": b}, gflops(name, variant="structural", pool_after_block=b), target)
+        for b in range(1, depth)
+    ]
     return min(found, key=lambda m: abs(m.gap))
 
 
@@ -139,10 +142,12 @@ def tr_tome_schedule(name: str, rate: float) -> list[int]:
 def tr_knobs(name: str, rate: float) -> dict[str, dict[str, Any]]:
     """Each method's model arguments at TokenReduction's keep rate `rate` (the same token counts)."""
     ratios = [round(rate ** (s + 1), 6) for s in range(3)]
-    return {"dynamicvit": {"variant": "dynamic", "keep_ratio": rate},
-            "topk": {"variant": "topk", "keep_ratio": rate},
-            "evit": {"variant": "evit", "stage_ratios": ratios},
-            "tome": {"variant": "tome", "tome_r": tr_tome_schedule(name, rate)}}
+    return {
+        "dynamicvit": {"variant": "dynamic", "keep_ratio": rate},
+        "topk": {"variant": "topk", "keep_ratio": rate},
+        "evit": {"variant": "evit", "stage_ratios": ratios},
+        "tome": {"variant": "tome", "tome_r": tr_tome_schedule(name, rate)},
+    }
 
 
 def knob_equal(a: Any, b: Any, depth: int) -> bool:
@@ -157,8 +162,9 @@ def knob_equal(a: Any, b: Any, depth: int) -> bool:
 
 def tr_group(name: str) -> list[tuple[float, str, dict[str, Any], float]]:
     """(rate, method, knob, GFLOPs) at TokenReduction's keep rates."""
-    return [(rate, method, knob, gflops(name, **knob))
-            for rate in TR_RATES for method, knob in tr_knobs(name, rate).items()]
+    return [
+        (rate, method, knob, gflops(name, **knob)) for rate in TR_RATES for method, knob in tr_knobs(name, rate).items()
+    ]
 
 
 def check_spec(path: str, tolerance: float = 0.02) -> list[str]:
@@ -178,28 +184,39 @@ def check_spec(path: str, tolerance: float = 0.02) -> list[str]:
                 want = tr_knobs(m.name, float(rate))[method]
                 depth = MODEL_DEFAULTS[m.name]["depth"]
                 if m.variant != want["variant"] or not all(
-                        knob_equal(getattr(m, k), v, depth) for k, v in want.items() if k != "variant"):
-                    problems.append(f"{path}: {scale} {plan.stage}/{plan.name}: knobs are not TokenReduction's "
-                                    f"rate {rate} for {method}: want {want}")
+                    knob_equal(getattr(m, k), v, depth) for k, v in want.items() if k != "variant"
+                ):
+                    problems.append(
+                        f"{path}: {scale} {plan.stage}/{plan.name}: knobs are not TokenReduction's "
+                        f"rate {rate} for {method}: want {want}"
+                    )
                 continue
             if plan.stage not in ("matched", "tome_off_shelf"):
                 continue
             if m.variant in ("dense", "structural"):
                 continue
             target = gflops(m.name, **TARGET)
-            kwargs = {k: v for k, v in m.model_dump().items()
-                      if k in ("variant", "keep_ratio", "fuse_token", "tome_r", "stage_ratios") and v is not None}
+            kwargs = {
+                k: v
+                for k, v in m.model_dump().items()
+                if k in ("variant", "keep_ratio", "fuse_token", "tome_r", "stage_ratios") and v is not None
+            }
             got = gflops(m.name, **kwargs)
             if abs(got / target - 1) > tolerance:
-                problems.append(f"{path}: {scale} {plan.stage}/{plan.name}: {got:.4f} GFLOPs, "
-                                f"{100 * (got / target - 1):+.2f}% of DynamicViT/0.7's {target:.4f}")
+                problems.append(
+                    f"{path}: {scale} {plan.stage}/{plan.name}: {got:.4f} GFLOPs, "
+                    f"{100 * (got / target - 1):+.2f}% of DynamicViT/0.7's {target:.4f}"
+                )
     return problems
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.peers_match", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", help="registered model name (repeatable; default: DeiT-S and the tiny ViT)")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.peers_match", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", action="append", help="registered model name (repeatable; default: DeiT-S and the tiny ViT)"
+    )
     parser.add_argument("--tolerance", type=float, default=0.02, help="relative GFLOPs gap allowed (default 0.02)")
     parser.add_argument("--check", metavar="SPEC", help="verify a peers spec's matched knobs instead")
     args = parser.parse_args(argv)

@@ -51,8 +51,9 @@ if not storage:
     storage, study_name = find_search(tracking_uri, experiment, scale or None)
 study = open_study(storage, study_name or None)
 trials = peers_lib.search_trials(study)
-print(f"study {study.study_name!r}: {len(trials)} finished trials; per method:",
-      trials["method"].value_counts().to_dict())
+print(
+    f"study {study.study_name!r}: {len(trials)} finished trials; per method:", trials["method"].value_counts().to_dict()
+)
 
 # %%
 fronts = peers_lib.method_fronts(trials)

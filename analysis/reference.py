@@ -3,19 +3,34 @@
 Kept as data rather than code so that a reader can check every number against the paper
 in one file, and so that tables, figures and tests all compare against the same values.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pandas as pd
 import yaml
 
 REFERENCE_FILE = Path(__file__).with_name("reference.yaml")
 COLUMNS = [
-    "table", "table_name", "row", "model", "variant", "keep_ratio", "top1", "gflops",
-    "throughput", "available", "anchor", "same_as", "source", "note", "top5", "scale",
+    "table",
+    "table_name",
+    "row",
+    "model",
+    "variant",
+    "keep_ratio",
+    "top1",
+    "gflops",
+    "throughput",
+    "available",
+    "anchor",
+    "same_as",
+    "source",
+    "note",
+    "top5",
+    "scale",
 ]
 
 
@@ -49,7 +64,7 @@ def table_info(table: str, path: Path = REFERENCE_FILE) -> dict[str, Any]:
     return {"table": table_id, **{k: v for k, v in spec.items() if k not in ("rows", "defaults")}}
 
 
-def load_reference(table: Optional[str] = None, path: Path = REFERENCE_FILE) -> pd.DataFrame:
+def load_reference(table: str | None = None, path: Path = REFERENCE_FILE) -> pd.DataFrame:
     """The paper's rows, in the paper's order; `table` is an id or name, None for every table.
 
     Numbers stay NaN where the paper gives none (e.g. LV-ViT throughput at rho 0.9), never 0.

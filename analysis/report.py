@@ -14,6 +14,7 @@ names that run and its page. A store without such a run keeps the report on disk
 Exit codes: 0 done, 1 a notebook failed or the tracking server did not answer, 2 invalid input
 (one line on stderr: an unknown scale, a missing notebook or table, a store that does not exist).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from harness.errors import EXIT_FAILED, EXIT_INVALID, handle
 from harness.files import PathLike
@@ -38,8 +38,8 @@ class ReportSpec:
     """The few spec keys a report needs (until `harness.spec.load_spec` provides them)."""
 
     name: str
-    table: Optional[str] = None
-    default_scale: Optional[str] = None
+    table: str | None = None
+    default_scale: str | None = None
     notebooks: list[str] = field(default_factory=list)
     scales: list[str] = field(default_factory=list)
 
@@ -67,8 +67,9 @@ def resolve_notebook(path: str, spec_path: PathLike = "") -> Path:
     raise ReportError(f"{prefix}notebooks: no such notebook, got {path!r}")
 
 
-def run_notebooks(spec_name: str, scale: str, tracking_uri: str, notebooks: list[str], output_dir: str,
-                  table: Optional[str] = None) -> str:
+def run_notebooks(
+    spec_name: str, scale: str, tracking_uri: str, notebooks: list[str], output_dir: str, table: str | None = None
+) -> str:
     """Execute each notebook with papermill (kernel python3, cwd = repo root); return their tables.
 
     The returned Markdown is each notebook's `<output_dir>/<stem>.md`, read back from disk,
@@ -86,13 +87,18 @@ def run_notebooks(spec_name: str, scale: str, tracking_uri: str, notebooks: list
     texts = []
     for notebook in notebooks:
         source = resolve_notebook(notebook)
-        parameters = {"tracking_uri": tracking_uri, "experiment": spec_name, "scale": scale,
-                      "output_dir": str(out)}
+        parameters = {"tracking_uri": tracking_uri, "experiment": spec_name, "scale": scale, "output_dir": str(out)}
         if table:
             parameters["table"] = table
         papermill.execute_notebook(
-            str(source), str(out / source.name), parameters=parameters, kernel_name="python3",
-            cwd=str(REPO), progress_bar=False, log_output=False, config=kernel,
+            str(source),
+            str(out / source.name),
+            parameters=parameters,
+            kernel_name="python3",
+            cwd=str(REPO),
+            progress_bar=False,
+            log_output=False,
+            config=kernel,
         )
         written = out / f"{source.stem}.md"
         if not written.is_file():
@@ -101,8 +107,16 @@ def run_notebooks(spec_name: str, scale: str, tracking_uri: str, notebooks: list
     return "\n".join(texts)
 
 
-def make_report(spec_name: str, scale: str, tracking_uri: str, notebooks: list[str], output_dir: str,
-                table: Optional[str] = None, parent_run_id: Optional[str] = None, chosen: str = "") -> tuple[str, str]:
+def make_report(
+    spec_name: str,
+    scale: str,
+    tracking_uri: str,
+    notebooks: list[str],
+    output_dir: str,
+    table: str | None = None,
+    parent_run_id: str | None = None,
+    chosen: str = "",
+) -> tuple[str, str]:
     """Run the notebooks, then put their results on the MLflow run `parent_run_id` (`analysis.mlflow_report`).
 
     Returns (the tables' Markdown, the line naming the parent run and its page; "" without a run).
@@ -130,18 +144,21 @@ def _check_store(tracking_uri: str, experiment: str, source: str = "--tracking-u
         raise ReportError(str(err)) from None
     bound_requests()
     from analysis.collect import experiment_exists  # MLflow: imported once the store is known to be there
+
     try:
         exists = experiment_exists(tracking_uri, experiment)
     except Exception as err:  # unreachable server, not a database, ...
-        raise ReportError(f"--tracking-uri: cannot read the tracking store ({type(err).__name__}), "
-                          f"got {tracking_uri!r}") from None
+        raise ReportError(
+            f"--tracking-uri: cannot read the tracking store ({type(err).__name__}), got {tracking_uri!r}"
+        ) from None
     if not exists:
         raise ReportError(f"name: no MLflow experiment of that name at {tracking_uri}, got {experiment!r}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("spec", help="experiment spec YAML (reads name, table, default_scale, notebooks)")
     parser.add_argument("--scale", help="tiny, paper or imagenet100 (default: the spec's default_scale, else tiny)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
@@ -155,8 +172,9 @@ def _main(args: argparse.Namespace) -> int:
         spec = read_report_spec(args.spec)
         scale = args.scale or spec.default_scale or "tiny"
         if spec.scales and scale not in spec.scales:
-            raise ReportError(f"--scale: not a scale of {args.spec} (its scales: {', '.join(spec.scales)}), "
-                              f"got {scale!r}")
+            raise ReportError(
+                f"--scale: not a scale of {args.spec} (its scales: {', '.join(spec.scales)}), got {scale!r}"
+            )
         notebooks = [str(resolve_notebook(n, args.spec)) for n in spec.notebooks]
         if spec.table is not None:
             from analysis.reference import resolve_table
@@ -185,8 +203,11 @@ def _main(args: argparse.Namespace) -> int:
     try:
         markdown, where = make_report(spec.name, scale, uri, notebooks, output_dir, spec.table, parent, chosen)
     except PapermillExecutionError as err:
-        print(f"{args.spec}: notebook failed at cell {err.exec_count}: {err.ename}: {err.evalue} "
-              f"(see the executed notebook in {output_dir})", file=sys.stderr)
+        print(
+            f"{args.spec}: notebook failed at cell {err.exec_count}: {err.ename}: {err.evalue} "
+            f"(see the executed notebook in {output_dir})",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     print(markdown, end="")
     if where:

@@ -64,8 +64,20 @@ display(Markdown(tables.to_markdown(table_df)))
 # inference keeps exactly `int(N x ratio)` positions per location either way.
 
 # %%
-shown = ["row", "variant", "seed", "keep_ratio", "acc1", "acc5", "gflops", "throughput_img_s",
-         "train_keep_stage1", "train_keep_stage2", "train_keep_stage3", "run_id"]
+shown = [
+    "row",
+    "variant",
+    "seed",
+    "keep_ratio",
+    "acc1",
+    "acc5",
+    "gflops",
+    "throughput_img_s",
+    "train_keep_stage1",
+    "train_keep_stage2",
+    "train_keep_stage3",
+    "run_id",
+]
 runs.reindex(columns=shown).sort_values(["row", "seed"])
 
 # %% [markdown]

@@ -60,8 +60,19 @@ display(Markdown(tables.to_markdown(table_df)))
 # has not converged; inference keeps exactly `int(N * rho_s)` tokens either way.
 
 # %%
-shown = ["row", "variant", "seed", "keep_ratio", "acc1", "acc5", "gflops", "train_keep_stage1",
-         "train_keep_stage2", "train_keep_stage3", "run_id"]
+shown = [
+    "row",
+    "variant",
+    "seed",
+    "keep_ratio",
+    "acc1",
+    "acc5",
+    "gflops",
+    "train_keep_stage1",
+    "train_keep_stage2",
+    "train_keep_stage3",
+    "run_id",
+]
 runs[shown].sort_values(["row", "seed"])
 
 # %% [markdown]

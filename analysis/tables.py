@@ -6,11 +6,13 @@ does not implement (`available: false` in reference.yaml) is rendered "not avail
 are appended ("not in paper"), so that a typo in a spec's row id shows instead of vanishing.
 The renderers are our own (no `tabulate`, which is not a declared dependency).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -65,8 +67,11 @@ def _fractions(group: pd.DataFrame, prefix: str) -> str:
 
 def keep_mismatch(runs: pd.DataFrame) -> pd.Series:
     """Per run: the largest |trained - tested| kept fraction over its stages (NaN without both)."""
-    diffs = [(runs[f"train_keep_stage{s}"] - runs[f"val_keep_stage{s}"]).abs()
-             for s in _STAGES if f"train_keep_stage{s}" in runs and f"val_keep_stage{s}" in runs]
+    diffs = [
+        (runs[f"train_keep_stage{s}"] - runs[f"val_keep_stage{s}"]).abs()
+        for s in _STAGES
+        if f"train_keep_stage{s}" in runs and f"val_keep_stage{s}" in runs
+    ]
     if not diffs:
         return pd.Series(math.nan, index=runs.index)
     return pd.concat(diffs, axis=1).max(axis=1, skipna=True)
@@ -86,21 +91,24 @@ def _aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     seeds = grouped["seed"].nunique() if "seed" in runs else count
     learned = {row: "variant" in g and g["variant"].isin(LEARNED_VARIANTS).any() for row, g in grouped}
     mismatch = keep_mismatch(runs).groupby(runs["row"], sort=False).max()
-    return pd.DataFrame({
-        "acc1": grouped["acc1"].mean(),
-        "std": std,
-        "ci95": [t_interval(std[row], int(count[row])) for row in std.index],
-        "gflops": grouped["gflops"].mean(),
-        "speed": grouped["throughput_img_s"].mean(),
-        "runs": count,
-        "seeds": seeds.where(seeds > 0, count),
-        "keep_trained": [_fractions(g, "train") if learned[row] else "" for row, g in grouped],
-        "keep_tested": [_fractions(g, "val") if learned[row] else "" for row, g in grouped],
-        "mismatch": [mismatch.get(row, math.nan) if learned[row] else math.nan for row in std.index],
-    }, index=std.index)
+    return pd.DataFrame(
+        {
+            "acc1": grouped["acc1"].mean(),
+            "std": std,
+            "ci95": [t_interval(std[row], int(count[row])) for row in std.index],
+            "gflops": grouped["gflops"].mean(),
+            "speed": grouped["throughput_img_s"].mean(),
+            "runs": count,
+            "seeds": seeds.where(seeds > 0, count),
+            "keep_trained": [_fractions(g, "train") if learned[row] else "" for row, g in grouped],
+            "keep_tested": [_fractions(g, "val") if learned[row] else "" for row, g in grouped],
+            "mismatch": [mismatch.get(row, math.nan) if learned[row] else math.nan for row in std.index],
+        },
+        index=std.index,
+    )
 
 
-def _single_scale(runs: pd.DataFrame) -> Optional[str]:
+def _single_scale(runs: pd.DataFrame) -> str | None:
     scales = sorted(runs["scale"].dropna().unique()) if "scale" in runs else []
     if len(scales) > 1:
         raise ValueError(f"runs: mix scales {scales}; collect one scale (collect_runs(..., scale=...))")
@@ -119,9 +127,9 @@ def _gaps(out: pd.DataFrame, anchors: list[Any]) -> tuple[np.ndarray, np.ndarray
     return gap(TOP1_PAPER), gap(TOP1_REPRO)
 
 
-def _runs_source(ref: pd.DataFrame, agg: pd.DataFrame) -> list[Optional[str]]:
+def _runs_source(ref: pd.DataFrame, agg: pd.DataFrame) -> list[str | None]:
     """Whose runs fill each paper row: its own, else its `same_as` row's, else none (missing)."""
-    sources: list[Optional[str]] = []
+    sources: list[str | None] = []
     for row, same, available in zip(ref["row"], ref["same_as"], ref["available"]):
         if available and row in agg.index:
             sources.append(row)
@@ -145,53 +153,89 @@ def build_table(runs: pd.DataFrame, table: str) -> pd.DataFrame:
     agg = _aggregate(runs)
     shared = _runs_source(ref, agg)
     picked = agg.reindex(pd.Index(shared, dtype=object))  # None -> an all-NaN row
-    out = pd.DataFrame({
-        ROW: ref["row"].to_numpy(),
-        MODEL: ref["model"].to_numpy(),
-        KEEP: ref["keep_ratio"].to_numpy(),
-        GFLOPS_PAPER: ref["gflops"].to_numpy(),
-        GFLOPS_REPRO: picked["gflops"].to_numpy(dtype=float),
-        TOP1_PAPER: ref["top1"].to_numpy(),
-        TOP1_REPRO: picked["acc1"].to_numpy(dtype=float),
-        STD: picked["std"].to_numpy(dtype=float),
-        SPEED_PAPER: ref["throughput"].to_numpy(),
-        SPEED_REPRO: picked["speed"].to_numpy(dtype=float),
-        RUNS: picked["runs"].fillna(0).to_numpy(dtype=int),
-        SEEDS: picked["seeds"].fillna(0).to_numpy(dtype=int),
-        CI95: picked["ci95"].to_numpy(dtype=float),
-        KEEP_TRAINED: picked["keep_trained"].fillna("").to_numpy(dtype=object),
-        KEEP_TESTED: picked["keep_tested"].fillna("").to_numpy(dtype=object),
-        RUNS_FROM: shared,
-        STATUS: [
-            NOT_AVAILABLE if not available else (REPRODUCED if s is not None else MISSING)
-            for s, available in zip(shared, ref["available"])
-        ],
-    })
+    out = pd.DataFrame(
+        {
+            ROW: ref["row"].to_numpy(),
+            MODEL: ref["model"].to_numpy(),
+            KEEP: ref["keep_ratio"].to_numpy(),
+            GFLOPS_PAPER: ref["gflops"].to_numpy(),
+            GFLOPS_REPRO: picked["gflops"].to_numpy(dtype=float),
+            TOP1_PAPER: ref["top1"].to_numpy(),
+            TOP1_REPRO: picked["acc1"].to_numpy(dtype=float),
+            STD: picked["std"].to_numpy(dtype=float),
+            SPEED_PAPER: ref["throughput"].to_numpy(),
+            SPEED_REPRO: picked["speed"].to_numpy(dtype=float),
+            RUNS: picked["runs"].fillna(0).to_numpy(dtype=int),
+            SEEDS: picked["seeds"].fillna(0).to_numpy(dtype=int),
+            CI95: picked["ci95"].to_numpy(dtype=float),
+            KEEP_TRAINED: picked["keep_trained"].fillna("").to_numpy(dtype=object),
+            KEEP_TESTED: picked["keep_tested"].fillna("").to_numpy(dtype=object),
+            RUNS_FROM: shared,
+            STATUS: [
+                NOT_AVAILABLE if not available else (REPRODUCED if s is not None else MISSING)
+                for s, available in zip(shared, ref["available"])
+            ],
+        }
+    )
     extra = agg[~agg.index.isin(ref["row"])]
     if not extra.empty:
-        out = pd.concat([out, pd.DataFrame({
-            ROW: extra.index, GFLOPS_REPRO: extra["gflops"].to_numpy(dtype=float),
-            TOP1_REPRO: extra["acc1"].to_numpy(dtype=float), STD: extra["std"].to_numpy(dtype=float),
-            SPEED_REPRO: extra["speed"].to_numpy(dtype=float), RUNS: extra["runs"].to_numpy(dtype=int),
-            SEEDS: extra["seeds"].to_numpy(dtype=int), CI95: extra["ci95"].to_numpy(dtype=float),
-            KEEP_TRAINED: extra["keep_trained"].to_numpy(dtype=object),
-            KEEP_TESTED: extra["keep_tested"].to_numpy(dtype=object),
-            RUNS_FROM: extra.index, STATUS: NOT_IN_PAPER,
-        })], ignore_index=True)
+        out = pd.concat(
+            [
+                out,
+                pd.DataFrame(
+                    {
+                        ROW: extra.index,
+                        GFLOPS_REPRO: extra["gflops"].to_numpy(dtype=float),
+                        TOP1_REPRO: extra["acc1"].to_numpy(dtype=float),
+                        STD: extra["std"].to_numpy(dtype=float),
+                        SPEED_REPRO: extra["speed"].to_numpy(dtype=float),
+                        RUNS: extra["runs"].to_numpy(dtype=int),
+                        SEEDS: extra["seeds"].to_numpy(dtype=int),
+                        CI95: extra["ci95"].to_numpy(dtype=float),
+                        KEEP_TRAINED: extra["keep_trained"].to_numpy(dtype=object),
+                        KEEP_TESTED: extra["keep_tested"].to_numpy(dtype=object),
+                        RUNS_FROM: extra.index,
+                        STATUS: NOT_IN_PAPER,
+                    }
+                ),
+            ],
+            ignore_index=True,
+        )
     out[DELTA] = out[TOP1_REPRO] - out[TOP1_PAPER]
     out[GAP_PAPER], out[GAP_REPRO] = _gaps(out, list(ref["anchor"]) + [None] * len(extra))
-    columns = [ROW, MODEL, KEEP, GFLOPS_PAPER, GFLOPS_REPRO, TOP1_PAPER, TOP1_REPRO, STD, CI95, DELTA,
-               GAP_PAPER, GAP_REPRO, SPEED_PAPER, SPEED_REPRO, SEEDS, KEEP_TRAINED, KEEP_TESTED, RUNS, RUNS_FROM,
-               STATUS]
+    columns = [
+        ROW,
+        MODEL,
+        KEEP,
+        GFLOPS_PAPER,
+        GFLOPS_REPRO,
+        TOP1_PAPER,
+        TOP1_REPRO,
+        STD,
+        CI95,
+        DELTA,
+        GAP_PAPER,
+        GAP_REPRO,
+        SPEED_PAPER,
+        SPEED_REPRO,
+        SEEDS,
+        KEEP_TRAINED,
+        KEEP_TESTED,
+        RUNS,
+        RUNS_FROM,
+        STATUS,
+    ]
     if ref["throughput"].isna().all():  # only Table 1 reports speed
         columns = [c for c in columns if c not in (SPEED_PAPER, SPEED_REPRO)]
     if scale in DATASET_SCALES:  # MNIST top-1 minus ImageNet top-1 means nothing
         columns.remove(DELTA)
     out = out[columns]
-    notes = [f"{info['gap_note']}; std: sample standard deviation over a row's runs (seeds); 95% CI: "
-             "half-width of the 95% t-interval of the mean over seeds (t with seeds - 1 degrees of freedom).",
-             "top-1 (reproduced): the best epoch's val top-1 of the (non-EMA) model, the number the "
-             "official code reports (max_accuracy); with validation after the last epoch only, the final model's."]
+    notes = [
+        f"{info['gap_note']}; std: sample standard deviation over a row's runs (seeds); 95% CI: "
+        "half-width of the 95% t-interval of the mean over seeds (t with seeds - 1 degrees of freedom).",
+        "top-1 (reproduced): the best epoch's val top-1 of the (non-EMA) model, the number the "
+        "official code reports (max_accuracy); with validation after the last epoch only, the final model's.",
+    ]
     if out[KEEP_TRAINED].astype(bool).any():
         notes.append(_keep_note(out, agg))
     orderings = ordering_note(out)
@@ -199,8 +243,7 @@ def build_table(runs: pd.DataFrame, table: str) -> pd.DataFrame:
         notes.append(orderings)
     if scale in SCALE_NOTES:
         notes.insert(0, SCALE_NOTES[scale])
-    out.attrs = {"table": info["table"], "title": info["title"], "name": info["name"],
-                 "scale": scale, "notes": notes}
+    out.attrs = {"table": info["table"], "title": info["title"], "name": info["name"], "scale": scale, "notes": notes}
     return out
 
 
@@ -208,10 +251,15 @@ def _keep_note(out: pd.DataFrame, agg: pd.DataFrame) -> str:
     """Which learned selectors train on the token fractions they are tested on (every stage, every run)."""
     rows = [r for r, trained in zip(out[ROW], out[KEEP_TRAINED]) if trained and r in agg.index]
     off = [f"{r} ({agg.at[r, 'mismatch']:.2f})" for r in rows if not agg.at[r, "mismatch"] <= KEEP_TOLERANCE]
-    verdict = (f"every learned selector is within {KEEP_TOLERANCE} at every stage in every run" if not off else
-               f"not within {KEEP_TOLERANCE} (largest |trained - tested| over stages and runs): {', '.join(off)}")
-    return ("keep trained / tested: per stage, the last epoch's mean kept fraction in training (Gumbel "
-            f"decisions, `train/keep_stage*`) and the fraction top-k keeps at test time, mean over runs; {verdict}.")
+    verdict = (
+        f"every learned selector is within {KEEP_TOLERANCE} at every stage in every run"
+        if not off
+        else f"not within {KEEP_TOLERANCE} (largest |trained - tested| over stages and runs): {', '.join(off)}"
+    )
+    return (
+        "keep trained / tested: per stage, the last epoch's mean kept fraction in training (Gumbel "
+        f"decisions, `train/keep_stage*`) and the fraction top-k keeps at test time, mean over runs; {verdict}."
+    )
 
 
 def _group(row: str, model: Any) -> str:
@@ -234,7 +282,7 @@ def ordering_note(out: pd.DataFrame) -> str:
         ranked = members.sort_values(TOP1_PAPER, ascending=False, kind="stable").to_dict("records")
         held, reversed_ = [], []
         for i, a in enumerate(ranked):
-            for b in ranked[i + 1:]:
+            for b in ranked[i + 1 :]:
                 if a[TOP1_PAPER] <= b[TOP1_PAPER]:
                     continue  # a tie in the paper orders nothing
                 diff = a[TOP1_REPRO] - b[TOP1_REPRO]
@@ -253,8 +301,11 @@ def ordering_note(out: pd.DataFrame) -> str:
         parts.append(text)
     if not parts:
         return ""
-    return ("the paper's orderings (each strict pair of its top-1s within a group) in the reproduced means: "
-            + " | ".join(parts) + "; within noise: the two rows' 95% intervals overlap, or a row has one seed.")
+    return (
+        "the paper's orderings (each strict pair of its top-1s within a group) in the reproduced means: "
+        + " | ".join(parts)
+        + "; within noise: the two rows' 95% intervals overlap, or a row has one seed."
+    )
 
 
 # ------------------------------------------------------------------------------ rendering
@@ -270,14 +321,25 @@ def _number(fmt: str) -> Callable[[Any], str]:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return DASH
         return format(value, fmt)
+
     return render
 
 
 _FORMATS: dict[str, Callable[[Any], str]] = {
-    KEEP: _paper, GFLOPS_PAPER: _paper, GFLOPS_REPRO: _number(".3g"),
-    TOP1_PAPER: _paper, TOP1_REPRO: _number(".2f"), STD: _number(".2f"), DELTA: _number("+.2f"),
-    GAP_PAPER: _number("+.2f"), GAP_REPRO: _number("+.2f"), SPEED_PAPER: _paper,
-    SPEED_REPRO: _number(".0f"), RUNS: _number("d"), SEEDS: _number("d"), CI95: lambda v: DASH if v is None or v != v else f"±{v:.2f}",
+    KEEP: _paper,
+    GFLOPS_PAPER: _paper,
+    GFLOPS_REPRO: _number(".3g"),
+    TOP1_PAPER: _paper,
+    TOP1_REPRO: _number(".2f"),
+    STD: _number(".2f"),
+    DELTA: _number("+.2f"),
+    GAP_PAPER: _number("+.2f"),
+    GAP_REPRO: _number("+.2f"),
+    SPEED_PAPER: _paper,
+    SPEED_REPRO: _number(".0f"),
+    RUNS: _number("d"),
+    SEEDS: _number("d"),
+    CI95: lambda v: DASH if v is None or v != v else f"±{v:.2f}",
     KEEP_TRAINED: lambda v: v if isinstance(v, str) and v else DASH,
     KEEP_TESTED: lambda v: v if isinstance(v, str) and v else DASH,
 }
@@ -322,8 +384,10 @@ def to_markdown(df: pd.DataFrame) -> str:
         return str(text).replace("|", "\\|")
 
     numeric = [c not in (ROW, MODEL) for c in shown.columns]
-    lines = ["| " + " | ".join(escape(c) for c in shown.columns) + " |",
-             "|" + "|".join("---:" if right else "---" for right in numeric) + "|"]
+    lines = [
+        "| " + " | ".join(escape(c) for c in shown.columns) + " |",
+        "|" + "|".join("---:" if right else "---" for right in numeric) + "|",
+    ]
     lines += ["| " + " | ".join(escape(v) for v in row) + " |" for row in shown.itertuples(index=False)]
     caption = _caption(df)
     head = [f"**{caption}**", ""] if caption else []
@@ -331,9 +395,19 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(head + lines + tail) + "\n"
 
 
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
-                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "—": "---"}
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "—": "---",
+}
 
 
 def _latex_escape(text: Any) -> str:
@@ -344,8 +418,15 @@ def to_latex(df: pd.DataFrame) -> str:
     """A booktabs `table` environment (needs \\usepackage{booktabs}); notes as a footnote-size line."""
     shown = display_frame(df)
     align = "".join("l" if c in (ROW, MODEL) else "r" for c in shown.columns)
-    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{align}}}", r"\toprule",
-             " & ".join(_latex_escape(c) for c in shown.columns) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        rf"\begin{{tabular}}{{{align}}}",
+        r"\toprule",
+        " & ".join(_latex_escape(c) for c in shown.columns) + r" \\",
+        r"\midrule",
+    ]
     lines += [" & ".join(_latex_escape(v) for v in row) + r" \\" for row in shown.itertuples(index=False)]
     lines += [r"\bottomrule", r"\end{tabular}"]
     caption = _caption(df)

@@ -24,6 +24,7 @@ part 3 fails on the GPU.
 instead of DeiT-S, batch 1 and 4, 2 rounds, and 4 training steps of batch 16 on 64 digits:
 `tests/test_benchmarks.py` runs it in CI.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -65,16 +66,42 @@ class Settings:
     step_warmup: int
     train_steps: int  # part 3
     train_data: dict[str, Any]  # overrides of the run's data section
-    train_batch: Optional[int]  # None: the tiny scale's batch (128)
+    train_batch: int | None  # None: the tiny scale's batch (128)
 
 
-GPU = Settings(("deit_small_patch16_224", {}), "dynamicvit_deit_small_patch16_224", "DynamicViT-S",
-               "DeiT-S (timm, dense)", (1, 32, 128), {1: 100, 32: 40, 128: 20}, 10, 64, (3, 224, 1000), 20, 3,
-               50, {}, None)
-SMOKE = Settings(("dynamicvit_tiny_patch8_64", {"variant": "dense"}), "dynamicvit_tiny_patch8_64", "DynamicViT-tiny",
-                 "tiny ViT (dense)", (1, 4), {1: 2, 4: 2}, 1, 4, (1, 64, 10), 1, 1,
-                 4, {"train_digits": 64, "val_digits": 20, "val_placements": 1}, 16)
-PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "fp16": torch.float16}
+GPU = Settings(
+    ("deit_small_patch16_224", {}),
+    "dynamicvit_deit_small_patch16_224",
+    "DynamicViT-S",
+    "DeiT-S (timm, dense)",
+    (1, 32, 128),
+    {1: 100, 32: 40, 128: 20},
+    10,
+    64,
+    (3, 224, 1000),
+    20,
+    3,
+    50,
+    {},
+    None,
+)
+SMOKE = Settings(
+    ("dynamicvit_tiny_patch8_64", {"variant": "dense"}),
+    "dynamicvit_tiny_patch8_64",
+    "DynamicViT-tiny",
+    "tiny ViT (dense)",
+    (1, 4),
+    {1: 2, 4: 2},
+    1,
+    4,
+    (1, 64, 10),
+    1,
+    1,
+    4,
+    {"train_digits": 64, "val_digits": 20, "val_placements": 1},
+    16,
+)
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16}
 
 
 def candidates(settings: Settings) -> dict[str, tuple[str, dict[str, Any], float]]:
@@ -108,10 +135,10 @@ def spread(values: list[float]) -> list[float]:
 def inference(settings: Settings, device: torch.device) -> list[dict[str, Any]]:
     """Part 1: one row per (batch, precision, model)."""
     import timm
+    from inference_speed import forward_timer, interleaved
 
     import models  # noqa: F401  (registers the family)
     from harness.measure import input_shape
-    from inference_speed import forward_timer, interleaved
 
     found = candidates(settings)
     built = {label: timm.create_model(name, **kwargs).to(device).eval() for label, (name, kwargs, _) in found.items()}
@@ -121,20 +148,26 @@ def inference(settings: Settings, device: torch.device) -> list[dict[str, Any]]:
     for batch in settings.batches:
         images = torch.randn(batch, *shape, device=device)
         for precision, dtype in PRECISIONS.items():
-            times, _, _ = interleaved(built, images, settings.rounds[batch], forward_timer(device, dtype),
-                                      settings.warmup)
+            times, _, _ = interleaved(
+                built, images, settings.rounds[batch], forward_timer(device, dtype), settings.warmup
+            )
             for label, seconds in times.items():
                 per_round = [d / t for d, t in zip(times[dense], seconds)]
-                rows.append({
-                    "batch": batch, "precision": precision, "model": label, "gflops": round(found[label][2], 4),
-                    "flops_ratio": round(found[dense][2] / found[label][2], 4),
-                    "images_per_s": round(batch / statistics.median(seconds), 2),
-                    "images_per_s_iqr": [round(batch / t, 2) for t in reversed(spread(seconds))],
-                    "speedup": round(statistics.median(times[dense]) / statistics.median(seconds), 4),
-                    "speedup_per_round": round(statistics.median(per_round), 4),
-                    "speedup_per_round_iqr": spread(per_round),
-                    "rounds": len(seconds),
-                })
+                rows.append(
+                    {
+                        "batch": batch,
+                        "precision": precision,
+                        "model": label,
+                        "gflops": round(found[label][2], 4),
+                        "flops_ratio": round(found[dense][2] / found[label][2], 4),
+                        "images_per_s": round(batch / statistics.median(seconds), 2),
+                        "images_per_s_iqr": [round(batch / t, 2) for t in reversed(spread(seconds))],
+                        "speedup": round(statistics.median(times[dense]) / statistics.median(seconds), 4),
+                        "speedup_per_round": round(statistics.median(per_round), 4),
+                        "speedup_per_round_iqr": spread(per_round),
+                        "rounds": len(seconds),
+                    }
+                )
     return rows
 
 
@@ -144,17 +177,30 @@ def train_step(settings: Settings, device: torch.device) -> list[dict[str, Any]]
 
     rows = []
     for precision, dtype in PRECISIONS.items():
-        steps = build_steps(settings.dense[0], settings.dynamic, settings.step_batch, *settings.step_shape,
-                            precision=Precision(device, dtype), reference=False)
+        steps = build_steps(
+            settings.dense[0],
+            settings.dynamic,
+            settings.step_batch,
+            *settings.step_shape,
+            precision=Precision(device, dtype),
+            reference=False,
+        )
         times, _, _ = time_steps(steps, settings.step_rounds, settings.step_warmup, verbose=False)
         dense_ms = statistics.median(times["dense"]) * 1e3
         for name in ("dense", "dynamic", "teacher"):
             ratios = [t / d for t, d in zip(times[name], times["dense"])]
-            rows.append({"precision": precision, "step": name, "batch": settings.step_batch,
-                         "ms": round(statistics.median(times[name]) * 1e3, 2),
-                         "vs_dense": round(statistics.median(times[name]) * 1e3 / dense_ms, 4),
-                         "per_round_ratio": round(statistics.median(ratios), 4),
-                         "per_round_ratio_iqr": spread(ratios), "rounds": len(times[name])})
+            rows.append(
+                {
+                    "precision": precision,
+                    "step": name,
+                    "batch": settings.step_batch,
+                    "ms": round(statistics.median(times[name]) * 1e3, 2),
+                    "vs_dense": round(statistics.median(times[name]) * 1e3 / dense_ms, 4),
+                    "per_round_ratio": round(statistics.median(ratios), 4),
+                    "per_round_ratio_iqr": spread(ratios),
+                    "rounds": len(times[name]),
+                }
+            )
     return rows
 
 
@@ -166,8 +212,9 @@ def amp_training(settings: Settings, device: torch.device) -> dict[str, Any]:
     from harness.spec import load_and_expand
 
     with tempfile.TemporaryDirectory(prefix="gpu-benchmark-") as tmp:
-        expanded = load_and_expand(str(REPO / "experiments" / "table3.yaml"), scale="tiny", output_root=tmp,
-                                   check_files=False)
+        expanded = load_and_expand(
+            str(REPO / "experiments" / "table3.yaml"), scale="tiny", output_root=tmp, check_files=False
+        )
         (plan,) = [p for p in expanded.runs if p.row == "a/dynamic"]
         raw = plan.config.model_dump()
         raw["teacher"].update(run_dir=None, checkpoint=str(TINY_TEACHER))  # the teacher stage's pretrained weights
@@ -192,22 +239,37 @@ def amp_training(settings: Settings, device: torch.device) -> dict[str, Any]:
     window = max(1, min(10, len(losses) // 3))
     first, last = (statistics.mean(losses[:window]), statistics.mean(losses[-window:])) if losses else (math.nan,) * 2
     finite = not error and all(math.isfinite(v) for v in losses)
-    return {"steps": len(losses), "device": str(trainer.device), "precision": trainer.precision, "grad_scaler": trainer.scaler.is_enabled(),
-            "batch": trainer.cfg.train.batch_size, "all_finite": finite, "error": error,
-            "loss_first": round(first, 5), "loss_last": round(last, 5), "window": window,
-            "loss_went_down": bool(last < first), "scaler_scale_last": scales[-1] if scales else None,
-            "scaler_skipped_steps": sum(b < a for a, b in zip(scales, scales[1:])),
-            "losses": [round(v, 5) for v in losses]}
+    return {
+        "steps": len(losses),
+        "device": str(trainer.device),
+        "precision": trainer.precision,
+        "grad_scaler": trainer.scaler.is_enabled(),
+        "batch": trainer.cfg.train.batch_size,
+        "all_finite": finite,
+        "error": error,
+        "loss_first": round(first, 5),
+        "loss_last": round(last, 5),
+        "window": window,
+        "loss_went_down": bool(last < first),
+        "scaler_scale_last": scales[-1] if scales else None,
+        "scaler_skipped_steps": sum(b < a for a, b in zip(scales, scales[1:])),
+        "losses": [round(v, 5) for v in losses],
+    }
 
 
 def describe(device: torch.device) -> dict[str, Any]:
     import timm
-
     from inference_speed import loadavg, machine
 
-    info = {"device": machine(str(device)), "torch": torch.__version__, "timm": timm.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version(), "load_average": loadavg(),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    info = {
+        "device": machine(str(device)),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "load_average": loadavg(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
@@ -217,47 +279,73 @@ def describe(device: torch.device) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     """The three parts as Markdown tables (what benchmarks/README.md takes)."""
     info = result["machine"]
-    lines = [f"# GPU benchmark{' (smoke, CPU)' if result['smoke'] else ''}", "",
-             f"{info['device']}; torch {info['torch']} (CUDA {info['cuda']}), timm {info['timm']}, "
-             f"{info['date_utc']} UTC, load average {info['load_average']}; {result['seconds']:.0f} s in all.", "",
-             "## Inference (eval, no_grad; interleaved rounds, warm-up excluded, device synchronised)", "",
-             "| batch | precision | model | GFLOPs | FLOPs ratio | images/s (median) [IQR] | speed-up (ratio of medians) "
-             "| median per-round speed-up [IQR] | rounds |", "|---:|---|---|---:|---:|---|---:|---|---:|"]
+    lines = [
+        f"# GPU benchmark{' (smoke, CPU)' if result['smoke'] else ''}",
+        "",
+        f"{info['device']}; torch {info['torch']} (CUDA {info['cuda']}), timm {info['timm']}, "
+        f"{info['date_utc']} UTC, load average {info['load_average']}; {result['seconds']:.0f} s in all.",
+        "",
+        "## Inference (eval, no_grad; interleaved rounds, warm-up excluded, device synchronised)",
+        "",
+        "| batch | precision | model | GFLOPs | FLOPs ratio | images/s (median) [IQR] | speed-up (ratio of medians) "
+        "| median per-round speed-up [IQR] | rounds |",
+        "|---:|---|---|---:|---:|---|---:|---|---:|",
+    ]
     for r in result["inference"]:
         low, high = r["images_per_s_iqr"]
         q1, q3 = r["speedup_per_round_iqr"]
-        lines.append(f"| {r['batch']} | {r['precision']} | {r['model']} | {r['gflops']:.3f} | {r['flops_ratio']:.3f}x "
-                     f"| {r['images_per_s']:.1f} [{low:.1f}-{high:.1f}] | {r['speedup']:.3f}x "
-                     f"| {r['speedup_per_round']:.3f}x [{q1:.2f}-{q3:.2f}] | {r['rounds']} |")
-    lines += ["", "## Training step (fwd + loss + bwd + AdamW; the masked step's teacher forward timed apart)", "",
-              "| precision | step | batch | ms (median) | vs dense step | median per-round ratio [IQR] | rounds |",
-              "|---|---|---:|---:|---:|---|---:|"]
-    names = {"dense": "dense", "dynamic": "DynamicViT/0.7 masked step, teacher excluded",
-             "teacher": "teacher forward (no_grad)"}
+        lines.append(
+            f"| {r['batch']} | {r['precision']} | {r['model']} | {r['gflops']:.3f} | {r['flops_ratio']:.3f}x "
+            f"| {r['images_per_s']:.1f} [{low:.1f}-{high:.1f}] | {r['speedup']:.3f}x "
+            f"| {r['speedup_per_round']:.3f}x [{q1:.2f}-{q3:.2f}] | {r['rounds']} |"
+        )
+    lines += [
+        "",
+        "## Training step (fwd + loss + bwd + AdamW; the masked step's teacher forward timed apart)",
+        "",
+        "| precision | step | batch | ms (median) | vs dense step | median per-round ratio [IQR] | rounds |",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
+    names = {
+        "dense": "dense",
+        "dynamic": "DynamicViT/0.7 masked step, teacher excluded",
+        "teacher": "teacher forward (no_grad)",
+    }
     for r in result["train_step"]:
         q1, q3 = r["per_round_ratio_iqr"]
-        lines.append(f"| {r['precision']} | {names[r['step']]} | {r['batch']} | {r['ms']:.1f} | {r['vs_dense']:.3f}x "
-                     f"| {r['per_round_ratio']:.3f}x [{q1:.2f}-{q3:.2f}] | {r['rounds']} |")
+        lines.append(
+            f"| {r['precision']} | {names[r['step']]} | {r['batch']} | {r['ms']:.1f} | {r['vs_dense']:.3f}x "
+            f"| {r['per_round_ratio']:.3f}x [{q1:.2f}-{q3:.2f}] | {r['rounds']} |"
+        )
     amp = result["amp_training"]
-    lines += ["", f"## {amp['steps']} training steps of the tiny a/dynamic run, precision {amp['precision']}"
-              f"{' + GradScaler' if amp['grad_scaler'] else ''}", "",
-              f"- all losses finite: {'yes' if amp['all_finite'] else 'NO: ' + amp['error']}",
-              f"- loss, mean of the first {amp['window']} steps {amp['loss_first']:.4f}, of the last "
-              f"{amp['window']} {amp['loss_last']:.4f}: {'down' if amp['loss_went_down'] else 'NOT down'}",
-              f"- GradScaler: final scale {amp['scaler_scale_last']}, {amp['scaler_skipped_steps']} step(s) "
-              f"skipped (scale lowered after an inf/NaN gradient)", ""]
+    lines += [
+        "",
+        f"## {amp['steps']} training steps of the tiny a/dynamic run, precision {amp['precision']}"
+        f"{' + GradScaler' if amp['grad_scaler'] else ''}",
+        "",
+        f"- all losses finite: {'yes' if amp['all_finite'] else 'NO: ' + amp['error']}",
+        f"- loss, mean of the first {amp['window']} steps {amp['loss_first']:.4f}, of the last "
+        f"{amp['window']} {amp['loss_last']:.4f}: {'down' if amp['loss_went_down'] else 'NOT down'}",
+        f"- GradScaler: final scale {amp['scaler_scale_last']}, {amp['scaler_skipped_steps']} step(s) "
+        f"skipped (scale lowered after an inf/NaN gradient)",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="the same code paths on the CPU, tiny sizes (CI)")
     parser.add_argument("--out", default="reports/benchmarks", help="folder for gpu.md and gpu.json")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
-        print("benchmarks.gpu: no CUDA device here (torch.cuda.is_available() is False); "
-              "`--smoke` runs the same code paths on the CPU", file=sys.stderr)
+        print(
+            "benchmarks.gpu: no CUDA device here (torch.cuda.is_available() is False); "
+            "`--smoke` runs the same code paths on the CPU",
+            file=sys.stderr,
+        )
         return EXIT_NO_DEVICE
     settings, device = (SMOKE, torch.device("cpu")) if args.smoke else (GPU, torch.device("cuda"))
     if device.type == "cuda":
@@ -277,8 +365,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"written: {out / stem}.md, {out / stem}.json ({result['seconds']:.0f} s)")
     amp = result["amp_training"]
     if not args.smoke and not (amp["all_finite"] and amp["loss_went_down"]):
-        print(f"benchmarks.gpu: the fp16 training check failed: finite {amp['all_finite']}, "
-              f"loss {amp['loss_first']} -> {amp['loss_last']}", file=sys.stderr)
+        print(
+            f"benchmarks.gpu: the fp16 training check failed: finite {amp['all_finite']}, "
+            f"loss {amp['loss_first']} -> {amp['loss_last']}",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     return 0
 

@@ -20,6 +20,7 @@ seconds until no other process is runnable, and reports how long it waited.
     python benchmarks/inference_speed.py [--batch-sizes 32 1] [--rounds 30 200]
                                          [--device cpu|cuda] [--bf16] [--family deit|swin|convnext|lvvit]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,26 +29,42 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models  # noqa: E402,F401  (registers the DynamicViT family)
-from harness.measure import count_gflops, input_shape  # noqa: E402
+import models  # noqa: F401  (registers the DynamicViT family)
+from harness.measure import count_gflops, input_shape
 
 RATIOS = (0.9, 0.8, 0.7)
 # family -> (dense label, dense model name, dynamic label, registered dynamic name, default keep ratios)
 FAMILIES = {
-    "deit": ("DeiT-S (timm, dense)", "deit_small_patch16_224", "DynamicViT-S", "dynamicvit_deit_small_patch16_224", RATIOS),
-    "swin": ("Swin-T (timm, dense)", "swin_tiny_patch4_window7_224", "DynamicSwin-T",
-             "dynamicswin_tiny_patch4_window7_224", (0.9, 0.7)),
+    "deit": (
+        "DeiT-S (timm, dense)",
+        "deit_small_patch16_224",
+        "DynamicViT-S",
+        "dynamicvit_deit_small_patch16_224",
+        RATIOS,
+    ),
+    "swin": (
+        "Swin-T (timm, dense)",
+        "swin_tiny_patch4_window7_224",
+        "DynamicSwin-T",
+        "dynamicswin_tiny_patch4_window7_224",
+        (0.9, 0.7),
+    ),
     "convnext": ("ConvNeXt-T (timm, dense)", "convnext_tiny", "DynamicCNN-T", "dynamicconvnext_tiny", (0.9, 0.7)),
-    "lvvit": ("LV-ViT-S (dense)", "dynamicvit_lvvit_small_patch16_224", "DynamicViT-LV-ViT-S",
-              "dynamicvit_lvvit_small_patch16_224", (0.7, 0.5)),
+    "lvvit": (
+        "LV-ViT-S (dense)",
+        "dynamicvit_lvvit_small_patch16_224",
+        "DynamicViT-LV-ViT-S",
+        "dynamicvit_lvvit_small_patch16_224",
+        (0.7, 0.5),
+    ),
 }
 DENSE_KWARGS = {"lvvit": {"variant": "dense"}}  # a family without a timm dense model: ours, dense
 
@@ -128,6 +145,7 @@ class PartTimer:
         def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
             key = label.format(args[0].shape[1]) if "{}" in label else label
             self.parts[key] = self.parts.get(key, 0.0) + time.perf_counter() - self._start[id(module)]
+
         return hook
 
     def remove(self) -> None:
@@ -154,8 +172,10 @@ def breakdown(models_: dict[str, torch.nn.Module], batch: int, rounds: int, time
                 samples[name].setdefault(key, []).append(value)
     for timer in timers.values():
         timer.remove()
-    print(f"\nwhere the time goes, batch {batch} ({rounds} interleaved rounds, median ms per forward pass; "
-          f"load average {loadavg()})")
+    print(
+        f"\nwhere the time goes, batch {batch} ({rounds} interleaved rounds, median ms per forward pass; "
+        f"load average {loadavg()})"
+    )
     print("| part | " + " | ".join(models_) + " |")
     print("|---|" + "---|" * len(models_))
     keys: list[str] = []
@@ -167,10 +187,12 @@ def breakdown(models_: dict[str, torch.nn.Module], batch: int, rounds: int, time
         print(f"| {key} | " + " | ".join(cells) + " |")
 
 
-def forward_timer(device: torch.device, autocast: Optional[torch.dtype] = None
-                  ) -> Callable[[torch.nn.Module, torch.Tensor], float]:
+def forward_timer(
+    device: torch.device, autocast: torch.dtype | None = None
+) -> Callable[[torch.nn.Module, torch.Tensor], float]:
     """Seconds of one eval forward pass (no_grad, under autocast to `autocast` if given), the device
     synchronised before and after (CUDA runs asynchronously: without it the clock measures the launch)."""
+
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -183,12 +205,19 @@ def forward_timer(device: torch.device, autocast: Optional[torch.dtype] = None
             model(images)
         sync()
         return time.perf_counter() - start
+
     return timed
 
 
-def interleaved(candidates: dict[str, torch.nn.Module], images: torch.Tensor, rounds: int,
-                timed: Callable[[torch.nn.Module, torch.Tensor], float], warmup: int = 3,
-                idle_wait: float = 0.0, gate_every: float = 5.0) -> tuple[dict[str, list[float]], float, int]:
+def interleaved(
+    candidates: dict[str, torch.nn.Module],
+    images: torch.Tensor,
+    rounds: int,
+    timed: Callable[[torch.nn.Module, torch.Tensor], float],
+    warmup: int = 3,
+    idle_wait: float = 0.0,
+    gate_every: float = 5.0,
+) -> tuple[dict[str, list[float]], float, int]:
     """Every model's batch times, side by side: `warmup` untimed batches each, then `rounds` rounds of
     one timed batch per model, the order reversed every other round (drift and other processes hit
     the models of a round alike). With `idle_wait`, before a round (at most every `gate_every` s) wait
@@ -218,23 +247,49 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rounds", type=int, nargs="+", default=[30, 200],
-                        help="interleaved rounds, one batch per model each (one value, or one per batch size)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        nargs="+",
+        default=[30, 200],
+        help="interleaved rounds, one batch per model each (one value, or one per batch size)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches per model first")
-    parser.add_argument("--family", choices=list(FAMILIES), default="deit",
-                        help="deit: DeiT-S vs DynamicViT-S; swin: Swin-T vs DynamicSwin-T; convnext: ConvNeXt-T "
-                             "vs DynamicCNN-T; lvvit: LV-ViT-S vs DynamicViT-LV-ViT-S")
-    parser.add_argument("--ratios", type=float, nargs="+", default=None,
-                        help="keep ratios (default: 0.9 0.8 0.7 for deit, 0.9 0.7 for swin and convnext, 0.7 0.5 for lvvit)")
+    parser.add_argument(
+        "--family",
+        choices=list(FAMILIES),
+        default="deit",
+        help="deit: DeiT-S vs DynamicViT-S; swin: Swin-T vs DynamicSwin-T; convnext: ConvNeXt-T "
+        "vs DynamicCNN-T; lvvit: LV-ViT-S vs DynamicViT-LV-ViT-S",
+    )
+    parser.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=None,
+        help="keep ratios (default: 0.9 0.8 0.7 for deit, 0.9 0.7 for swin and convnext, 0.7 0.5 for lvvit)",
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
-    parser.add_argument("--idle-wait", type=float, default=60.0,
-                        help="wait up to this many seconds for other processes to leave the CPU "
-                             "before a round (0: never wait)")
-    parser.add_argument("--breakdown", type=int, default=0, metavar="ROUNDS",
-                        help="also time the parts (blocks by token count, predictors, rest) of the dense "
-                             "model and the last keep ratio's model, over this many rounds per batch size")
-    parser.add_argument("--gate-every", type=float, default=5.0,
-                        help="check for other processes before a round at most every this many seconds")
+    parser.add_argument(
+        "--idle-wait",
+        type=float,
+        default=60.0,
+        help="wait up to this many seconds for other processes to leave the CPU before a round (0: never wait)",
+    )
+    parser.add_argument(
+        "--breakdown",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="also time the parts (blocks by token count, predictors, rest) of the dense "
+        "model and the last keep ratio's model, over this many rounds per batch size",
+    )
+    parser.add_argument(
+        "--gate-every",
+        type=float,
+        default=5.0,
+        help="check for other processes before a round at most every this many seconds",
+    )
     args = parser.parse_args()
     rounds = per_batch(args.rounds, args.batch_sizes, "rounds")
     device = torch.device(args.device)
@@ -258,14 +313,19 @@ def main() -> None:
     for batch, n_rounds in zip(args.batch_sizes, rounds):
         images = torch.randn(batch, *shape, device=device)
         load_before = loadavg()
-        times, waited, busy_rounds = interleaved(candidates, images, n_rounds, timed, args.warmup,
-                                                 args.idle_wait, args.gate_every)
+        times, waited, busy_rounds = interleaved(
+            candidates, images, n_rounds, timed, args.warmup, args.idle_wait, args.gate_every
+        )
         dense_time = statistics.median(times[dense_name])
-        print(f"\nbatch {batch}: {n_rounds} rounds (one batch per model each); load average "
-              f"(1/5/15 min) before {load_before}, after {loadavg()}; waited {waited:.0f} s for an "
-              f"idle CPU, {busy_rounds} check(s) still found other processes running")
-        print("| model | GFLOPs | images/s (median) | speed-up vs dense (ratio of medians) "
-              "| median per-round speed-up [IQR] | FLOPs ratio |")
+        print(
+            f"\nbatch {batch}: {n_rounds} rounds (one batch per model each); load average "
+            f"(1/5/15 min) before {load_before}, after {loadavg()}; waited {waited:.0f} s for an "
+            f"idle CPU, {busy_rounds} check(s) still found other processes running"
+        )
+        print(
+            "| model | GFLOPs | images/s (median) | speed-up vs dense (ratio of medians) "
+            "| median per-round speed-up [IQR] | FLOPs ratio |"
+        )
         print("|---|---|---|---|---|---|")
         for name in names:
             median = statistics.median(times[name])

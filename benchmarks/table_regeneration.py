@@ -13,6 +13,7 @@ The machine, its CPU count and the load average (before and after) are printed w
 
     python benchmarks/table_regeneration.py [--runs 1000] [--epochs 6] [--repeat 5] [--db PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,16 +55,34 @@ def populate(uri: str, n_runs: int, epochs: int) -> float:
         row, variant = rows[i % len(rows)]
         seed = i // len(rows)
         params = {**base, "model.variant": variant, "train.seed": str(seed), "train.epochs": str(epochs)}
-        tags = {"mlflow.parentRunId": parent, "kind": "train", "spec": EXPERIMENT, "table": "sparsification-strategies",
-                "row": row, "variant": variant, "scale": "tiny", "stage": "students", "run_key": f"{i:012x}"}
+        tags = {
+            "mlflow.parentRunId": parent,
+            "kind": "train",
+            "spec": EXPERIMENT,
+            "table": "sparsification-strategies",
+            "row": row,
+            "variant": variant,
+            "scale": "tiny",
+            "stage": "students",
+            "run_key": f"{i:012x}",
+        }
         now = int(time.time() * 1000)
-        metrics = [Metric(key, 50.0 + (i % 97) / 10 + epoch, now, epoch)
-                   for epoch in range(epochs) for key in ("val/acc1", "val/acc5", "val/loss", "train/loss")]
-        metrics += [Metric(key, value, now, epochs) for key, value in
-                    {"gflops": 0.0396, "params_m": 0.91, "throughput_img_s": 2500.0 + i % 50}.items()]
+        metrics = [
+            Metric(key, 50.0 + (i % 97) / 10 + epoch, now, epoch)
+            for epoch in range(epochs)
+            for key in ("val/acc1", "val/acc5", "val/loss", "train/loss")
+        ]
+        metrics += [
+            Metric(key, value, now, epochs)
+            for key, value in {"gflops": 0.0396, "params_m": 0.91, "throughput_img_s": 2500.0 + i % 50}.items()
+        ]
         run_id = client.create_run(experiment_id).info.run_id
-        client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
-                         tags=[RunTag(k, v) for k, v in tags.items()])
+        client.log_batch(
+            run_id,
+            metrics=metrics,
+            params=[Param(k, v) for k, v in params.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
         client.set_terminated(run_id, "FINISHED")
     return time.perf_counter() - start
 
@@ -78,8 +97,13 @@ def regenerate(uri: str) -> dict[str, float]:
     markdown = to_markdown(table)
     t3 = time.perf_counter()
     assert len(markdown) > 0 and int(table["runs"].max()) > 0
-    return {"runs": float(len(runs)), "collect_s": t1 - t0, "build_s": t2 - t1, "markdown_s": t3 - t2,
-            "total_s": t3 - t0}
+    return {
+        "runs": float(len(runs)),
+        "collect_s": t1 - t0,
+        "build_s": t2 - t1,
+        "markdown_s": t3 - t2,
+        "total_s": t3 - t0,
+    }
 
 
 @contextlib.contextmanager
@@ -102,13 +126,21 @@ def search_runs_alone(uri: str) -> dict[str, float]:
     """The bare `mlflow.search_runs` call of the previous path (its filter and order), nothing after it."""
     mlflow.set_tracking_uri(uri)
     start = time.perf_counter()
-    raw = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="pandas",
-                             filter_string="attributes.status = 'FINISHED' and tags.scale = 'tiny'",
-                             order_by=["attributes.end_time DESC"])
+    raw = mlflow.search_runs(
+        experiment_names=[EXPERIMENT],
+        output_format="pandas",
+        filter_string="attributes.status = 'FINISHED' and tags.scale = 'tiny'",
+        order_by=["attributes.end_time DESC"],
+    )
     seconds = time.perf_counter() - start
     assert isinstance(raw, pd.DataFrame)
-    return {"runs": float(len(raw)), "collect_s": seconds, "build_s": float("nan"), "markdown_s": float("nan"),
-            "total_s": seconds}
+    return {
+        "runs": float(len(raw)),
+        "collect_s": seconds,
+        "build_s": float("nan"),
+        "markdown_s": float("nan"),
+        "total_s": seconds,
+    }
 
 
 CANDIDATES = {
@@ -125,10 +157,18 @@ def loadavg() -> str:
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return (f"{cpu} ({platform.machine()}), {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-            f"mlflow {mlflow.__version__}, pandas {pd.__version__}")
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            cpu,
+        )
+    return (
+        f"{cpu} ({platform.machine()}), {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"mlflow {mlflow.__version__}, pandas {pd.__version__}"
+    )
 
 
 def main() -> int:
@@ -145,29 +185,40 @@ def main() -> int:
     uri = f"sqlite:///{db.resolve()}"
     print(f"machine: {machine()}")
     written = populate(uri, args.runs, args.epochs)
-    print(f"wrote {args.runs} runs ({args.epochs} epochs, 4 metrics per epoch + 3 finals, "
-          f"{len(flatten(RunConfig().model_dump()))} params, 10 tags) in {written:.1f} s")
+    print(
+        f"wrote {args.runs} runs ({args.epochs} epochs, 4 metrics per epoch + 3 finals, "
+        f"{len(flatten(RunConfig().model_dump()))} params, 10 tags) in {written:.1f} s"
+    )
     cold = {name: candidate(uri)["total_s"] for name, candidate in CANDIDATES.items()}  # imports, engines
     load_before = loadavg()
     results: dict[str, list[dict[str, float]]] = {name: [] for name in CANDIDATES}
     names = list(CANDIDATES)
     for index in range(args.repeat):
-        for name in names[index % len(names):] + names[:index % len(names)]:  # the order rotates
+        for name in names[index % len(names) :] + names[: index % len(names)]:  # the order rotates
             results[name].append(CANDIDATES[name](uri))
-    print(f"load average (1 / 5 / 15 min): before {load_before}, after {loadavg()}; "
-          f"{args.repeat} interleaved passes each after a first (cold) pass of each, in this order")
-    print("| candidate | runs | collect s (median) | build_table s | to_markdown s | total s (median) | min-max s | first (cold) pass s |")
+    print(
+        f"load average (1 / 5 / 15 min): before {load_before}, after {loadavg()}; "
+        f"{args.repeat} interleaved passes each after a first (cold) pass of each, in this order"
+    )
+    print(
+        "| candidate | runs | collect s (median) | build_table s | to_markdown s | total s (median) | min-max s | first (cold) pass s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, passes in results.items():
+
         def med(key: str) -> float:
             return statistics.median(p[key] for p in passes)
+
         totals = [p["total_s"] for p in passes]
         steps = "| - | - |" if name.endswith("alone") else f"| {med('build_s'):.3f} | {med('markdown_s'):.3f} |"
-        print(f"| {name} | {passes[0]['runs']:.0f} | {med('collect_s'):.3f} {steps} {med('total_s'):.3f} "
-              f"| {min(totals):.3f}-{max(totals):.3f} | {cold[name]:.3f} |")
+        print(
+            f"| {name} | {passes[0]['runs']:.0f} | {med('collect_s'):.3f} {steps} {med('total_s'):.3f} "
+            f"| {min(totals):.3f}-{max(totals):.3f} | {cold[name]:.3f} |"
+        )
     new, base = (statistics.median(p["total_s"] for p in results[n]) for n in (names[0], names[2]))
-    print(f"table from {args.runs} runs: {new:.2f} s (target < 2 s), {base / new:.1f}x faster than before "
-          f"({base:.2f} s)")
+    print(
+        f"table from {args.runs} runs: {new:.2f} s (target < 2 s), {base / new:.1f}x faster than before ({base:.2f} s)"
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ synchronous and through the background thread (`async_logging=True`, where the s
 
     python benchmarks/tracking_overhead.py [--calls 200] [--metrics 10] [--server-uri URI]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import mlflow
 
@@ -58,7 +59,7 @@ def measure(uri: str, calls: int, n_metrics: int, async_logging: bool) -> dict[s
 
 
 @contextlib.contextmanager
-def server(uri: Optional[str], root: Path, workers: int) -> Iterator[str]:
+def server(uri: str | None, root: Path, workers: int) -> Iterator[str]:
     if uri:
         yield uri
     else:

@@ -23,6 +23,7 @@ every `optim.log_every` = 20 steps, so its real overhead is that figure / 20.
 
     python benchmarks/train_step.py [--batch 16] [--rounds 16] [--no-logging] [--log-pairs 30]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import timm
 import torch
@@ -43,14 +44,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import models  # noqa: E402,F401  (registers the DynamicViT family)
-from harness.config import LossConfig, OptimConfig, TrackingConfig  # noqa: E402
-from harness.losses import DynamicViTLoss  # noqa: E402
-from harness.optim import build_optimizer  # noqa: E402
-from harness.tracking import RunTracker  # noqa: E402
-from models.masked_attention import MaskedAttention  # noqa: E402
-from inference_speed import loadavg, quartiles, wait_for_idle  # noqa: E402
-from inference_speed import machine as cpu_machine  # noqa: E402
+from inference_speed import loadavg, quartiles, wait_for_idle
+from inference_speed import machine as cpu_machine
+
+import models
+from harness.config import LossConfig, OptimConfig, TrackingConfig
+from harness.losses import DynamicViTLoss
+from harness.optim import build_optimizer
+from harness.tracking import RunTracker
+from models.masked_attention import MaskedAttention
 
 
 def machine() -> str:
@@ -70,7 +72,7 @@ class Precision:
     """Where a step runs: the device (synchronised around the clock on CUDA, which runs asynchronously)
     and the autocast dtype of forward and loss (None: fp32), with a GradScaler for fp16 as the engine has."""
 
-    def __init__(self, device: torch.device = torch.device("cpu"), autocast: Optional[torch.dtype] = None) -> None:
+    def __init__(self, device: torch.device = torch.device("cpu"), autocast: torch.dtype | None = None) -> None:
         self.device, self.dtype = device, autocast
         self.scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
 
@@ -94,8 +96,9 @@ FP32_CPU = Precision()
 class DenseStep:
     """timm's dense ViT: forward, soft-target CE, backward, AdamW step."""
 
-    def __init__(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
-                 precision: Precision = FP32_CPU) -> None:
+    def __init__(
+        self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, precision: Precision = FP32_CPU
+    ) -> None:
         self.model = model.train()
         self.images, self.targets = images, targets
         self.criterion = SoftTargetCrossEntropy()
@@ -117,8 +120,12 @@ class DynamicStep:
     """The engine's DynamicViT step: teacher forward (timed apart), masked forward, loss, backward, AdamW."""
 
     def __init__(
-        self, model: models.DynamicVisionTransformer, teacher: torch.nn.Module,
-        images: torch.Tensor, targets: torch.Tensor, precision: Precision = FP32_CPU,
+        self,
+        model: models.DynamicVisionTransformer,
+        teacher: torch.nn.Module,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        precision: Precision = FP32_CPU,
     ) -> None:
         self.model = model.train()
         self.teacher = teacher.eval().requires_grad_(False)
@@ -160,8 +167,16 @@ def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1e3
 
 
-def build_steps(dense_name: str, dynamic_name: str, batch: int, chans: int, size: int, classes: int,
-                precision: Precision = FP32_CPU, reference: bool = True) -> dict[str, Callable[[], object]]:
+def build_steps(
+    dense_name: str,
+    dynamic_name: str,
+    batch: int,
+    chans: int,
+    size: int,
+    classes: int,
+    precision: Precision = FP32_CPU,
+    reference: bool = True,
+) -> dict[str, Callable[[], object]]:
     """The candidates on one fixed soft-target batch: `dense` (the timm dense model `dense_name`, or
     `dynamic_name` with variant dense when they are the same), `dynamic` (`dynamic_name` at rho 0.7,
     the fused masked attention) and, with `reference`, `dynamic_ref` (the reference masked softmax)."""
@@ -181,13 +196,20 @@ def build_steps(dense_name: str, dynamic_name: str, batch: int, chans: int, size
     if reference:
         ref = timm.create_model(dynamic_name, num_classes=classes, keep_ratio=0.7)
         ref.load_state_dict(student.state_dict())
-        steps["dynamic_ref"] = DynamicStep(set_fused_masked_attn(ref, False).to(device), teacher, images, targets,
-                                           precision)
+        steps["dynamic_ref"] = DynamicStep(
+            set_fused_masked_attn(ref, False).to(device), teacher, images, targets, precision
+        )
     return steps
 
 
-def time_steps(steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 2, per_round: int = 1,
-               idle_wait: float = 0.0, verbose: bool = True) -> tuple[dict[str, list[float]], float, int]:
+def time_steps(
+    steps: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 2,
+    per_round: int = 1,
+    idle_wait: float = 0.0,
+    verbose: bool = True,
+) -> tuple[dict[str, list[float]], float, int]:
     """Interleaved rounds (the order reverses every other round) of `per_round` steps per candidate after
     `warmup` untimed ones. Returns (seconds: dense, teacher, dynamic, dynamic_ref), waited s, busy rounds)."""
     times: dict[str, list[float]] = {"dense": [], "teacher": [], "dynamic": [], "dynamic_ref": []}
@@ -215,25 +237,37 @@ def time_steps(steps: dict[str, Callable[[], object]], rounds: int, warmup: int 
                     times["teacher"].append(teacher_s)
                     times[name].append(student_s)
         if verbose:
-            print(f"  round {round_ + 1}/{rounds}: " + ", ".join(
-                f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names), flush=True)
+            print(
+                f"  round {round_ + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names),
+                flush=True,
+            )
     return times, waited, busy_rounds
 
 
 def step_benchmark(args: argparse.Namespace) -> dict[str, float]:
-    steps = build_steps("deit_small_patch16_224", "dynamicvit_deit_small_patch16_224", args.batch, 3, 224, 1000,
-                        reference=not args.no_reference)
+    steps = build_steps(
+        "deit_small_patch16_224",
+        "dynamicvit_deit_small_patch16_224",
+        args.batch,
+        3,
+        224,
+        1000,
+        reference=not args.no_reference,
+    )
     times, waited, busy_rounds = time_steps(steps, args.rounds, args.warmup, args.steps, args.idle_wait)
     load = loadavg()
     dense_ms = median_ms(times["dense"])
+
     def per_round(name: str) -> str:
         ratios = [s / d for s, d in zip(times[name], times["dense"])]
         low, high = quartiles(ratios)
         return f"{statistics.median(ratios):.3f}x [{low:.2f}-{high:.2f}]"
 
     print(f"\nmachine: {machine()}")
-    print(f"load average (1/5/15 min) after: {load}; waited {waited:.0f} s for an idle CPU, "
-          f"{busy_rounds} round(s) started with other processes running")
+    print(
+        f"load average (1/5/15 min) after: {load}; waited {waited:.0f} s for an idle CPU, "
+        f"{busy_rounds} round(s) started with other processes running"
+    )
     print(f"batch {args.batch} x 3 x 224 x 224, {args.rounds} rounds x {args.steps} step(s), medians\n")
     print("| step | ms (median) | vs dense step (ratio of medians) | median of per-round ratios [IQR] |")
     print("|---|---|---|---|")
@@ -247,8 +281,10 @@ def step_benchmark(args: argparse.Namespace) -> dict[str, float]:
     teacher_ms = median_ms(times["teacher"])
     print(f"| teacher forward (dense DeiT-S, no_grad), per step | {teacher_ms:.0f} | {teacher_ms / dense_ms:.3f}x | |")
     dyn_ms = median_ms(times["dynamic"])
-    print(f"| DynamicViT-S/0.7 step including the teacher | {dyn_ms + teacher_ms:.0f} | "
-          f"{(dyn_ms + teacher_ms) / dense_ms:.3f}x | |")
+    print(
+        f"| DynamicViT-S/0.7 step including the teacher | {dyn_ms + teacher_ms:.0f} | "
+        f"{(dyn_ms + teacher_ms) / dense_ms:.3f}x | |"
+    )
     return {"dense_ms": dense_ms, "dynamic_ms": dyn_ms, "teacher_ms": teacher_ms}
 
 
@@ -309,10 +345,12 @@ def logging_benchmark(args: argparse.Namespace, deit_step_ms: float | None) -> N
     diff_ms = statistics.median(diffs)
     diff_low, diff_high = quartiles(diffs)
     sync_ms = median_ms(sync_s)
-    print(f"\nMLflow logging overhead: tiny scale (dynamicvit_tiny_patch8_64, batch 128 x 1 x 64 x 64, "
-          f"teacher included), SQLite in a temp dir, async_logging=True, {len(values)} values per call; "
-          f"{args.log_pairs} block pairs x {args.log_block} steps; load average after: {load}; "
-          f"waited {waited:.0f} s for an idle CPU, {busy_pairs} pair(s) started with other processes running\n")
+    print(
+        f"\nMLflow logging overhead: tiny scale (dynamicvit_tiny_patch8_64, batch 128 x 1 x 64 x 64, "
+        f"teacher included), SQLite in a temp dir, async_logging=True, {len(values)} values per call; "
+        f"{args.log_pairs} block pairs x {args.log_block} steps; load average after: {load}; "
+        f"waited {waited:.0f} s for an idle CPU, {busy_pairs} pair(s) started with other processes running\n"
+    )
     print("| quantity | ms | % of tiny step | % of DeiT-S dense step |")
     print("|---|---|---|---|")
 
@@ -341,11 +379,18 @@ def main() -> None:
     parser.add_argument("--no-logging", action="store_true", help="skip the MLflow logging overhead")
     parser.add_argument("--log-pairs", type=int, default=30, help="logged/plain block pairs")
     parser.add_argument("--log-block", type=int, default=4, help="steps per block")
-    parser.add_argument("--idle-wait", type=float, default=60.0,
-                        help="before each round, wait up to this many seconds for other processes "
-                             "to leave the CPU (0: never wait)")
-    parser.add_argument("--deit-step-ms", type=float, default=None,
-                        help="DeiT-S dense step time (ms) for the logging table when --no-steps")
+    parser.add_argument(
+        "--idle-wait",
+        type=float,
+        default=60.0,
+        help="before each round, wait up to this many seconds for other processes to leave the CPU (0: never wait)",
+    )
+    parser.add_argument(
+        "--deit-step-ms",
+        type=float,
+        default=None,
+        help="DeiT-S dense step time (ms) for the logging table when --no-steps",
+    )
     args = parser.parse_args()
     print(f"machine: {machine()}; load average: {loadavg()}", flush=True)
     deit_ms = args.deit_step_ms

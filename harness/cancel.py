@@ -9,12 +9,12 @@ left alone; nothing is deleted.
 Exit codes: 0 done (also when nothing was in flight), 1 the tracking server did not answer or
 `scancel` failed, 2 invalid spec or arguments.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from typing import Optional
 
 from harness.cluster import scancel, signal_local, wait_until_gone
 from harness.errors import EnvironmentProblem, handle
@@ -33,9 +33,14 @@ def cancel(experiment: str, scale: str, uri: str) -> list[str]:
 
     client = MlflowClient(uri)
     where = f"tags.scale = '{scale}'"
-    runs = [r for r in find_runs(uri, experiment, f"tags.kind = 'train' and {where}") if r.info.status in
-            ("SCHEDULED", "RUNNING")]
-    launches = [r for r in find_runs(uri, experiment, f"tags.kind = 'launch' and {where}") if r.info.status == "RUNNING"]
+    runs = [
+        r
+        for r in find_runs(uri, experiment, f"tags.kind = 'train' and {where}")
+        if r.info.status in ("SCHEDULED", "RUNNING")
+    ]
+    launches = [
+        r for r in find_runs(uri, experiment, f"tags.kind = 'launch' and {where}") if r.info.status == "RUNNING"
+    ]
     for launch in launches:  # first, so that no launch submits the next run or stage meanwhile
         signal_local(launch.data.tags.get("launcher_pid", ""), launch.data.tags.get("launcher_host"))
     slurm_ids = sorted({r.data.tags["slurm_job_id"] for r in runs if r.data.tags.get("slurm_job_id")})
@@ -60,14 +65,17 @@ def cancel(experiment: str, scale: str, uri: str) -> list[str]:
         run_id = current_run_id(client, run.info.run_id)  # a job that started meanwhile replaced its placeholder
         client.set_tag(run_id, "cancelled", stamp)
         client.set_terminated(run_id, "KILLED")
-        lines.append(f"{tags.get('stage', '?')}/{run.info.run_name or run.info.run_id}: {how}; MLflow run "
-                     f"{run_id} KILLED")
+        lines.append(
+            f"{tags.get('stage', '?')}/{run.info.run_name or run.info.run_id}: {how}; MLflow run {run_id} KILLED"
+        )
     for launch in launches:
         client.set_terminated(launch.info.run_id, "KILLED")
     # a process that TERM could not reach (gone, or its pid now another user's) is not waited for
     if runs and wait_until_gone(slurm_ids, stopped, GONE_TIMEOUT_S):
-        print(f"warning: some jobs had not stopped after {GONE_TIMEOUT_S} s; their runs are marked KILLED "
-              "as of now", file=sys.stderr)
+        print(
+            f"warning: some jobs had not stopped after {GONE_TIMEOUT_S} s; their runs are marked KILLED as of now",
+            file=sys.stderr,
+        )
     for run in runs:  # a job that was still starting when cancelled may have marked its run RUNNING since
         run_id = current_run_id(client, run.info.run_id)
         if client.get_run(run_id).info.status in ("SCHEDULED", "RUNNING"):
@@ -75,14 +83,21 @@ def cancel(experiment: str, scale: str, uri: str) -> list[str]:
     return lines
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.cancel", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.cancel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("spec", help="experiment spec YAML, e.g. experiments/table3.yaml")
-    parser.add_argument("overrides", nargs="*", help="the launch's overrides, as `status` takes them (e.g. name=other "
-                        "names another experiment); checked like the launch's")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="the launch's overrides, as `status` takes them (e.g. name=other "
+        "names another experiment); checked like the launch's",
+    )
     parser.add_argument("--scale", help="which of the spec's scales (default: the spec's default_scale)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
     args = parser.parse_intermixed_args(argv)
     return handle("harness.cancel", lambda: _main(args))
 

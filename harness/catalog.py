@@ -1,9 +1,10 @@
 """The registered DynamicViT models as plain data (no torch), shared by the model factory
 (models/: each family module registers its names with timm through models/registry.py) and spec
 validation (which must answer without importing torch)."""
+
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, get_args
 
 # the variant names, once: the config's `model.variant` type and the tuples the models check against
 OwnVariant = Literal["dense", "dynamic", "static", "structural", "random", "attention"]  # models/dynamic_vit.py
@@ -13,10 +14,17 @@ PEER_VARIANTS: tuple[str, ...] = get_args(PeerVariant)
 VARIANTS: tuple[str, ...] = get_args(Variant)
 
 
-def _deit(embed_dim: int, heads: int, url: Optional[str] = None) -> dict[str, Any]:
+def _deit(embed_dim: int, heads: int, url: str | None = None) -> dict[str, Any]:
     return dict(
-        img_size=224, patch_size=16, embed_dim=embed_dim, depth=12, num_heads=heads,
-        mlp_ratio=4.0, qkv_bias=True, pruning_loc=(3, 6, 9), _url=url,
+        img_size=224,
+        patch_size=16,
+        embed_dim=embed_dim,
+        depth=12,
+        num_heads=heads,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        pruning_loc=(3, 6, 9),
+        _url=url,
     )
 
 
@@ -31,13 +39,29 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "dynamicvit_deit_base_patch16_224": _deit(768, 12, _DEIT_URLS["base"]),
     # The tiny (CPU proxy) scale: 64 px canvas, 8x8 patches -> 64 tokens (shared/reference/proxy.md)
     "dynamicvit_tiny_patch8_64": dict(
-        img_size=64, patch_size=8, in_chans=1, num_classes=10, embed_dim=96, depth=8, num_heads=3,
-        mlp_ratio=4.0, qkv_bias=True, pruning_loc=(2, 4, 6),
+        img_size=64,
+        patch_size=8,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=96,
+        depth=8,
+        num_heads=3,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        pruning_loc=(2, 4, 6),
     ),
     # For tests: 32 px, 4x4 patches -> 64 tokens, a few thousand parameters per block
     "dynamicvit_micro_patch4_32": dict(
-        img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=32, depth=4, num_heads=2,
-        mlp_ratio=2.0, qkv_bias=True, pruning_loc=(1, 2, 3),
+        img_size=32,
+        patch_size=4,
+        in_chans=3,
+        num_classes=10,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        mlp_ratio=2.0,
+        qkv_bias=True,
+        pruning_loc=(1, 2, 3),
     ),
 }
 
@@ -51,21 +75,48 @@ _TOKEN_LABELING = "https://github.com/zihangJiang/TokenLabeling/releases/downloa
 
 def _lvvit(embed_dim: int, depth: int, heads: int, pruning_loc: tuple[int, ...], url: str) -> dict[str, Any]:
     return dict(
-        img_size=224, patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=heads, mlp_ratio=3.0,
-        qkv_bias=False, skip_lam=2.0, stem_chs=64, pruning_loc=pruning_loc, _url=url, _family="lvvit",
+        img_size=224,
+        patch_size=16,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=3.0,
+        qkv_bias=False,
+        skip_lam=2.0,
+        stem_chs=64,
+        pruning_loc=pruning_loc,
+        _url=url,
+        _family="lvvit",
     )
 
 
-MODEL_DEFAULTS.update({
-    "dynamicvit_lvvit_small_patch16_224": _lvvit(384, 16, 6, (4, 8, 12), f"{_TOKEN_LABELING}/lvvit_s-26M-224-83.3.pth.tar"),
-    "dynamicvit_lvvit_medium_patch16_224": _lvvit(512, 20, 8, (5, 10, 15), f"{_TOKEN_LABELING}/lvvit_m-56M-224-84.0.pth.tar"),
-    # The tiny (CPU proxy) scale's LV-ViT (not TokenLabeling's 224 px LV-ViT-T): the tiny ViT's
-    # canvas and tokens with LV-ViT's stem (16 channels), skip_lam, mlp_ratio 3 and aux head.
-    "dynamicvit_lvvit_tiny_patch8_64": dict(
-        img_size=64, patch_size=8, in_chans=1, num_classes=10, embed_dim=64, depth=8, num_heads=2,
-        mlp_ratio=3.0, qkv_bias=False, skip_lam=2.0, stem_chs=16, pruning_loc=(2, 4, 6), _family="lvvit",
-    ),
-})
+MODEL_DEFAULTS.update(
+    {
+        "dynamicvit_lvvit_small_patch16_224": _lvvit(
+            384, 16, 6, (4, 8, 12), f"{_TOKEN_LABELING}/lvvit_s-26M-224-83.3.pth.tar"
+        ),
+        "dynamicvit_lvvit_medium_patch16_224": _lvvit(
+            512, 20, 8, (5, 10, 15), f"{_TOKEN_LABELING}/lvvit_m-56M-224-84.0.pth.tar"
+        ),
+        # The tiny (CPU proxy) scale's LV-ViT (not TokenLabeling's 224 px LV-ViT-T): the tiny ViT's
+        # canvas and tokens with LV-ViT's stem (16 channels), skip_lam, mlp_ratio 3 and aux head.
+        "dynamicvit_lvvit_tiny_patch8_64": dict(
+            img_size=64,
+            patch_size=8,
+            in_chans=1,
+            num_classes=10,
+            embed_dim=64,
+            depth=8,
+            num_heads=2,
+            mlp_ratio=3.0,
+            qkv_bias=False,
+            skip_lam=2.0,
+            stem_chs=16,
+            pruning_loc=(2, 4, 6),
+            _family="lvvit",
+        ),
+    }
+)
 
 
 # DynamicSwin and DynamicCNN (models/swin.py, models/convnext.py): the T-PAMI dynamic spatial
@@ -77,33 +128,68 @@ _SWIN_URL = "https://github.com/SwinTransformer/storage/releases/download/v1.0.0
 _CONVNEXT_URL = "https://dl.fbaipublicfiles.com/convnext"
 
 
-def _swin(embed_dim: int, depths: tuple[int, ...], heads: tuple[int, ...], pruning_loc: tuple[int, ...],
-          url: Optional[str] = None, **overrides: Any) -> dict[str, Any]:
-    spec = dict(img_size=224, patch_size=4, window_size=7, embed_dim=embed_dim, depths=depths, num_heads=heads,
-                drop_path_rate=0.0, pruning_loc=pruning_loc, _url=url, _family="swin")
+def _swin(
+    embed_dim: int,
+    depths: tuple[int, ...],
+    heads: tuple[int, ...],
+    pruning_loc: tuple[int, ...],
+    url: str | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    spec = dict(
+        img_size=224,
+        patch_size=4,
+        window_size=7,
+        embed_dim=embed_dim,
+        depths=depths,
+        num_heads=heads,
+        drop_path_rate=0.0,
+        pruning_loc=pruning_loc,
+        _url=url,
+        _family="swin",
+    )
     return {**spec, **overrides}
 
 
-def _convnext(depths: tuple[int, ...], dims: tuple[int, ...], pruning_loc: tuple[int, ...],
-              url: Optional[str] = None, **overrides: Any) -> dict[str, Any]:
-    spec = dict(img_size=224, patch_size=4, depths=depths, dims=dims, drop_path_rate=0.0,
-                pruning_loc=pruning_loc, _url=url, _family="convnext")
+def _convnext(
+    depths: tuple[int, ...],
+    dims: tuple[int, ...],
+    pruning_loc: tuple[int, ...],
+    url: str | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    spec = dict(
+        img_size=224,
+        patch_size=4,
+        depths=depths,
+        dims=dims,
+        drop_path_rate=0.0,
+        pruning_loc=pruning_loc,
+        _url=url,
+        _family="convnext",
+    )
     return {**spec, **overrides}
 
 
 SPATIAL_MODELS: dict[str, dict[str, Any]] = {
     "dynamicswin_tiny_patch4_window7_224": _swin(
-        96, (2, 2, 6, 2), (3, 6, 12, 24), (1, 2, 3), f"{_SWIN_URL}/swin_tiny_patch4_window7_224.pth"),
+        96, (2, 2, 6, 2), (3, 6, 12, 24), (1, 2, 3), f"{_SWIN_URL}/swin_tiny_patch4_window7_224.pth"
+    ),
     "dynamicswin_small_patch4_window7_224": _swin(
-        96, (2, 2, 18, 2), (3, 6, 12, 24), (2, 4, 6), f"{_SWIN_URL}/swin_small_patch4_window7_224.pth"),
+        96, (2, 2, 18, 2), (3, 6, 12, 24), (2, 4, 6), f"{_SWIN_URL}/swin_small_patch4_window7_224.pth"
+    ),
     "dynamicswin_base_patch4_window7_224": _swin(
-        128, (2, 2, 18, 2), (4, 8, 16, 32), (2, 4, 6), f"{_SWIN_URL}/swin_base_patch4_window7_224.pth"),
+        128, (2, 2, 18, 2), (4, 8, 16, 32), (2, 4, 6), f"{_SWIN_URL}/swin_base_patch4_window7_224.pth"
+    ),
     "dynamicconvnext_tiny": _convnext(
-        (3, 3, 9, 3), (96, 192, 384, 768), (1, 2, 3), f"{_CONVNEXT_URL}/convnext_tiny_1k_224_ema.pth"),
+        (3, 3, 9, 3), (96, 192, 384, 768), (1, 2, 3), f"{_CONVNEXT_URL}/convnext_tiny_1k_224_ema.pth"
+    ),
     "dynamicconvnext_small": _convnext(
-        (3, 3, 27, 3), (96, 192, 384, 768), (3, 6, 9), f"{_CONVNEXT_URL}/convnext_small_1k_224_ema.pth"),
+        (3, 3, 27, 3), (96, 192, 384, 768), (3, 6, 9), f"{_CONVNEXT_URL}/convnext_small_1k_224_ema.pth"
+    ),
     "dynamicconvnext_base": _convnext(
-        (3, 3, 27, 3), (128, 256, 512, 1024), (3, 6, 9), f"{_CONVNEXT_URL}/convnext_base_1k_224_ema.pth"),
+        (3, 3, 27, 3), (128, 256, 512, 1024), (3, 6, 9), f"{_CONVNEXT_URL}/convnext_base_1k_224_ema.pth"
+    ),
     # The tiny (CPU proxy) scale, 64 px cluttered MNIST; one dense third-stage block, then the 3
     # locations. Swin: 2x2 patches, third stage 8 x 8 = 64 positions (the tiny ViT's 64 tokens).
     # ConvNeXt: timm's "overlap_act" stem (two 3x3 stride-2 convolutions), third stage 4 x 4 = 16
@@ -112,16 +198,25 @@ SPATIAL_MODELS: dict[str, dict[str, Any]] = {
     # 2-pixel stem, so 8 x 8 is out of reach from 64 px) stayed at chance for 6-8 epochs with
     # either layer-scale init, and 4x4 patches for 3; this stem started to learn.
     "dynamicswin_proxy_patch2_window4_64": _swin(
-        16, (1, 1, 4, 1), (1, 1, 2, 4), (1, 2, 3), img_size=64, patch_size=2, window_size=4, in_chans=1,
-        num_classes=10),
+        16, (1, 1, 4, 1), (1, 1, 2, 4), (1, 2, 3), img_size=64, patch_size=2, window_size=4, in_chans=1, num_classes=10
+    ),
     "dynamicconvnext_proxy_64": _convnext(
-        (1, 1, 4, 1), (24, 48, 96, 192), (1, 2, 3), img_size=64, in_chans=1, num_classes=10,
-        stem_type="overlap_act", ls_init_value=1.0),
+        (1, 1, 4, 1),
+        (24, 48, 96, 192),
+        (1, 2, 3),
+        img_size=64,
+        in_chans=1,
+        num_classes=10,
+        stem_type="overlap_act",
+        ls_init_value=1.0,
+    ),
     # For tests: 32 px, 1x1 patches, third stage 8 x 8 = 64 positions, a few thousand parameters per block
     "dynamicswin_micro_patch1_window4_32": _swin(
-        16, (1, 1, 4, 1), (1, 1, 2, 4), (1, 2, 3), img_size=32, patch_size=1, window_size=4, num_classes=10),
+        16, (1, 1, 4, 1), (1, 1, 2, 4), (1, 2, 3), img_size=32, patch_size=1, window_size=4, num_classes=10
+    ),
     "dynamicconvnext_micro_patch1_32": _convnext(
-        (1, 1, 4, 1), (8, 16, 32, 64), (1, 2, 3), img_size=32, patch_size=1, num_classes=10),
+        (1, 1, 4, 1), (8, 16, 32, 64), (1, 2, 3), img_size=32, patch_size=1, num_classes=10
+    ),
 }
 ALL_MODELS: dict[str, dict[str, Any]] = {**MODEL_DEFAULTS, **SPATIAL_MODELS}
 SPATIAL_VARIANTS = ("dense", "dynamic")

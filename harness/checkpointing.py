@@ -9,11 +9,12 @@ It holds only tensors, numbers, strings and plain containers (numpy's RNG state 
 tensor), so it is read back with `torch.load(weights_only=True)` like any other checkpoint: a
 file placed in a run folder cannot run code when the run resumes (harness/unpickle.py).
 """
+
 from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load(path: Path) -> Optional[dict[str, Any]]:
+def load(path: Path) -> dict[str, Any] | None:
     """The checkpoint at `path`, or None if there is none; a file that would unpickle anything but
     tensors and plain data is refused in one line naming it and the type (UnsafeCheckpoint)."""
     from harness import unpickle
@@ -71,6 +72,8 @@ def weights_file(source: str) -> str:
     if path.is_dir():
         if (path / FINAL_WEIGHTS).is_file():
             return str(path / FINAL_WEIGHTS)
-        raise FileNotFoundError(f"{source}: no {FINAL_WEIGHTS} in this run folder: its run has not finished "
-                                f"(a {CHECKPOINT} is a resume point, never used as weights)")
+        raise FileNotFoundError(
+            f"{source}: no {FINAL_WEIGHTS} in this run folder: its run has not finished "
+            f"(a {CHECKPOINT} is a resume point, never used as weights)"
+        )
     return source

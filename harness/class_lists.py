@@ -5,6 +5,7 @@ sorted order, as ImageFolder numbers a full train/ folder), so the pretrained 10
 and teacher apply unchanged. Plain Python, no torch: spec validation calls `subset_labels` to
 check the class folders before anything is submitted, and harness/data.py builds from it.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -51,8 +52,9 @@ def load_class_list(classes: str) -> list[str]:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError):
-        raise ClassListError(f"data.classes: neither a shipped list ({', '.join(SHIPPED)}) nor a readable "
-                             f"file of wnids, got {classes!r}") from None
+        raise ClassListError(
+            f"data.classes: neither a shipped list ({', '.join(SHIPPED)}) nor a readable file of wnids, got {classes!r}"
+        ) from None
     index = {wnid: i for i, wnid in enumerate(imagenet1k_wnids())}
     wnids: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):

@@ -9,6 +9,7 @@ job whose state cannot be told is taken as alive. Submission itself goes through
 (harness.launch.make_executor); this module imports only the standard library, so that the
 dry-run path and the CLIs' error paths stay light.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,11 +21,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from typing import Optional
 
 # squeue states of a job that still exists (queued, running or being stopped)
-SLURM_ALIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
-               "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT")
+SLURM_ALIVE = (
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+)
 
 
 # ------------------------------------------------------------------------------ the controller
@@ -35,8 +46,9 @@ def slurm_reachable(timeout_s: float = 15.0) -> tuple[bool, str]:
     a login node whose controller is down, and every submission would then fail.
     """
     try:
-        probe = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True,
-                               timeout=timeout_s)
+        probe = subprocess.run(
+            ["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True, timeout=timeout_s
+        )
     except (OSError, subprocess.TimeoutExpired) as error:
         return False, f"sinfo failed: {error}"
     if probe.returncode != 0:
@@ -53,12 +65,14 @@ def choose_executor(name: str) -> str:
         return "local"
     reachable, why = slurm_reachable()
     if not reachable:
-        print(f"SLURM is installed but not reachable ({why}); running local processes "
-              "(--executor slurm to insist)", file=sys.stderr)
+        print(
+            f"SLURM is installed but not reachable ({why}); running local processes (--executor slurm to insist)",
+            file=sys.stderr,
+        )
     return "slurm" if reachable else "local"
 
 
-def partition_nodes(partition: Optional[str]) -> Optional[int]:
+def partition_nodes(partition: str | None) -> int | None:
     """How many nodes the partition has, or the default one (`*`: where a job without -p lands) when
     none is named; None if sinfo cannot say. Not every node of the cluster: scripts/slurm-local.sh's
     second node is only in the partition `multi`."""
@@ -85,7 +99,7 @@ def _ask(command: list[str]) -> str:
     return done.stdout if done.returncode == 0 else ""
 
 
-def slurm_job_state(job: str) -> tuple[Optional[str], str]:
+def slurm_job_state(job: str) -> tuple[str | None, str]:
     """(what SLURM says of `job`: CANCELLED, COMPLETING, RUNNING, PREEMPTED ... or None; which command said it).
 
     The controller first: `scontrol` answers with or without accounting, live. While the job is
@@ -112,8 +126,12 @@ def slurm_job_alive(job: str) -> bool:
     if not shutil.which("squeue"):
         return True
     try:
-        queue = subprocess.run(["squeue", "--noheader", "--jobs", job, "--states=all", "--format=%T %r"],
-                               capture_output=True, text=True, timeout=30)
+        queue = subprocess.run(
+            ["squeue", "--noheader", "--jobs", job, "--states=all", "--format=%T %r"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return True
     if queue.returncode != 0:  # a job SLURM has forgotten, or no controller to ask
@@ -125,7 +143,7 @@ def slurm_job_alive(job: str) -> bool:
     return any(state in SLURM_ALIVE for state, *_ in rows)
 
 
-def scancel(jobs: list[str], timeout_s: float = 60.0) -> Optional[str]:
+def scancel(jobs: list[str], timeout_s: float = 60.0) -> str | None:
     """Cancel SLURM jobs; None when done (or SLURM no longer knows them), else why not, in one line."""
     if not shutil.which("scancel"):
         return "scancel: not found"
@@ -158,7 +176,7 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def signal_local(pid_text: str, host: Optional[str] = None) -> bool:
+def signal_local(pid_text: str, host: str | None = None) -> bool:
     """TERM a process of this machine (a local job or a launcher); False if it is not here."""
     pid = pid_text.split("_")[0]
     if not pid.isdigit() or (host is not None and host != socket.gethostname()) or int(pid) == os.getpid():
@@ -171,16 +189,18 @@ def signal_local(pid_text: str, host: Optional[str] = None) -> bool:
 
 
 # ------------------------------------------------------------------------------ waiting
-def wait_until_gone(slurm_ids: list[str], local_ids: list[str], timeout_s: float,
-                    poll_s: float = 0.5) -> list[str]:
+def wait_until_gone(slurm_ids: list[str], local_ids: list[str], timeout_s: float, poll_s: float = 0.5) -> list[str]:
     """Wait until the SLURM jobs have left the queue and the local job processes have ended; the ids
     of those still there after `timeout_s` (empty: all gone).
 
     Why: a job cancelled while it starts can still mark its run RUNNING, and a superseded job could
     still write to the folder handed to its successor; once it is gone, neither can happen.
     """
-    pids = {job: int(job.split("_")[0]) for job in local_ids
-            if job.split("_")[0].isdigit() and int(job.split("_")[0]) != os.getpid()}
+    pids = {
+        job: int(job.split("_")[0])
+        for job in local_ids
+        if job.split("_")[0].isdigit() and int(job.split("_")[0]) != os.getpid()
+    }
     slurm = sorted(set(slurm_ids))
     deadline = time.monotonic() + timeout_s
     while True:

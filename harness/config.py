@@ -3,11 +3,13 @@
 Plain data only (pydantic, no torch import), so that spec validation and `--dry-run` stay fast.
 Every model forbids unknown keys, so a typo is an error naming the field, never a silent default.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Callable, Literal, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -33,13 +35,13 @@ class ModelConfig(Section):
     name: str = "dynamicvit_tiny_patch8_64"
     variant: Variant = "dynamic"
     keep_ratio: float = Field(0.7, gt=0.0, le=1.0)
-    fuse_token: Optional[bool] = None  # evit only: fuse the dropped tokens into one (None: EViT's default, fused)
-    tome_r: Optional[int | list[int]] = None  # tome only: tokens merged per block (one int, or one per block)
-    pruning_loc: Optional[list[int]] = None
-    stage_ratios: Optional[list[float]] = None
-    pool_after_block: Optional[int] = None
+    fuse_token: bool | None = None  # evit only: fuse the dropped tokens into one (None: EViT's default, fused)
+    tome_r: int | list[int] | None = None  # tome only: tokens merged per block (one int, or one per block)
+    pruning_loc: list[int] | None = None
+    stage_ratios: list[float] | None = None
+    pool_after_block: int | None = None
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
-    pretrained: Optional[str] = None  # checkpoint file or URL (DeiT or DynamicViT layout)
+    pretrained: str | None = None  # checkpoint file or URL (DeiT or DynamicViT layout)
 
     @field_validator("name")
     @classmethod
@@ -53,14 +55,18 @@ class ModelConfig(Section):
         return name
 
     @model_validator(mode="after")
-    def _fits_the_architecture(self) -> "ModelConfig":
+    def _fits_the_architecture(self) -> ModelConfig:
         """Pruning locations and pooling point must lie inside the model's depth (caught before any job)."""
         depth = pruning_depth(self.name)  # Swin / ConvNeXt: the sparsified third stage's blocks
         if self.name in SPATIAL_MODELS and self.variant not in SPATIAL_VARIANTS:
-            raise ValueError(f"variant: {self.name} (dynamic spatial sparsification) supports "
-                             f"{', '.join(SPATIAL_VARIANTS)}, got {self.variant!r}")
+            raise ValueError(
+                f"variant: {self.name} (dynamic spatial sparsification) supports "
+                f"{', '.join(SPATIAL_VARIANTS)}, got {self.variant!r}"
+            )
         if self.pruning_loc is not None and not all(0 <= loc < depth for loc in self.pruning_loc):
-            raise ValueError(f"pruning_loc: each location must be a block index in [0, {depth - 1}], got {self.pruning_loc}")
+            raise ValueError(
+                f"pruning_loc: each location must be a block index in [0, {depth - 1}], got {self.pruning_loc}"
+            )
         if self.pool_after_block is not None and not 1 <= self.pool_after_block < depth:
             raise ValueError(f"pool_after_block: must be in [1, {depth - 1}], got {self.pool_after_block}")
         if self.stage_ratios is not None and not all(0 < r <= 1 for r in self.stage_ratios):
@@ -71,14 +77,20 @@ class ModelConfig(Section):
     def _peer_knobs(self, depth: int) -> None:
         """`fuse_token` belongs to evit and `tome_r` to tome (required there): a misplaced knob is an error."""
         if self.fuse_token is not None and self.variant != "evit":
-            raise ValueError(f"fuse_token: applies to the evit variant only (variant is {self.variant}), got {self.fuse_token}")
+            raise ValueError(
+                f"fuse_token: applies to the evit variant only (variant is {self.variant}), got {self.fuse_token}"
+            )
         if self.variant != "tome":
             if self.tome_r is not None:
-                raise ValueError(f"tome_r: applies to the tome variant only (variant is {self.variant}), got {self.tome_r}")
+                raise ValueError(
+                    f"tome_r: applies to the tome variant only (variant is {self.variant}), got {self.tome_r}"
+                )
             return
         r = self.tome_r
         if r is None:
-            raise ValueError("tome_r: the tome variant needs tokens merged per block (an int or a per-block list), got None")
+            raise ValueError(
+                "tome_r: the tome variant needs tokens merged per block (an int or a per-block list), got None"
+            )
         if any(v < 0 for v in (r if isinstance(r, list) else [r])) or (isinstance(r, list) and len(r) > depth):
             raise ValueError(f"tome_r: must be >= 0, as one int or at most {depth} per-block values, got {r}")
 
@@ -87,13 +99,13 @@ class DataConfig(Section):
     """Where images come from. `img_size`/`num_classes` default to the dataset's own."""
 
     name: Literal["imagenet", "cluttered_mnist", "synthetic"] = "cluttered_mnist"
-    root: Optional[str] = None  # imagenet: folder with train/ and val/; others: cache folder
+    root: str | None = None  # imagenet: folder with train/ and val/; others: cache folder
     # imagenet: read only these classes, labelled by their ImageNet-1k index (num_classes 1000), so
     # a pretrained 1000-class head and teacher apply: a shipped list (`imagenet100`) or a file of wnids
-    classes: Optional[str] = None
-    img_size: Optional[int] = Field(None, gt=0)
-    num_classes: Optional[int] = Field(None, gt=0)
-    in_chans: Optional[int] = Field(None, gt=0)
+    classes: str | None = None
+    img_size: int | None = Field(None, gt=0)
+    num_classes: int | None = Field(None, gt=0)
+    in_chans: int | None = Field(None, gt=0)
     num_workers: int = Field(0, ge=0)
     seed: int = 0  # data generation seed (cluttered_mnist, synthetic); not the training seed
     # cluttered_mnist
@@ -107,17 +119,18 @@ class DataConfig(Section):
     val_size: int = Field(64, gt=0)
 
     @model_validator(mode="after")
-    def _classes_need_imagenet(self) -> "DataConfig":
+    def _classes_need_imagenet(self) -> DataConfig:
         if self.classes is not None and self.name != "imagenet":
-            raise ValueError(f"classes: a class subset applies to imagenet only (data.name is {self.name}), "
-                             f"got {self.classes!r}")
+            raise ValueError(
+                f"classes: a class subset applies to imagenet only (data.name is {self.name}), got {self.classes!r}"
+            )
         return self
 
 
 class AugConfig(Section):
     """Training augmentation (the official recipe at paper scale; mostly off at tiny scale)."""
 
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     mixup: float = Field(0.8, ge=0.0)
     cutmix: float = Field(1.0, ge=0.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
@@ -144,8 +157,8 @@ class OptimConfig(Section):
     backbone_lr_rule: Literal["scale", "min"] = "scale"
     backbone_freeze_epochs: int = Field(5, ge=0)
     predictor_decay: Literal["matrices", "all"] = "matrices"  # all: also the predictors' biases and norms
-    lr_base_batch: Optional[int] = Field(None, gt=0)  # lr x global batch / this; None: lr used as given
-    clip_grad: Optional[float] = Field(None, gt=0.0)
+    lr_base_batch: int | None = Field(None, gt=0)  # lr x global batch / this; None: lr used as given
+    clip_grad: float | None = Field(None, gt=0.0)
     freeze: list[str] = Field(default_factory=lambda: ["cls_token", "pos_embed"])  # never trained
     log_every: int = Field(20, gt=0)  # steps between train/loss_step points
 
@@ -188,40 +201,40 @@ class GumbelConfig(Section):
     """Gumbel-softmax temperature: constant (official, tau=1) or annealed from tau0 to tau1."""
 
     tau: float = Field(1.0, gt=0.0)  # tau0
-    tau1: Optional[float] = Field(None, gt=0.0)
+    tau1: float | None = Field(None, gt=0.0)
     schedule: Literal["constant", "linear", "cosine", "exponential"] = "constant"
 
 
 class TeacherConfig(Section):
     """The frozen dense teacher: a checkpoint file/URL, or the output folder of another run."""
 
-    checkpoint: Optional[str] = None
-    run_dir: Optional[str] = None
-    model: Optional[str] = None  # defaults to the student's backbone
+    checkpoint: str | None = None
+    run_dir: str | None = None
+    model: str | None = None  # defaults to the student's backbone
 
 
 class TrainConfig(Section):
     epochs: int = Field(30, ge=0)  # 0: evaluate the (pretrained) weights only
     batch_size: int = Field(128, gt=0)  # per process
-    eval_batch_size: Optional[int] = Field(None, gt=0)
+    eval_batch_size: int | None = Field(None, gt=0)
     eval_every: int = Field(1, ge=1)  # validate every N epochs (the last always); training is the same either way
     seed: int = 0
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # on CUDA; fp16 adds a GradScaler; the CPU runs fp32
-    ema: Optional[float] = Field(None, gt=0.0, lt=1.0)  # EMA decay per step; None: no EMA model
+    ema: float | None = Field(None, gt=0.0, lt=1.0)  # EMA decay per step; None: no EMA model
     repeated_aug: bool = False  # the 2021 RASampler: every image 3 times per epoch, spread over the ranks
     channels_last: bool = False
-    init_from: Optional[str] = None  # checkpoint or run folder to start the weights from
+    init_from: str | None = None  # checkpoint or run folder to start the weights from
     deterministic: bool = False  # masked top-k decisions instead of Gumbel samples
     accum_steps: int = Field(1, ge=1)  # micro-batches per optimiser update (HEAD --update_freq): global batch x this
 
 
 class TrackingConfig(Section):
-    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "dvit-harness"
-    experiment_id: Optional[str] = None
-    parent_run_id: Optional[str] = None
-    run_name: Optional[str] = None
-    run_id: Optional[str] = None  # a run created by the launcher (status SCHEDULED) to log into
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+    run_name: str | None = None
+    run_id: str | None = None  # a run created by the launcher (status SCHEDULED) to log into
     tags: dict[str, str] = Field(default_factory=dict)
     log_checkpoint: bool = True  # also the final model as an MLflow model (runs:/<id>/model)
     visualize_images: int = Field(4, ge=0)
@@ -278,7 +291,7 @@ class RunConfig(Section):
         return deep_merge(preset(name), data)
 
     @model_validator(mode="after")
-    def _check_schedule(self) -> "RunConfig":
+    def _check_schedule(self) -> RunConfig:
         if self.gumbel.schedule != "constant" and self.gumbel.tau1 is None:
             raise ValueError("gumbel.tau1 is required when gumbel.schedule is not 'constant'")
         return self
@@ -298,7 +311,10 @@ class RunConfig(Section):
         import os
 
         payload = self.model_dump(exclude={"tracking": True, "output_dir": True})
-        for section, field, tag in (("teacher", "run_dir", "teacher_run_key"), ("train", "init_from", "init_from_run_key")):
+        for section, field, tag in (
+            ("teacher", "run_dir", "teacher_run_key"),
+            ("train", "init_from", "init_from_run_key"),
+        ):
             if payload[section][field] is not None and self.tracking.tags.get(tag):
                 relative = os.path.relpath(payload[section][field], self.output_dir)
                 payload[section][field] = f"run {self.tracking.tags[tag]} at {relative}"
@@ -306,8 +322,11 @@ class RunConfig(Section):
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def flatten(tree: dict[str, Any], prefix: str = "", leaf: Callable[[dict[str, Any]], bool] = lambda _: False,
-            ) -> dict[str, Any]:
+def flatten(
+    tree: dict[str, Any],
+    prefix: str = "",
+    leaf: Callable[[dict[str, Any]], bool] = lambda _: False,
+) -> dict[str, Any]:
     """Nested dict -> {'a.b.c': value}, the form MLflow params and overrides use.
 
     `leaf(mapping)` says that a non-empty mapping is a value, not a section (a search dimension).
@@ -373,8 +392,10 @@ def validation_problems(err: Any, model: type[BaseModel]) -> list[tuple[str, str
 
 def format_validation_error(err: Any, source: str, model: type[BaseModel], prefix: str = "") -> list[str]:
     """One line per problem, naming the file and the dotted field."""
-    return [f"{source}: {prefix + field if field else prefix.rstrip('.') or '(top level)'}: {problem}"
-            for field, problem in validation_problems(err, model)]
+    return [
+        f"{source}: {prefix + field if field else prefix.rstrip('.') or '(top level)'}: {problem}"
+        for field, problem in validation_problems(err, model)
+    ]
 
 
 def _unique_key_loader() -> type:
@@ -411,15 +432,17 @@ class DuplicateKey(Exception):
         self.key, self.first, self.again = key, first, again
 
     def line(self, source: str) -> str:
-        return (f"{source}: line {self.again.line + 1}: duplicate key {show(self.key)} in one mapping (first at "
-                f"line {self.first.line + 1}; YAML would silently keep only the last), got {show(self.key)} twice")
+        return (
+            f"{source}: line {self.again.line + 1}: duplicate key {show(self.key)} in one mapping (first at "
+            f"line {self.first.line + 1}; YAML would silently keep only the last), got {show(self.key)} twice"
+        )
 
 
 def yaml_load(text: str) -> Any:
     """`yaml.safe_load` that raises DuplicateKey for a key given twice in one mapping."""
     import yaml
 
-    return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=_unique_key_loader())
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -467,8 +490,9 @@ def _read_text(path: str) -> str:
             raise ConfigError([f"{path}: not a regular file"])
         size = os.path.getsize(path)
         if size > MAX_SPEC_BYTES:
-            raise ConfigError([f"{path}: too large for a YAML spec or config ({size} bytes), "
-                               f"got a file over {MAX_SPEC_BYTES} bytes"])
+            raise ConfigError(
+                [f"{path}: too large for a YAML spec or config ({size} bytes), got a file over {MAX_SPEC_BYTES} bytes"]
+            )
         with open(path, "rb") as handle:
             blob = handle.read()
     except FileNotFoundError:
@@ -480,8 +504,9 @@ def _read_text(path: str) -> str:
     try:
         text = blob.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError([f"{path}: not UTF-8 text (a binary file?), got byte 0x{blob[err.start]:02x} "
-                           f"at position {err.start}"]) from None
+        raise ConfigError(
+            [f"{path}: not UTF-8 text (a binary file?), got byte 0x{blob[err.start]:02x} at position {err.start}"]
+        ) from None
     if "\x00" in text:
         raise ConfigError([f"{path}: not a text file (NUL byte at position {text.index(chr(0))})"])
     return text
@@ -512,8 +537,12 @@ def read_yaml(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: expected a mapping at the top level, got {type(data).__name__}"])
     if _count_values(data, MAX_VALUES) > MAX_VALUES:
-        raise ConfigError([f"{path}: YAML aliases expand to more than {MAX_VALUES} values (an alias bomb?), "
-                           f"got more than {MAX_VALUES}"])
+        raise ConfigError(
+            [
+                f"{path}: YAML aliases expand to more than {MAX_VALUES} values (an alias bomb?), "
+                f"got more than {MAX_VALUES}"
+            ]
+        )
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(data, key, value)

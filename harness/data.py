@@ -3,16 +3,18 @@
 `build_data(cfg.data, cfg.aug)` is the one entry point; `make_loader` and `set_epoch` make the
 iteration order a pure function of (seed, epoch), so a resumed run sees the same batches.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +49,7 @@ def _bad(field: str, problem: str, value: Any) -> ValueError:
     return ValueError(f"data.{field}: {problem}, got {value!r}")
 
 
-def build_data(cfg: DataConfig, aug: Optional[AugConfig] = None) -> DataBundle:
+def build_data(cfg: DataConfig, aug: AugConfig | None = None) -> DataBundle:
     """Build train/val datasets for `cfg.name`. `aug=None` means AugConfig() (used by imagenet only)."""
     if cfg.name == "cluttered_mnist":
         return _build_cluttered_mnist(cfg)
@@ -75,7 +77,7 @@ def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     write_atomic(path, lambda handle: np.savez(handle, **arrays))
 
 
-def _load_npz(path: Path, keys: tuple[str, ...]) -> Optional[dict[str, np.ndarray]]:
+def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
     """The cached arrays, or None if the file is absent or unreadable (then it is regenerated)."""
     if not path.is_file():
         return None
@@ -117,7 +119,7 @@ def split_digits(labels: np.ndarray, n_train: int, n_val: int, seed: int) -> tup
         idx = np.flatnonzero(labels == c)
         rank[idx] = rng.permutation(len(idx))
     order = np.lexsort((rng.random(len(labels)), rank))  # round-robin over classes, random within
-    return order[:n_train], order[len(order) - n_val:]
+    return order[:n_train], order[len(order) - n_val :]
 
 
 def _ink(images: np.ndarray) -> list[np.ndarray]:
@@ -141,10 +143,10 @@ def render(
         r = min(max(flat // DIGIT - PIECE // 2, 0), DIGIT - PIECE)
         c = min(max(flat % DIGIT - PIECE // 2, 0), DIGIT - PIECE)
         y, x = rng.integers(0, canvas - PIECE + 1, size=2)
-        view = out[y:y + PIECE, x:x + PIECE]
-        np.maximum(view, pool[j, r:r + PIECE, c:c + PIECE], out=view)
+        view = out[y : y + PIECE, x : x + PIECE]
+        np.maximum(view, pool[j, r : r + PIECE, c : c + PIECE], out=view)
     top, left = (int(v) for v in rng.integers(0, canvas - DIGIT + 1, size=2))
-    view = out[top:top + DIGIT, left:left + DIGIT]
+    view = out[top : top + DIGIT, left : left + DIGIT]
     np.maximum(view, digit, out=view)
     return out, (top, left)
 
@@ -241,7 +243,8 @@ def _build_cluttered_mnist(cfg: DataConfig) -> DataBundle:
     images, labels = _mnist(root)
     if cfg.train_digits + cfg.val_digits > len(labels):
         raise _bad(
-            "train_digits", f"train_digits + val_digits must be <= {len(labels)} (val_digits={cfg.val_digits})",
+            "train_digits",
+            f"train_digits + val_digits must be <= {len(labels)} (val_digits={cfg.val_digits})",
             cfg.train_digits,
         )
     train_idx, val_idx = split_digits(labels, cfg.train_digits, cfg.val_digits, cfg.seed)
@@ -249,8 +252,13 @@ def _build_cluttered_mnist(cfg: DataConfig) -> DataBundle:
     train = ClutteredMNISTTrain(pool, labels[train_idx], train_idx, cfg.canvas, cfg.clutter, cfg.seed)
 
     params = {
-        "version": _CACHE_VERSION, "canvas": cfg.canvas, "clutter": cfg.clutter, "seed": cfg.seed,
-        "train_digits": cfg.train_digits, "val_digits": cfg.val_digits, "val_placements": cfg.val_placements,
+        "version": _CACHE_VERSION,
+        "canvas": cfg.canvas,
+        "clutter": cfg.clutter,
+        "seed": cfg.seed,
+        "train_digits": cfg.train_digits,
+        "val_digits": cfg.val_digits,
+        "val_placements": cfg.val_placements,
     }
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     path = root / f"val_{key}.npz"
@@ -304,8 +312,11 @@ def _imagenet_classes(cfg: DataConfig, root: Path) -> tuple[dict[str, int], int]
     if cfg.classes is not None:
         class_to_idx = subset_labels(cfg.classes, root)
         if cfg.num_classes is not None and cfg.num_classes != IMAGENET1K_CLASSES:
-            raise _bad("num_classes", f"must be {IMAGENET1K_CLASSES} (or unset) with data.classes: the labels "
-                       "are ImageNet-1k indices", cfg.num_classes)
+            raise _bad(
+                "num_classes",
+                f"must be {IMAGENET1K_CLASSES} (or unset) with data.classes: the labels are ImageNet-1k indices",
+                cfg.num_classes,
+            )
         return class_to_idx, IMAGENET1K_CLASSES
     train_classes = _class_dirs(root / "train")
     if not train_classes:
@@ -338,8 +349,16 @@ def _build_imagenet(cfg: DataConfig, aug: AugConfig) -> DataBundle:
     size = cfg.img_size or 224
     mean, std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
     train_tf = create_transform(
-        input_size=size, is_training=True, auto_augment=aug.auto_augment, re_prob=aug.random_erasing,
-        re_mode="pixel", re_count=1, color_jitter=0.4, interpolation="bicubic", mean=mean, std=std,
+        input_size=size,
+        is_training=True,
+        auto_augment=aug.auto_augment,
+        re_prob=aug.random_erasing,
+        re_mode="pixel",
+        re_count=1,
+        color_jitter=0.4,
+        interpolation="bicubic",
+        mean=mean,
+        std=std,
     )
     val_tf = create_transform(
         input_size=size, is_training=False, interpolation="bicubic", crop_pct=0.875, mean=mean, std=std
@@ -430,11 +449,16 @@ class RepeatedAugSampler(Sampler[int]):
         order = torch.randperm(self.n, generator=gen).repeat_interleave(self.REPEATS).tolist()
         total = self.per_replica * self.replicas
         order += order[: total - len(order)]
-        return iter(order[self.rank:total:self.replicas][: self.selected])
+        return iter(order[self.rank : total : self.replicas][: self.selected])
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, train: bool, seed: int, num_workers: int, distributed: bool = False,
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    num_workers: int,
+    distributed: bool = False,
     repeated_aug: bool = False,
 ) -> DataLoader:
     """A loader whose batches are reproducible given (seed, epoch): call `set_epoch(loader, epoch)` each epoch.
@@ -456,7 +480,8 @@ def make_loader(
         if len(sampler) < batch_size:
             raise ValueError(
                 f"train.repeated_aug: the 2021 sampler keeps floor({len(dataset)} / 256) * 256 / {replicas} "  # type: ignore[arg-type]
-                f"= {len(sampler)} images per process, fewer than one batch of {batch_size}, got repeated_aug=True")
+                f"= {len(sampler)} images per process, fewer than one batch of {batch_size}, got repeated_aug=True"
+            )
     elif distributed:
         sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)
     elif train:
@@ -464,8 +489,13 @@ def make_loader(
     else:
         sampler = SequentialSampler(dataset)
     loader = DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=train,
-        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(_worker_seed(seed, 0, rank)),
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=train,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(_worker_seed(seed, 0, rank)),
     )
     loader.seed, loader.rank = seed, rank  # type: ignore[attr-defined]  # for set_epoch
     return loader

@@ -3,6 +3,7 @@
 torchrun exports RANK/WORLD_SIZE/LOCAL_RANK; a submitit job with several tasks is turned into
 the same variables by submitit's own `TorchDistributedEnvironment`. gloo on the CPU, NCCL on GPUs.
 """
+
 from __future__ import annotations
 
 import os

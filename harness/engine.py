@@ -5,6 +5,7 @@ returns its final metrics. Rank 0 writes checkpoints and talks to MLflow; every 
 `run(cfg, on_epoch=f)` also calls `f(epoch, metrics)` after each epoch (a search's pruner);
 `f` raising `Pruned` stops the run: MLflow status KILLED, tag `trial_state=PRUNED`.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,11 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import timm
 import torch
@@ -73,11 +75,11 @@ class _StopSignal:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
     def __init__(self) -> None:
-        self.received: Optional[int] = None  # the first signal
+        self.received: int | None = None  # the first signal
         self.signals: set[int] = set()
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopSignal":
+    def __enter__(self) -> _StopSignal:
         try:
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -135,7 +137,7 @@ def build_model(cfg: RunConfig, data: DataBundle) -> models.DynamicVisionTransfo
     return model
 
 
-def build_teacher(cfg: RunConfig, data: DataBundle) -> Optional[nn.Module]:
+def build_teacher(cfg: RunConfig, data: DataBundle) -> nn.Module | None:
     """The frozen dense teacher of the same backbone, or None when no loss needs one."""
     if not cfg.needs_teacher:
         return None
@@ -153,7 +155,7 @@ def build_teacher(cfg: RunConfig, data: DataBundle) -> Optional[nn.Module]:
     return teacher.eval().requires_grad_(False)
 
 
-def _criterion(cfg: RunConfig, mixup: Optional[Mixup]) -> nn.Module:
+def _criterion(cfg: RunConfig, mixup: Mixup | None) -> nn.Module:
     if mixup is not None:
         return SoftTargetCrossEntropy()
     if cfg.aug.label_smoothing > 0:
@@ -161,16 +163,18 @@ def _criterion(cfg: RunConfig, mixup: Optional[Mixup]) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def _mixup(cfg: RunConfig, num_classes: int) -> Optional[Mixup]:
+def _mixup(cfg: RunConfig, num_classes: int) -> Mixup | None:
     if cfg.aug.mixup <= 0 and cfg.aug.cutmix <= 0:
         return None
     return Mixup(
-        mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix,
-        label_smoothing=cfg.aug.label_smoothing, num_classes=num_classes,
+        mixup_alpha=cfg.aug.mixup,
+        cutmix_alpha=cfg.aug.cutmix,
+        label_smoothing=cfg.aug.label_smoothing,
+        num_classes=num_classes,
     )
 
 
-def precision_plan(precision: str, device_type: str) -> tuple[Optional[torch.dtype], bool]:
+def precision_plan(precision: str, device_type: str) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, whether a GradScaler scales the loss) for a run's `train.precision`.
 
     fp16 is the 2021 code's `torch.cuda.amp.autocast()` + NativeScaler; fp32 is HEAD's default;
@@ -205,21 +209,30 @@ class Trainer:
         if cfg.train.channels_last and self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
         self.train_loader = make_loader(
-            self.data.train, cfg.train.batch_size, train=True, seed=cfg.train.seed,
-            num_workers=cfg.data.num_workers, distributed=env.enabled,
+            self.data.train,
+            cfg.train.batch_size,
+            train=True,
+            seed=cfg.train.seed,
+            num_workers=cfg.data.num_workers,
+            distributed=env.enabled,
             repeated_aug=cfg.train.repeated_aug,
         )
         self.val_loader = make_loader(
-            self.data.val, cfg.train.eval_batch_size or cfg.train.batch_size, train=False,
-            seed=cfg.train.seed, num_workers=cfg.data.num_workers, distributed=env.enabled,
+            self.data.val,
+            cfg.train.eval_batch_size or cfg.train.batch_size,
+            train=False,
+            seed=cfg.train.seed,
+            num_workers=cfg.data.num_workers,
+            distributed=env.enabled,
         )
         # train.accum_steps micro-batches make one optimiser update (HEAD --update_freq): steps count
         # updates, and an epoch's last incomplete update is skipped (HEAD main.py:486, engine.py:34-36)
         self.accum = cfg.train.accum_steps
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
-            raise ValueError(f"train.accum_steps: must not exceed the {len(self.train_loader)} batches of an epoch, "
-                             f"got {self.accum}")
+            raise ValueError(
+                f"train.accum_steps: must not exceed the {len(self.train_loader)} batches of an epoch, got {self.accum}"
+            )
         global_batch = cfg.train.batch_size * env.world_size * self.accum
         self.optimizer = build_optimizer(self.model, cfg.optim, global_batch)
         self.lr_schedule = build_schedule(cfg.optim, global_batch, cfg.train.epochs, self.steps_per_epoch)
@@ -228,13 +241,14 @@ class Trainer:
         self.loss = loss_for(self.model)(cfg.losses, self.model.stage_ratios, _criterion(cfg, self.mixup))
         self.ddp: nn.Module = (
             DistributedDataParallel(self.model, device_ids=[env.local_rank] if self.device.type == "cuda" else None)
-            if env.enabled else self.model
+            if env.enabled
+            else self.model
         )
         dtype, scaled = precision_plan(cfg.train.precision, self.device.type)
         self.precision = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]  # as run
         self.autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype is not None else nullcontext
         self.scaler = torch.amp.GradScaler("cuda", enabled=scaled)
-        self.tracker: Optional[RunTracker] = None
+        self.tracker: RunTracker | None = None
         self.epoch = 0
         self.batches_done = 0
         self.sums = EpochSums()
@@ -342,14 +356,22 @@ class Trainer:
                     logits = model(images).float()
                 top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
                 hits = top5 == targets[:, None]
-                totals += torch.tensor([
-                    hits[:, 0].sum().item(), hits.any(dim=1).sum().item(),
-                    nn.functional.cross_entropy(logits, targets, reduction="sum").item(), len(targets),
-                ], dtype=torch.float64)
+                totals += torch.tensor(
+                    [
+                        hits[:, 0].sum().item(),
+                        hits.any(dim=1).sum().item(),
+                        nn.functional.cross_entropy(logits, targets, reduction="sum").item(),
+                        len(targets),
+                    ],
+                    dtype=torch.float64,
+                )
         totals = all_reduce_sum(totals.to(self.device), self.env).cpu()
         count = max(totals[3].item(), 1.0)
-        metrics = {"acc1": 100 * totals[0].item() / count, "acc5": 100 * totals[1].item() / count,
-                   "loss": totals[2].item() / count}
+        metrics = {
+            "acc1": 100 * totals[0].item() / count,
+            "acc5": 100 * totals[1].item() / count,
+            "loss": totals[2].item() / count,
+        }
         base = getattr(model, "module", model)
         for stage, keep in enumerate(getattr(base, "num_keep", [])):
             metrics[f"keep_stage{stage + 1}"] = keep / base.num_patches
@@ -361,23 +383,38 @@ class Trainer:
         batches = _skip(iter(self.train_loader), self.batches_done)
         quiet = not sys.stderr.isatty() or not self.env.is_main
         micro_batches = self.steps_per_epoch * self.accum
-        bar = tqdm(batches, total=micro_batches, initial=self.batches_done, disable=quiet,
-                   desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", leave=False)
+        bar = tqdm(
+            batches,
+            total=micro_batches,
+            initial=self.batches_done,
+            disable=quiet,
+            desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}",
+            leave=False,
+        )
         for images, targets in bar:
             if self.batches_done >= micro_batches:  # the epoch's incomplete last update
                 break
-            step, micro = self.epoch * self.steps_per_epoch + self.batches_done // self.accum, self.batches_done % self.accum
+            step, micro = (
+                self.epoch * self.steps_per_epoch + self.batches_done // self.accum,
+                self.batches_done % self.accum,
+            )
             values = self.train_step(images, targets, step, micro)
             self.sums.add(values)
             self.batches_done += 1
-            if (self.tracker and micro == self.accum - 1 and step % self.cfg.optim.log_every == 0
-                    and step > self.logged_upto):
+            if (
+                self.tracker
+                and micro == self.accum - 1
+                and step % self.cfg.optim.log_every == 0
+                and step > self.logged_upto
+            ):
                 self.tracker.log_metrics({"train/loss_step": values["loss"]}, step=step)
             bar.set_postfix(loss=f"{values['loss']:.3f}")
             if stop.received is not None and self.batches_done % self.accum == 0:  # at an update boundary
                 self.save()
-                raise Preempted(f"signal {stop.received}: checkpoint written at epoch {self.epoch}, "
-                                f"batch {self.batches_done}", frozenset(stop.signals))
+                raise Preempted(
+                    f"signal {stop.received}: checkpoint written at epoch {self.epoch}, batch {self.batches_done}",
+                    frozenset(stop.signals),
+                )
 
     def validates_this_epoch(self) -> bool:
         """Every `train.eval_every` epochs and always after the last (the result is the final model's)."""
@@ -394,8 +431,7 @@ class Trainer:
             val.update(self.update_best(val))
         lr, lr_backbone = current_lrs(self.optimizer)
         last_step = (self.epoch + 1) * self.steps_per_epoch - 1
-        extra = {"lr": lr, "lr_backbone": lr_backbone, "tau": self._tau(last_step),
-                 "epoch_time_s": epoch_seconds}
+        extra = {"lr": lr, "lr_backbone": lr_backbone, "tau": self._tau(last_step), "epoch_time_s": epoch_seconds}
         return {k: v for k, v in {**train, **val, **extra}.items() if not math.isnan(v)}
 
     def update_best(self, val: dict[str, float]) -> dict[str, float]:
@@ -417,10 +453,13 @@ class Trainer:
         model = self.model.eval()
         batch = min(self.cfg.train.eval_batch_size or self.cfg.train.batch_size, 64)
         speed = measure_throughput(model, batch, device=self.device, warmup=2, iters=5)
-        return {"gflops": count_gflops(model), "params_m": count_params_m(model),
-                "throughput_img_s": speed.images_per_s}
+        return {
+            "gflops": count_gflops(model),
+            "params_m": count_params_m(model),
+            "throughput_img_s": speed.images_per_s,
+        }
 
-    def write_artifacts(self) -> Optional[str]:
+    def write_artifacts(self) -> str | None:
         """The resolved config, kept-token pictures and the final weights, to disk and MLflow.
 
         With `tracking.log_checkpoint` the final model is also an MLflow model (the UI's Models
@@ -437,9 +476,12 @@ class Trainer:
             images = torch.stack([self.data.val[i][0] for i in range(min(n_images, len(self.data.val)))])
             with torch.no_grad():
                 _, kept = self.model.eval().forward_pruned(images.to(self.device), return_positions=True)
-            grid = getattr(self.model, "selection_grid", None) or tuple(self.model.patch_embed.grid_size)  # Swin/ConvNeXt: stage 3
-            paths.append(kept_token_figure(images, kept, grid,
-                                           self.data.mean, self.data.std, self.out / "kept_tokens.png"))
+            grid = getattr(self.model, "selection_grid", None) or tuple(
+                self.model.patch_embed.grid_size
+            )  # Swin/ConvNeXt: stage 3
+            paths.append(
+                kept_token_figure(images, kept, grid, self.data.mean, self.data.std, self.out / "kept_tokens.png")
+            )
         weights = self.out / ckpt.FINAL_WEIGHTS
         ckpt.save_atomic({"model": self.model.state_dict()}, weights)
         if self.cfg.tracking.log_checkpoint:
@@ -450,7 +492,7 @@ class Trainer:
             return None
         return self.tracker.log_pytorch_model(self.model.eval(), step=max(self.epoch - 1, 0))
 
-    def fit(self, on_epoch: Optional[EpochCallback] = None) -> dict[str, float]:
+    def fit(self, on_epoch: EpochCallback | None = None) -> dict[str, float]:
         """Train the remaining epochs; `on_epoch` runs on rank 0 after each epoch's metrics are logged."""
         from harness import runstate  # the folder, checkpoint and MLflow run are this run key's (or refused)
 
@@ -460,13 +502,22 @@ class Trainer:
             self.restore(state)
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            tags = {"variant": cfg.model.variant, "run_key": cfg.run_key(), "model": cfg.model.name,
-                    "recipe": cfg.recipe, "precision": self.precision,
-                    "steps_per_epoch": str(self.steps_per_epoch)}  # the total of harness/progress.py's steps
+            tags = {
+                "variant": cfg.model.variant,
+                "run_key": cfg.run_key(),
+                "model": cfg.model.name,
+                "recipe": cfg.recipe,
+                "precision": self.precision,
+                "steps_per_epoch": str(self.steps_per_epoch),
+            }  # the total of harness/progress.py's steps
             launched_as = cfg.tracking.run_id
             self.tracker = RunTracker.start(
-                cfg.tracking, params=cfg.model_dump(), tags=tags, async_logging=True,
-                resume_run_id=state["mlflow_run_id"] if state else launched_as, data=cfg.data,
+                cfg.tracking,
+                params=cfg.model_dump(),
+                tags=tags,
+                async_logging=True,
+                resume_run_id=state["mlflow_run_id"] if state else launched_as,
+                data=cfg.data,
             )
             self.tracker.resend(self.out / UNSENT)  # what an outage kept from the last job
             replaced = launched_as if launched_as and launched_as != self.tracker.run_id else None
@@ -500,10 +551,16 @@ class Trainer:
             final = {**self.history, **self.final_metrics()} if self.env.is_main else {}
             if self.tracker:
                 model_id = self.write_artifacts()
-                self.tracker.log_metrics({k: final[k] for k in ("gflops", "params_m", "throughput_img_s")},
-                                         step=cfg.train.epochs, model_id=model_id)
-                (self.out / RESULT).write_text(json.dumps(
-                    {"mlflow_run_id": self.tracker.run_id, "run_key": cfg.run_key(), "metrics": final}, indent=2))
+                self.tracker.log_metrics(
+                    {k: final[k] for k in ("gflops", "params_m", "throughput_img_s")},
+                    step=cfg.train.epochs,
+                    model_id=model_id,
+                )
+                (self.out / RESULT).write_text(
+                    json.dumps(
+                        {"mlflow_run_id": self.tracker.run_id, "run_key": cfg.run_key(), "metrics": final}, indent=2
+                    )
+                )
                 self.tracker.finish("FINISHED")
             return final
         except Preempted:
@@ -513,9 +570,12 @@ class Trainer:
         except TrackingUnavailable as err:  # MLflow gone too long: resumable from here by a relaunch
             self.save()
             kept = self.tracker.spill(self.out / UNSENT) if self.tracker else 0
-            print(f"checkpoint written at epoch {self.epoch}, batch {self.batches_done}; {kept} metric points "
-                  f"kept in {self.out / UNSENT} for the resumed job (the MLflow run stays RUNNING: "
-                  "relaunch to resume)", file=sys.stderr)
+            print(
+                f"checkpoint written at epoch {self.epoch}, batch {self.batches_done}; {kept} metric points "
+                f"kept in {self.out / UNSENT} for the resumed job (the MLflow run stays RUNNING: "
+                "relaunch to resume)",
+                file=sys.stderr,
+            )
             raise err
         except Pruned:
             if self.tracker:
@@ -529,7 +589,7 @@ class Trainer:
             raise
 
 
-def run(cfg: RunConfig, on_epoch: Optional[EpochCallback] = None) -> dict[str, float]:
+def run(cfg: RunConfig, on_epoch: EpochCallback | None = None) -> dict[str, float]:
     """Train (or resume, or just report) one run; returns its final metrics on rank 0.
 
     `on_epoch(epoch, metrics)` is called after each epoch's metrics are logged, on rank 0 only (so

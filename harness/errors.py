@@ -12,6 +12,7 @@ Anything else is a bug and keeps its traceback.
 
 Plain standard library: a command's error path must not import torch or MLflow.
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,8 +22,8 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 # every command's exit codes, defined here only
 EXIT_FAILED = 1  # the environment (a server that does not answer, a full disk) or a failed run
@@ -31,8 +32,16 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 EXIT_PREEMPTED = 143  # a run stopped by SIGTERM with its checkpoint written, as a shell reports SIGTERM
 
 # OSErrors the user fixes by naming another path or changing its permissions
-_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.ENOENT,
-                errno.ENAMETOOLONG, errno.ELOOP}
+_USER_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.ENOENT,
+    errno.ENAMETOOLONG,
+    errno.ELOOP,
+}
 
 
 class ConfigError(ValueError):
@@ -56,19 +65,21 @@ def show(value: object, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def os_error_line(err: OSError, folder: Optional[Path] = None) -> tuple[str, int]:
+def os_error_line(err: OSError, folder: Path | None = None) -> tuple[str, int]:
     """`path: problem` and the exit code for an OSError (ENOSPC: the disk is full, exit 1).
 
     A write through an open file handle names no path: `folder` (the run's) stands in for it.
     """
     where = err.filename or (str(folder) if folder else "(unknown path)")
-    problem = {errno.ENOSPC: "no space left on the device (disk full)",
-               errno.EROFS: "read-only file system",
-               errno.EDQUOT: "disk quota exceeded"}.get(err.errno or 0, err.strerror or str(err))
+    problem = {
+        errno.ENOSPC: "no space left on the device (disk full)",
+        errno.EROFS: "read-only file system",
+        errno.EDQUOT: "disk quota exceeded",
+    }.get(err.errno or 0, err.strerror or str(err))
     return f"{where}: {problem}", EXIT_INVALID if err.errno in _USER_ERRNOS else EXIT_FAILED
 
 
-def root_os_error(err: BaseException) -> Optional[OSError]:
+def root_os_error(err: BaseException) -> OSError | None:
     """The OSError behind an exception (torch buries ENOSPC under RuntimeError('unexpected pos ...'))."""
     seen = 0
     while err is not None and seen < 10:
@@ -79,7 +90,7 @@ def root_os_error(err: BaseException) -> Optional[OSError]:
     return None
 
 
-def _write_log(prog: str, log_dir: Optional[Path]) -> str:
+def _write_log(prog: str, log_dir: Path | None) -> str:
     """The current exception's full traceback in a log file; its path (or why none could be written)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for folder in (log_dir, Path(tempfile.gettempdir()) / "dvit-harness"):
@@ -95,7 +106,7 @@ def _write_log(prog: str, log_dir: Optional[Path]) -> str:
     return "no log could be written"
 
 
-def handle(prog: str, main: Callable[[], int], log_dir: Callable[[], Optional[Path]] = lambda: None) -> int:
+def handle(prog: str, main: Callable[[], int], log_dir: Callable[[], Path | None] = lambda: None) -> int:
     """Run a command's `main`, turning input and environment errors into one line and an exit code.
 
     `log_dir()` names where a traceback should go (a run's folder); a temporary folder otherwise.

@@ -13,17 +13,18 @@ Exit codes: 0 all fetched, 1 one failed (one line each on stderr: offline, trunc
 that cannot be written), 2 invalid spec or a file refused for what it would unpickle, 130 Ctrl-C
 (no partial file is left).
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from harness.errors import EXIT_FAILED, EXIT_INVALID, handle
 from models.checkpoint import CheckpointError, cache_dir, fetch, is_url, read_record, sha256_of
 
 
-def spec_sources(spec_path: str, scale: Optional[str], overrides: Sequence[str] = ()) -> list[str]:
+def spec_sources(spec_path: str, scale: str | None, overrides: Sequence[str] = ()) -> list[str]:
     """Every checkpoint URL the runs of a spec at `scale` load (model, teacher, init), in order."""
     from harness.spec import load_and_expand
 
@@ -35,18 +36,24 @@ def spec_sources(spec_path: str, scale: Optional[str], overrides: Sequence[str] 
     return sources
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     return handle("harness.fetch", lambda: _main(argv))
 
 
-def _main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.fetch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.fetch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("sources", nargs="*", help="checkpoint URLs (URL#sha256=HEX pins a hash) or files")
     parser.add_argument("--spec", help="also every checkpoint URL of this experiment spec's runs")
     parser.add_argument("--scale", help="the spec's scale (default: its default_scale)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a dotted spec override, as for the launcher (scales.paper.data.root=/data/imagenet)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dotted spec override, as for the launcher (scales.paper.data.root=/data/imagenet)",
+    )
     args = parser.parse_args(argv)
     sources = list(args.sources)
     if args.spec:
@@ -73,8 +80,10 @@ def _main(argv: Optional[list[str]] = None) -> int:
             continue
         record = read_record(path) if is_url(source) else None  # fetch just verified it
         print(f"{record['sha256'] if record else sha256_of(path)}  {path}  {source}")
-    print(f"checkpoints in {cache_dir()}: {len(sources) - failed - refused} ok, {failed + refused} failed",
-          file=sys.stderr)
+    print(
+        f"checkpoints in {cache_dir()}: {len(sources) - failed - refused} ok, {failed + refused} failed",
+        file=sys.stderr,
+    )
     return EXIT_FAILED if failed else EXIT_INVALID if refused else 0
 
 

@@ -9,12 +9,14 @@ read cache and run files when the umask says so (mkstemp alone would make them 0
 
 Plain standard library.
 """
+
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable, Union
+from typing import IO, Union
 
 PathLike = Union[str, "os.PathLike[str]"]  # what a function that takes a path accepts: a str or a Path
 

@@ -5,11 +5,12 @@ machine's memory would otherwise be found by the job, after the queue and possib
 whole earlier stage. Standard library only (no torch): the launcher's dry run and the bad-input
 paths of every command stay fast.
 """
+
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from harness.config import RunConfig
 from harness.errors import show
@@ -65,7 +66,9 @@ def weights_problem(value: str) -> str | None:
         return f"cannot be read ({err.strerror}), got {show(value)}"
     if not head:
         return f"an empty file, not a checkpoint, got {show(value)}"
-    if head[:2] == b"PK" and not zipfile.is_zipfile(path):  # torch's zip format: a truncated file has no central directory
+    if head[:2] == b"PK" and not zipfile.is_zipfile(
+        path
+    ):  # torch's zip format: a truncated file has no central directory
         return f"a truncated or damaged checkpoint (not a valid zip archive), got {show(value)}"
     if head[:1] == b"\x80" or head[:2] == b"PK":  # torch's legacy (pickle) or zip format
         refused = _unsafe(path)  # a pickle that would import anything but tensors and plain data
@@ -74,8 +77,9 @@ def weights_problem(value: str) -> str | None:
     return f"{kind}, not a torch checkpoint, got {show(value)}"
 
 
-def check_run_inputs(cfg: RunConfig, source: str, locate: Callable[[str], str],
-                     produced: Iterable[str] = ()) -> list[str]:
+def check_run_inputs(
+    cfg: RunConfig, source: str, locate: Callable[[str], str], produced: Iterable[str] = ()
+) -> list[str]:
     """One line per file this run reads that is missing or unusable, or size that cannot fit.
 
     `locate(field)` names where the value was set (a spec layer); `produced` lists fields that
@@ -93,11 +97,15 @@ def check_run_inputs(cfg: RunConfig, source: str, locate: Callable[[str], str],
     for field, limit in (("train.batch_size", MAX_BATCH), ("train.eval_batch_size", MAX_BATCH)):
         value = _get(cfg, field)
         if value is not None and value > limit:
-            problems.append(f"{source}: {locate(field)}: larger than any machine's memory allows "
-                            f"(at most {limit} per process), got {value}")
+            problems.append(
+                f"{source}: {locate(field)}: larger than any machine's memory allows "
+                f"(at most {limit} per process), got {value}"
+            )
     for field in ("data.img_size", "data.canvas"):
         value = _get(cfg, field)
         if value is not None and value * value > MAX_PIXELS:
-            problems.append(f"{source}: {locate(field)}: an image of {value} x {value} pixels is too large "
-                            f"(at most {int(MAX_PIXELS ** 0.5)}), got {value}")
+            problems.append(
+                f"{source}: {locate(field)}: an image of {value} x {value} pixels is too large "
+                f"(at most {int(MAX_PIXELS**0.5)}), got {value}"
+            )
     return problems

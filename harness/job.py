@@ -18,13 +18,14 @@ The engine turns SIGTERM/SIGUSR2 into a checkpoint at the next step boundary and
   still RUNNING (a bare `scancel --signal TERM`): requeue as above.
 - TERM outside SLURM (`python -m harness.cancel` of a local job, `kill`): stop for good.
 """
+
 from __future__ import annotations
 
 import os
 import signal
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import submitit
 
@@ -100,7 +101,7 @@ def job_id_tags() -> dict[str, str]:
 class TrainJob(submitit.helpers.Checkpointable):
     """`TrainJob()(config_dict)` trains one run through the engine and returns its final metrics."""
 
-    run_id: Optional[str] = None  # the MLflow run this job trained into (its placeholder's replacement)
+    run_id: str | None = None  # the MLflow run this job trained into (its placeholder's replacement)
 
     def checkpoint(self, config: dict[str, Any]) -> submitit.helpers.DelayedSubmission:
         """The requeued call: the same config, logging into the run this job started, not the placeholder."""
@@ -120,16 +121,20 @@ class TrainJob(submitit.helpers.Checkpointable):
         cfg = RunConfig.model_validate(config)
         cfg.tracking.tags.update(job_id_tags())
         if cancelled_before_start(cfg):
-            raise RuntimeError(f"MLflow run {cfg.tracking.run_id} was cancelled (harness.cancel) before this job "
-                               "started; not training (the next launch resumes it)")
+            raise RuntimeError(
+                f"MLflow run {cfg.tracking.run_id} was cancelled (harness.cancel) before this job "
+                "started; not training (the next launch resumes it)"
+            )
         try:
             return run(cfg)
         except Preempted as stop:
             self.run_id = cfg.tracking.run_id  # the engine's own run, which the requeued job resumes
             cancelled, why = stopped_for_good(stop)
             if cancelled:
-                print(f"cancelled: {stop}; {why}; not requeued (the next launch resumes from the checkpoint)",
-                      file=sys.stderr)
+                print(
+                    f"cancelled: {stop}; {why}; not requeued (the next launch resumes from the checkpoint)",
+                    file=sys.stderr,
+                )
                 raise
             print(f"preempted: {stop}; {why}; requeueing", file=sys.stderr)
             requeue = signal.getsignal(signal.SIGUSR2)

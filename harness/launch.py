@@ -18,6 +18,7 @@ Exit codes: 0 submitted (or all done), 1 a run failed (with --wait or the local 
 environment stopped the launch (an unreachable tracking server), 2 invalid spec, arguments or
 files (one line each; nothing written, nothing submitted).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from harness import runstate
 from harness.cluster import choose_executor, job_alive, process_alive, scancel, signal_local, wait_until_gone
@@ -43,22 +44,33 @@ from harness.store import StoreLock, bound_requests, check_store, resolve_uri
 IN_FLIGHT = ("SCHEDULED", "RUNNING")
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m harness.launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("spec", help="experiment spec YAML, e.g. experiments/table3.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted spec overrides, e.g. base.train.epochs=2")
     parser.add_argument("--scale", help="which of the spec's scales (default: the spec's default_scale)")
-    parser.add_argument("--executor", choices=["auto", "slurm", "local", "debug"], default="auto",
-                        help="auto: SLURM when its controller answers (sinfo), else local processes")
+    parser.add_argument(
+        "--executor",
+        choices=["auto", "slurm", "local", "debug"],
+        default="auto",
+        help="auto: SLURM when its controller answers (sinfo), else local processes",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the expanded runs, submit nothing")
     parser.add_argument("--rerun", action="store_true", help="run again even runs that already finished")
     parser.add_argument("--wait", action="store_true", help="follow the runs to the end, then report")
     parser.add_argument("--output-root", default="runs", help="runs/<spec>/<scale>/<stage>/<run>/ (default: runs)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    parser.add_argument("--max-runs", type=int, default=MAX_RUNS, metavar="N",
-                        help=f"refuse a spec that expands to more than N runs (default: {MAX_RUNS})")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
+    parser.add_argument(
+        "--max-runs",
+        type=int,
+        default=MAX_RUNS,
+        metavar="N",
+        help=f"refuse a spec that expands to more than N runs (default: {MAX_RUNS})",
+    )
     return parser.parse_intermixed_args(argv)
 
 
@@ -70,8 +82,17 @@ def render_table(expanded: Expanded) -> str:
     rows = []
     for plan in expanded.runs:
         flat = _flat(plan)
-        rows.append([plan.stage, plan.name, plan.row, plan.key, plan.config.recipe,
-                     *(str(flat.get(k)) for k in varying), plan.slurm.describe()])
+        rows.append(
+            [
+                plan.stage,
+                plan.name,
+                plan.row,
+                plan.key,
+                plan.config.recipe,
+                *(str(flat.get(k)) for k in varying),
+                plan.slurm.describe(),
+            ]
+        )
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *rows]]
     title = f"{expanded.spec.name} ({expanded.scale}): {len(expanded.runs)} runs in stages {' -> '.join(expanded.stage_order)}"
@@ -91,8 +112,12 @@ def make_executor(cluster: str, folder: Path, plan: RunPlan, spec_name: str, dep
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     res = plan.slurm
     params: dict[str, Any] = dict(
-        name=f"{spec_name}-{plan.stage}", timeout_min=res.timeout_min, nodes=res.nodes,
-        tasks_per_node=res.tasks_per_node, cpus_per_task=res.cpus_per_task, gpus_per_node=res.gpus_per_node,
+        name=f"{spec_name}-{plan.stage}",
+        timeout_min=res.timeout_min,
+        nodes=res.nodes,
+        tasks_per_node=res.tasks_per_node,
+        cpus_per_task=res.cpus_per_task,
+        gpus_per_node=res.gpus_per_node,
     )
     if res.mem_gb:
         params["mem_gb"] = res.mem_gb
@@ -121,8 +146,15 @@ def launcher_alive(tags: dict[str, str]) -> bool:
 class Launch:
     """One launch of a spec: MLflow bookkeeping, then one job array per stage."""
 
-    def __init__(self, expanded: Expanded, tracking_uri: str, cluster: str, rerun: bool,
-                 output_root: Optional[Path] = None, lock: Optional[StoreLock] = None) -> None:
+    def __init__(
+        self,
+        expanded: Expanded,
+        tracking_uri: str,
+        cluster: str,
+        rerun: bool,
+        output_root: Path | None = None,
+        lock: StoreLock | None = None,
+    ) -> None:
         from mlflow import MlflowClient
 
         from harness.tracking import ensure_experiment
@@ -133,7 +165,7 @@ class Launch:
         self.rerun = rerun
         self.root = output_root
         self.lock = lock or StoreLock(tracking_uri, output_root or Path("runs").resolve())
-        self._parent_id: Optional[str] = None  # created with the first run it submits
+        self._parent_id: str | None = None  # created with the first run it submits
         with self.lock:  # a new store's tables are created (MlflowClient) by one process at a time
             self.client = MlflowClient(tracking_uri)
             self.experiment_id = ensure_experiment(tracking_uri, expanded.spec.name)
@@ -155,8 +187,10 @@ class Launch:
         self.by_key: dict[str, list[Any]] = {}
         for run in find_runs(self.uri, expanded.spec.name, f"tags.kind = 'train' and tags.scale = '{expanded.scale}'"):
             self.by_key.setdefault(run.data.tags.get("run_key", ""), []).append(run)
-        self.launches = {run.info.run_id: run for run in find_runs(
-            self.uri, expanded.spec.name, "tags.kind = 'launch' and attributes.status = 'RUNNING'")}
+        self.launches = {
+            run.info.run_id: run
+            for run in find_runs(self.uri, expanded.spec.name, "tags.kind = 'launch' and attributes.status = 'RUNNING'")
+        }
         for run in self.launches.values():  # killed hard (SIGKILL): nobody marked it
             if run.info.run_id != self._parent_id and not launcher_alive(run.data.tags):
                 self.client.set_terminated(run.info.run_id, "KILLED")
@@ -170,10 +204,20 @@ class Launch:
             from harness.tracking import source_tags
 
             expanded = self.expanded
-            self._parent_id = self.client.create_run(self.experiment_id, run_name=f"launch-{expanded.scale}", tags={
-                **source_tags("harness/launch.py", "LOCAL"), "kind": "launch", "spec": expanded.spec.name,
-                "scale": expanded.scale, "table": expanded.spec.table or "", "executor": self.cluster,
-                "launcher_host": socket.gethostname(), "launcher_pid": str(os.getpid())}).info.run_id
+            self._parent_id = self.client.create_run(
+                self.experiment_id,
+                run_name=f"launch-{expanded.scale}",
+                tags={
+                    **source_tags("harness/launch.py", "LOCAL"),
+                    "kind": "launch",
+                    "spec": expanded.spec.name,
+                    "scale": expanded.scale,
+                    "table": expanded.spec.table or "",
+                    "executor": self.cluster,
+                    "launcher_host": socket.gethostname(),
+                    "launcher_pid": str(os.getpid()),
+                },
+            ).info.run_id
         return self._parent_id
 
     def job_alive(self, run: Any) -> bool:
@@ -192,7 +236,7 @@ class Launch:
             self._job_alive[run.info.run_id] = alive
         return self._job_alive[run.info.run_id]
 
-    def decide(self, plan: RunPlan) -> tuple[str, Optional[Any]]:
+    def decide(self, plan: RunPlan) -> tuple[str, Any | None]:
         """('skip'|'submit', the existing MLflow run to continue or None)."""
         runs = self.by_key.get(plan.key, [])
         finished = [r for r in runs if r.info.status == "FINISHED"]
@@ -201,10 +245,16 @@ class Launch:
             return "in flight", flying[0]
         if flying:  # killed hard (SIGKILL, out of memory, a crashed machine): it never marked its run
             tags = flying[0].data.tags
-            gone = "its job is gone" if tags.get("job_id") or tags.get("slurm_job_id") else \
-                "it was never submitted (its launch was interrupted)"
-            print(f"{plan.stage}/{plan.name}: MLflow says {flying[0].info.status} but {gone}; "
-                  "resubmitting it to resume from its checkpoint", file=sys.stderr)
+            gone = (
+                "its job is gone"
+                if tags.get("job_id") or tags.get("slurm_job_id")
+                else "it was never submitted (its launch was interrupted)"
+            )
+            print(
+                f"{plan.stage}/{plan.name}: MLflow says {flying[0].info.status} but {gone}; "
+                "resubmitting it to resume from its checkpoint",
+                file=sys.stderr,
+            )
             return "submit", flying[0]
         if finished and not self.rerun:
             return "finished", finished[0]
@@ -215,33 +265,48 @@ class Launch:
         failed = [r for r in runs if r.info.status in ("FAILED", "KILLED")]
         return "submit", failed[0] if failed else None
 
-    def prepare(self, plan: RunPlan, continue_run: Optional[Any]) -> dict[str, Any]:
+    def prepare(self, plan: RunPlan, continue_run: Any | None) -> dict[str, Any]:
         """The job's config: tracking set to a child run of this launch, SCHEDULED until it starts.
 
         A new run is a placeholder until its job starts and replaces it with a run of its own
         (harness.tracking.replace_placeholder), so that MLflow's start time is the job's start.
         """
         from harness.tracking import QUEUED_AT
-        tags = {"mlflow.source.name": "harness/launch.py", "mlflow.source.type": "JOB", **plan.config.tracking.tags,
-                "run_key": plan.key, "variant": plan.variant, "mlflow.parentRunId": self.parent_id,
-                QUEUED_AT: str(int(time.time() * 1000))}
-        if continue_run is not None and not runstate.folder_is_resumable(plan.output_dir, plan.key,
-                                                                         continue_run.info.run_id):
-            print(f"{plan.stage}/{plan.name}: {plan.output_dir} holds another run's state; starting a new MLflow "
-                  f"run instead of continuing {continue_run.info.run_id}", file=sys.stderr)
+
+        tags = {
+            "mlflow.source.name": "harness/launch.py",
+            "mlflow.source.type": "JOB",
+            **plan.config.tracking.tags,
+            "run_key": plan.key,
+            "variant": plan.variant,
+            "mlflow.parentRunId": self.parent_id,
+            QUEUED_AT: str(int(time.time() * 1000)),
+        }
+        if continue_run is not None and not runstate.folder_is_resumable(
+            plan.output_dir, plan.key, continue_run.info.run_id
+        ):
+            print(
+                f"{plan.stage}/{plan.name}: {plan.output_dir} holds another run's state; starting a new MLflow "
+                f"run instead of continuing {continue_run.info.run_id}",
+                file=sys.stderr,
+            )
             continue_run = None
         if continue_run is not None:
             run_id = continue_run.info.run_id
             for key, value in tags.items():
                 self.client.set_tag(run_id, key, value)
         else:
-            run_id = self.client.create_run(self.experiment_id, run_name=plan.config.tracking.run_name,
-                                            tags=tags).info.run_id
+            run_id = self.client.create_run(
+                self.experiment_id, run_name=plan.config.tracking.run_name, tags=tags
+            ).info.run_id
         self.client.update_run(run_id, status="SCHEDULED")
         moved = runstate.claim(plan.output_dir, plan.key, run_id, self.root, resume=continue_run is not None)
         if moved is not None:
-            print(f"{plan.stage}/{plan.name}: {plan.output_dir} held another run's state (another run key or "
-                  f"MLflow run); kept as {moved.name}, the run starts clean", file=sys.stderr)
+            print(
+                f"{plan.stage}/{plan.name}: {plan.output_dir} held another run's state (another run key or "
+                f"MLflow run); kept as {moved.name}, the run starts clean",
+                file=sys.stderr,
+            )
         config = plan.config.model_copy(deep=True)
         config.tracking.uri = self.uri
         config.tracking.experiment_id = self.experiment_id
@@ -270,8 +335,11 @@ class Launch:
             else:
                 self.skipped[f"{stage}/{plan.name}"] = decision
         if waiting and any(v == "waits for a stage" for k, v in self.skipped.items() if k.startswith(stage + "/")):
-            print(f"{stage}: not submitted: it starts from {', '.join(waiting)}, not FINISHED; the launch running "
-                  f"it goes on to {stage} (or relaunch once it has finished)", file=sys.stderr)
+            print(
+                f"{stage}: not submitted: it starts from {', '.join(waiting)}, not FINISHED; the launch running "
+                f"it goes on to {stage} (or relaunch once it has finished)",
+                file=sys.stderr,
+            )
         return todo
 
     def unfinished(self, stages: set[str]) -> list[str]:
@@ -284,8 +352,9 @@ class Launch:
                     found.append(f"{stage}/{plan.name} ({states[0] if states else 'not launched'})")
         return found
 
-    def submit_stage(self, stage: str, todo: list[tuple[RunPlan, dict[str, Any]]], depends_on: list[str],
-                     progress: bool = False) -> tuple[list[tuple[RunPlan, Any]], bool]:
+    def submit_stage(
+        self, stage: str, todo: list[tuple[RunPlan, dict[str, Any]]], depends_on: list[str], progress: bool = False
+    ) -> tuple[list[tuple[RunPlan, Any]], bool]:
         """Submit the stage's runs that need it (`plan_stage`); (jobs, False if a run failed).
 
         SLURM: one job array, returned at once. Local processes: as many at once as the cores
@@ -313,8 +382,11 @@ class Launch:
         cpus = todo[0][0].slurm.cpus_per_task
         os.environ["DVIT_NUM_THREADS"] = str(cpus)
         at_once = max(1, min(todo[0][0].slurm.array_parallelism, (os.cpu_count() or 1) // cpus))
-        print(f"{stage}: running {len(todo)} here, {min(at_once, len(todo))} at a time ({cpus} thread(s) each), "
-              f"skipped {skipped}", file=sys.stderr)
+        print(
+            f"{stage}: running {len(todo)} here, {min(at_once, len(todo))} at a time ({cpus} thread(s) each), "
+            f"skipped {skipped}",
+            file=sys.stderr,
+        )
         submitted: list[tuple[RunPlan, Any]] = []
         running: list[tuple[RunPlan, Any]] = []
         with Finished(len(todo), progress, stage, self.watch) as finished:
@@ -380,10 +452,15 @@ class Launch:
         """
         from harness.tracking import current_run_id
 
-        current = {p.config.tracking.run_name: p.key for s in self.expanded.stage_order
-                   for p in self.expanded.stage_runs(s)}
-        old = [(run, current[run.info.run_name]) for key, runs in self.by_key.items() for run in runs
-               if run.info.status in IN_FLIGHT and current.get(run.info.run_name, key) != key]
+        current = {
+            p.config.tracking.run_name: p.key for s in self.expanded.stage_order for p in self.expanded.stage_runs(s)
+        }
+        old = [
+            (run, current[run.info.run_name])
+            for key, runs in self.by_key.items()
+            for run in runs
+            if run.info.status in IN_FLIGHT and current.get(run.info.run_name, key) != key
+        ]
         waiting = []
         for run, new_key in old:
             tags = run.data.tags
@@ -395,26 +472,40 @@ class Launch:
             elif alive and tags.get("job_id") and signal_local(job):
                 waiting.append(run)
             parent = self.launches.get(tags.get("mlflow.parentRunId", ""))
-            if parent is not None and parent.info.status == "RUNNING" and signal_local(
-                    parent.data.tags.get("launcher_pid", ""), parent.data.tags.get("launcher_host")):
+            if (
+                parent is not None
+                and parent.info.status == "RUNNING"
+                and signal_local(parent.data.tags.get("launcher_pid", ""), parent.data.tags.get("launcher_host"))
+            ):
                 parent.info._status = "KILLED"  # it would go on submitting the old runs' next stages
-            how = (f"job {job} cancelled" if run in waiting else
-                   f"job {job} not stopped (not on this machine)" if alive else "no live job")
-            reason = (f"superseded: the configuration changed (run key {tags.get('run_key')} -> {new_key}); "
-                      f"{how} by launch {self.parent_id}")
+            how = (
+                f"job {job} cancelled"
+                if run in waiting
+                else f"job {job} not stopped (not on this machine)"
+                if alive
+                else "no live job"
+            )
+            reason = (
+                f"superseded: the configuration changed (run key {tags.get('run_key')} -> {new_key}); "
+                f"{how} by launch {self.parent_id}"
+            )
             run_id = current_run_id(self.client, run.info.run_id)  # its job may have started meanwhile
             self.client.set_tag(run_id, "superseded", reason)
             self.client.set_terminated(run_id, "KILLED")
             run.info._status = "KILLED"
             print(f"{run.info.run_name}: {reason}; MLflow run {run_id} KILLED", file=sys.stderr)
-        left = wait_until_gone([r.data.tags["slurm_job_id"] for r in waiting if r.data.tags.get("slurm_job_id")],
-                               [r.data.tags["job_id"] for r in waiting if not r.data.tags.get("slurm_job_id")],
-                               wait_s, poll_s=1)
+        left = wait_until_gone(
+            [r.data.tags["slurm_job_id"] for r in waiting if r.data.tags.get("slurm_job_id")],
+            [r.data.tags["job_id"] for r in waiting if not r.data.tags.get("slurm_job_id")],
+            wait_s,
+            poll_s=1,
+        )
         waiting = [r for r in waiting if (r.data.tags.get("slurm_job_id") or r.data.tags.get("job_id")) in left]
         if waiting:
             names = ", ".join(r.info.run_name for r in waiting)
-            raise EnvironmentProblem(f"the superseded jobs of {names} did not stop within {wait_s:.0f} s; "
-                                     "relaunch once they have")
+            raise EnvironmentProblem(
+                f"the superseded jobs of {names} did not stop within {wait_s:.0f} s; relaunch once they have"
+            )
 
     def submit_all(self, progress: bool) -> bool:
         """Submit every stage; locally, run each stage to its end before the next. False if a run failed.
@@ -455,8 +546,9 @@ class Launch:
             status = self.client.get_run(run_id).info.status
             if status == "FINISHED":  # it ended on its own meanwhile
                 continue
-            self.client.set_tag(run_id, "error", f"interrupted: {why}; stopped at its last checkpoint "
-                                                 "(the next launch resumes it)")
+            self.client.set_tag(
+                run_id, "error", f"interrupted: {why}; stopped at its last checkpoint (the next launch resumes it)"
+            )
             if status in IN_FLIGHT:
                 self.client.set_terminated(run_id, "KILLED")
 
@@ -480,8 +572,11 @@ class Launch:
         not the placeholder the launcher created for it)."""
         from harness.tracking import current_run_id
 
-        return [current_run_id(self.client, run_id) for stage in self.expanded.stage_order
-                for run_id in self.run_ids.get(stage, [])]
+        return [
+            current_run_id(self.client, run_id)
+            for stage in self.expanded.stage_order
+            for run_id in self.run_ids.get(stage, [])
+        ]
 
 
 POLL_S = 0.2  # how often finished local processes are looked for
@@ -493,7 +588,7 @@ def failure_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).strip().splitlines()]
     dashes = [i for i, line in enumerate(lines) if line and set(line) == {"-"}]
     if len(dashes) >= 2:
-        inside = [line for line in lines[dashes[-2] + 1:dashes[-1]] if line]
+        inside = [line for line in lines[dashes[-2] + 1 : dashes[-1]] if line]
         if inside:
             return inside[-1]
     return next((line for line in reversed(lines) if line), repr(err))
@@ -509,7 +604,7 @@ class Finished:
         self.failed: list[RunPlan] = []
         self.watch = watch  # harness.progress.Watch: the runs' epochs, steps and ETAs while waiting
 
-    def __enter__(self) -> "Finished":
+    def __enter__(self) -> Finished:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -526,8 +621,10 @@ class Finished:
                 job.result()
             except Exception as err:  # the job's own log has the traceback
                 self.failed.append(plan)
-                print(f"\n{plan.stage}/{plan.name} failed: {failure_line(err)} "
-                      f"(log: {plan.output_dir / 'job.log'})", file=sys.stderr)
+                print(
+                    f"\n{plan.stage}/{plan.name} failed: {failure_line(err)} (log: {plan.output_dir / 'job.log'})",
+                    file=sys.stderr,
+                )
             self.bar.update(1)
         return still
 
@@ -597,12 +694,17 @@ def check_run_folders(expanded: Expanded, root: Path) -> None:
             except FileNotFoundError:
                 break  # created later, with everything below it
             except OSError as err:  # ELOOP: a symlink loop; EACCES: a folder nobody may enter
-                raise ConfigError([f"--output-root: {part}: {(err.strerror or str(err)).lower()}"
-                                   f"{' (a symlink loop)' if err.errno == errno.ELOOP else ''}, "
-                                   f"got {str(root)!r}"]) from None
+                raise ConfigError(
+                    [
+                        f"--output-root: {part}: {(err.strerror or str(err)).lower()}"
+                        f"{' (a symlink loop)' if err.errno == errno.ELOOP else ''}, "
+                        f"got {str(root)!r}"
+                    ]
+                ) from None
             if not is_dir:
-                raise ConfigError([f"--output-root: {part}: not a folder (a run folder lies under it), "
-                                   f"got {str(root)!r}"])
+                raise ConfigError(
+                    [f"--output-root: {part}: not a folder (a run folder lies under it), got {str(root)!r}"]
+                )
 
 
 def stop_jobs(jobs: list[Any], wait_s: float, every_s: float = 2.0) -> None:
@@ -645,7 +747,7 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return handle("harness.launch", lambda: _main(args))
 
@@ -678,7 +780,9 @@ def _main(args: argparse.Namespace) -> int:
         status = "FINISHED" if ok else "FAILED"
     except KeyboardInterrupt as stop:  # Ctrl-C, or TERM (_Terminated): the local jobs end with the launch
         if cluster != "slurm":
-            launch.stop_local("SIGTERM to the launch" if isinstance(stop, _Terminated) else "Ctrl-C (SIGINT) to the launch")
+            launch.stop_local(
+                "SIGTERM to the launch" if isinstance(stop, _Terminated) else "Ctrl-C (SIGINT) to the launch"
+            )
         raise
     except Exception:
         status = "FAILED"
@@ -687,9 +791,11 @@ def _main(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
         launch.finish(status)
     submitted = sum(len(j) for j in launch.jobs.values())
-    print(f"{expanded.spec.name} ({expanded.scale}): {submitted} submitted, {len(launch.skipped)} skipped "
-          f"({', '.join(sorted(set(launch.skipped.values()))) or 'none'}); MLflow experiment "
-          f"{expanded.spec.name!r} at {uri}, parent run {launch._parent_id or 'none (nothing submitted)'}")
+    print(
+        f"{expanded.spec.name} ({expanded.scale}): {submitted} submitted, {len(launch.skipped)} skipped "
+        f"({', '.join(sorted(set(launch.skipped.values()))) or 'none'}); MLflow experiment "
+        f"{expanded.spec.name!r} at {uri}, parent run {launch._parent_id or 'none (nothing submitted)'}"
+    )
     if ok and args.wait:
         report(expanded, uri, launch._parent_id)
     print_urls(launch, uri, finished=cluster == "local" or args.wait)
@@ -708,7 +814,7 @@ def print_urls(launch: Launch, uri: str, finished: bool) -> None:
         print(f"compare the runs of this launch: {compare_url(uri, launch.experiment_id, run_ids)}")
 
 
-def report(expanded: Expanded, uri: str, parent_id: Optional[str]) -> None:
+def report(expanded: Expanded, uri: str, parent_id: str | None) -> None:
     """After --wait: regenerate the spec's tables (analysis notebooks), put them on the launch's
     MLflow run (that of the latest launch of the spec and scale if this one submitted nothing)."""
     notebooks = expanded.spec.notebooks
@@ -723,8 +829,9 @@ def report(expanded: Expanded, uri: str, parent_id: Optional[str]) -> None:
             except NoParentRun as err:
                 print(f"not put on MLflow: {err}", file=sys.stderr)
         out = Path("reports") / expanded.spec.name / expanded.scale
-        tables, where = make_report(expanded.spec.name, expanded.scale, uri, notebooks, str(out),
-                                    expanded.spec.table, parent_id, chosen)
+        tables, where = make_report(
+            expanded.spec.name, expanded.scale, uri, notebooks, str(out), expanded.spec.table, parent_id, chosen
+        )
         print(tables)
         print(f"tables and figures: {out}/")
         if where:

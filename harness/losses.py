@@ -6,9 +6,10 @@ as in the official DeiT recipe (weights 1, 2.0, 0.5, 0.5). LV-ViT (`LVViTLoss`, 
 `loss_for`) replaces the token MSE with a KL between the student's and the teacher's aux-head
 token logits over the kept tokens.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ def kl_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     )
 
 
-def token_loss(student_tokens: Tensor, teacher_tokens: Tensor, decision: Optional[Tensor]) -> Tensor:
+def token_loss(student_tokens: Tensor, teacher_tokens: Tensor, decision: Tensor | None) -> Tensor:
     """MSE between final normalised patch tokens, over the tokens the final decision keeps.
 
     With no token kept anywhere in the batch the term is 0 (the official guard), never NaN.
@@ -69,7 +70,7 @@ class DynamicViTLoss(nn.Module):
         self,
         output: DynamicViTOutput,
         targets: Tensor,
-        teacher: Optional[tuple[Tensor, Tensor]] = None,
+        teacher: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         parts: dict[str, Tensor] = {}
         total = output.logits.new_zeros((), dtype=torch.float32)
@@ -91,7 +92,7 @@ class DynamicViTLoss(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- LV-ViT
-def token_kl_loss(student_logits: Tensor, teacher_logits: Tensor, decision: Optional[Tensor]) -> Tensor:
+def token_kl_loss(student_logits: Tensor, teacher_logits: Tensor, decision: Tensor | None) -> Tensor:
     """KL(teacher || student) of per-token class logits (B, N, K) over the tokens the decision keeps.
 
     Summed over classes and averaged over the kept tokens of the whole batch (each kept token is
@@ -123,7 +124,7 @@ class LVViTLoss(DynamicViTLoss):
         self,
         output: LVViTOutput,
         targets: Tensor,
-        teacher: Optional[tuple[Tensor, Tensor]] = None,
+        teacher: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         distilling = self.needs_teacher and teacher is not None
         parts: dict[str, Tensor] = {}
@@ -175,7 +176,7 @@ class SpatialSparsificationLoss(DynamicViTLoss):
         self,
         output: SpatialOutput,
         targets: Tensor,
-        teacher: Optional[tuple[Tensor, Tensor]] = None,
+        teacher: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         parts: dict[str, Tensor] = {}
         total = output.logits.new_zeros((), dtype=torch.float32)

@@ -5,12 +5,13 @@ FLOPs: torch's FlopCounterMode on one eval-mode forward pass. timm's fused atten
 matmul form while counting (the numbers are then the paper's: DeiT-S = 4.6 G). The paper's FLOP
 is one multiply-add; FlopCounterMode counts two, so the result is halved.
 """
+
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,12 +35,12 @@ def input_shape(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) a timm ViT expects (`in_chans`: LV-ViT's `proj` reads its conv stem, not the image)."""
     if hasattr(model, "input_shape"):  # Swin / ConvNeXt say it themselves (ConvNeXt has no patch_embed)
         return tuple(model.input_shape)
-    patch_embed = getattr(model, "patch_embed")
+    patch_embed = model.patch_embed
     height, width = patch_embed.img_size
     return (getattr(model, "in_chans", None) or patch_embed.proj.in_channels, height, width)
 
 
-def count_gflops(model: nn.Module, shape: Optional[Sequence[int]] = None) -> float:
+def count_gflops(model: nn.Module, shape: Sequence[int] | None = None) -> float:
     """Multiply-adds (in G) of one image through the eval-mode forward pass."""
     shape = tuple(shape) if shape is not None else input_shape(model)
     was_training = model.training
@@ -75,12 +76,12 @@ def _sync(device: torch.device) -> None:
 def measure_throughput(
     model: nn.Module,
     batch_size: int,
-    shape: Optional[Sequence[int]] = None,
+    shape: Sequence[int] | None = None,
     device: str | torch.device = "cpu",
     warmup: int = 5,
     iters: int = 20,
     min_seconds: float = 0.0,
-    dtype: Optional[torch.dtype] = None,
+    dtype: torch.dtype | None = None,
 ) -> Throughput:
     """Eval-mode images/s: `warmup` untimed batches, then at least `iters` timed batches
     (and at least `min_seconds`), the median batch time giving the rate (robust to outliers)."""
@@ -88,9 +89,7 @@ def measure_throughput(
     shape = tuple(shape) if shape is not None else input_shape(model)
     model = model.to(device).eval()
     images = torch.randn(batch_size, *shape, device=device)
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
         for _ in range(warmup):
             model(images)

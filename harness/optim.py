@@ -14,6 +14,7 @@ run continues on the same curve). The two official rules (see harness/recipes.py
 The predictors get `s`; the backbone gets `s x backbone_lr_scale` (`backbone_lr_rule: scale`) or
 `min(peak x backbone_lr_scale, s)` (`min`), and 0 while `epoch < backbone_freeze_epochs`.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,7 +70,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> to
             "lr": lr,
             "is_predictor": name.startswith("predictor"),
         }
-        for name in order if name in groups
+        for name in order
+        if name in groups
     ]
     return torch.optim.AdamW(param_groups, lr=lr, weight_decay=cfg.weight_decay, eps=1e-8)
 

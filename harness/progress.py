@@ -17,19 +17,26 @@ a terminal) and renders:
   for more than a minute. At the end, one line with the waiting loop's own load (its process's
   CPU time over the wall time it spent waiting).
 """
+
 from __future__ import annotations
 
 import os
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, TextIO
+from typing import Any, TextIO
 
 STEP_METRIC, EPOCH_METRIC = "train/loss_step", "epoch_time_s"  # logged by harness/engine.py
 STEPS_TAG = "steps_per_epoch"  # tag harness/engine.py sets when a run starts
 STATES = ("finished", "running", "queued", "failed")
-_STATE_OF = {"FINISHED": "finished", "RUNNING": "running", "SCHEDULED": "queued", "FAILED": "failed",
-             "KILLED": "failed"}
+_STATE_OF = {
+    "FINISHED": "finished",
+    "RUNNING": "running",
+    "SCHEDULED": "queued",
+    "FAILED": "failed",
+    "KILLED": "failed",
+}
 
 
 @dataclass(frozen=True)
@@ -51,11 +58,11 @@ class RunProgress:
     state: str  # one of STATES
     epoch: int = 0
     epochs: int = 0
-    step: Optional[int] = None  # optimiser steps done, when the run has logged one
-    steps: Optional[int] = None  # in all, when the run has tagged its steps per epoch
-    eta_s: Optional[float] = None
-    started_ms: Optional[int] = None
-    ended_ms: Optional[int] = None
+    step: int | None = None  # optimiser steps done, when the run has logged one
+    steps: int | None = None  # in all, when the run has tagged its steps per epoch
+    eta_s: float | None = None
+    started_ms: int | None = None
+    ended_ms: int | None = None
 
     def columns(self) -> tuple[str, str, str]:
         """(epoch, step, ETA) as `harness.status` and the progress lines show them."""
@@ -81,13 +88,19 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
-def _latest(run: Any, key: str) -> Optional[Any]:
+def _latest(run: Any, key: str) -> Any | None:
     """The run's latest point of a metric (MLflow keeps it with the run: value, step, timestamp)."""
     return next((m for m in getattr(run.data, "_metric_objs", []) if m.key == key), None)
 
 
-def run_progress(run: Any, stage: str, name: str, epochs: Optional[int] = None, now_ms: Optional[int] = None,
-                 rate: Optional[float] = None) -> RunProgress:
+def run_progress(
+    run: Any,
+    stage: str,
+    name: str,
+    epochs: int | None = None,
+    now_ms: int | None = None,
+    rate: float | None = None,
+) -> RunProgress:
     """A run's progress from its MLflow record alone (no metric history is read).
 
     `epochs`: the run's total when known from its spec (else its `train.epochs` param).
@@ -104,8 +117,9 @@ def run_progress(run: Any, stage: str, name: str, epochs: Optional[int] = None, 
     steps_per_epoch = int(per_epoch) if per_epoch.isdigit() and int(per_epoch) > 0 else None
     epoch_point, step_point = _latest(run, EPOCH_METRIC), _latest(run, STEP_METRIC)
     done = min(epochs, epoch_point.step + 1) if epoch_point is not None else 0
-    progress = RunProgress(stage, name, state, epochs=epochs, started_ms=run.info.start_time,
-                           ended_ms=run.info.end_time)
+    progress = RunProgress(
+        stage, name, state, epochs=epochs, started_ms=run.info.start_time, ended_ms=run.info.end_time
+    )
     if state == "queued":
         return progress
     progress.epoch = done if state != "running" else min(epochs, done + 1)
@@ -122,8 +136,9 @@ def run_progress(run: Any, stage: str, name: str, epochs: Optional[int] = None, 
     return progress
 
 
-def _eta(progress: RunProgress, run: Any, step_point: Any, epoch_point: Any, done: int, now_ms: int,
-         rate: Optional[float]) -> Optional[float]:
+def _eta(
+    progress: RunProgress, run: Any, step_point: Any, epoch_point: Any, done: int, now_ms: int, rate: float | None
+) -> float | None:
     """Seconds left: the steps left at the observed step rate, else the epochs left at the last epoch's time."""
     if progress.epochs == 0:
         return None
@@ -145,8 +160,12 @@ def search_children(client: Any, experiment_id: str, parents: Iterable[str], kin
     for parent in dict.fromkeys(parents):
         token = None
         while True:
-            page = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' and tags.kind = '{kind}'",
-                                      max_results=1000, page_token=token)
+            page = client.search_runs(
+                [experiment_id],
+                f"tags.mlflow.parentRunId = '{parent}' and tags.kind = '{kind}'",
+                max_results=1000,
+                page_token=token,
+            )
             runs += list(page)
             token = page.token
             if not token:
@@ -170,9 +189,19 @@ class Watch:
     `open_total` of them in all). `done`: keys already finished before this launch (skipped).
     """
 
-    def __init__(self, client: Any, experiment_id: str, parents: Iterable[str], kind: str = "train",
-                 expected: Iterable[Expected] = (), done: Iterable[str] = (), open_stage: Optional[str] = None,
-                 open_total: int = 0, stream: Optional[TextIO] = None, terminal: Optional[bool] = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        experiment_id: str,
+        parents: Iterable[str],
+        kind: str = "train",
+        expected: Iterable[Expected] = (),
+        done: Iterable[str] = (),
+        open_stage: str | None = None,
+        open_total: int = 0,
+        stream: TextIO | None = None,
+        terminal: bool | None = None,
+    ) -> None:
         self.client, self.experiment_id, self.kind = client, experiment_id, kind
         self.parents = list(parents)
         self.expected = list(expected)
@@ -186,18 +215,20 @@ class Watch:
         self.seen: dict[str, tuple[int, float]] = {}  # run id -> (step, time) when first seen running
         self.unanswered = False  # the last reading failed (said once)
         self.next_poll = 0.0
-        self.last_line: Optional[float] = None
+        self.last_line: float | None = None
         self.bars: list[Any] = []
         self.cpu_s = self.wall_s = 0.0  # this process's CPU and wall time between ticks of a wait loop
-        self._last_tick: Optional[tuple[float, float]] = None  # (wall, CPU) at the last tick, None when paused
+        self._last_tick: tuple[float, float] | None = None  # (wall, CPU) at the last tick, None when paused
 
     # ------------------------------------------------------------------------- reading
     def read(self) -> list[RunProgress]:
         """Every expected (or open-stage) run's progress now, in spec order."""
         now_ms = int(time.time() * 1000)
         latest: dict[str, Any] = {}
-        for run in sorted(search_children(self.client, self.experiment_id, self.parents, self.kind),
-                          key=lambda r: r.info.start_time or 0):
+        for run in sorted(
+            search_children(self.client, self.experiment_id, self.parents, self.kind),
+            key=lambda r: r.info.start_time or 0,
+        ):
             latest[run.data.tags.get("run_key", "") if self.expected else run.info.run_id] = run
         rows = []
         for plan in self.expected:
@@ -206,8 +237,15 @@ class Watch:
                 rows.append(run_progress(run, plan.stage, plan.name, plan.epochs, now_ms, self._rate(run)))
             else:
                 state = "finished" if plan.key in self.done else "queued"
-                rows.append(RunProgress(plan.stage, plan.name, state, epoch=plan.epochs if state == "finished" else 0,
-                                        epochs=plan.epochs))
+                rows.append(
+                    RunProgress(
+                        plan.stage,
+                        plan.name,
+                        state,
+                        epoch=plan.epochs if state == "finished" else 0,
+                        epochs=plan.epochs,
+                    )
+                )
         if self.open_stage is not None:
             for run in latest.values():
                 rows.append(run_progress(run, self.open_stage, run.info.run_name, None, now_ms, self._rate(run)))
@@ -215,7 +253,7 @@ class Watch:
             rows += [RunProgress(self.open_stage, f"queued-{i}", "queued") for i in range(max(0, missing))]
         return rows
 
-    def _rate(self, run: Any) -> Optional[float]:
+    def _rate(self, run: Any) -> float | None:
         """Steps per second seen by this watch (robust to a resumed run's earlier job); None until it moved."""
         point = _latest(run, STEP_METRIC)
         if run.info.status != "RUNNING" or point is None:
@@ -229,8 +267,10 @@ class Watch:
     def counts(self, rows: list[RunProgress]) -> list[str]:
         """`students: 2 finished, 2 running, 3 queued, 0 failed`, per stage in order."""
         stages = list(dict.fromkeys(r.stage for r in rows))
-        return [f"{stage}: " + ", ".join(f"{sum(1 for r in rows if r.stage == stage and r.state == s)} {s}"
-                                         for s in STATES) for stage in stages]
+        return [
+            f"{stage}: " + ", ".join(f"{sum(1 for r in rows if r.stage == stage and r.state == s)} {s}" for s in STATES)
+            for stage in stages
+        ]
 
     def progress_line(self, rows: list[RunProgress]) -> str:
         running = [r.describe() for r in rows if r.state == "running"]
@@ -281,14 +321,15 @@ class Watch:
             if row.state in ("finished", "failed") and row.started_ms and row.ended_ms:
                 took = f" after {format_duration((row.ended_ms - row.started_ms) / 1000)}"
             self._print(f"{row.stage}/{row.name}: {row.state}{took} ({self._stage_counts(rows, row.stage)})")
-        if self.last_line is None or (now - self.last_line >= self.line_s
-                                      and any(r.state in ("running", "queued") for r in rows)):
+        if self.last_line is None or (
+            now - self.last_line >= self.line_s and any(r.state in ("running", "queued") for r in rows)
+        ):
             self.last_line = now
             self._print(self.progress_line(rows))
 
     def _stage_counts(self, rows: list[RunProgress], stage: str) -> str:
         line = next(c for c in self.counts(rows) if c.startswith(stage + ": "))
-        return line[len(stage) + 2:]
+        return line[len(stage) + 2 :]
 
     def _draw(self, rows: list[RunProgress]) -> None:
         """A block of lines redrawn in place under any other progress bar (tqdm keeps them apart)."""
@@ -301,7 +342,7 @@ class Watch:
             bar.set_description_str(lines[index] if index < len(lines) else "", refresh=False)
             bar.refresh()
 
-    def load(self) -> Optional[float]:
+    def load(self) -> float | None:
         """The waiting loop's CPU time over its wall time (a fraction of one core), None before any wait."""
         return self.cpu_s / self.wall_s if self.wall_s > 1.0 else None
 
@@ -314,8 +355,9 @@ class Watch:
         self.bars = []
         load = self.load()
         if not self.terminal and load is not None:
-            self._print(f"progress: waited {format_duration(self.wall_s)}; the waiting loop used {100 * load:.2f}% "
-                        "of a core")
+            self._print(
+                f"progress: waited {format_duration(self.wall_s)}; the waiting loop used {100 * load:.2f}% of a core"
+            )
 
 
 def launch_watch(launch: Any) -> Watch:
@@ -335,5 +377,11 @@ def launch_watch(launch: Any) -> Watch:
 
 def trial_watch(search: Any) -> Watch:
     """The watch of a `harness.search.driver.Search`: its trials' MLflow runs, under the study's parent run."""
-    return Watch(search.client, search.experiment_id, [search.parent_id], "trial",
-                 open_stage=search.plan.study, open_total=search.section.trials)
+    return Watch(
+        search.client,
+        search.experiment_id,
+        [search.parent_id],
+        "trial",
+        open_stage=search.plan.study,
+        open_total=search.section.trials,
+    )

@@ -29,6 +29,7 @@ Not presets because both codes agree and the config's defaults already say so: A
 std 0.02, zero biases: vit.py:396-405, models/dyvit.py:396-405; applied by the model in every
 recipe), the eval transform (resize 256/224 bicubic, centre crop).
 """
+
 from __future__ import annotations
 
 import copy
@@ -74,7 +75,9 @@ RECIPES: dict[str, dict[str, Any]] = {
             "cls": {"weight": 1.0},  # main_dynamic_vit.py:466 clf_weight=1.0
             "ratio": {"weight": 2.0},  # main_dynamic_vit.py:40 --ratiow 2.0
             "kl": {"weight": 0.5},  # main_dynamic_vit.py:39 --distillw 0.5 (losses.py: the KL term)
-            "token": {"weight": 0.5},  # main_dynamic_vit.py:39,466 mse_token=True, distill_weight 0.5 (losses.py: token MSE)
+            "token": {
+                "weight": 0.5
+            },  # main_dynamic_vit.py:39,466 mse_token=True, distill_weight 0.5 (losses.py: token MSE)
         },
         "gumbel": {"tau": 1.0},  # vit.py:437 F.gumbel_softmax(pred_score, hard=True), default tau 1
     },

@@ -9,14 +9,16 @@ that the new run starts clean. Nothing is ever resumed, returned or logged acros
 
 Plain standard library and the config: the launcher checks folders without importing torch.
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from harness.config import ConfigError, RunConfig
 from harness.errors import EnvironmentProblem
@@ -38,26 +40,28 @@ class StaleRunFolder(ConfigError):
 @dataclass(frozen=True)
 class Binding:
     run_key: str
-    mlflow_run_id: Optional[str]
-    queued_as: Optional[str] = None  # the launcher's placeholder run that `mlflow_run_id` replaced
+    mlflow_run_id: str | None
+    queued_as: str | None = None  # the launcher's placeholder run that `mlflow_run_id` replaced
 
-    def names(self, run_id: Optional[str]) -> bool:
+    def names(self, run_id: str | None) -> bool:
         """Whether `run_id` is this folder's MLflow run (or its placeholder), or either is unknown."""
         return run_id is None or self.mlflow_run_id is None or run_id in (self.mlflow_run_id, self.queued_as)
 
 
-def _read_json(path: Path) -> Optional[dict[str, Any]]:
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
-        raise StaleRunFolder(f"{path}: unreadable ({type(err).__name__}: {str(err)[:200]}); move the run "
-                             f"folder away to start the run over") from None
+        raise StaleRunFolder(
+            f"{path}: unreadable ({type(err).__name__}: {str(err)[:200]}); move the run "
+            f"folder away to start the run over"
+        ) from None
     return data if isinstance(data, dict) else None
 
 
-def read_binding(folder: Path) -> Optional[Binding]:
+def read_binding(folder: Path) -> Binding | None:
     """Which run the folder belongs to (`run.json`, else `result.json`), or None if it says nothing."""
     for name in (BINDING, RESULT):
         data = _read_json(folder / name)
@@ -71,7 +75,7 @@ def holds_state(folder: Path) -> bool:
     return any((folder / name).exists() for name in STATE_FILES)
 
 
-def bind(folder: Path, run_key: str, mlflow_run_id: Optional[str], queued_as: Optional[str] = None) -> None:
+def bind(folder: Path, run_key: str, mlflow_run_id: str | None, queued_as: str | None = None) -> None:
     """Record (atomically) that `folder` belongs to this run key and MLflow run.
 
     `queued_as`: the placeholder run the job replaced (harness.tracking.replace_placeholder): the
@@ -82,18 +86,22 @@ def bind(folder: Path, run_key: str, mlflow_run_id: Optional[str], queued_as: Op
     write_atomic(folder / BINDING, lambda handle: handle.write(text.encode()))
 
 
-def mismatch(folder: Path, run_key: str, mlflow_run_id: Optional[str] = None) -> Optional[str]:
+def mismatch(folder: Path, run_key: str, mlflow_run_id: str | None = None) -> str | None:
     """Why `folder` is not this run's (one line), or None when it is, or says nothing."""
     bound = read_binding(folder)
     if bound is None:
         return None
     if bound.run_key != run_key:
-        return (f"{folder}: holds the state of run key {bound.run_key}, this configuration's run key is {run_key} "
-                f"(the configuration changed since the folder was written); move the folder away or choose "
-                f"another output_dir, got run key {run_key}")
+        return (
+            f"{folder}: holds the state of run key {bound.run_key}, this configuration's run key is {run_key} "
+            f"(the configuration changed since the folder was written); move the folder away or choose "
+            f"another output_dir, got run key {run_key}"
+        )
     if not bound.names(mlflow_run_id):
-        return (f"{folder}: belongs to MLflow run {bound.mlflow_run_id} (run key {run_key}), this job logs to "
-                f"MLflow run {mlflow_run_id}; move the folder away to start over, got run id {mlflow_run_id}")
+        return (
+            f"{folder}: belongs to MLflow run {bound.mlflow_run_id} (run key {run_key}), this job logs to "
+            f"MLflow run {mlflow_run_id}; move the folder away to start over, got run id {mlflow_run_id}"
+        )
     return None
 
 
@@ -121,31 +129,40 @@ def finished_elsewhere(folder: Path, finished_key: str, cfg: RunConfig) -> str:
     try:
         before = flatten(yaml.safe_load((folder / "config.yaml").read_text()) or {})
         after = flatten(cfg.model_dump())
-        diff = [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
-                if before.get(k) != after.get(k) and not k.startswith(("tracking.", "output_dir"))]
+        diff = [
+            f"{k} {before.get(k)!r} -> {after.get(k)!r}"
+            for k in sorted(set(before) | set(after))
+            if before.get(k) != after.get(k) and not k.startswith(("tracking.", "output_dir"))
+        ]
         changes = f" (changed: {'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''})" if diff else ""
     except (OSError, ValueError, yaml.YAMLError, AttributeError):
         pass  # no readable config.yaml: the keys alone say it
-    return (f"{folder}: holds a finished run (run key {finished_key}, result.json) and this configuration is "
-            f"another{changes}; a finished run is not extended in place: give this configuration another "
-            f"output_dir (without one it gets its own folder), and add train.init_from={folder} to start from "
-            f"its weights, "
-            f"got run key {cfg.run_key()}")
+    return (
+        f"{folder}: holds a finished run (run key {finished_key}, result.json) and this configuration is "
+        f"another{changes}; a finished run is not extended in place: give this configuration another "
+        f"output_dir (without one it gets its own folder), and add train.init_from={folder} to start from "
+        f"its weights, "
+        f"got run key {cfg.run_key()}"
+    )
 
 
 def check_checkpoint(path: Path, state: dict[str, Any], cfg: RunConfig) -> None:
     """The checkpoint must be this run's: same run key, same MLflow run when the job names one."""
     key = state.get("run_key")
     if key != cfg.run_key():
-        raise StaleRunFolder(f"{path}: written by run key {key}, this configuration's run key is {cfg.run_key()}; "
-                             f"move the folder away or choose another output_dir, got run key {cfg.run_key()}")
+        raise StaleRunFolder(
+            f"{path}: written by run key {key}, this configuration's run key is {cfg.run_key()}; "
+            f"move the folder away or choose another output_dir, got run key {cfg.run_key()}"
+        )
     run_id = cfg.tracking.run_id
     if run_id and state.get("mlflow_run_id") and state["mlflow_run_id"] != run_id:
-        raise StaleRunFolder(f"{path}: belongs to MLflow run {state['mlflow_run_id']}, this job logs to MLflow run "
-                             f"{run_id}; move the folder away to start over, got run id {run_id}")
+        raise StaleRunFolder(
+            f"{path}: belongs to MLflow run {state['mlflow_run_id']}, this job logs to MLflow run "
+            f"{run_id}; move the folder away to start over, got run id {run_id}"
+        )
 
 
-def load_checkpoint(path: Path, cfg: RunConfig) -> Optional[dict[str, Any]]:
+def load_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """The run's checkpoint (checked against `cfg`), None if there is none; one line if it is unreadable."""
     from harness import checkpointing
 
@@ -159,9 +176,11 @@ def load_checkpoint(path: Path, cfg: RunConfig) -> Optional[dict[str, Any]]:
         raise StaleRunFolder(f"{err}; move it away to start the run over") from None
     except Exception as err:  # empty, truncated, not a checkpoint: torch raises many kinds
         message = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        raise StaleRunFolder(f"{path}: cannot be loaded ({type(err).__name__}: {message}); it is corrupt or "
-                             f"truncated: move it away to start the run over, got a {path.stat().st_size}-byte "
-                             f"file") from None
+        raise StaleRunFolder(
+            f"{path}: cannot be loaded ({type(err).__name__}: {message}); it is corrupt or "
+            f"truncated: move it away to start the run over, got a {path.stat().st_size}-byte "
+            f"file"
+        ) from None
     if state is not None:
         if not isinstance(state, dict):
             raise StaleRunFolder(f"{path}: not a training checkpoint, got a {type(state).__name__}")
@@ -173,16 +192,21 @@ class SourceNotFinished(EnvironmentProblem):
     """A run this one starts or distils from has not FINISHED (exit 1: relaunch once it has)."""
 
 
-def sources(cfg: RunConfig) -> list[tuple[str, str, Optional[str]]]:
+def sources(cfg: RunConfig) -> list[tuple[str, str, str | None]]:
     """(field, run folder, the run key the spec expects there) of every other run whose weights this one loads."""
     teacher = None
     if cfg.needs_teacher:
-        teacher = ("teacher.checkpoint", cfg.teacher.checkpoint) if cfg.teacher.checkpoint else \
-            ("teacher.run_dir", cfg.teacher.run_dir)
+        teacher = (
+            ("teacher.checkpoint", cfg.teacher.checkpoint)
+            if cfg.teacher.checkpoint
+            else ("teacher.run_dir", cfg.teacher.run_dir)
+        )
     found = []
-    for field, value, tag in (("model.pretrained", cfg.model.pretrained, None),
-                              ("train.init_from", cfg.train.init_from, "init_from_run_key"),
-                              (*(teacher or ("teacher.run_dir", None)), "teacher_run_key")):
+    for field, value, tag in (
+        ("model.pretrained", cfg.model.pretrained, None),
+        ("train.init_from", cfg.train.init_from, "init_from_run_key"),
+        (*(teacher or ("teacher.run_dir", None)), "teacher_run_key"),
+    ):
         if value and Path(value).is_dir():  # a file or URL is loaded as given
             found.append((field, value, cfg.tracking.tags.get(tag) if tag else None))
     return found
@@ -202,21 +226,27 @@ def check_sources(cfg: RunConfig) -> None:
         result = _read_json(where / RESULT)
         if result is None or not (where / "model.pth").is_file():
             missing = " and ".join(n for n in (RESULT, "model.pth") if not (where / n).is_file()) or RESULT
-            raise SourceNotFinished(f"{field}: {folder} holds no finished run (no {missing}: it is still training "
-                                    f"or was stopped); a run starts only from a FINISHED run's final weights: "
-                                    f"relaunch once it has finished, got {folder}")
+            raise SourceNotFinished(
+                f"{field}: {folder} holds no finished run (no {missing}: it is still training "
+                f"or was stopped); a run starts only from a FINISHED run's final weights: "
+                f"relaunch once it has finished, got {folder}"
+            )
         if expected and result.get("run_key") != expected:
-            raise SourceNotFinished(f"{field}: {folder} holds run key {result.get('run_key')}, the spec's run there "
-                                    f"is {expected} (it was replaced since this job was submitted); relaunch, "
-                                    f"got {folder}")
+            raise SourceNotFinished(
+                f"{field}: {folder} holds run key {result.get('run_key')}, the spec's run there "
+                f"is {expected} (it was replaced since this job was submitted); relaunch, "
+                f"got {folder}"
+            )
         status = _mlflow_status(cfg, result.get("mlflow_run_id"))
         if status not in (None, "FINISHED"):
-            raise SourceNotFinished(f"{field}: {folder}: its MLflow run {result['mlflow_run_id']} is {status}, not "
-                                    f"FINISHED; a run starts only from a FINISHED run: relaunch once it has "
-                                    f"finished, got {folder}")
+            raise SourceNotFinished(
+                f"{field}: {folder}: its MLflow run {result['mlflow_run_id']} is {status}, not "
+                f"FINISHED; a run starts only from a FINISHED run: relaunch once it has "
+                f"finished, got {folder}"
+            )
 
 
-def _mlflow_status(cfg: RunConfig, run_id: Optional[str]) -> Optional[str]:
+def _mlflow_status(cfg: RunConfig, run_id: str | None) -> str | None:
     """The status of MLflow run `run_id` in this run's store; None when the store has no such run
     (a folder trained against another store is judged by its files)."""
     if not run_id:
@@ -235,19 +265,20 @@ def _mlflow_status(cfg: RunConfig, run_id: Optional[str]) -> Optional[str]:
     return None if run.info.lifecycle_stage == "deleted" else run.info.status
 
 
-def finished_metrics(cfg: RunConfig) -> Optional[dict[str, float]]:
+def finished_metrics(cfg: RunConfig) -> dict[str, float] | None:
     """A finished run's metrics from its `result.json` (after checking the folder is this run's)."""
     check_folder(cfg)
     data = _read_json(Path(cfg.output_dir) / RESULT)
     if data is None:
         return None
     if not isinstance(data.get("metrics"), dict):
-        raise StaleRunFolder(f"{Path(cfg.output_dir) / RESULT}: no metrics in it; move the folder away "
-                             f"to start the run over")
+        raise StaleRunFolder(
+            f"{Path(cfg.output_dir) / RESULT}: no metrics in it; move the folder away to start the run over"
+        )
     return data["metrics"]
 
 
-def move_aside(folder: Path, root: Optional[Path] = None) -> Path:
+def move_aside(folder: Path, root: Path | None = None) -> Path:
     """Rename `folder` to `<name>.before-<time>` beside it (nothing is deleted); the new path.
 
     `root`: the folder must lie inside it (a run name is never a path out of the output root).
@@ -263,8 +294,7 @@ def move_aside(folder: Path, root: Optional[Path] = None) -> Path:
     return target
 
 
-def claim(folder: Path, run_key: str, mlflow_run_id: str, root: Optional[Path] = None,
-          resume: bool = True) -> Optional[Path]:
+def claim(folder: Path, run_key: str, mlflow_run_id: str, root: Path | None = None, resume: bool = True) -> Path | None:
     """Hand `folder` to a run: state of any other run (or any state when not `resume`) is moved
     aside first. Returns where the old state went, or None."""
     moved = None
@@ -286,9 +316,9 @@ def folder_is_resumable(folder: Path, run_key: str, mlflow_run_id: str) -> bool:
 
 
 # ------------------------------------------------------------------ the MLflow side of a job
-def _one_line(err: BaseException, folder: Optional[Path] = None) -> str:
+def _one_line(err: BaseException, folder: Path | None = None) -> str:
     """The error in one line; an I/O error buried under another (torch.save on a full disk) by its cause."""
-    from harness.errors import root_os_error, os_error_line
+    from harness.errors import os_error_line, root_os_error
 
     cause = root_os_error(err)
     if cause is not None:

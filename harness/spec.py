@@ -8,13 +8,16 @@ the variant, its grid/zip values. Each layer may use nested or dotted keys.
 
 Plain data and pydantic only: loading and expanding a spec never imports torch.
 """
+
 from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, field as dataclass_field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
@@ -48,17 +51,17 @@ def _check_name(name: object) -> object:
 class SlurmResources(Strict):
     """Resources of one stage's jobs; unset values fall back to the scale's, then these defaults."""
 
-    partition: Optional[str] = None
+    partition: str | None = None
     nodes: int = Field(1, gt=0)
     gpus_per_node: int = Field(0, ge=0)
     tasks_per_node: int = Field(1, gt=0)
     cpus_per_task: int = Field(2, gt=0)
-    mem_gb: Optional[float] = Field(None, gt=0)
+    mem_gb: float | None = Field(None, gt=0)
     timeout_min: int = Field(60, gt=0)
     array_parallelism: int = Field(64, gt=0)
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    constraint: Optional[str] = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
     additional: dict[str, Any] = Field(default_factory=dict)  # extra sbatch parameters
 
     def describe(self) -> str:
@@ -68,7 +71,7 @@ class SlurmResources(Strict):
 
 class Variant(Strict):
     name: str
-    row: Optional[str] = None  # the paper table's row id; defaults to the name
+    row: str | None = None  # the paper table's row id; defaults to the name
     set: dict[str, Any] = Field(default_factory=dict)  # config overrides (dotted or nested keys)
     scales: dict[str, dict[str, Any]] = Field(default_factory=dict)  # overrides at one scale only
 
@@ -86,12 +89,12 @@ class Runs(Strict):
 
 class Stage(Strict):
     after: list[str] = Field(default_factory=list)
-    init_from: Optional[str] = None  # a stage name: its run's weights start this stage's runs
-    distill_from: Optional[str] = None  # a stage name: its run is the teacher
+    init_from: str | None = None  # a stage name: its run's weights start this stage's runs
+    distill_from: str | None = None  # a stage name: its run is the teacher
     runs: Runs = Runs()
     slurm: dict[str, Any] = Field(default_factory=dict)
     scales: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    row: Optional[str] = None
+    row: str | None = None
     only_scales: list[str] = Field(default_factory=list)  # run this stage at these scales only (default: all)
     config: dict[str, Any] = Field(default_factory=dict)  # every other key: run configuration
 
@@ -109,7 +112,7 @@ class Scale(Strict):
 class Spec(Strict):
     name: str
     description: str = ""
-    table: Optional[str] = None
+    table: str | None = None
     default_scale: str = "tiny"
     notebooks: list[str] = Field(default_factory=list)
     base: dict[str, Any] = Field(default_factory=dict)
@@ -203,7 +206,9 @@ def _nested(layer: dict[str, Any]) -> dict[str, Any]:
 _merge = deep_merge
 
 
-def _split_overrides(path: str, overrides: Sequence[str]) -> tuple[list[str], list[tuple[str, str, Any]], dict[str, str]]:
+def _split_overrides(
+    path: str, overrides: Sequence[str]
+) -> tuple[list[str], list[tuple[str, str, Any]], dict[str, str]]:
     """Command-line overrides: spec edits (`base.…`, `scales.…`, `stages.…`, `name=…`) and run config
     keys (`train.epochs=2`), which apply to every run after every spec layer."""
     edits, cli, texts = [], [], {}
@@ -216,14 +221,18 @@ def _split_overrides(path: str, overrides: Sequence[str]) -> tuple[list[str], li
             cli.append(text)
             texts[key] = text
         else:
-            raise SpecError([f"{path}: {key}: unknown override key: a spec key ({', '.join(Spec.model_fields)}) "
-                             f"or a run config key ({', '.join(RunConfig.model_fields)}), got {show(text)}"])
+            raise SpecError(
+                [
+                    f"{path}: {key}: unknown override key: a spec key ({', '.join(Spec.model_fields)}) "
+                    f"or a run config key ({', '.join(RunConfig.model_fields)}), got {show(text)}"
+                ]
+            )
     return [text for text, _, _ in edits], edits, texts
 
 
 def _spec_field_line(path: str, line: str) -> str:
     """`path: stages.x.config.runs.variants.0.name: ...` -> `path: stages.x.runs.variants[0].name: ...`."""
-    field, sep, problem = line[len(path) + 2:].partition(": ")
+    field, sep, problem = line[len(path) + 2 :].partition(": ")
     field = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", field.replace(".config.", "."))
     return f"{path}: {field}{sep}{problem}"
 
@@ -285,14 +294,20 @@ def _stage_order(spec: Spec, path: str) -> tuple[list[str], list[str]]:
     return order, errors
 
 
-def _combinations(runs: Runs, where: str, path: str, errors: list[str]) -> list[tuple[str, dict[str, Any], list[tuple[str, dict]]]]:
+def _combinations(
+    runs: Runs, where: str, path: str, errors: list[str]
+) -> list[tuple[str, dict[str, Any], list[tuple[str, dict]]]]:
     """(name suffix, values, provenance layers) for every grid x zip combination."""
     lengths = {len(v) for v in runs.zip.values()}
     if len(lengths) > 1:
         errors.append(f"{path}: {where}.zip: lists must have equal lengths, got {sorted(lengths)}")
         return []
-    empty = [f"{kind}.{key}" for kind, lists in (("grid", runs.grid), ("zip", runs.zip))
-             for key, values in lists.items() if not values]
+    empty = [
+        f"{kind}.{key}"
+        for kind, lists in (("grid", runs.grid), ("zip", runs.zip))
+        for key, values in lists.items()
+        if not values
+    ]
     if empty:  # the product would be no run at all: the stage would silently disappear
         errors.append(f"{path}: {where}.{empty[0]}: an empty list expands to no runs, got []")
         return []
@@ -303,8 +318,10 @@ def _combinations(runs: Runs, where: str, path: str, errors: list[str]) -> list[
         for grid_row in grid_values:
             values = dict(zip(runs.grid, grid_row)) | dict(zip(runs.zip, zip_row))
             suffix = "-".join(f"{k.split('.')[-1]}{_name_part(v)}" for k, v in values.items())
-            layers = [(f"{where}.grid.{k}" if k in runs.grid else f"{where}.zip.{k}", _nested({k: v}))
-                      for k, v in values.items()]
+            layers = [
+                (f"{where}.grid.{k}" if k in runs.grid else f"{where}.zip.{k}", _nested({k: v}))
+                for k, v in values.items()
+            ]
             combos.append((suffix, values, layers))
     return combos
 
@@ -324,7 +341,9 @@ def _locate(field: str, layers: list[tuple[str, dict]]) -> str:
         if _sets(layer, field):
             if where == CLI:
                 return f"{field} {CLI}"
-            key = next(k for k in flatten(layer) if k == field or k.startswith(field + ".") or field.startswith(k + "."))
+            key = next(
+                k for k in flatten(layer) if k == field or k.startswith(field + ".") or field.startswith(k + ".")
+            )
             return where if where.endswith("." + key) else f"{where}.{field}"
     return f"base.{field}"
 
@@ -355,7 +374,9 @@ class Reach:
     kept: dict[tuple[str, str, str], list[str]]  # (later layer, leaf, its value) -> runs where it undoes the override
 
 
-def _undone(field: str, value: Any, later: list[tuple[str, dict]], merged: dict[str, Any]) -> list[tuple[str, str, Any]]:
+def _undone(
+    field: str, value: Any, later: list[tuple[str, dict]], merged: dict[str, Any]
+) -> list[tuple[str, str, Any]]:
     """(later layer, leaf, the run's value) for each leaf of an override that a later layer undoes."""
     lost = []
     for leaf, want in flatten(_nested({field: value})).items():
@@ -369,13 +390,23 @@ def _undone(field: str, value: Any, later: list[tuple[str, dict]], merged: dict[
 
 
 def _derived_line(path: str, label: str, leaf: str, value: Any) -> str:
-    return (f"{path}: {label}: cannot be overridden, the launcher sets {leaf} for every run (output_dir: "
-            f"--output-root; tracking: the spec's name; train.init_from, teacher.run_dir: the stage's "
-            f"init_from, distill_from), got {show(value)}")
+    return (
+        f"{path}: {label}: cannot be overridden, the launcher sets {leaf} for every run (output_dir: "
+        f"--output-root; tracking: the spec's name; train.init_from, teacher.run_dir: the stage's "
+        f"init_from, distill_from), got {show(value)}"
+    )
 
 
-def _track_overrides(spec: Spec, path: str, layers: list[tuple[str, dict]], derived: dict[str, Any],
-                     merged: dict[str, Any], run: str, reach: dict[str, Reach], reported: set[str]) -> list[str]:
+def _track_overrides(
+    spec: Spec,
+    path: str,
+    layers: list[tuple[str, dict]],
+    derived: dict[str, Any],
+    merged: dict[str, Any],
+    run: str,
+    reach: dict[str, Reach],
+    reported: set[str],
+) -> list[str]:
     """Record where each command-line override reaches this run; refuse one the launcher's values undo.
 
     A spec-layer override that a later layer undoes in this run is not an error by itself: it is
@@ -388,12 +419,12 @@ def _track_overrides(spec: Spec, path: str, layers: list[tuple[str, dict]], deri
         if not owners:
             continue
         owner = max(owners, key=lambda i: len(layers[i][0]))
-        field = key[len(layers[owner][0]) + 1:]
+        field = key[len(layers[owner][0]) + 1 :]
         if field.split(".")[0] not in RunConfig.model_fields:
             continue  # a control key (runs, slurm, after...): not a config value
         entry = reach.setdefault(text, Reach(text, key, [], [], {}))
         entry.targets.append(run)
-        undone = _undone(field, value, later_all[owner + 1:], merged)
+        undone = _undone(field, value, later_all[owner + 1 :], merged)
         if len(undone) < len(flatten(_nested({field: value}))):
             entry.reached.append(run)
         for setter, leaf, have in undone:
@@ -435,17 +466,23 @@ def override_reach(path: str, reach: dict[str, Reach]) -> tuple[list[str], list[
         if not entry.kept:
             continue
         value = parse_override(entry.text)[1]
-        why = "; ".join(f"{setter} sets {leaf} = {have} after it" + ("" if len(runs) == len(entry.targets)
-                                                                       else f" ({_runs_list(runs)})")
-                        for (setter, leaf, have), runs in entry.kept.items())
+        why = "; ".join(
+            f"{setter} sets {leaf} = {have} after it"
+            + ("" if len(runs) == len(entry.targets) else f" ({_runs_list(runs)})")
+            for (setter, leaf, have), runs in entry.kept.items()
+        )
         if not entry.reached:
             layers = " or ".join(dict.fromkeys(_advice(setter, leaf) for setter, leaf, _ in entry.kept))
             errors.append(f"{path}: {entry.key}: has no effect on any run: {why}; {layers} instead, got {show(value)}")
         else:
-            groups = "; ".join(f"{_runs_list(runs)} {'keeps its' if len(runs) == 1 else 'keep their'} own "
-                               f"{leaf} ({setter} sets {leaf} = {have})"
-                               for (setter, leaf, have), runs in entry.kept.items())
-            notes.append(f"{path}: {entry.text}: applies to {len(entry.reached)} of {len(entry.targets)} runs; {groups}")
+            groups = "; ".join(
+                f"{_runs_list(runs)} {'keeps its' if len(runs) == 1 else 'keep their'} own "
+                f"{leaf} ({setter} sets {leaf} = {have})"
+                for (setter, leaf, have), runs in entry.kept.items()
+            )
+            notes.append(
+                f"{path}: {entry.text}: applies to {len(entry.reached)} of {len(entry.targets)} runs; {groups}"
+            )
     return errors, notes
 
 
@@ -464,8 +501,14 @@ def count_runs(spec: Spec, stages: Sequence[str]) -> dict[str, int]:
     return counts
 
 
-def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str = "runs",
-           check_files: bool = True, max_runs: Optional[int] = None) -> Expanded:
+def expand(
+    spec: Spec,
+    path: str,
+    scale: str | None = None,
+    output_root: str = "runs",
+    check_files: bool = True,
+    max_runs: int | None = None,
+) -> Expanded:
     """Every run of the spec at `scale`, validated. Raises SpecError listing every problem.
 
     `check_files`: also check that the files and folders the runs read exist and look usable
@@ -482,9 +525,13 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
     counts = count_runs(spec, order)
     if max_runs is not None and sum(counts.values()) > max_runs:
         largest = max(counts, key=counts.__getitem__)
-        raise SpecError([f"{path}: stages.{largest}.runs: the spec expands to {sum(counts.values())} runs at scale "
-                         f"{scale} ({counts[largest]} in stage {largest}), more than the limit of {max_runs}; pass "
-                         f"--max-runs {sum(counts.values())} to launch them all, got {sum(counts.values())}"])
+        raise SpecError(
+            [
+                f"{path}: stages.{largest}.runs: the spec expands to {sum(counts.values())} runs at scale "
+                f"{scale} ({counts[largest]} in stage {largest}), more than the limit of {max_runs}; pass "
+                f"--max-runs {sum(counts.values())} to launch them all, got {sum(counts.values())}"
+            ]
+        )
     scale_spec = spec.scales[scale]
     plans: list[RunPlan] = []
     reported: set[str] = set()  # command-line overrides already refused
@@ -520,8 +567,10 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
                 if spec._cli:
                     layers.append((CLI, spec._cli))
                 if not NAME.match(name):
-                    errors.append(f"{path}: {where}.runs: the run name {show(name)} {NAME_RULE}; name the variant "
-                                  f"or shorten the grid, got {show(name)}")
+                    errors.append(
+                        f"{path}: {where}.runs: the run name {show(name)} {NAME_RULE}; name the variant "
+                        f"or shorten the grid, got {show(name)}"
+                    )
                     invalid.add(stage_name)
                     continue
                 merged: dict[str, Any] = {}
@@ -538,8 +587,10 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
                 try:
                     config = RunConfig.model_validate(merged)
                 except ValidationError as err:
-                    errors += [f"{path}: {_locate(field, layers)}: {problem}"
-                               for field, problem in validation_problems(err, RunConfig)]
+                    errors += [
+                        f"{path}: {_locate(field, layers)}: {problem}"
+                        for field, problem in validation_problems(err, RunConfig)
+                    ]
                     invalid.add(stage_name)
                     continue
                 errors += _check_batches(config, slurm, path, layers)
@@ -548,9 +599,11 @@ def expand(spec: Spec, path: str, scale: Optional[str] = None, output_root: str 
                     produced = flatten({k: v for k, v in derived.items() if k in ("train", "teacher")})
                     errors += check_run_inputs(config, path, lambda field: _locate(field, layers), produced)
                 if config.needs_teacher and not (config.teacher.checkpoint or config.teacher.run_dir):
-                    errors.append(f"{path}: {where}.distill_from: the kl/token losses need a teacher "
-                                  f"(distill_from: STAGE, or teacher.checkpoint, or losses.kl=0 losses.token=0), "
-                                  f"got none for run {name!r}")
+                    errors.append(
+                        f"{path}: {where}.distill_from: the kl/token losses need a teacher "
+                        f"(distill_from: STAGE, or teacher.checkpoint, or losses.kl=0 losses.token=0), "
+                        f"got none for run {name!r}"
+                    )
                 plans.append(RunPlan(stage_name, name, row, config.model.variant, config, slurm))
                 stage_keys[stage_name] = config.run_key()
     errors += _check_references(spec, plans, path, order, invalid)
@@ -579,8 +632,17 @@ def stage_dir(spec: Spec, scale: str, stage: str, output_root: str) -> Path:
     return Path(output_root) / spec.name / scale / stage
 
 
-def _derived(spec: Spec, scale: str, stage_name: str, stage: Stage, name: str, row: str,
-             output_root: str, merged: dict[str, Any], stage_keys: Optional[dict[str, str]] = None) -> dict[str, Any]:
+def _derived(
+    spec: Spec,
+    scale: str,
+    stage_name: str,
+    stage: Stage,
+    name: str,
+    row: str,
+    output_root: str,
+    merged: dict[str, Any],
+    stage_keys: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """What the spec fixes for every run: where it writes, how it is tagged, its stage inputs.
 
     A stage input is the other stage's run folder; its run key goes into the tags
@@ -593,12 +655,21 @@ def _derived(spec: Spec, scale: str, stage_name: str, stage: Stage, name: str, r
         "tracking": {
             "experiment": spec.name,
             "run_name": f"{stage_name}/{name}",
-            "tags": {**merged.get("tracking", {}).get("tags", {}), "spec": spec.name, "table": spec.table or "",
-                     "row": row, "scale": scale, "stage": stage_name, "kind": "train"},
+            "tags": {
+                **merged.get("tracking", {}).get("tags", {}),
+                "spec": spec.name,
+                "table": spec.table or "",
+                "row": row,
+                "scale": scale,
+                "stage": stage_name,
+                "kind": "train",
+            },
         },
     }
-    for ref, field, tag in ((stage.init_from, "train.init_from", "init_from_run_key"),
-                            (stage.distill_from, "teacher.run_dir", "teacher_run_key")):
+    for ref, field, tag in (
+        (stage.init_from, "train.init_from", "init_from_run_key"),
+        (stage.distill_from, "teacher.run_dir", "teacher_run_key"),
+    ):
         if ref in spec.stages:
             set_dotted(derived, field, str(_single_run_dir(spec, scale, ref, output_root)))
             if ref in stage_keys:
@@ -612,8 +683,9 @@ def _single_run_dir(spec: Spec, scale: str, stage_name: str, output_root: str) -
     return stage_dir(spec, scale, stage_name, output_root) / name
 
 
-def _check_references(spec: Spec, plans: list[RunPlan], path: str, order: list[str],
-                      invalid: set[str] = frozenset()) -> list[str]:
+def _check_references(
+    spec: Spec, plans: list[RunPlan], path: str, order: list[str], invalid: set[str] = frozenset()
+) -> list[str]:
     errors = []
     for name in order:
         stage = spec.stages[name]
@@ -621,7 +693,9 @@ def _check_references(spec: Spec, plans: list[RunPlan], path: str, order: list[s
             if ref in spec.stages and ref not in invalid:
                 count = sum(1 for p in plans if p.stage == ref)
                 if count != 1:
-                    errors.append(f"{path}: stages.{name}.{field}: stage {ref!r} must have exactly one run, got {count}")
+                    errors.append(
+                        f"{path}: stages.{name}.{field}: stage {ref!r} must have exactly one run, got {count}"
+                    )
     return errors
 
 
@@ -655,7 +729,10 @@ def _check_batches(config: RunConfig, slurm: SlurmResources, path: str, layers: 
     data, train = config.data, config.train
     if train.batch_size > MAX_BATCH:
         return []  # refused on its own (harness/inputs.py): one line is enough
-    sizes = {"cluttered_mnist": ("data.train_digits", data.train_digits), "synthetic": ("data.train_size", data.train_size)}
+    sizes = {
+        "cluttered_mnist": ("data.train_digits", data.train_digits),
+        "synthetic": ("data.train_size", data.train_size),
+    }
     if data.name not in sizes:
         return []  # an image folder's size is known only when it is read
     field, images = sizes[data.name]
@@ -664,11 +741,15 @@ def _check_batches(config: RunConfig, slurm: SlurmResources, path: str, layers: 
     if per_process // train.batch_size // train.accum_steps >= 1:
         return []
     needed = train.batch_size * train.accum_steps * world
-    how = f"train.batch_size {train.batch_size} ({_locate('train.batch_size', layers)}) x train.accum_steps " \
-          f"{train.accum_steps}" + (f" x {world} processes" if world > 1 else "")
+    how = (
+        f"train.batch_size {train.batch_size} ({_locate('train.batch_size', layers)}) x train.accum_steps "
+        f"{train.accum_steps}" + (f" x {world} processes" if world > 1 else "")
+    )
     rounded = " (train.repeated_aug keeps a multiple of 256)" if train.repeated_aug else ""
-    return [f"{path}: {_locate(field, layers)}: too few training images for one optimiser step of {how}: "
-            f"at least {needed} needed{rounded}, got {images}"]
+    return [
+        f"{path}: {_locate(field, layers)}: too few training images for one optimiser step of {how}: "
+        f"at least {needed} needed{rounded}, got {images}"
+    ]
 
 
 def differing_values(plans: list[RunPlan]) -> list[str]:
@@ -678,7 +759,12 @@ def differing_values(plans: list[RunPlan]) -> list[str]:
     return [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
 
 
-def load_and_expand(path: str, overrides: Sequence[str] = (), scale: Optional[str] = None,
-                    output_root: str = "runs", check_files: bool = True, max_runs: Optional[int] = None) -> Expanded:
+def load_and_expand(
+    path: str,
+    overrides: Sequence[str] = (),
+    scale: str | None = None,
+    output_root: str = "runs",
+    check_files: bool = True,
+    max_runs: int | None = None,
+) -> Expanded:
     return expand(load_spec(path, overrides), path, scale, output_root, check_files, max_runs)
-

@@ -7,12 +7,12 @@ Reads MLflow only; submits nothing, creates nothing: a tracking store that does 
 mistyped `--tracking-uri`) or does not answer is said in one line.
 Exit codes: 0 shown, 1 the tracking server did not answer, 2 invalid spec or arguments.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional
 
 from harness.errors import handle
 from harness.progress import run_progress
@@ -20,21 +20,25 @@ from harness.spec import load_and_expand
 from harness.store import bound_requests, check_store, resolve_uri
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.status", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.status", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("spec", help="experiment spec YAML, e.g. experiments/table3.yaml")
     parser.add_argument("overrides", nargs="*", help="the launch's overrides (they change the run keys)")
     parser.add_argument("--scale", help="which of the spec's scales (default: the spec's default_scale)")
     parser.add_argument("--output-root", default="runs")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
     args = parser.parse_intermixed_args(argv)
     return handle("harness.status", lambda: show(args))
 
 
 def show(args: argparse.Namespace) -> int:
-    expanded = load_and_expand(args.spec, args.overrides, args.scale, str(Path(args.output_root).resolve()),
-                               check_files=False)  # reads MLflow only: the runs' input files do not matter
+    expanded = load_and_expand(
+        args.spec, args.overrides, args.scale, str(Path(args.output_root).resolve()), check_files=False
+    )  # reads MLflow only: the runs' input files do not matter
     uri, source = resolve_uri(args.tracking_uri)
     check_store(uri, source, must_exist=True, write=False)
     bound_requests()
@@ -60,8 +64,19 @@ def show(args: argparse.Namespace) -> int:
         # every epoch logs its time (epoch), train/loss_step every optim.log_every steps (step)
         epoch, step, eta = run_progress(run, plan.stage, plan.name, plan.config.train.epochs).columns()
         tags = run.data.tags
-        rows.append([plan.stage, plan.name, run.info.status, epoch, step, eta, best,
-                     tags.get("slurm_job_id") or tags.get("job_id", "-"), run.info.run_id])
+        rows.append(
+            [
+                plan.stage,
+                plan.name,
+                run.info.status,
+                epoch,
+                step,
+                eta,
+                best,
+                tags.get("slurm_job_id") or tags.get("job_id", "-"),
+                run.info.run_id,
+            ]
+        )
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     for line in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())

@@ -6,6 +6,7 @@ therefore checks its store first, within a few seconds, and says which store it 
 `--tracking-uri: cannot reach the MLflow tracking server (Connection refused), got http://...`.
 Standard library only: no MLflow import on this path.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,7 +15,6 @@ import sqlite3
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
 from urllib.parse import unquote, urlparse
 
 from harness.config import ConfigError
@@ -28,7 +28,7 @@ CLI_REQUEST_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUE
 _SET_BY_US = "DVIT_BOUNDED_MLFLOW_ENV"  # which of CLI_REQUEST_LIMITS this process set (jobs undo them)
 
 
-def resolve_uri(cli_value: Optional[str]) -> tuple[str, str]:
+def resolve_uri(cli_value: str | None) -> tuple[str, str]:
     """(uri, where it came from): the option, else $MLFLOW_TRACKING_URI, else ./mlflow.db (absolute).
 
     Credentials never travel in the URI (it is printed, tagged and written into job files): in
@@ -38,9 +38,13 @@ def resolve_uri(cli_value: Optional[str]) -> tuple[str, str]:
     if cli_value:
         clean, user, password = _credentials(cli_value)
         if password is not None:
-            raise ConfigError([f"--tracking-uri: a password in the URI shows in `ps` and would be written into job "
-                               f"files; export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead, got "
-                               f"{masked(cli_value)!r}"])
+            raise ConfigError(
+                [
+                    f"--tracking-uri: a password in the URI shows in `ps` and would be written into job "
+                    f"files; export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead, got "
+                    f"{masked(cli_value)!r}"
+                ]
+            )
         _export({"MLFLOW_TRACKING_USERNAME": user})
         return clean, "--tracking-uri"
     env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -51,7 +55,7 @@ def resolve_uri(cli_value: Optional[str]) -> tuple[str, str]:
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}", "tracking store (default ./mlflow.db)"
 
 
-def _credentials(uri: str) -> tuple[str, Optional[str], Optional[str]]:
+def _credentials(uri: str) -> tuple[str, str | None, str | None]:
     """(the http(s) URI without `user:password@`, user, password); other URIs are returned as they are."""
     parts = urlparse(uri)
     if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
@@ -62,7 +66,7 @@ def _credentials(uri: str) -> tuple[str, Optional[str], Optional[str]]:
     return clean, user, unquote(parts.password) if parts.password is not None else None
 
 
-def _export(values: dict[str, Optional[str]]) -> None:
+def _export(values: dict[str, str | None]) -> None:
     """Set the given variables (None: leave alone): what this process's MLflow client and its jobs read."""
     for key, value in values.items():
         if value is not None:
@@ -78,11 +82,11 @@ def masked(uri: str) -> str:
     return parts._replace(netloc=f"{user or ''}{':***' if password is not None else ''}@{parts.netloc}").geturl()
 
 
-def sqlite_path(uri: str) -> Optional[Path]:
+def sqlite_path(uri: str) -> Path | None:
     """The file of a `sqlite:///` URI (None for another kind of store, or an in-memory one)."""
     if not uri.startswith("sqlite:///"):
         return None
-    rest = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    rest = unquote(uri[len("sqlite:///") :].split("?", 1)[0])
     return Path(rest) if rest and rest != ":memory:" else None
 
 
@@ -97,8 +101,7 @@ def quiet_store_setup() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def check_store(uri: str, source: str, *, must_exist: bool, write: bool,
-                timeout_s: float = PROBE_TIMEOUT_S) -> None:
+def check_store(uri: str, source: str, *, must_exist: bool, write: bool, timeout_s: float = PROBE_TIMEOUT_S) -> None:
     """Raise ConfigError (the URI names something unusable) or EnvironmentProblem (a server that
     does not answer) within about `timeout_s`; return when the store looks usable.
 
@@ -150,9 +153,11 @@ def _check_sqlite(db: Path, uri: str, source: str, *, must_exist: bool, write: b
 
 
 def _locked(uri: str, source: str) -> EnvironmentProblem:
-    return EnvironmentProblem(f"{source}: the SQLite store is locked by another process (a write transaction open "
-                              f"for over {LOCK_WAIT_S:.0f} s: another command, or a sqlite3 shell); try again once "
-                              f"it has ended, got {uri!r}")
+    return EnvironmentProblem(
+        f"{source}: the SQLite store is locked by another process (a write transaction open "
+        f"for over {LOCK_WAIT_S:.0f} s: another command, or a sqlite3 shell); try again once "
+        f"it has ended, got {uri!r}"
+    )
 
 
 def _check_write_lock(db: Path, uri: str, source: str) -> None:
@@ -185,15 +190,21 @@ def _check_server(uri: str, source: str, timeout_s: float) -> None:
         except urllib.error.HTTPError as err:
             if err.code == 401:
                 given = os.environ.get("MLFLOW_TRACKING_USERNAME") or os.environ.get("MLFLOW_TRACKING_TOKEN")
-                why = ("wrong MLFLOW_TRACKING_USERNAME or MLFLOW_TRACKING_PASSWORD" if given else
-                       "it needs MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, and none are set")
-                raise EnvironmentProblem(f"{source}: the MLflow tracking server refused the credentials (401 "
-                                         f"Unauthorized: {why}), got {uri!r}") from None
+                why = (
+                    "wrong MLFLOW_TRACKING_USERNAME or MLFLOW_TRACKING_PASSWORD"
+                    if given
+                    else "it needs MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, and none are set"
+                )
+                raise EnvironmentProblem(
+                    f"{source}: the MLflow tracking server refused the credentials (401 "
+                    f"Unauthorized: {why}), got {uri!r}"
+                ) from None
             return  # a server answered; what it thinks of this request is for MLflow's client to say
         except (urllib.error.URLError, OSError, ValueError) as err:
             reason = getattr(err, "reason", None) or err
-            raise EnvironmentProblem(f"{source}: cannot reach the MLflow tracking server within {timeout_s:.0f} s "
-                                     f"({reason}), got {uri!r}") from None
+            raise EnvironmentProblem(
+                f"{source}: cannot reach the MLflow tracking server within {timeout_s:.0f} s ({reason}), got {uri!r}"
+            ) from None
 
 
 def _auth_header() -> dict[str, str]:
@@ -249,7 +260,7 @@ class StoreLock:
         self._lock = FileLock(str(self.path))
         self.waited = False
 
-    def __enter__(self) -> "StoreLock":
+    def __enter__(self) -> StoreLock:
         from filelock import Timeout
 
         try:
@@ -258,8 +269,12 @@ class StoreLock:
             import sys
 
             if not self.waited:
-                print(f"waiting for another launch or search on this tracking store to finish submitting "
-                      f"(it holds {self.path})", file=sys.stderr, flush=True)
+                print(
+                    f"waiting for another launch or search on this tracking store to finish submitting "
+                    f"(it holds {self.path})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self.waited = True
             self._lock.acquire()
         return self

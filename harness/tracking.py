@@ -10,6 +10,7 @@ backoff, with one warning; other calls retry in place. An outage longer than
 `tracking.outage_limit_s` raises `TrackingUnavailable`: the engine checkpoints, writes the
 unsent points beside the checkpoint (UNSENT) and fails; the resumed job sends them first.
 """
+
 from __future__ import annotations
 
 import collections
@@ -21,9 +22,10 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote, unquote
 
 from mlflow import MlflowClient
@@ -72,14 +74,15 @@ def transient(error: BaseException) -> bool:
 
     if isinstance(error, RestException):  # the server answered
         return error.error_code in _SERVER_FAILURES
-    seen: Optional[BaseException] = error
+    seen: BaseException | None = error
     for _ in range(10):
         if seen is None:
             return False
         if isinstance(seen, (ConnectionError, TimeoutError, requests.RequestException)):
             return True
         if type(seen).__name__ in _DB_FAILURES or (
-                isinstance(seen, MlflowException) and seen.message.startswith("API request to")):
+            isinstance(seen, MlflowException) and seen.message.startswith("API request to")
+        ):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -112,7 +115,7 @@ def _git(*args: str) -> str:
     ).stdout.strip()
 
 
-def git_commit() -> Optional[str]:
+def git_commit() -> str | None:
     """The commit of this checkout, None outside git."""
     try:
         return _git("rev-parse", "HEAD")
@@ -140,8 +143,7 @@ def source_tags(entry_point: str, source_type: str) -> dict[str, str]:
     `entry_point`: the file a user runs (harness/train.py, harness/launch.py); `source_type`:
     LOCAL for a run trained by hand, JOB for one a launch submitted.
     """
-    tags = {"mlflow.source.name": entry_point, "mlflow.source.type": source_type,
-            "code_version": code_version()}
+    tags = {"mlflow.source.name": entry_point, "mlflow.source.type": source_type, "code_version": code_version()}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -177,11 +179,11 @@ def _clip(value: Any, limit: int) -> str:
     return text
 
 
-def _sqlite_artifact_root(uri: str) -> Optional[str]:
+def _sqlite_artifact_root(uri: str) -> str | None:
     """Artifacts beside the SQLite file, not in `./mlruns` of whatever the cwd happens to be."""
     if not uri.startswith("sqlite:///"):
         return None  # a server or database: its own default artifact root applies
-    db = Path(unquote(uri[len("sqlite:///"):])).resolve()
+    db = Path(unquote(uri[len("sqlite:///") :])).resolve()
     return (db.parent / "mlartifacts").as_uri()
 
 
@@ -189,7 +191,7 @@ def _get_or_create_experiment(client: MlflowClient, cfg: TrackingConfig, uri: st
     """Experiment id by cfg.experiment_id or name; creation is race-safe across processes."""
     if cfg.experiment_id:
         return cfg.experiment_id
-    error: Optional[MlflowException] = None
+    error: MlflowException | None = None
     for _ in range(2):
         exp = client.get_experiment_by_name(cfg.experiment)
         if exp is not None:
@@ -238,8 +240,9 @@ def dataset_inputs(data: DataConfig) -> list[Any]:
             kind, source = "local", {"uri": str(Path(data.root).resolve() / split)}
         else:
             kind, source = "code", {"tags": {"generator": f"harness/data.py:{data.name}", "split": split}}
-        dataset = Dataset(name=f"{data.name}-{split}", digest=digest.hexdigest()[:8], source_type=kind,
-                          source=json.dumps(source))
+        dataset = Dataset(
+            name=f"{data.name}-{split}", digest=digest.hexdigest()[:8], source_type=kind, source=json.dumps(source)
+        )
         inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
     return inputs
 
@@ -254,7 +257,7 @@ def find_runs(tracking_uri: str, experiment_name: str, filter_string: str = "") 
     if exp is None:
         return []
     runs: list[Run] = []
-    token: Optional[str] = None
+    token: str | None = None
     while True:
         page = client.search_runs([exp.experiment_id], filter_string, page_token=token)
         runs.extend(page)
@@ -280,8 +283,9 @@ def is_placeholder(run: Run) -> bool:
     return run.info.status == "SCHEDULED" and not run.data.params and not run.data.metrics
 
 
-def replace_placeholder(client: MlflowClient, placeholder: Run,
-                        call: Callable[..., Any] = lambda fn, *a, **k: fn(*a, **k)) -> tuple[str, float]:
+def replace_placeholder(
+    client: MlflowClient, placeholder: Run, call: Callable[..., Any] = lambda fn, *a, **k: fn(*a, **k)
+) -> tuple[str, float]:
     """Create the job's run in the placeholder's place; (its id, seconds the job was queued).
 
     The new run has the placeholder's name, parent and tags (job ids, run key), tag
@@ -322,8 +326,15 @@ class RunTracker:
     on Ctrl-C).
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, *, async_logging: bool = False,
-                 outage_limit_s: float = 600.0, buffer_points: int = 100_000) -> None:
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        *,
+        async_logging: bool = False,
+        outage_limit_s: float = 600.0,
+        buffer_points: int = 100_000,
+    ) -> None:
         self.client = client
         self._run_id = run_id
         self._finished = False
@@ -334,10 +345,10 @@ class RunTracker:
         self._sending = False
         self._closing = False
         self._dropped = 0
-        self._error: Optional[BaseException] = None
-        self._down_since: Optional[float] = None  # monotonic time of the first failure of an outage
+        self._error: BaseException | None = None
+        self._down_since: float | None = None  # monotonic time of the first failure of an outage
         self._warned = False
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         if async_logging:
             self._thread = threading.Thread(target=self._worker, name=f"mlflow-{run_id[:8]}", daemon=True)
             self._thread.start()
@@ -349,11 +360,11 @@ class RunTracker:
         cfg: TrackingConfig,
         *,
         params: Mapping[str, Any],
-        tags: Optional[Mapping[str, str]] = None,
-        resume_run_id: Optional[str] = None,
+        tags: Mapping[str, str] | None = None,
+        resume_run_id: str | None = None,
         async_logging: bool = False,
-        data: Optional[DataConfig] = None,
-    ) -> "RunTracker":
+        data: DataConfig | None = None,
+    ) -> RunTracker:
         """Create a run (or re-open `resume_run_id`) and record params, tags and `data` as inputs.
 
         `params` is the nested resolved config; it is logged with dotted keys. On resume,
@@ -368,7 +379,7 @@ class RunTracker:
             all_tags["mlflow.parentRunId"] = cfg.parent_run_id
         flat = {k: _clip(v, MAX_PARAM_VAL_LENGTH) for k, v in flatten(dict(params)).items()}
         probe = cls(client, "", outage_limit_s=cfg.outage_limit_s)  # waits out an outage at the job's start
-        queued_s: Optional[float] = None
+        queued_s: float | None = None
         run = probe.call(client.get_run, resume_run_id) if resume_run_id is not None else None
         if run is not None and is_placeholder(run):  # a new run, RUNNING, nothing logged yet
             run_id, queued_s = replace_placeholder(client, run, probe.call)
@@ -384,11 +395,18 @@ class RunTracker:
             experiment_id = probe.call(_get_or_create_experiment, client, cfg, uri)
             run_id = probe.call(client.create_run, experiment_id, run_name=cfg.run_name).info.run_id
 
-        tracker = cls(client, run_id, async_logging=async_logging, outage_limit_s=cfg.outage_limit_s,
-                      buffer_points=cfg.buffer_points)
+        tracker = cls(
+            client,
+            run_id,
+            async_logging=async_logging,
+            outage_limit_s=cfg.outage_limit_s,
+            buffer_points=cfg.buffer_points,
+        )
         tracker._log_params(flat)
         if queued_s is not None:
-            tracker.call(client.log_batch, run_id, metrics=[Metric("queue_time_s", queued_s, int(time.time() * 1000), 0)])
+            tracker.call(
+                client.log_batch, run_id, metrics=[Metric("queue_time_s", queued_s, int(time.time() * 1000), 0)]
+            )
         tracker.set_tags(all_tags)
         if data is not None:
             tracker.log_inputs(dataset_inputs(data))
@@ -436,20 +454,28 @@ class RunTracker:
                     down_for = now - self._down_since
                     if not self._warned:
                         self._warned = True
-                        print(f"warning: MLflow is not answering ({_first_line(error)}); metrics are buffered "
-                              f"and retried for up to {self.outage_limit_s:.0f} s (tracking.outage_limit_s)",
-                              file=sys.stderr, flush=True)
+                        print(
+                            f"warning: MLflow is not answering ({_first_line(error)}); metrics are buffered "
+                            f"and retried for up to {self.outage_limit_s:.0f} s (tracking.outage_limit_s)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                 if down_for > self.outage_limit_s:
                     raise TrackingUnavailable(
                         f"MLflow has not answered for {down_for:.0f} s (tracking.outage_limit_s = "
-                        f"{self.outage_limit_s:g}): {_first_line(error)}") from error
+                        f"{self.outage_limit_s:g}): {_first_line(error)}"
+                    ) from error
                 time.sleep(min(delay, max(0.1, self.outage_limit_s - down_for + 0.1)))
                 delay = min(delay * 2, 10.0)
                 continue
             with self._cond:
                 if self._down_since is not None:
-                    print(f"MLflow answers again after {time.monotonic() - self._down_since:.0f} s; "
-                          f"sending {len(self._buffer)} buffered metric points", file=sys.stderr, flush=True)
+                    print(
+                        f"MLflow answers again after {time.monotonic() - self._down_since:.0f} s; "
+                        f"sending {len(self._buffer)} buffered metric points",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     self._down_since = None
                     self._warned = False  # a later outage warns again
             return result
@@ -466,7 +492,7 @@ class RunTracker:
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self.call(self.client.log_batch, self._run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int, model_id: Optional[str] = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], step: int, model_id: str | None = None) -> None:
         """Log several metrics at one step (one `log_batch` when sent).
 
         Values may be Python numbers, numpy scalars or one-element tensors (`float()` of each).
@@ -483,8 +509,12 @@ class RunTracker:
             room = self._capacity - len(self._buffer)
             if room < len(batch):
                 if not self._dropped:
-                    print(f"warning: MLflow metric buffer full ({self._capacity} points, tracking.buffer_points); "
-                          "newer points are dropped until it drains", file=sys.stderr, flush=True)
+                    print(
+                        f"warning: MLflow metric buffer full ({self._capacity} points, tracking.buffer_points); "
+                        "newer points are dropped until it drains",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 self._dropped += len(batch) - max(room, 0)
                 batch = batch[: max(room, 0)]
             self._buffer.extend(batch)
@@ -559,8 +589,9 @@ class RunTracker:
             self._send(points)
         except Exception as exc:
             self._restart_sender()  # the points stay buffered: the new sender tries them again
-            raise RuntimeError(f"MLflow logging failed for run {self._run_id}: "
-                               f"{len(points)} metric points unsent") from exc
+            raise RuntimeError(
+                f"MLflow logging failed for run {self._run_id}: {len(points)} metric points unsent"
+            ) from exc
         with self._cond:  # sent: out of the buffer before a new sender could take them again
             for _ in points:
                 self._buffer.popleft()
@@ -588,8 +619,18 @@ class RunTracker:
         if points:
             with open(path, "a") as out:
                 for m in points:
-                    out.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp,
-                                          "step": m.step, "model_id": m.model_id}) + "\n")
+                    out.write(
+                        json.dumps(
+                            {
+                                "key": m.key,
+                                "value": m.value,
+                                "timestamp": m.timestamp,
+                                "step": m.step,
+                                "model_id": m.model_id,
+                            }
+                        )
+                        + "\n"
+                    )
         return len(points)
 
     def resend(self, path: PathLike) -> int:
@@ -597,13 +638,16 @@ class RunTracker:
         path = Path(path)
         if not path.exists():
             return 0
-        points = [Metric(d["key"], d["value"], d["timestamp"], d["step"], model_id=d.get("model_id"))
-                  for d in map(json.loads, path.read_text().splitlines()) if d]
+        points = [
+            Metric(d["key"], d["value"], d["timestamp"], d["step"], model_id=d.get("model_id"))
+            for d in map(json.loads, path.read_text().splitlines())
+            if d
+        ]
         self._send(points)
         path.unlink()
         return len(points)
 
-    def log_artifact(self, path: PathLike, artifact_path: Optional[str] = None) -> None:
+    def log_artifact(self, path: PathLike, artifact_path: str | None = None) -> None:
         """Upload a file, or a folder's contents, under `artifact_path` of the run."""
         if Path(path).is_dir():
             self.call(self.client.log_artifacts, self._run_id, str(path), artifact_path)
@@ -627,19 +671,31 @@ class RunTracker:
 
         self.flush()  # the points at `step` must be in the store to be linked
         experiment_id = self.call(self.client.get_run, self._run_id).info.experiment_id
-        logged = self.call(self.client.create_logged_model, experiment_id, name=name, source_run_id=self._run_id,
-                           model_type="pytorch")
+        logged = self.call(
+            self.client.create_logged_model, experiment_id, name=name, source_run_id=self._run_id, model_type="pytorch"
+        )
         mlflow.set_tracking_uri(self.client.tracking_uri)  # log_model reads the global URI
-        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={metadata.version('timm')}",
-                        f"mlflow=={mlflow.__version__}"]
+        requirements = [
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"timm=={metadata.version('timm')}",
+            f"mlflow=={mlflow.__version__}",
+        ]
         quiet = logging.getLogger("mlflow.pytorch")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # a warning about pickles on every run: the project's own models
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "no signature": images of a run-dependent size
-                self.call(mlflow.pytorch.log_model, model, name=name, run_id=self._run_id, model_id=logged.model_id,
-                          step=step, pip_requirements=requirements, serialization_format="pickle")
+                self.call(
+                    mlflow.pytorch.log_model,
+                    model,
+                    name=name,
+                    run_id=self._run_id,
+                    model_id=logged.model_id,
+                    step=step,
+                    pip_requirements=requirements,
+                    serialization_format="pickle",
+                )
         finally:
             quiet.setLevel(level)
         return str(logged.model_id)
@@ -664,7 +720,7 @@ class RunTracker:
             self._finished = True
             self.call(self.client.set_terminated, self._run_id, status)
 
-    def __enter__(self) -> "RunTracker":
+    def __enter__(self) -> RunTracker:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

@@ -12,6 +12,7 @@ Exit codes: 0 done, 1 the run failed (e.g. a NaN loss) or the environment stoppe
 server unreachable, disk full), 2 invalid input (one line naming the file and field), 143
 preempted (checkpoint written; run the same command to resume).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 from harness.config import ConfigError, RunConfig, load_run_config
 from harness.errors import EXIT_FAILED, EXIT_INVALID, EXIT_PREEMPTED, handle
@@ -44,12 +44,16 @@ def prepare(config: str, overrides: list[str]) -> RunConfig:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError([f"{config}: output_dir: cannot create the folder ({err.strerror}), got {str(out)!r}"]) from None
+        raise ConfigError(
+            [f"{config}: output_dir: cannot create the folder ({err.strerror}), got {str(out)!r}"]
+        ) from None
     if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
         raise ConfigError([f"{config}: output_dir: not a writable folder, got {str(out)!r}"])
     if chosen_dir:
-        print(f"output_dir: {cfg.output_dir} (this configuration's own folder; set output_dir=... to choose)",
-              file=sys.stderr)
+        print(
+            f"output_dir: {cfg.output_dir} (this configuration's own folder; set output_dir=... to choose)",
+            file=sys.stderr,
+        )
     return cfg
 
 
@@ -63,8 +67,10 @@ def train(args: argparse.Namespace, chosen: dict[str, RunConfig]) -> int:
     except ConfigError:
         raise
     except (ValueError, FileNotFoundError) as err:  # e.g. weights that do not fit the model
-        print(f"{args.config}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}",
-              file=sys.stderr)
+        print(
+            f"{args.config}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}",
+            file=sys.stderr,
+        )
         return EXIT_INVALID
     except NonFiniteLoss as err:
         print(f"{args.config}: run failed: {err}", file=sys.stderr)
@@ -77,7 +83,7 @@ def train(args: argparse.Namespace, chosen: dict[str, RunConfig]) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m harness.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -86,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     chosen: dict[str, RunConfig] = {}
 
-    def log_dir() -> Optional[Path]:  # a traceback goes beside the run's own files when it has a folder
+    def log_dir() -> Path | None:  # a traceback goes beside the run's own files when it has a folder
         return Path(chosen["cfg"].output_dir) if "cfg" in chosen else None
 
     return handle("harness.train", lambda: train(args, chosen), log_dir)

@@ -9,6 +9,7 @@ are admitted by name through torch's safe-globals mechanism (`ADMITTED`).
 (`pickletools`), without unpickling anything, so that the launcher (standard library only: no
 torch) refuses such a file before a job is submitted, and every refusal names the type.
 """
+
 from __future__ import annotations
 
 import io
@@ -16,20 +17,37 @@ import pickletools
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Optional
+from typing import Any, BinaryIO
 
 # Objects beyond tensors that real checkpoints hold, by the name their pickles use.
 ADMITTED = (
     "argparse.Namespace",  # the official DynamicViT / DeiT / LV-ViT (timm) scripts save their `args`
     # numpy arrays and scalars: the RNG state in the project's checkpoints written before issue 24,
     # numbers in official files (timm's `metric`); numpy 1.x pickles name numpy.core, 2.x numpy._core
-    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
-    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
-    "numpy.ndarray", "numpy.dtype",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.ndarray",
+    "numpy.dtype",
 )
 # numpy >= 2 builds a dtype through its class: the numeric ones (never object, string or void)
-_NUMPY_DTYPES = ("Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64",
-                 "Float16", "Float32", "Float64", "Complex64", "Complex128")
+_NUMPY_DTYPES = (
+    "Bool",
+    "Int8",
+    "Int16",
+    "Int32",
+    "Int64",
+    "UInt8",
+    "UInt16",
+    "UInt32",
+    "UInt64",
+    "Float16",
+    "Float32",
+    "Float64",
+    "Complex64",
+    "Complex128",
+)
 
 # torch's own weights_only allowlist (torch._weights_only_unpickler._get_allowed_globals), as patterns
 _TORCH_ALLOWED = re.compile(
@@ -58,8 +76,8 @@ def allowed(name: str) -> bool:
 def _scan(stream: BinaryIO) -> list[str]:
     """The globals one pickle imports; '?' for one computed at unpickling time (never admitted)."""
     found: list[str] = []
-    memo: dict[int, Optional[str]] = {}
-    pushed: list[Optional[str]] = []  # the values pushed so far, as strings where they are strings
+    memo: dict[int, str | None] = {}
+    pushed: list[str | None] = []  # the values pushed so far, as strings where they are strings
     for opcode, arg, _ in pickletools.genops(stream):
         name = opcode.name
         if name in ("GLOBAL", "INST"):
@@ -108,7 +126,7 @@ def imported_globals(path: Path, crc: bool = False) -> list[str]:
         streams = [io.BytesIO(data)]
         count = 1
     elif head[:1] == b"\x80":  # torch's legacy format: several pickles in a row, then raw storage bytes
-        streams, count = [open(path, "rb")], LEGACY_PICKLES  # noqa: SIM115 (closed below)
+        streams, count = [open(path, "rb")], LEGACY_PICKLES
     else:
         raise ValueError("not a torch checkpoint (neither a zip archive nor a pickle)")
     found: list[str] = []
@@ -128,11 +146,13 @@ def refused_globals(path: Path, crc: bool = False) -> list[str]:
 
 
 def refused_line(names: list[str]) -> str:
-    return (f"refused: unpickling it would import {', '.join(names[:3])}{' and more' if len(names) > 3 else ''} "
-            f"(a checkpoint may hold only {SAFE_TYPES})")
+    return (
+        f"refused: unpickling it would import {', '.join(names[:3])}{' and more' if len(names) > 3 else ''} "
+        f"(a checkpoint may hold only {SAFE_TYPES})"
+    )
 
 
-def refusal(path: Path, crc: bool = False) -> Optional[str]:
+def refusal(path: Path, crc: bool = False) -> str | None:
     """Why `path` must not be unpickled (a type not admitted, a damaged file), or None."""
     try:
         refused = refused_globals(path, crc)
@@ -174,5 +194,7 @@ def load(path: Path, what: str) -> Any:
     except pickle.UnpicklingError as err:  # torch's own check, behind ours: its message spans lines
         named = re.findall(r"GLOBAL (\S+)|got <class '([^']+)'>", str(err))
         types = ", ".join(a or b for a, b in named) or "a type or opcode torch does not load"
-        raise UnsafeCheckpoint(f"{what}: refused by torch.load(weights_only=True): it would import {types} "
-                               f"(a checkpoint may hold only {SAFE_TYPES})") from None
+        raise UnsafeCheckpoint(
+            f"{what}: refused by torch.load(weights_only=True): it would import {types} "
+            f"(a checkpoint may hold only {SAFE_TYPES})"
+        ) from None

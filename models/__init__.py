@@ -8,27 +8,28 @@ predictor.py (token-score predictors), token_selection.py (hard keep decisions),
 masked_attention.py (attention with a keep policy), registry.py (catalog -> timm entry points),
 checkpoint.py (weights from files and URLs), validation.py (one-line argument errors).
 """
-from models.checkpoint import load_weights, read_state_dict
+
 from harness.catalog import MODEL_DEFAULTS, VARIANTS
+from models import deit_family  # noqa: F401 - registers the DeiT family (DynamicViT and the peers) with timm
+from models.checkpoint import load_weights, read_state_dict
+from models.convnext import DynamicConvNeXt
 from models.dynamic_vit import (
-    DynamicViTOutput,
     DynamicVisionTransformer,
+    DynamicViTOutput,
 )
 from models.lvvit import DynamicLVViT, LVViTOutput
-from models.convnext import DynamicConvNeXt
 from models.spatial import SpatialOutput
 from models.swin import DynamicSwinTransformer
-from models import deit_family  # noqa: F401 - registers the DeiT family (DynamicViT and the peers) with timm
 
 __all__ = [
     "MODEL_DEFAULTS",
     "VARIANTS",
+    "DynamicConvNeXt",
+    "DynamicLVViT",
+    "DynamicSwinTransformer",
     "DynamicViTOutput",
     "DynamicVisionTransformer",
-    "DynamicLVViT",
     "LVViTOutput",
-    "DynamicConvNeXt",
-    "DynamicSwinTransformer",
     "SpatialOutput",
     "load_weights",
     "read_state_dict",

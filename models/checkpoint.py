@@ -16,6 +16,7 @@ Official files keep the weights under "model"; DeiT's published files use the sa
 keys, so a DeiT checkpoint loads into a DynamicViT with only the predictor keys missing.
 `python -m harness.fetch` downloads and verifies ahead of the jobs (e.g. on a login node).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -65,7 +66,7 @@ def is_url(source: str) -> bool:
     return urlparse(str(source)).scheme in ("http", "https")
 
 
-def split_pin(source: str) -> tuple[str, Optional[str]]:
+def split_pin(source: str) -> tuple[str, str | None]:
     """'URL#sha256=HEX' -> (URL, HEX); a URL without a pin -> (URL, None)."""
     url, _, fragment = str(source).partition("#")
     if not fragment:
@@ -113,23 +114,29 @@ def record_path(target: Path) -> Path:
     return target.with_name(target.name + RECORD_SUFFIX)
 
 
-def read_record(target: Path) -> Optional[dict[str, Any]]:
+def read_record(target: Path) -> dict[str, Any] | None:
     path = record_path(target)
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint: {path}: unreadable hash record ({err}); delete it and "
-                              f"{target.name} to download again") from None
+        raise CheckpointError(
+            f"checkpoint: {path}: unreadable hash record ({err}); delete it and {target.name} to download again"
+        ) from None
     if not isinstance(record, dict) or not _SHA256.match(str(record.get("sha256", ""))):
         raise CheckpointError(f"checkpoint: {path}: sha256: not a 64-digit hex hash, got {record!r:.80}")
     return record
 
 
 def _write_record(target: Path, url: str, sha256: str, how: str) -> None:
-    record = {"url": url, "sha256": sha256, "bytes": target.stat().st_size, "how": how,
-              "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record = {
+        "url": url,
+        "sha256": sha256,
+        "bytes": target.stat().st_size,
+        "how": how,
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     text = json.dumps(record, indent=2) + "\n"
     write_atomic(record_path(target), lambda handle: handle.write(text.encode()))
 
@@ -150,7 +157,7 @@ def _unreachable(url: str, target: Path, err: BaseException) -> CheckpointError:
     )
 
 
-def _download(url: str, target: Path, pinned: Optional[str]) -> str:
+def _download(url: str, target: Path, pinned: str | None) -> str:
     """Stream `url` to `target` (hashing as it goes, behind a progress bar); return its sha256.
 
     Written to a temporary name and renamed only when complete, a whole torch checkpoint that
@@ -166,8 +173,15 @@ def _download(url: str, target: Path, pinned: Optional[str]) -> str:
     try:
         with urllib.request.urlopen(request, timeout=download_timeout_s()) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                      desc=f"download {Path(urlparse(url).path).name or target.name}", mininterval=1.0) as bar:
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                desc=f"download {Path(urlparse(url).path).name or target.name}",
+                mininterval=1.0,
+            ) as bar:
                 size = 0
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
@@ -179,8 +193,10 @@ def _download(url: str, target: Path, pinned: Optional[str]) -> str:
         _check_download(part, url, target)
         actual = digest.hexdigest()
         if pinned is not None and actual != pinned:
-            raise CheckpointError(f"checkpoint: {url}: sha256 mismatch: expected {pinned} (pinned in the URL), "
-                                  f"got {actual}; nothing was cached")
+            raise CheckpointError(
+                f"checkpoint: {url}: sha256 mismatch: expected {pinned} (pinned in the URL), "
+                f"got {actual}; nothing was cached"
+            )
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         part.unlink(missing_ok=True)
         raise _unreachable(url, target, err) from None
@@ -200,24 +216,30 @@ def _check_download(path: Path, url: str, target: Path, placed: bool = False) ->
     refused = problem.startswith("refused")  # whole, but it would run code or build unknown objects
     if placed:
         raise (UnsafeCheckpoint if refused else CheckpointError)(
-            f"checkpoint: {target}: placed in the cache for {url}, but {problem}; replace it with a good copy")
+            f"checkpoint: {target}: placed in the cache for {url}, but {problem}; replace it with a good copy"
+        )
     if refused:
         raise UnsafeCheckpoint(f"checkpoint: {url}: {problem}; nothing was cached")
-    raise CheckpointError(f"checkpoint: {url}: the file is {problem}: the download ended early or the server sent "
-                          f"something else; nothing was cached, try again (or place a good copy at {target})")
+    raise CheckpointError(
+        f"checkpoint: {url}: the file is {problem}: the download ended early or the server sent "
+        f"something else; nothing was cached, try again (or place a good copy at {target})"
+    )
 
 
-def _verify(target: Path, url: str, pinned: Optional[str], record: Optional[dict[str, Any]]) -> str:
+def _verify(target: Path, url: str, pinned: str | None, record: dict[str, Any] | None) -> str:
     """Hash the cached file and check it against its record (and the pin); record it if unrecorded."""
     actual = sha256_of(target)
     if record is not None and record.get("url") != url:
-        raise CheckpointError(f"checkpoint: {target}: recorded as the download of {record.get('url')!r}, not of "
-                              f"{url}; delete it and {record_path(target).name} to download it again")
+        raise CheckpointError(
+            f"checkpoint: {target}: recorded as the download of {record.get('url')!r}, not of "
+            f"{url}; delete it and {record_path(target).name} to download it again"
+        )
     if record is None:  # placed by hand (the offline route) or cached before hashes were recorded
         _check_download(target, url, target, placed=True)
         if pinned is not None and actual != pinned:
-            raise CheckpointError(f"checkpoint: {target}: sha256 mismatch: expected {pinned} (pinned in {url}), "
-                                  f"got {actual}")
+            raise CheckpointError(
+                f"checkpoint: {target}: sha256 mismatch: expected {pinned} (pinned in {url}), got {actual}"
+            )
         _write_record(target, url, actual, "found in the cache")
         print(f"checkpoint: {target}: no hash on record, recorded sha256 {actual} (first use)", file=sys.stderr)
         return actual
@@ -229,8 +251,10 @@ def _verify(target: Path, url: str, pinned: Optional[str], record: Optional[dict
             f"{record_path(target).name} to download it again"
         )
     if pinned is not None and expected != pinned:
-        raise CheckpointError(f"checkpoint: {target}: sha256 mismatch: expected {pinned} (pinned in {url}), "
-                              f"got {expected} (recorded); delete it and {record_path(target).name} to download again")
+        raise CheckpointError(
+            f"checkpoint: {target}: sha256 mismatch: expected {pinned} (pinned in {url}), "
+            f"got {expected} (recorded); delete it and {record_path(target).name} to download again"
+        )
     return actual
 
 
@@ -316,4 +340,3 @@ def load_weights(model: nn.Module, source: str) -> list[str]:
             f"checkpoint: {source}: missing keys {missing[:8]}, unexpected keys {result.unexpected_keys[:8]}"
         )
     return list(result.missing_keys)
-

@@ -34,17 +34,18 @@ paths missing) plus the official names of the added modules (`score_predictor.N`
 (DynamicCNN or Meta's ConvNeXt) loads with `load_state_dict(strict=True)`: a load hook maps the
 backbone with timm's own `checkpoint_filter_fn` and the added modules by name.
 """
+
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Optional, Sequence
-
-from torch import Tensor, nn
+from collections.abc import Sequence
+from typing import Any
 
 from timm.layers import to_2tuple, trunc_normal_
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from timm.models.convnext import checkpoint_filter_fn as timm_convnext_filter
+from torch import Tensor, nn
 
 from models.predictor import PredictorLG
 from models.spatial import (
@@ -63,10 +64,10 @@ class DynamicConvNeXtBlock(ConvNeXtBlock):
     """timm's ConvNeXt block plus a fast path and the two sparsified forward paths (see module doc)."""
 
     fast_path: nn.Sequential
-    fast_path_gamma: Optional[nn.Parameter]
+    fast_path_gamma: nn.Parameter | None
 
     @classmethod
-    def convert(cls, block: ConvNeXtBlock, ls_init_value: Optional[float]) -> "DynamicConvNeXtBlock":
+    def convert(cls, block: ConvNeXtBlock, ls_init_value: float | None) -> DynamicConvNeXtBlock:
         """Turn a built timm block into this class in place (as ToMe patches timm blocks)."""
         dim = block.conv_dw.out_channels
         block.__class__ = cls
@@ -112,8 +113,8 @@ class DynamicConvNeXt(SpatialSparsification, ConvNeXt):
         *,
         variant: str = "dynamic",
         keep_ratio: float = 0.7,
-        pruning_loc: Optional[Sequence[int]] = (1, 2, 3),
-        stage_ratios: Optional[Sequence[float]] = None,
+        pruning_loc: Sequence[int] | None = (1, 2, 3),
+        stage_ratios: Sequence[float] | None = None,
         gumbel_tau: float = 1.0,
         deterministic: bool = False,
         img_size: int | tuple[int, int] = 224,
@@ -122,11 +123,16 @@ class DynamicConvNeXt(SpatialSparsification, ConvNeXt):
         super().__init__(**convnext_kwargs)
         height, width = to_2tuple(img_size)
         stage = self.stages[SPARSE_STAGE]
-        convs = [*self.stem.modules()] + [m for s in self.stages[:SPARSE_STAGE + 1] for m in s.downsample.modules()]
+        convs = [*self.stem.modules()] + [m for s in self.stages[: SPARSE_STAGE + 1] for m in s.downsample.modules()]
         stride = math.prod(m.stride[0] for m in convs if isinstance(m, nn.Conv2d))  # stem and downsamplings
         self._plan_sparsity(
-            variant=variant, keep_ratio=keep_ratio, pruning_loc=pruning_loc, stage_ratios=stage_ratios,
-            gumbel_tau=gumbel_tau, deterministic=deterministic, stage_depth=len(stage.blocks),
+            variant=variant,
+            keep_ratio=keep_ratio,
+            pruning_loc=pruning_loc,
+            stage_ratios=stage_ratios,
+            gumbel_tau=gumbel_tau,
+            deterministic=deterministic,
+            stage_depth=len(stage.blocks),
             grid=(height // stride, width // stride),
         )
         self.input_shape = (self.in_chans, height, width)
@@ -134,7 +140,7 @@ class DynamicConvNeXt(SpatialSparsification, ConvNeXt):
             dim = stage.blocks[0].conv_dw.out_channels
             self.score_predictor = nn.ModuleList(_predictor(dim) for _ in self.pruning_loc)
             ls_init_value = convnext_kwargs.get("ls_init_value", 1e-6)
-            for block in stage.blocks[self.pruning_loc[0]:]:
+            for block in stage.blocks[self.pruning_loc[0] :]:
                 DynamicConvNeXtBlock.convert(block, ls_init_value)
         self.register_load_state_dict_pre_hook(official_layout_hook)
 
@@ -166,7 +172,7 @@ class DynamicConvNeXt(SpatialSparsification, ConvNeXt):
 
     def _after(self, x: Tensor) -> Tensor:
         """The last stage (NCHW, before the head's pooling and LayerNorm)."""
-        for stage in self.stages[SPARSE_STAGE + 1:]:
+        for stage in self.stages[SPARSE_STAGE + 1 :]:
             x = stage(x)
         return self.norm_pre(x)
 

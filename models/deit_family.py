@@ -4,6 +4,7 @@ One entry point builds any variant on the DeiT backbone: the plain DynamicViT va
 (dynamic_vit.py) and the peer methods, which are its subclasses (peers.py). This module sits
 above both, so that neither of them has to import the other back.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -25,15 +25,16 @@ Modifications to `timm.models.vision_transformer.VisionTransformer`:
 Parameter names are the official checkpoint's (`blocks.*`, `score_predictor.{s}.in_conv.*`,
 `score_predictor.{s}.out_conv.*`), so official and DeiT weights load with strict key matching.
 """
+
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
 
 from harness.catalog import PEER_VARIANTS, VARIANTS
 from models.masked_attention import MaskedAttention
@@ -51,7 +52,7 @@ class DynamicViTOutput(NamedTuple):
 
     logits: Tensor  # (B, num_classes)
     tokens: Tensor  # final normalised patch tokens (B, N, C); pooled grid for `structural`
-    decision: Optional[Tensor]  # final keep decision over the N patch tokens (B, N), or None
+    decision: Tensor | None  # final keep decision over the N patch tokens (B, N), or None
     keep_fractions: Tensor  # (B, S): kept fraction of the original patch tokens per stage
 
 
@@ -63,8 +64,8 @@ class DynamicBlock(Block):
     """
 
     def attention_residual(
-        self, x: Tensor, policy: Optional[Tensor] = None, return_cls_attn: bool = False
-    ) -> tuple[Tensor, Optional[Tensor]]:
+        self, x: Tensor, policy: Tensor | None = None, return_cls_attn: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         attn_out, cls_attn = self.attn(self.norm1(x), policy=policy, return_cls_attn=return_cls_attn)
         return x + self.drop_path1(self.ls1(attn_out)), cls_attn
 
@@ -72,8 +73,8 @@ class DynamicBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def forward(  # type: ignore[override]
-        self, x: Tensor, policy: Optional[Tensor] = None, return_cls_attn: bool = False
-    ) -> tuple[Tensor, Optional[Tensor]]:
+        self, x: Tensor, policy: Tensor | None = None, return_cls_attn: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         x, cls_attn = self.attention_residual(x, policy=policy, return_cls_attn=return_cls_attn)
         return self.mlp_residual(x), cls_attn
 
@@ -89,16 +90,19 @@ class DynamicVisionTransformer(VisionTransformer):
         *,
         variant: str = "dynamic",
         keep_ratio: float = 0.7,
-        pruning_loc: Optional[Sequence[int]] = (3, 6, 9),
-        stage_ratios: Optional[Sequence[float]] = None,
-        pool_after_block: Optional[int] = None,
+        pruning_loc: Sequence[int] | None = (3, 6, 9),
+        stage_ratios: Sequence[float] | None = None,
+        pool_after_block: int | None = None,
         gumbel_tau: float = 1.0,
         deterministic: bool = False,
         **vit_kwargs: Any,
     ) -> None:
         _check(variant in VARIANTS, f"variant: must be one of {', '.join(VARIANTS)}, got {variant!r}")
-        _check(variant in self.own_variants, f"variant: {variant!r} is a peer method, built by timm.create_model "
-               f"(models/peers.py), not by {type(self).__name__}, got {variant!r}")
+        _check(
+            variant in self.own_variants,
+            f"variant: {variant!r} is a peer method, built by timm.create_model "
+            f"(models/peers.py), not by {type(self).__name__}, got {variant!r}",
+        )
         _check(
             isinstance(keep_ratio, (int, float)) and 0.0 < keep_ratio <= 1.0,
             f"keep_ratio: must be in (0, 1], got {keep_ratio!r}",
@@ -106,7 +110,7 @@ class DynamicVisionTransformer(VisionTransformer):
         _check(gumbel_tau > 0, f"gumbel_tau: must be > 0, got {gumbel_tau!r}")
         img_size = vit_kwargs.get("img_size", 224)
         patch_size = vit_kwargs.get("patch_size", 16)
-        for side in (img_size if isinstance(img_size, (tuple, list)) else (img_size, img_size)):
+        for side in img_size if isinstance(img_size, (tuple, list)) else (img_size, img_size):
             _check(
                 side % patch_size == 0,
                 f"img_size: must be a multiple of patch_size {patch_size}, got {img_size}",
@@ -129,8 +133,13 @@ class DynamicVisionTransformer(VisionTransformer):
             )
             _check(locs == sorted(set(locs)), f"pruning_loc: must be strictly increasing, got {locs}")
             if variant == "attention":
-                _check(locs[0] >= 1, f"pruning_loc: the attention variant needs a block before each stage (>= 1), got {locs}")
-            ratios = list(stage_ratios) if stage_ratios is not None else [keep_ratio ** (i + 1) for i in range(len(locs))]
+                _check(
+                    locs[0] >= 1,
+                    f"pruning_loc: the attention variant needs a block before each stage (>= 1), got {locs}",
+                )
+            ratios = (
+                list(stage_ratios) if stage_ratios is not None else [keep_ratio ** (i + 1) for i in range(len(locs))]
+            )
             _check(
                 len(ratios) == len(locs),
                 f"stage_ratios: need one ratio per pruning location ({len(locs)}), got {len(ratios)}",
@@ -144,7 +153,7 @@ class DynamicVisionTransformer(VisionTransformer):
         self.num_keep: list[int] = [int(self.num_patches * r) for r in self.stage_ratios]
         self._stage_at = {loc: stage for stage, loc in enumerate(locs)}
 
-        self.pool_after_block: Optional[int] = None
+        self.pool_after_block: int | None = None
         if variant == "structural":
             pool_at = depth // 2 if pool_after_block is None else pool_after_block
             _check(
@@ -205,7 +214,7 @@ class DynamicVisionTransformer(VisionTransformer):
 
     # -------------------------------------------------------------------------- training path
     def _masked_decision(
-        self, stage: int, x: Tensor, keep: Tensor, cls_attn: Optional[Tensor], deterministic: bool
+        self, stage: int, x: Tensor, keep: Tensor, cls_attn: Tensor | None, deterministic: bool
     ) -> Tensor:
         """The keep decision (B, N) of one stage over the original patch tokens."""
         k = self.num_keep[stage]
@@ -221,15 +230,15 @@ class DynamicVisionTransformer(VisionTransformer):
             log_probs = self.score_predictor[stage](positions)
         return keep_decision(log_probs, k, self.gumbel_tau, deterministic, keep)
 
-    def forward_masked(self, x: Tensor, deterministic: Optional[bool] = None) -> DynamicViTOutput:
+    def forward_masked(self, x: Tensor, deterministic: bool | None = None) -> DynamicViTOutput:
         """Training path: every token stays in memory, dropped tokens are masked out of attention."""
         deterministic = self.deterministic if deterministic is None else deterministic
         x = self._embed(x)
         batch = x.shape[0]
         keep = x.new_ones(batch, self.num_patches)
-        policy: Optional[Tensor] = None
+        policy: Tensor | None = None
         fractions: list[Tensor] = []
-        cls_attn: Optional[Tensor] = None
+        cls_attn: Tensor | None = None
         for index, block in enumerate(self.blocks):
             if index == self.pool_after_block:
                 x = self._pool_grid(x)
@@ -245,7 +254,7 @@ class DynamicVisionTransformer(VisionTransformer):
         return DynamicViTOutput(logits, x[:, 1:], keep if fractions else None, keep_fractions)
 
     # ------------------------------------------------------------------------- gathered path
-    def _keep_scores(self, stage: int, patches: Tensor, positions: Optional[Tensor], cls_attn: Optional[Tensor]) -> Tensor:
+    def _keep_scores(self, stage: int, patches: Tensor, positions: Tensor | None, cls_attn: Tensor | None) -> Tensor:
         """Ranking scores (B, n) of the patch tokens still present."""
         if self.variant == "dynamic":
             return self.score_predictor[stage](patches)[..., 0]
@@ -268,7 +277,7 @@ class DynamicVisionTransformer(VisionTransformer):
         track = track or self.variant in ("static", "random")
         positions = torch.arange(self.num_patches, device=x.device).expand(batch, -1) if track else None
         kept: list[Tensor] = []
-        cls_attn: Optional[Tensor] = None
+        cls_attn: Tensor | None = None
         for index, block in enumerate(self.blocks):
             if index == self.pool_after_block:
                 x = self._pool_grid(x)

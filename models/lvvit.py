@@ -30,10 +30,12 @@ Parameter names are the official ones (`patch_embed.{conv1,bn1,conv2,bn2,conv3,b
 `score_predictor.N`): an official DynamicViT-LVViT checkpoint loads with `strict=True` and
 TokenLabeling's dense LV-ViT weights load with only the predictors missing.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
@@ -48,7 +50,7 @@ class LVViTOutput(NamedTuple):
 
     logits: Tensor  # head(CLS) (B, K): the CE and KL terms' logits when a teacher distils
     tokens: Tensor  # aux-head logits of every patch token (B, N, K): what the token term compares
-    decision: Optional[Tensor]  # final keep decision over the N patch tokens (B, N), or None
+    decision: Tensor | None  # final keep decision over the N patch tokens (B, N), or None
     keep_fractions: Tensor  # (B, S): kept fraction of the original patch tokens per stage
     combined: Tensor  # head(CLS) + aux_weight * max over all tokens of the aux logits (B, K)
 
@@ -144,7 +146,7 @@ class DynamicLVViT(DynamicVisionTransformer):
             logits = logits + self.aux_weight * self.aux_head(tokens[:, 1:]).amax(dim=1)
         return logits
 
-    def forward_masked(self, x: Tensor, deterministic: Optional[bool] = None) -> LVViTOutput:  # type: ignore[override]
+    def forward_masked(self, x: Tensor, deterministic: bool | None = None) -> LVViTOutput:  # type: ignore[override]
         """Training path: the DeiT family's masked path, with the aux head on every patch token."""
         out = super().forward_masked(x, deterministic)
         aux = self.aux_head(out.tokens)

@@ -5,9 +5,10 @@ ones out of attention (DeiT, LV-ViT and the peers through models/dynamic_vit.py)
 token is attended by nobody but itself (the official formulation), so the keep policy stays
 differentiable and the predictor learns from it.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,7 @@ class _MaskedAttentionFn(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         qs, k, v, policy, y, y_max, inv, argmax, out = ctx.saved_tensors
         batch, heads, tokens, dim = qs.shape
         need_q, need_k, need_v, need_policy = ctx.needs_input_grad[:4]
@@ -134,19 +135,17 @@ class MaskedAttention(Attention):
     def forward(  # type: ignore[override]
         self,
         x: Tensor,
-        policy: Optional[Tensor] = None,
+        policy: Tensor | None = None,
         return_cls_attn: bool = False,
-    ) -> tuple[Tensor, Optional[Tensor]]:
+    ) -> tuple[Tensor, Tensor | None]:
         batch, tokens, _ = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        cls_attn: Optional[Tensor] = None
+        cls_attn: Tensor | None = None
 
         if policy is None and self.fused_attn:
-            out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
-            )
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
             if return_cls_attn:  # one extra row: the CLS query against every key
                 cls_row = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)
                 cls_attn = cls_row.softmax(dim=-1).mean(dim=1)[:, 0, 1:]

@@ -14,16 +14,18 @@ Common to the three:
   - `tokens_after_block()` gives the token count (CLS included) leaving every block, exactly what
     the forward pass runs (tested), and `harness.measure.count_gflops` counts the pass itself.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.dynamic_vit import DynamicViTOutput, DynamicVisionTransformer
+from models.dynamic_vit import DynamicVisionTransformer, DynamicViTOutput
 from models.masked_attention import MaskedAttention
 from models.validation import check as _check
 
@@ -55,8 +57,9 @@ class EViTVisionTransformer(DynamicVisionTransformer):
     own_variants = ("evit",)
     default_fuse = True
 
-    def __init__(self, *, fuse_token: Optional[bool] = None, stage_ratios: Optional[Sequence[float]] = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *, fuse_token: bool | None = None, stage_ratios: Sequence[float] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(stage_ratios=stage_ratios, **kwargs)
         self.fuse_token = self.default_fuse if fuse_token is None else bool(fuse_token)
         self.of_current = stage_ratios is None and self.variant == "evit"  # EViT's own rule: ceil(rho * current)
@@ -149,7 +152,7 @@ class EViTVisionTransformer(DynamicVisionTransformer):
         decision = tokens.new_zeros(batch, self.num_patches + 1).scatter_(1, slot, 1.0)[:, :-1]
         return DynamicViTOutput(logits, placed, decision, _no_stages(tokens))
 
-    def forward_masked(self, x: Tensor, deterministic: Optional[bool] = None) -> DynamicViTOutput:
+    def forward_masked(self, x: Tensor, deterministic: bool | None = None) -> DynamicViTOutput:
         """No masked formulation here: the training path is the reduced pass itself."""
         return self.forward_train(x)
 
@@ -177,13 +180,13 @@ class TopKVisionTransformer(EViTVisionTransformer):
     own_variants = ("topk",)
     default_fuse = False
 
-    def __init__(self, *, fuse_token: Optional[bool] = None, **kwargs: Any) -> None:
+    def __init__(self, *, fuse_token: bool | None = None, **kwargs: Any) -> None:
         _check(not fuse_token, f"fuse_token: the topk variant never fuses (use variant evit), got {fuse_token!r}")
         super().__init__(fuse_token=False, **kwargs)
 
 
 # ------------------------------------------------------------------------------ ToMe
-def proportional_attention(attn: MaskedAttention, x: Tensor, size: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def proportional_attention(attn: MaskedAttention, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
     """timm's attention with log(token size) added to every key's logit; also the keys' head mean.
 
     `size` (B, T, 1) counts the original tokens each current token stands for (None: all 1, the
@@ -232,7 +235,7 @@ def bipartite_destinations(metric: Tensor, r: int) -> Tensor:
     return dest
 
 
-def merge_by_size(x: Tensor, size: Optional[Tensor], dest: Tensor, new_tokens: int) -> tuple[Tensor, Tensor]:
+def merge_by_size(x: Tensor, size: Tensor | None, dest: Tensor, new_tokens: int) -> tuple[Tensor, Tensor]:
     """Tokens sharing a destination become their size-weighted mean; sizes add up."""
     if size is None:
         size = x.new_ones(x.shape[0], x.shape[1], 1)
@@ -284,7 +287,7 @@ class ToMeVisionTransformer(DynamicVisionTransformer):
         """The blocks with merging; final normalised tokens and, per original token (CLS first), its current index."""
         x = self._embed(x)
         group = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-        size: Optional[Tensor] = None
+        size: Tensor | None = None
         for block, r in zip(self.blocks, self.tome_r):
             out, metric = proportional_attention(block.attn, block.norm1(x), size)
             x = x + block.drop_path1(block.ls1(out))
@@ -307,7 +310,7 @@ class ToMeVisionTransformer(DynamicVisionTransformer):
         patches = group[:, 1:].unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
         return DynamicViTOutput(logits, tokens.gather(1, patches), None, _no_stages(tokens))
 
-    def forward_masked(self, x: Tensor, deterministic: Optional[bool] = None) -> DynamicViTOutput:
+    def forward_masked(self, x: Tensor, deterministic: bool | None = None) -> DynamicViTOutput:
         """No masked formulation here: the training path is the merged pass itself."""
         return self.forward_train(x)
 

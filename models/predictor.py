@@ -4,9 +4,8 @@
 pruning stage, Swin and ConvNeXt per location of their third stage); `StaticPredictor` is the
 DeiT family's `static` ablation.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +45,7 @@ class PredictorLG(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: Tensor, policy: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, policy: Tensor | None = None) -> Tensor:
         x = self.in_conv(x)
         half = x.shape[-1] // 2
         local_x, global_x = x[..., :half], x[..., half:]

@@ -4,9 +4,11 @@ Each registered name is a timm entry point taking `pretrained`, `checkpoint` (a 
 in the official, timm or project layout) and the model's keyword arguments over the catalog's
 defaults (harness.catalog).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from timm.models import register_model
 from torch import nn
@@ -15,7 +17,10 @@ _FACTORY_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")  # tim
 
 
 def create(
-    build: Callable[..., nn.Module], spec: Mapping[str, Any], pretrained: bool, checkpoint: Optional[str] = None,
+    build: Callable[..., nn.Module],
+    spec: Mapping[str, Any],
+    pretrained: bool,
+    checkpoint: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """`build(**defaults, **kwargs)` from the catalog spec; then load `checkpoint`, or the spec's
@@ -35,7 +40,10 @@ def create(
 
 
 def register_family(
-    specs: Mapping[str, Mapping[str, Any]], family: str, build: Callable[..., nn.Module], module_name: str,
+    specs: Mapping[str, Mapping[str, Any]],
+    family: str,
+    build: Callable[..., nn.Module],
+    module_name: str,
     title: str,
 ) -> dict[str, Callable[..., nn.Module]]:
     """Register every catalog name of `family` (its spec's `_family`, "deit" when absent) with timm.

@@ -17,9 +17,11 @@ Training mixes the two paths with the hard Gumbel-softmax mask (each family keep
 two-stream bookkeeping, see its module); inference gathers the kept positions, runs the MLP on
 them, the fast path on the rest, and scatters both back.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +39,7 @@ class SpatialOutput(NamedTuple):
 
     logits: Tensor  # (B, num_classes)
     tokens: Tensor  # the whole final normalised feature map, (B, H*W, C) (Swin) or (B, H, W, C) (ConvNeXt)
-    decision: Optional[Tensor]  # the last location's keep decision (B, N), or None (dense)
+    decision: Tensor | None  # the last location's keep decision (B, N), or None (dense)
     keep_fractions: Tensor  # (B, S): kept fraction of the N positions at each location
     decisions: tuple[Tensor, ...] = ()  # every location's keep decision (B, N)
 
@@ -78,30 +80,39 @@ class SpatialSparsification:
         *,
         variant: str,
         keep_ratio: float,
-        pruning_loc: Optional[Sequence[int]],
-        stage_ratios: Optional[Sequence[float]],
+        pruning_loc: Sequence[int] | None,
+        stage_ratios: Sequence[float] | None,
         gumbel_tau: float,
         deterministic: bool,
         stage_depth: int,
         grid: tuple[int, int],
     ) -> None:
         """Validate the sparsification arguments and set the plan's attributes."""
-        _check(variant in SPATIAL_VARIANTS, f"variant: must be one of {', '.join(SPATIAL_VARIANTS)} for this "
-                                            f"family (dynamic spatial sparsification), got {variant!r}")
-        _check(isinstance(keep_ratio, (int, float)) and 0.0 < keep_ratio <= 1.0,
-               f"keep_ratio: must be in (0, 1], got {keep_ratio!r}")
+        _check(
+            variant in SPATIAL_VARIANTS,
+            f"variant: must be one of {', '.join(SPATIAL_VARIANTS)} for this "
+            f"family (dynamic spatial sparsification), got {variant!r}",
+        )
+        _check(
+            isinstance(keep_ratio, (int, float)) and 0.0 < keep_ratio <= 1.0,
+            f"keep_ratio: must be in (0, 1], got {keep_ratio!r}",
+        )
         _check(gumbel_tau > 0, f"gumbel_tau: must be > 0, got {gumbel_tau!r}")
         locs: list[int] = []
         ratios: list[float] = []
         if variant == "dynamic":
             locs = list(pruning_loc) if pruning_loc is not None else []
             _check(len(locs) > 0, "pruning_loc: must list at least one block index of the third stage, got none")
-            _check(all(isinstance(loc, int) and 0 <= loc < stage_depth for loc in locs),
-                   f"pruning_loc: each location must be a third-stage block index in [0, {stage_depth - 1}], got {locs}")
+            _check(
+                all(isinstance(loc, int) and 0 <= loc < stage_depth for loc in locs),
+                f"pruning_loc: each location must be a third-stage block index in [0, {stage_depth - 1}], got {locs}",
+            )
             _check(locs == sorted(set(locs)), f"pruning_loc: must be strictly increasing, got {locs}")
             ratios = list(stage_ratios) if stage_ratios is not None else official_ratios(keep_ratio, len(locs))
-            _check(len(ratios) == len(locs),
-                   f"stage_ratios: need one ratio per pruning location ({len(locs)}), got {len(ratios)}")
+            _check(
+                len(ratios) == len(locs),
+                f"stage_ratios: need one ratio per pruning location ({len(locs)}), got {len(ratios)}",
+            )
             _check(all(0.0 <= r <= 1.0 for r in ratios), f"stage_ratios: each must be in [0, 1], got {ratios}")
         self.variant = variant
         self.keep_ratio = float(keep_ratio)
@@ -174,12 +185,12 @@ class SpatialSparsification:
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------- paths
-    def forward_masked(self, x: Tensor, deterministic: Optional[bool] = None) -> SpatialOutput:
+    def forward_masked(self, x: Tensor, deterministic: bool | None = None) -> SpatialOutput:
         """Training path: both streams computed everywhere, mixed by the hard decisions."""
         deterministic = self.deterministic if deterministic is None else deterministic
         x = self._before(x)
         kept = fast = x
-        mask: Optional[Tensor] = None
+        mask: Tensor | None = None
         decisions: list[Tensor] = []
         for index, block in enumerate(self._sparse_blocks()):
             stage = self._stage_at.get(index)
@@ -207,7 +218,7 @@ class SpatialSparsification:
         """
         x = self._before(x)
         kept_positions: list[Tensor] = []
-        split: Optional[tuple[Tensor, Tensor]] = None
+        split: tuple[Tensor, Tensor] | None = None
         for index, block in enumerate(self._sparse_blocks()):
             stage = self._stage_at.get(index)
             if stage is not None:
@@ -256,7 +267,7 @@ def official_layout_hook(module: nn.Module, state: dict[str, Tensor], prefix: st
 
     So that `model.load_state_dict(official_state_dict, strict=True)` works as it is.
     """
-    own = {key[len(prefix):]: state.pop(key) for key in list(state) if key.startswith(prefix)}
+    own = {key[len(prefix) :]: state.pop(key) for key in list(state) if key.startswith(prefix)}
     state.update({prefix + key: value for key, value in module.checkpoint_filter_fn(own).items()})
 
 

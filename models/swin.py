@@ -32,15 +32,16 @@ Swin) loads with `load_state_dict(strict=True)`: a load hook maps it with timm's
 `checkpoint_filter_fn` (downsample moved to the next stage, `head` -> `head.fc`, the
 `relative_position_index` and `attn_mask` buffers dropped: timm recomputes them).
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
-
-from torch import Tensor, nn
+from collections.abc import Sequence
+from typing import Any
 
 from timm.layers import trunc_normal_
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from timm.models.swin_transformer import checkpoint_filter_fn as timm_swin_filter
+from torch import Tensor, nn
 
 from models.predictor import PredictorLG
 from models.spatial import (
@@ -74,7 +75,7 @@ class DynamicSwinBlock(SwinTransformerBlock):
     fastmlp: FastMlp
 
     @classmethod
-    def convert(cls, block: SwinTransformerBlock) -> "DynamicSwinBlock":
+    def convert(cls, block: SwinTransformerBlock) -> DynamicSwinBlock:
         """Turn a built timm block into this class in place (as ToMe patches timm blocks)."""
         block.__class__ = cls
         block.fastmlp = FastMlp(block.dim, drop=block.mlp.drop1.p)
@@ -96,7 +97,9 @@ class DynamicSwinBlock(SwinTransformerBlock):
         x = x + self.drop_path1(self._attn(self.norm1(x)))
         flat = x.reshape(batch, height * width, dim)
         update = split_apply(
-            flat, kept, rest,
+            flat,
+            kept,
+            rest,
             lambda t: self.drop_path2(self.mlp(self.norm2(t))),
             lambda t: self.drop_path2(self.fastmlp(t)),
         )
@@ -111,8 +114,8 @@ class DynamicSwinTransformer(SpatialSparsification, SwinTransformer):
         *,
         variant: str = "dynamic",
         keep_ratio: float = 0.7,
-        pruning_loc: Optional[Sequence[int]] = (1, 2, 3),
-        stage_ratios: Optional[Sequence[float]] = None,
+        pruning_loc: Sequence[int] | None = (1, 2, 3),
+        stage_ratios: Sequence[float] | None = None,
         gumbel_tau: float = 1.0,
         deterministic: bool = False,
         **swin_kwargs: Any,
@@ -120,15 +123,20 @@ class DynamicSwinTransformer(SpatialSparsification, SwinTransformer):
         super().__init__(**swin_kwargs)
         stage = self.layers[SPARSE_STAGE]
         self._plan_sparsity(
-            variant=variant, keep_ratio=keep_ratio, pruning_loc=pruning_loc, stage_ratios=stage_ratios,
-            gumbel_tau=gumbel_tau, deterministic=deterministic, stage_depth=len(stage.blocks),
+            variant=variant,
+            keep_ratio=keep_ratio,
+            pruning_loc=pruning_loc,
+            stage_ratios=stage_ratios,
+            gumbel_tau=gumbel_tau,
+            deterministic=deterministic,
+            stage_depth=len(stage.blocks),
             grid=stage.output_resolution,
         )
         self.input_shape = (self.in_chans, *self.patch_embed.img_size)
         if self.pruning_loc:
             dim = stage.blocks[0].dim
             stage.score_predictor = nn.ModuleList(PredictorLG(dim) for _ in self.pruning_loc)
-            for block in stage.blocks[self.pruning_loc[0]:]:
+            for block in stage.blocks[self.pruning_loc[0] :]:
                 DynamicSwinBlock.convert(block)
         self.register_load_state_dict_pre_hook(official_layout_hook)
 
@@ -147,7 +155,7 @@ class DynamicSwinTransformer(SpatialSparsification, SwinTransformer):
 
     def _after(self, x: Tensor) -> Tensor:
         """The last stage and the final norm: the normalised map (B, h, w, C)."""
-        for stage in self.layers[SPARSE_STAGE + 1:]:
+        for stage in self.layers[SPARSE_STAGE + 1 :]:
             x = stage(x)
         return self.norm(x)
 

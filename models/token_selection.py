@@ -5,9 +5,8 @@ choice), or, in deterministic mode, exact top-k with a straight-through gradient
 probability. Decisions are nested by passing the previous `keep` (DeiT, LV-ViT) or not
 (Swin, ConvNeXt, which score every position again at each location).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ def topk_mask(scores: Tensor, keep: Tensor, k: int) -> Tensor:
     return torch.zeros_like(keep).scatter_(1, index, 1.0) * (keep > 0)
 
 
-def keep_decision(log_probs: Tensor, k: int, tau: float, deterministic: bool, keep: Optional[Tensor] = None) -> Tensor:
+def keep_decision(log_probs: Tensor, k: int, tau: float, deterministic: bool, keep: Tensor | None = None) -> Tensor:
     """Training keep decision (B, N) from log-probabilities (B, N, 2) (channel 0 = keep).
 
     The value is exactly 0/1 and differentiable in the scores. `keep` (B, N): the tokens still

@@ -1,4 +1,5 @@
 """Argument checks shared by the model families: one-line `ValueError`s naming the argument."""
+
 from __future__ import annotations
 
 

@@ -4,10 +4,11 @@ A command run in-process (`harness.launch.main([...])`) calls `harness.store.bou
 which sets MLflow's HTTP retry/timeout variables in os.environ for the rest of the process;
 subprocesses started by later tests would inherit them and wait out outages they should see.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

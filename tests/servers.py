@@ -9,6 +9,7 @@ Usage (start it once per module, it takes about 10 s):
         with mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
             yield server.uri
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,9 +20,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 
 @dataclass(frozen=True)

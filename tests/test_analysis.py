@@ -8,6 +8,7 @@ The MLflow store is a real SQLite file in a temporary folder (no mocks). Two kin
   the a/static row, so that the kept-token heat maps and the static keep map are drawn from a
   real `model.pth` and `config.yaml`.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import jupytext
 import pandas as pd
@@ -35,57 +36,135 @@ TABLE_NAME = "sparsification-strategies"
 
 # the row ids the experiment specs tag their runs with (the brief's contract)
 PAPER_ROWS = {
-    "table3": ["a/structural", "a/static", "a/dynamic", "b/random", "b/attention", "b/predictor",
-               "c/1-stage", "c/2-stage", "c/3-stage"],
-    "table1": ["deit-s/1.0", "deit-s/0.9", "deit-s/0.8", "deit-s/0.7",
-               "lvvit-s/1.0", "lvvit-s/0.9", "lvvit-s/0.8", "lvvit-s/0.7",
-               "lvvit-m/1.0", "lvvit-m/0.9", "lvvit-m/0.8", "lvvit-m/0.7",
-               "deit-256/0.7", "deit-b/1.0", "deit-b/0.7"],
-    "losses": ["full", "no-token", "no-kl", "no-both",
-               "lvvit-s/full", "lvvit-s/no-token", "lvvit-s/no-kl", "lvvit-s/no-both"],
+    "table3": [
+        "a/structural",
+        "a/static",
+        "a/dynamic",
+        "b/random",
+        "b/attention",
+        "b/predictor",
+        "c/1-stage",
+        "c/2-stage",
+        "c/3-stage",
+    ],
+    "table1": [
+        "deit-s/1.0",
+        "deit-s/0.9",
+        "deit-s/0.8",
+        "deit-s/0.7",
+        "lvvit-s/1.0",
+        "lvvit-s/0.9",
+        "lvvit-s/0.8",
+        "lvvit-s/0.7",
+        "lvvit-m/1.0",
+        "lvvit-m/0.9",
+        "lvvit-m/0.8",
+        "lvvit-m/0.7",
+        "deit-256/0.7",
+        "deit-b/1.0",
+        "deit-b/0.7",
+    ],
+    "losses": [
+        "full",
+        "no-token",
+        "no-kl",
+        "no-both",
+        "lvvit-s/full",
+        "lvvit-s/no-token",
+        "lvvit-s/no-kl",
+        "lvvit-s/no-both",
+    ],
 }
 
 TINY_RUN = {
     "model": {"name": "dynamicvit_tiny_patch8_64", "variant": "static", "keep_ratio": 0.7},
     "data": {"name": "cluttered_mnist", "train_digits": 256, "val_digits": 64, "val_placements": 1},
     "aug": {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0},
-    "optim": {"lr": 1e-3, "warmup_epochs": 0, "backbone_lr_scale": 1.0, "backbone_freeze_epochs": 0,
-              "freeze": [], "lr_base_batch": 64},
+    "optim": {
+        "lr": 1e-3,
+        "warmup_epochs": 0,
+        "backbone_lr_scale": 1.0,
+        "backbone_freeze_epochs": 0,
+        "freeze": [],
+        "lr_base_batch": 64,
+    },
     "losses": {"kl": 0, "token": 0},  # no teacher needed
     "train": {"epochs": 1, "batch_size": 32},
 }
 
 
 # ----------------------------------------------------------------------------- the store
-def _fixture_run(client: MlflowClient, experiment_id: str, parent: str, *, row: Optional[str], seed: int,
-                 acc1: list[float], variant: str = "dynamic", scale: str = "tiny", kind: Optional[str] = "train",
-                 status: str = "FINISHED", run_key: Optional[str] = None, end_time: Optional[int] = None,
-                 gflops: float = 0.0396, log_best: bool = False) -> str:
+def _fixture_run(
+    client: MlflowClient,
+    experiment_id: str,
+    parent: str,
+    *,
+    row: str | None,
+    seed: int,
+    acc1: list[float],
+    variant: str = "dynamic",
+    scale: str = "tiny",
+    kind: str | None = "train",
+    status: str = "FINISHED",
+    run_key: str | None = None,
+    end_time: int | None = None,
+    gflops: float = 0.0396,
+    log_best: bool = False,
+) -> str:
     """A FIXTURE standing in for one training run: tags, params and metrics as the launcher logs them.
 
     `log_best`: also the running best (`val/acc1_best`, `val/acc1_best_epoch`) per epoch, as the
     engine logs it today; without it the run looks like one logged before the engine did."""
     run_id = client.create_run(experiment_id).info.run_id
-    tags = {"mlflow.parentRunId": parent, "spec": EXPERIMENT, "table": TABLE_NAME, "variant": variant,
-            "scale": scale, "stage": "students", "run_key": run_key or f"key-{run_id[:8]}"}
+    tags = {
+        "mlflow.parentRunId": parent,
+        "spec": EXPERIMENT,
+        "table": TABLE_NAME,
+        "variant": variant,
+        "scale": scale,
+        "stage": "students",
+        "run_key": run_key or f"key-{run_id[:8]}",
+    }
     if kind is not None:
         tags["kind"] = kind
     if row is not None:
         tags["row"] = row
-    params = {"model.name": "dynamicvit_tiny_patch8_64", "model.variant": variant, "model.keep_ratio": "0.7",
-              "train.seed": str(seed), "train.epochs": str(len(acc1)), "losses.kl.enabled": "True"}
+    params = {
+        "model.name": "dynamicvit_tiny_patch8_64",
+        "model.variant": variant,
+        "model.keep_ratio": "0.7",
+        "train.seed": str(seed),
+        "train.epochs": str(len(acc1)),
+        "losses.kl.enabled": "True",
+    }
     now = int(time.time() * 1000)
     metrics = [Metric("val/acc1", value, now, step) for step, value in enumerate(acc1)]
     if log_best:
-        metrics += [Metric("val/acc1_best", max(acc1[:step + 1]), now, step) for step in range(len(acc1))]
-    metrics += [Metric(key, value, now, len(acc1) - 1) for key, value in {
-        "val/acc5": min(100.0, acc1[-1] + 30), "val/loss": 1.0, "train/loss": 1.2,
-        "train/keep_stage1": 0.8, "train/keep_stage2": 0.6, "train/keep_stage3": 0.45,
-        "val/keep_stage1": 0.6875, "val/keep_stage2": 0.484375, "val/keep_stage3": 0.328125}.items()]
-    metrics += [Metric(key, value, now, len(acc1)) for key, value in
-                {"gflops": gflops, "params_m": 0.91, "throughput_img_s": 2500.0 + seed}.items()]
-    client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
-                     tags=[RunTag(k, v) for k, v in tags.items()])
+        metrics += [Metric("val/acc1_best", max(acc1[: step + 1]), now, step) for step in range(len(acc1))]
+    metrics += [
+        Metric(key, value, now, len(acc1) - 1)
+        for key, value in {
+            "val/acc5": min(100.0, acc1[-1] + 30),
+            "val/loss": 1.0,
+            "train/loss": 1.2,
+            "train/keep_stage1": 0.8,
+            "train/keep_stage2": 0.6,
+            "train/keep_stage3": 0.45,
+            "val/keep_stage1": 0.6875,
+            "val/keep_stage2": 0.484375,
+            "val/keep_stage3": 0.328125,
+        }.items()
+    ]
+    metrics += [
+        Metric(key, value, now, len(acc1))
+        for key, value in {"gflops": gflops, "params_m": 0.91, "throughput_img_s": 2500.0 + seed}.items()
+    ]
+    client.log_batch(
+        run_id,
+        metrics=metrics,
+        params=[Param(k, v) for k, v in params.items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
     client.set_terminated(run_id, status, end_time=end_time)
     return run_id
 
@@ -94,13 +173,24 @@ def _train_real_run(tmp: Path, uri: str) -> None:
     """The one REAL training run (1 epoch, tiny static variant), logged as the a/static row."""
     cfg = json.loads(json.dumps(TINY_RUN))
     cfg["output_dir"] = str(tmp / "a_static")
-    cfg["tracking"] = {"uri": uri, "experiment": EXPERIMENT, "visualize_images": 2,
-                       "tags": {"spec": EXPERIMENT, "table": TABLE_NAME, "row": "a/static", "scale": "tiny",
-                                "kind": "train", "stage": "students"}}
+    cfg["tracking"] = {
+        "uri": uri,
+        "experiment": EXPERIMENT,
+        "visualize_images": 2,
+        "tags": {
+            "spec": EXPERIMENT,
+            "table": TABLE_NAME,
+            "row": "a/static",
+            "scale": "tiny",
+            "kind": "train",
+            "stage": "students",
+        },
+    }
     path = tmp / "a_static.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    result = subprocess.run([sys.executable, "-m", "harness.train", str(path)], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.train", str(path)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -116,8 +206,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     client.set_terminated(parent)
     run = lambda **kw: _fixture_run(client, experiment_id, parent, **kw)  # noqa: E731
     expected: dict[str, list[str]] = {}
-    expected["a/dynamic"] = [run(row="a/dynamic", seed=s, acc1=[30.0, 50.0, acc]) for s, acc in
-                             enumerate([61.5, 62.5, 60.25])]
+    expected["a/dynamic"] = [
+        run(row="a/dynamic", seed=s, acc1=[30.0, 50.0, acc]) for s, acc in enumerate([61.5, 62.5, 60.25])
+    ]
     expected["b/random"] = [run(row="b/random", seed=0, acc1=[40.0, 44.2], variant="random")]
     # made before the launcher set `kind`: no kind tag, but a row tag -> counts
     expected["a/structural"] = [run(row="a/structural", seed=0, acc1=[38.1], variant="structural", kind=None)]
@@ -129,8 +220,14 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run(row="a/dynamic", seed=0, acc1=[79.0], scale="paper", gflops=2.9)
     real = client.search_runs([experiment_id], "tags.row = 'a/static'")
     expected["a/static"] = [real[0].info.run_id]
-    return {"uri": uri, "tmp": tmp, "client": client, "expected": expected, "parent": parent,
-            "experiment_id": experiment_id}
+    return {
+        "uri": uri,
+        "tmp": tmp,
+        "client": client,
+        "expected": expected,
+        "parent": parent,
+        "experiment_id": experiment_id,
+    }
 
 
 def _final(client: MlflowClient, run_ids: list[str], key: str) -> list[float]:
@@ -238,9 +335,16 @@ def test_table3_from_runs_mean_std_gaps_and_missing_rows(store: dict[str, Any]) 
 
 
 def test_missing_and_unavailable_rows_render_as_gaps(tmp_path: Path) -> None:
-    runs = pd.DataFrame({"row": ["deit-s/1.0", "deit-s/0.7", "deit-s/0.7", "typo/0.7"], "scale": "tiny",
-                         "acc1": [64.0, 62.0, 61.0, 50.0], "gflops": [0.0634, 0.0396, 0.0396, 0.0396],
-                         "throughput_img_s": [2000.0, 2600.0, 2700.0, 2600.0], "run_id": list("abcd")})
+    runs = pd.DataFrame(
+        {
+            "row": ["deit-s/1.0", "deit-s/0.7", "deit-s/0.7", "typo/0.7"],
+            "scale": "tiny",
+            "acc1": [64.0, 62.0, 61.0, 50.0],
+            "gflops": [0.0634, 0.0396, 0.0396, 0.0396],
+            "throughput_img_s": [2000.0, 2600.0, 2700.0, 2600.0],
+            "run_id": list("abcd"),
+        }
+    )
     table = tables.build_table(runs, "table1")
     assert table["row"].tolist()[:15] == PAPER_ROWS["table1"] and table["row"].tolist()[15] == "typo/0.7"
     lines = {l.split(" | ")[0].lstrip("| "): l for l in tables.to_markdown(table).splitlines() if l.startswith("| ")}
@@ -301,16 +405,23 @@ def test_report_cli_runs_the_table3_notebook_headless(store: dict[str, Any]) -> 
     older = client.create_run(store["experiment_id"], start_time=1, tags={"kind": "launch", "scale": "tiny"})
     other = client.create_run(store["experiment_id"], tags={"kind": "launch", "scale": "paper"})
     client.log_text(parent, "an earlier report's file", "report/figures/stale.png")
-    result = subprocess.run([sys.executable, "-m", "analysis.report", str(spec), "--tracking-uri", store["uri"],
-                             "--output-dir", str(out)], cwd=tmp, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "analysis.report", str(spec), "--tracking-uri", store["uri"], "--output-dir", str(out)],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "without encryption" not in result.stderr  # the kernel runs over IPC, not plain TCP
     markdown, where = result.stdout[:-1].rsplit("\n", 1)
     assert markdown + "\n" == (out / "table3.md").read_text()
     assert where.startswith("MLflow: the report (table, 4 figures, notebook, ")
-    assert where.endswith(f"(the most recent of 2 launch/search runs of table3 at scale tiny): "
-                          f"http://127.0.0.1:5000/#/experiments/{store['experiment_id']}/runs/{parent}"
-                          f"?workflowType=machine_learning")
+    assert where.endswith(
+        f"(the most recent of 2 launch/search runs of table3 at scale tiny): "
+        f"http://127.0.0.1:5000/#/experiments/{store['experiment_id']}/runs/{parent}"
+        f"?workflowType=machine_learning"
+    )
 
     def listing(run_id: str, folder: str = "") -> list[str]:
         found = []
@@ -318,11 +429,23 @@ def test_report_cli_runs_the_table3_notebook_headless(store: dict[str, Any]) -> 
             found += listing(run_id, item.path) if item.is_dir else [item.path]
         return sorted(found)
 
-    figures_ = ["table3_a_static_kept_tokens.png", "table3_a_static_static_map.png", "table3_acc_vs_gflops.png",
-                "table3_gaps.png"]
-    assert listing(parent) == sorted(["report/table3.md", "report/table3.html", "report/table3.tex",
-                                      "report/table3.csv", "report/notebook/table3.ipynb",
-                                      "report/notebook/table3.html", *[f"report/figures/{f}" for f in figures_]])
+    figures_ = [
+        "table3_a_static_kept_tokens.png",
+        "table3_a_static_static_map.png",
+        "table3_acc_vs_gflops.png",
+        "table3_gaps.png",
+    ]
+    assert listing(parent) == sorted(
+        [
+            "report/table3.md",
+            "report/table3.html",
+            "report/table3.tex",
+            "report/table3.csv",
+            "report/notebook/table3.ipynb",
+            "report/notebook/table3.html",
+            *[f"report/figures/{f}" for f in figures_],
+        ]
+    )
     assert listing(older.info.run_id) == [] and listing(other.info.run_id) == []
     page = Path(client.download_artifacts(parent, "report/table3.html", str(tmp))).read_text()
     assert "<table>" in page and "<td>a/dynamic</td>" in page
@@ -336,7 +459,8 @@ def test_report_cli_runs_the_table3_notebook_headless(store: dict[str, Any]) -> 
     assert "table/b/random/std" not in metrics and "table/c/2-stage/top1" not in metrics  # one seed; no run
     shared = ["b/predictor", "c/3-stage"]  # the same model as a/dynamic in the paper: its runs
     assert set(metrics) == {f"table/{row}/{k}" for row in [*store["expected"], *shared] for k in ("top1", "gap")} | {
-        f"table/{row}/std" for row in ["a/dynamic", *shared]}
+        f"table/{row}/std" for row in ["a/dynamic", *shared]
+    }
     assert "| a/dynamic |" in result.stdout and "missing" in result.stdout
     table = pd.read_csv(out / "table3.csv").set_index("row")
     assert table.index.tolist() == PAPER_ROWS["table3"]
@@ -346,8 +470,14 @@ def test_report_cli_runs_the_table3_notebook_headless(store: dict[str, Any]) -> 
         assert table.loc[row, tables.GFLOPS_REPRO] == pytest.approx(_final(client, ids, "gflops")[0]), row
         assert table.loc[row, tables.RUNS] == len(ids), row
     assert math.isnan(table.loc["c/2-stage", tables.TOP1_REPRO])
-    for name in ("table3.tex", "table3.ipynb", "table3_gaps.png", "table3_acc_vs_gflops.png",
-                 "table3_a_static_kept_tokens.png", "table3_a_static_static_map.png"):
+    for name in (
+        "table3.tex",
+        "table3.ipynb",
+        "table3_gaps.png",
+        "table3_acc_vs_gflops.png",
+        "table3_a_static_kept_tokens.png",
+        "table3_a_static_static_map.png",
+    ):
         assert (out / name).is_file(), name
     for png in out.glob("*.png"):
         assert _is_png(png), png
@@ -356,17 +486,23 @@ def test_report_cli_runs_the_table3_notebook_headless(store: dict[str, Any]) -> 
 MINIMAL_SPEC = "scales: {tiny: {}}\nstages: {only: {}}\n"  # what every spec needs besides these lines
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no such file"),
-    ("name: [unclosed", "YAML syntax error at line 1"),
-    ("table: keep-ratio\n" + MINIMAL_SPEC, "name: Field required"),
-    ("name: table3\nnotebooks: [analysis/nope.ipynb]\n" + MINIMAL_SPEC, "notebooks: no such notebook"),
-    ("name: table3\ntable: table9\n" + MINIMAL_SPEC, "table: unknown table"),
-    ("name: never-launched\nnotebooks: [analysis/table3.ipynb]\n" + MINIMAL_SPEC, "no MLflow experiment of that name"),
-])
-def test_report_cli_bad_input_is_one_line_exit_2(store: dict[str, Any], tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str], content: Optional[str],
-                                                 message: str) -> None:
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ("name: [unclosed", "YAML syntax error at line 1"),
+        ("table: keep-ratio\n" + MINIMAL_SPEC, "name: Field required"),
+        ("name: table3\nnotebooks: [analysis/nope.ipynb]\n" + MINIMAL_SPEC, "notebooks: no such notebook"),
+        ("name: table3\ntable: table9\n" + MINIMAL_SPEC, "table: unknown table"),
+        (
+            "name: never-launched\nnotebooks: [analysis/table3.ipynb]\n" + MINIMAL_SPEC,
+            "no MLflow experiment of that name",
+        ),
+    ],
+)
+def test_report_cli_bad_input_is_one_line_exit_2(
+    store: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str
+) -> None:
     spec = tmp_path / "spec.yaml"
     if content is not None:
         spec.write_text(content)

@@ -6,12 +6,12 @@ a cycle only hides it until someone moves it), `from pkg import name` pointing a
 (`import a.b.c` runs a/__init__.py and a/b/__init__.py). Only imports under `if TYPE_CHECKING:`
 are left out: they never run.
 """
+
 from __future__ import annotations
 
 import ast
 import sys
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("harness", "models", "analysis")
@@ -52,11 +52,14 @@ def _with_packages(target: str, source: str, modules: dict[str, Path]) -> set[st
     which are already running when `source` runs)."""
     parts = target.split(".")
     source_parents = {".".join(source.split(".")[:i]) for i in range(1, source.count(".") + 1)}
-    return {name for name in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
-            if name in modules and name not in source_parents and name != source}
+    return {
+        name
+        for name in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        if name in modules and name not in source_parents and name != source
+    }
 
 
-def _known(name: str, modules: dict[str, Path]) -> Optional[str]:
+def _known(name: str, modules: dict[str, Path]) -> str | None:
     """The longest prefix of `name` that is one of the project's modules."""
     parts = name.split(".")
     for i in range(len(parts), 0, -1):
@@ -81,8 +84,7 @@ def import_graph() -> dict[str, set[str]]:
                     anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                     base = ".".join(anchor + ([base] if base else []))
                 # `from pkg import sub` imports the submodule pkg.sub; `from mod import obj` just mod
-                bases = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
-                         for alias in node.names]
+                bases = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
             for base in bases:
                 known = _known(base, modules)
                 if known:
@@ -91,17 +93,17 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
-def find_cycle(graph: dict[str, set[str]]) -> Optional[list[str]]:
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One cycle as a path a -> b -> ... -> a, or None when the graph is acyclic."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     path: list[str] = []
 
-    def visit(node: str) -> Optional[list[str]]:
+    def visit(node: str) -> list[str] | None:
         state[node] = 1
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:
@@ -131,8 +133,11 @@ def test_the_error_path_and_the_file_helpers_import_only_the_standard_library():
     one line); harness.files is imported by the light modules (runstate, the launcher's path)."""
     for name in ("harness.errors", "harness.files"):
         path = module_files()[name]
-        imported = {alias.name if isinstance(node, ast.Import) else node.module or ""
-                    for node in _imports(ast.parse(path.read_text())) for alias in node.names}
+        imported = {
+            alias.name if isinstance(node, ast.Import) else node.module or ""
+            for node in _imports(ast.parse(path.read_text()))
+            for alias in node.names
+        }
         outside = {module for module in imported if module.split(".")[0] not in sys.stdlib_module_names}
         assert not outside, f"{name} imports {sorted(outside)}"
 
@@ -154,8 +159,11 @@ def test_only_harness_cluster_talks_to_slurm_and_signals_processes():
             elif isinstance(node, ast.Attribute) and node.attr == "kill" and getattr(node.value, "id", "") == "os":
                 spelled.setdefault(name, set()).add("os.kill")
     assert not spelled, f"SLURM commands or os.kill outside harness.cluster: {spelled}"
-    imported = {alias.name if isinstance(node, ast.Import) else node.module or ""
-                for node in _imports(ast.parse(module_files()["harness.cluster"].read_text())) for alias in node.names}
+    imported = {
+        alias.name if isinstance(node, ast.Import) else node.module or ""
+        for node in _imports(ast.parse(module_files()["harness.cluster"].read_text()))
+        for alias in node.names
+    }
     assert not {module for module in imported if module.split(".")[0] not in sys.stdlib_module_names}
 
 

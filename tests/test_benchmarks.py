@@ -4,6 +4,7 @@ The smoke run builds the five inference candidates (dense, DynamicViT at 0.7 and
 DynamicViT/0.7's GFLOPs), times them interleaved in fp32 and fp16 autocast, times the masked training step
 against the dense one, and trains the tiny a/dynamic run a few steps through the engine (~30-40 s on 2 cores).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def gpu_benchmark(out: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--out", str(out), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--out", str(out), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 def test_without_cuda_it_says_so_in_one_line_and_exits_2(tmp_path: Path) -> None:
@@ -50,7 +57,8 @@ def test_smoke_runs_every_part_and_writes_markdown_and_json(tmp_path: Path) -> N
         low, high = r["images_per_s_iqr"]
         assert 0 < low <= high
     assert {(r["precision"], r["step"]) for r in data["train_step"]} == {
-        (p, s) for p in ("fp32", "fp16") for s in ("dense", "dynamic", "teacher")}
+        (p, s) for p in ("fp32", "fp16") for s in ("dense", "dynamic", "teacher")
+    }
     amp = data["amp_training"]
     assert amp["steps"] == 4 and amp["all_finite"] and len(amp["losses"]) == 4
     assert amp["precision"] == "fp32" and not amp["grad_scaler"]  # the engine trains the CPU in fp32

@@ -8,6 +8,7 @@ The server is the one `.ci/run` starts (`bash scripts/tracking-server.sh start`)
 when it is not running, as the SLURM tests skip without a cluster. Each test writes to its own
 experiment and study, so that reruns against the same server do not see each other's data.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 import pytest
@@ -37,10 +39,12 @@ SCRIPT = REPO / "scripts" / "tracking-server.sh"
 
 def server_status(env: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
     """`tracking-server.sh status`: its exit code and the variables it says to export."""
-    result = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, **(env or {})})
-    exports = dict(line[len("export "):].split("=", 1) for line in result.stdout.splitlines()
-                   if line.startswith("export "))
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "status"], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}
+    )
+    exports = dict(
+        line[len("export ") :].split("=", 1) for line in result.stdout.splitlines() if line.startswith("export ")
+    )
     return result.returncode, exports
 
 
@@ -91,21 +95,46 @@ def pg_count(url: str, query: str, *args: Any) -> int:
 def test_a_slurm_launch_logs_every_run_to_the_postgres_backed_server(tmp_path: Path, server: dict[str, str]) -> None:
     name = unique("cluster_launch")
     spec = {
-        "name": name, "table": "sparsification-strategies", "default_scale": "tiny",
-        "base": spec_with()["base"], "scales": {"tiny": {"slurm": {"cpus_per_task": 1, "timeout_min": 20}}},
-        "stages": {"variants": {"runs": {"variants": [
-            {"name": "dynamic", "row": "a/dynamic", "set": {"model.variant": "dynamic"}},
-            {"name": "static", "row": "a/static", "set": {"model.variant": "static"}},
-        ]}}},
+        "name": name,
+        "table": "sparsification-strategies",
+        "default_scale": "tiny",
+        "base": spec_with()["base"],
+        "scales": {"tiny": {"slurm": {"cpus_per_task": 1, "timeout_min": 20}}},
+        "stages": {
+            "variants": {
+                "runs": {
+                    "variants": [
+                        {"name": "dynamic", "row": "a/dynamic", "set": {"model.variant": "dynamic"}},
+                        {"name": "static", "row": "a/static", "set": {"model.variant": "static"}},
+                    ]
+                }
+            }
+        },
     }
     spec["base"]["tracking"]["log_checkpoint"] = True  # an artifact through the served artifact store
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     uri = server["MLFLOW_TRACKING_URI"]
     try:
-        result = subprocess.run([sys.executable, "-m", "harness.launch", str(path), "--executor", "slurm", "--wait",
-                                 "--output-root", str(tmp_path / "runs"), "--tracking-uri", uri],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=540)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "harness.launch",
+                str(path),
+                "--executor",
+                "slurm",
+                "--wait",
+                "--output-root",
+                str(tmp_path / "runs"),
+                "--tracking-uri",
+                uri,
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=540,
+        )
     except subprocess.TimeoutExpired:
         cancel_jobs(name)
         raise
@@ -122,8 +151,11 @@ def test_a_slurm_launch_logs_every_run_to_the_postgres_backed_server(tmp_path: P
     mlflow_db = server["OPTUNA_STORAGE"].rsplit("/", 1)[0] + "/mlflow"
     every_run = client.search_runs([experiment.experiment_id])  # the train runs and the launch's parent run
     assert len(every_run) > len(runs)
-    assert pg_count(mlflow_db, "SELECT count(*) FROM runs WHERE experiment_id = %s AND lifecycle_stage = 'active'",
-                    int(experiment.experiment_id)) == len(every_run)  # (the deleted ones: the jobs' placeholders)
+    assert pg_count(
+        mlflow_db,
+        "SELECT count(*) FROM runs WHERE experiment_id = %s AND lifecycle_stage = 'active'",
+        int(experiment.experiment_id),
+    ) == len(every_run)  # (the deleted ones: the jobs' placeholders)
 
 
 # ------------------------------------- (b) a 3-worker search on PostgreSQL with a frozen worker
@@ -135,19 +167,41 @@ def test_search_with_three_slurm_workers_survives_a_frozen_worker(tmp_path: Path
     (RetryHeartbeatStaleTrialCallback), the frozen job is then killed, and the budget is still met."""
     name = unique("cluster_search")
     storage = server["OPTUNA_STORAGE"]
-    spec = spec_with(trials=4, workers=3, objectives=["val/acc1"], pruner={"name": "none"},
-                     storage={"url": "${OPTUNA_STORAGE}", "heartbeat_interval": 1, "grace_period": 4})
+    spec = spec_with(
+        trials=4,
+        workers=3,
+        objectives=["val/acc1"],
+        pruner={"name": "none"},
+        storage={"url": "${OPTUNA_STORAGE}", "heartbeat_interval": 1, "grace_period": 4},
+    )
     spec["name"] = name
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     env = {**os.environ, "OPTUNA_STORAGE": storage}
-    proc = subprocess.Popen([sys.executable, "-m", "harness.search", str(path), "--executor", "slurm",
-                             "--output-root", str(tmp_path / "runs"), "--tracking-uri", server["MLFLOW_TRACKING_URI"]],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "harness.search",
+            str(path),
+            "--executor",
+            "slurm",
+            "--output-root",
+            str(tmp_path / "runs"),
+            "--tracking-uri",
+            server["MLFLOW_TRACKING_URI"],
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     rdb = optuna.storages.RDBStorage(storage)
     study_name = f"{name}-tiny"
     victim = None
     try:
+
         def training() -> Any:
             if proc.poll() is not None:
                 raise AssertionError(f"the search ended early: {proc.communicate()[1][-3000:]}")
@@ -236,8 +290,12 @@ def test_sixteen_concurrent_writers_lose_nothing(server: dict[str, str]) -> None
     experiment_id = client.create_experiment(unique("cluster_writers"))
     study_name = unique("cluster_writers")
     optuna.create_study(study_name=study_name, storage=storage)
-    result = subprocess.run([sys.executable, "-c", WRITER, uri, storage, experiment_id, study_name, str(WRITERS),
-                             str(STEPS), str(TRIALS)], capture_output=True, text=True, timeout=280)
+    result = subprocess.run(
+        [sys.executable, "-c", WRITER, uri, storage, experiment_id, study_name, str(WRITERS), str(STEPS), str(TRIALS)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = client.search_runs([experiment_id], max_results=100)
     assert sorted(int(r.data.tags["writer"]) for r in runs) == list(range(WRITERS))
@@ -276,8 +334,14 @@ def _ddp_rank(config: dict[str, Any]) -> dict[str, Any]:
     weights = hashlib.sha256()
     for name, value in sorted(trainer.model.state_dict().items()):
         weights.update(name.encode() + value.detach().cpu().contiguous().numpy().tobytes())
-    return {"rank": trainer.env.rank, "world_size": trainer.env.world_size, "node": os.environ["SLURMD_NODENAME"],
-            "job_nodes": os.environ["SLURM_JOB_NUM_NODES"], "weights": weights.hexdigest(), "final": final}
+    return {
+        "rank": trainer.env.rank,
+        "world_size": trainer.env.world_size,
+        "node": os.environ["SLURMD_NODENAME"],
+        "job_nodes": os.environ["SLURM_JOB_NUM_NODES"],
+        "weights": weights.hexdigest(),
+        "final": final,
+    }
 
 
 MULTI = "multi"  # scripts/slurm-local.sh's partition of its two nodes (two slurmd daemons on this host)
@@ -306,8 +370,9 @@ def test_two_node_ddp_job_through_submitit(tmp_path: Path) -> None:
 
     if len(multi_partition_nodes()) < 2:
         pytest.skip(f"no 2-node partition '{MULTI}' (restart the cluster: bash scripts/slurm-local.sh stop; ... start)")
-    config = yaml.safe_load(write_config(tmp_path, "ddp2", train__epochs=1, optim__log_every=1,
-                                         tracking__visualize_images=0).read_text())
+    config = yaml.safe_load(
+        write_config(tmp_path, "ddp2", train__epochs=1, optim__log_every=1, tracking__visualize_images=0).read_text()
+    )
     # as harness.launch hands a run to its job: a SCHEDULED placeholder run, the folder bound to it;
     # rank 0 replaces it with the job's own run, rank 1 (started with the placeholder's id) follows
     from harness import runstate
@@ -321,8 +386,9 @@ def test_two_node_ddp_job_through_submitit(tmp_path: Path) -> None:
     client.update_run(placeholder, status="SCHEDULED")
     runstate.claim(Path(cfg.output_dir), cfg.run_key(), placeholder)
     config["tracking"]["run_id"] = placeholder
-    plan = SimpleNamespace(stage="ddp", slurm=SlurmResources(partition=MULTI, nodes=2, tasks_per_node=1, cpus_per_task=1,
-                                                             timeout_min=5))
+    plan = SimpleNamespace(
+        stage="ddp", slurm=SlurmResources(partition=MULTI, nodes=2, tasks_per_node=1, cpus_per_task=1, timeout_min=5)
+    )
     executor = make_executor("slurm", tmp_path / "submitit", plan, "ddp2", [])
     module = sys.modules[__name__]
     cloudpickle.register_pickle_by_value(module)  # the job need not import the tests
@@ -359,14 +425,13 @@ def _script(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(os.geteuid() != 0, reason="scripts/tracking-server.sh runs as root")
-def test_start_with_auth_puts_the_server_behind_basic_auth_and_start_switches_it_back(
-        server: dict[str, str]) -> None:
+def test_start_with_auth_puts_the_server_behind_basic_auth_and_start_switches_it_back(server: dict[str, str]) -> None:
     """`start --auth` restarts only mlflow (PostgreSQL and its data stay): anonymous requests get
     401, the credentials `status` prints work, the runs logged before are still there; `start`
     again is a no-op; `start` without --auth switches back. Runs last: the other tests need it open."""
     client = MlflowClient(server["MLFLOW_TRACKING_URI"])
     before = client.create_experiment(unique("cluster_auth"))
-    pg_pid = (Path(os.environ.get("TRACKING_DIR", "/tmp/tracking-server")) / "pgdata" / "postmaster.pid")
+    pg_pid = Path(os.environ.get("TRACKING_DIR", "/tmp/tracking-server")) / "pgdata" / "postmaster.pid"
     postmaster = pg_pid.read_text().split()[0]
     try:
         started = _script("start", "--auth")
@@ -378,8 +443,13 @@ def test_start_with_auth_puts_the_server_behind_basic_auth_and_start_switches_it
         with pytest.raises(urllib.error.HTTPError) as anonymous:
             urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
         assert anonymous.value.code == 401
-        authed = subprocess.run([sys.executable, "-c", f"import mlflow; print(mlflow.get_experiment({before!r}).name)"],
-                                capture_output=True, text=True, timeout=120, env={**os.environ, **exports})
+        authed = subprocess.run(
+            [sys.executable, "-c", f"import mlflow; print(mlflow.get_experiment({before!r}).name)"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **exports},
+        )
         assert authed.returncode == 0 and authed.stdout.startswith("cluster_auth_"), authed.stderr[-2000:]
         assert pg_pid.read_text().split()[0] == postmaster  # PostgreSQL was not restarted
         again = _script("start", "--auth")

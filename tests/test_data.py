@@ -1,4 +1,5 @@
 """harness.data through its public entry points: build_data, make_loader, set_epoch."""
+
 from __future__ import annotations
 
 import os
@@ -125,10 +126,15 @@ def test_cache_and_run_files_follow_the_umask(tmp_path: Path) -> None:
         checkpointing.save_atomic({"step": torch.tensor(1)}, tmp_path / "run" / checkpointing.CHECKPOINT)
     finally:
         os.umask(previous)
-    written = [val.cache_path, tmp_path / "cache" / "mnist5000_uint8.npz", tmp_path / "run" / runstate.BINDING,
-               tmp_path / "run" / checkpointing.CHECKPOINT]
+    written = [
+        val.cache_path,
+        tmp_path / "cache" / "mnist5000_uint8.npz",
+        tmp_path / "run" / runstate.BINDING,
+        tmp_path / "run" / checkpointing.CHECKPOINT,
+    ]
     assert {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in written} == {
-        path.name: oct(0o664) for path in written}
+        path.name: oct(0o664) for path in written
+    }
     assert not [p for p in tmp_path.rglob(".*") if p.name.endswith(".tmp")]  # no temporary file is left
 
 
@@ -148,7 +154,7 @@ def test_clutter_lies_outside_the_digit(mnist: data.DataBundle, tmp_path: Path) 
     def ink_outside_digit(val: data.ClutteredMNISTVal) -> np.ndarray:
         outside = val.images.astype(np.int64).copy()
         for img, (top, left) in zip(outside, val.positions):
-            img[top:top + 28, left:left + 28] = 0
+            img[top : top + 28, left : left + 28] = 0
         return outside.sum(axis=(1, 2))
 
     assert (ink_outside_digit(mnist.val) > 0).mean() > 0.9
@@ -280,8 +286,13 @@ def test_loader_order_is_a_function_of_seed_and_epoch(tmp_path: Path) -> None:
     e2 = first_batches(loader, 2)
     assert not torch.equal(e1[0], e2[0])
     # a "resumed" run: fresh dataset and loader, epoch 1, worker processes instead of the main one
-    resumed = make_loader(build_data(DataConfig(root=str(tmp_path), train_digits=70, val_digits=10)).train,
-                          batch_size=16, train=True, seed=0, num_workers=2)
+    resumed = make_loader(
+        build_data(DataConfig(root=str(tmp_path), train_digits=70, val_digits=10)).train,
+        batch_size=16,
+        train=True,
+        seed=0,
+        num_workers=2,
+    )
     assert all(torch.equal(a, b) for a, b in zip(first_batches(resumed, 1), e1))
     other_seed = make_loader(train, batch_size=16, train=True, seed=1, num_workers=0)
     assert not torch.equal(first_batches(other_seed, 1)[0], e1[0])

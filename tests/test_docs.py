@@ -50,8 +50,9 @@ def test_every_python_m_command_of_the_readme_and_docs_answers_help() -> None:
     commands = [["-m", m] for m in modules] + [[s] for s in sorted({s for text in texts for s in SCRIPT.findall(text)})]
 
     def help_of(command: list[str]) -> tuple[str, int, str]:
-        done = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True,
-                              text=True, timeout=180)
+        done = subprocess.run(
+            [sys.executable, *command, "--help"], cwd=REPO, capture_output=True, text=True, timeout=180
+        )
         return " ".join(command), done.returncode, (done.stderr or done.stdout)[-400:]
 
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -63,8 +64,14 @@ def test_the_readme_names_every_module() -> None:
     """The "where is X" table: every module of harness/ (search/ included), models/, analysis/ (the
     notebooks' jupytext pairs are listed as notebooks), benchmarks/ and every script of scripts/."""
     readme = (REPO / "README.md").read_text()
-    patterns = ["harness/*.py", "harness/search/*.py", "models/*.py", "analysis/*.py", "benchmarks/*.py",
-                "scripts/*.sh"]
+    patterns = [
+        "harness/*.py",
+        "harness/search/*.py",
+        "models/*.py",
+        "analysis/*.py",
+        "benchmarks/*.py",
+        "scripts/*.sh",
+    ]
     tracked = subprocess.run(["git", "ls-files", *patterns], cwd=REPO, capture_output=True, text=True)
     if tracked.returncode == 0 and tracked.stdout.strip():  # the committed tree, as CI checks it out
         files = [REPO / line for line in tracked.stdout.split()]

@@ -1,4 +1,5 @@
 """The training engine end to end, through `python -m harness.train` and MLflow's contents."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,14 @@ TINY = {
     "model": {"name": "dynamicvit_tiny_patch8_64", "variant": "dense"},
     "data": {"name": "cluttered_mnist", "train_digits": 256, "val_digits": 64, "val_placements": 1},
     "aug": {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0},
-    "optim": {"lr": 1e-3, "warmup_epochs": 0, "backbone_lr_scale": 1.0, "backbone_freeze_epochs": 0,
-              "freeze": [], "lr_base_batch": 64},
+    "optim": {
+        "lr": 1e-3,
+        "warmup_epochs": 0,
+        "backbone_lr_scale": 1.0,
+        "backbone_freeze_epochs": 0,
+        "freeze": [],
+        "lr_base_batch": 64,
+    },
     "train": {"epochs": 2, "batch_size": 32, "ema": None},  # the default recipe's EMA only where a test asks
     "tracking": {"experiment": "engine-tests", "visualize_images": 2},
 }
@@ -44,7 +51,11 @@ def write_config(tmp: Path, name: str, **overrides: Any) -> Path:
 def train(config: Path, *args: str, **popen: Any) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "harness.train", str(config), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=600, **popen,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **popen,
     )
 
 
@@ -65,10 +76,15 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def student_overrides(teacher: Path) -> dict[str, Any]:
     return {
-        "model__variant": "dynamic", "model__keep_ratio": 0.7,
-        "optim__backbone_lr_scale": 0.1, "optim__freeze": ["cls_token", "pos_embed"],
-        "aug__mixup": 0.8, "aug__cutmix": 1.0, "aug__label_smoothing": 0.1,
-        "teacher__run_dir": str(teacher), "train__init_from": str(teacher),
+        "model__variant": "dynamic",
+        "model__keep_ratio": 0.7,
+        "optim__backbone_lr_scale": 0.1,
+        "optim__freeze": ["cls_token", "pos_embed"],
+        "aug__mixup": 0.8,
+        "aug__cutmix": 1.0,
+        "aug__label_smoothing": 0.1,
+        "teacher__run_dir": str(teacher),
+        "train__init_from": str(teacher),
         "tracking__tags": {"spec": "tests", "table": "engine"},
     }
 
@@ -84,10 +100,28 @@ def test_two_epoch_run_lands_in_mlflow(tmp_path: Path, teacher: Path) -> None:
     assert params["losses.ratio.weight"] == "2.0" and params["teacher.run_dir"] == str(teacher)
     assert {"spec", "table", "variant", "run_key", "code_version"} <= set(tags)
     assert tags["variant"] == "dynamic" and len(tags["run_key"]) == 12
-    per_epoch = ["train/loss", "train/loss_cls", "train/loss_ratio", "train/loss_kl", "train/loss_token",
-                 "train/keep_stage1", "train/keep_stage3", "val/acc1", "val/acc5", "val/loss",
-                 "val/keep_stage1", "val/keep_stage2", "val/keep_stage3", "lr", "lr_backbone", "tau",
-                 "val/acc1_best", "val/acc1_best_epoch", "val_ema/acc1", "val_ema/acc1_best"]
+    per_epoch = [
+        "train/loss",
+        "train/loss_cls",
+        "train/loss_ratio",
+        "train/loss_kl",
+        "train/loss_token",
+        "train/keep_stage1",
+        "train/keep_stage3",
+        "val/acc1",
+        "val/acc5",
+        "val/loss",
+        "val/keep_stage1",
+        "val/keep_stage2",
+        "val/keep_stage3",
+        "lr",
+        "lr_backbone",
+        "tau",
+        "val/acc1_best",
+        "val/acc1_best_epoch",
+        "val_ema/acc1",
+        "val_ema/acc1_best",
+    ]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     for key in per_epoch:
         history = client.get_metric_history(run.info.run_id, key)
@@ -123,8 +157,13 @@ def test_resume_after_sigterm_is_exact(tmp_path: Path, teacher: Path) -> None:
 
     config = write_config(tmp_path, "killed", **overrides, tracking__experiment="killed")
     checkpoint = tmp_path / "killed" / "checkpoint.pth"
-    proc = subprocess.Popen([sys.executable, "-m", "harness.train", str(config)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.train", str(config)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -159,8 +198,12 @@ def test_a_hard_killed_run_resumes_without_logging_a_step_twice(tmp_path: Path) 
     """SIGKILL mid-epoch 2: the steps logged since the epoch-1 checkpoint are not logged again."""
     config = write_config(tmp_path, "hard", train__epochs=3, optim__log_every=1)
     checkpoint = tmp_path / "hard" / "checkpoint.pth"
-    proc = subprocess.Popen([sys.executable, "-m", "harness.train", str(config)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.train", str(config)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     steps_per_epoch = 256 // 32
     deadline = time.time() + 300
@@ -198,9 +241,22 @@ def test_two_process_gloo_ddp_logs_once(tmp_path: Path) -> None:
     config = write_config(tmp_path, "ddp", train__batch_size=16)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-         "-m", "harness.train", str(config)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            "-m",
+            "harness.train",
+            str(config),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs(tmp_path)
@@ -261,8 +317,9 @@ def test_resume_logs_the_last_epochs_metrics_again_only_if_mlflow_lost_them(tmp_
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     logged = [m.value for m in client.get_metric_history(run.info.run_id, "val/acc1") if m.step == 1]
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
-        db.execute("DELETE FROM metrics WHERE run_uuid = ? AND step = 1 AND key != 'train/loss_step'",
-                   (run.info.run_id,))
+        db.execute(
+            "DELETE FROM metrics WHERE run_uuid = ? AND step = 1 AND key != 'train/loss_step'", (run.info.run_id,)
+        )
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")] == [0]
 
     for _ in range(2):  # the second resume finds the points and logs nothing
@@ -282,14 +339,22 @@ def test_how_often_a_run_validates_does_not_change_its_training(tmp_path: Path) 
     results = {}
     for every in (1, 2):
         name = f"every{every}"
-        config = write_config(tmp_path, name, model__variant="random", model__keep_ratio=0.7,
-                              train__eval_every=every, tracking__experiment=name)
+        config = write_config(
+            tmp_path,
+            name,
+            model__variant="random",
+            model__keep_ratio=0.7,
+            train__eval_every=every,
+            tracking__experiment=name,
+        )
         result = train(config, "losses.kl=0", "losses.token=0")
         assert result.returncode == 0, result.stderr
         (run,) = runs(tmp_path, name)
         client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-        history = {k: [m.value for m in client.get_metric_history(run.info.run_id, k)]
-                   for k in ("train/loss", "val/acc1", "val/loss")}
+        history = {
+            k: [m.value for m in client.get_metric_history(run.info.run_id, k)]
+            for k in ("train/loss", "val/acc1", "val/loss")
+        }
         results[every] = history
     assert len(results[1]["val/acc1"]) == 2 and len(results[2]["val/acc1"]) == 1
     assert results[1]["train/loss"] == results[2]["train/loss"]

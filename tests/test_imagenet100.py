@@ -1,6 +1,7 @@
 """The `imagenet100` scale: the shipped class list, data.classes on generated ImageFolders (a
 subset-only folder and a full 1000-class one), the specs' one-GPU dry runs, the errors, and one
 short training run whose MLflow run the analysis tables read as ImageNet-100."""
+
 from __future__ import annotations
 
 import io
@@ -55,8 +56,13 @@ def subset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def dry_run(spec: str, *overrides: str, scale: str = "imagenet100") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.launch", spec, "--scale", scale, "--dry-run", *overrides],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "harness.launch", spec, "--scale", scale, "--dry-run", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 # ------------------------------------------------------------------------------ the class list
@@ -104,8 +110,10 @@ def test_full_imagenet_folder_reads_only_the_subset_with_imagenet_folder_labels(
 def test_a_class_list_file_of_the_users_own(tmp_path: Path, subset_root: Path) -> None:
     listed = tmp_path / "five.txt"
     listed.write_text("# five of them\n" + "\n".join(f"{w} some name" for w in SUBSET[:5]) + "\n\n")
-    bundle = build_data(DataConfig(name="imagenet", root=str(subset_root), classes=str(listed), img_size=32),
-                        AugConfig(auto_augment=None))
+    bundle = build_data(
+        DataConfig(name="imagenet", root=str(subset_root), classes=str(listed), img_size=32),
+        AugConfig(auto_augment=None),
+    )
     assert (bundle.num_classes, len(bundle.train), len(bundle.val)) == (1000, 15, 5)
     assert set(bundle.train.targets) == {INDEX[w] for w in SUBSET[:5]}
 
@@ -119,18 +127,22 @@ def test_bad_subsets_are_one_line_errors(tmp_path: Path, subset_root: Path) -> N
     fails(r"data\.classes: neither a shipped list .*got 'imagenet1000'$", classes="imagenet1000")
     bad = tmp_path / "bad.txt"
     bad.write_text(f"{SUBSET[0]}\nn99999999\n")
-    fails(rf"data\.classes: line 2 of {re.escape(str(bad))} is not an ImageNet-1k wnid, got 'n99999999'$",
-          classes=str(bad))
+    fails(
+        rf"data\.classes: line 2 of {re.escape(str(bad))} is not an ImageNet-1k wnid, got 'n99999999'$",
+        classes=str(bad),
+    )
     bad.write_text(f"{SUBSET[0]}\n{SUBSET[0]}\n")
     fails(r"data\.classes: line 2 of .* repeats a wnid", classes=str(bad))
     partial = image_folder(tmp_path / "partial", SUBSET[:-1])
-    fails(rf"data\.root: no train/ folder for class {SUBSET[-1]} of data.classes 'imagenet100' "
-          rf"\(1 of its 100 classes missing\), got '{re.escape(str(partial / 'train' / SUBSET[-1]))}'$", partial)
+    fails(
+        rf"data\.root: no train/ folder for class {SUBSET[-1]} of data.classes 'imagenet100' "
+        rf"\(1 of its 100 classes missing\), got '{re.escape(str(partial / 'train' / SUBSET[-1]))}'$",
+        partial,
+    )
     (partial / "train" / SUBSET[-1]).mkdir()
     fails(rf"data\.root: no val/ folder for class {SUBSET[-1]}", partial)
     (partial / "val" / SUBSET[-1]).mkdir()
-    fails(rf"data\.root: class folder has no images .*got '{re.escape(str(partial / 'train' / SUBSET[-1]))}'$",
-          partial)
+    fails(rf"data\.root: class folder has no images .*got '{re.escape(str(partial / 'train' / SUBSET[-1]))}'$", partial)
     with pytest.raises(ValueError, match=r"classes: a class subset applies to imagenet only"):
         DataConfig(name="synthetic", classes="imagenet100")
 
@@ -161,14 +173,16 @@ def test_dry_run_at_imagenet100_is_one_gpu_with_the_linearly_scaled_lr(spec: str
     # the same runs as the paper scale (model, teacher weights, variants, recipe), on the subset
     paper = load_and_expand(spec, [f"scales.paper.data.root={subset_root}"], "paper")
     by_name = {(p.stage, p.name): p for p in paper.runs}
-    skip = {"output_dir": True, "tracking": True, "data": {"classes"},
-            "train": {"init_from"}, "teacher": {"run_dir"}}
+    skip = {"output_dir": True, "tracking": True, "data": {"classes"}, "train": {"init_from"}, "teacher": {"run_dir"}}
     for plan in ours.runs:
         twin = by_name.pop((plan.stage, plan.name))
         assert plan.config.model_dump(exclude=skip) == twin.config.model_dump(exclude=skip), plan.name
         assert scaled_lr(twin.config.optim, 96 * 8) == pytest.approx(7.5e-4) or not twin.config.train.epochs
-    not_here = {name for name, stage in paper.spec.stages.items()
-                if stage.only_scales and "imagenet100" not in stage.only_scales}
+    not_here = {
+        name
+        for name, stage in paper.spec.stages.items()
+        if stage.only_scales and "imagenet100" not in stage.only_scales
+    }
     assert {stage for stage, _ in by_name} == not_here  # DeiT-B and LV-ViT stay at the paper scale
 
 
@@ -182,8 +196,9 @@ def test_a_missing_class_folder_stops_the_launch(tmp_path: Path) -> None:
     ]
     listed = tmp_path / "typo.txt"
     listed.write_text("n0155899\n")
-    result = dry_run("experiments/losses.yaml", f"scales.imagenet100.data.root={root}",
-                     f"scales.imagenet100.data.classes={listed}")
+    result = dry_run(
+        "experiments/losses.yaml", f"scales.imagenet100.data.root={root}", f"scales.imagenet100.data.classes={listed}"
+    )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"experiments/losses.yaml: scales.imagenet100.data.classes: line 1 of {listed} is not an "
@@ -206,13 +221,18 @@ def test_a_run_on_the_subset_trains_a_1000_class_head_and_tables_say_imagenet100
         "aug": {"auto_augment": None},
         "train": {"epochs": 1},
         "output_dir": str(tmp_path / "run"),
-        "tracking": {"uri": uri, "experiment": "table1", "visualize_images": 0,
-                     "tags": {"kind": "train", "scale": "imagenet100", "row": "deit-s/1.0", "spec": "table1"}},
+        "tracking": {
+            "uri": uri,
+            "experiment": "table1",
+            "visualize_images": 0,
+            "tags": {"kind": "train", "scale": "imagenet100", "row": "deit-s/1.0", "spec": "table1"},
+        },
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, "-m", "harness.train", str(path)], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.train", str(path)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr
     weights = torch.load(tmp_path / "run" / "model.pth", map_location="cpu", weights_only=True)
     state = weights.get("model", weights)

@@ -1,5 +1,6 @@
 """Specs and the launcher through their CLIs: validation, dry run, local and SLURM submission,
 idempotence and preemption (against the real local SLURM of scripts/slurm-local.sh)."""
+
 from __future__ import annotations
 
 import shutil
@@ -30,18 +31,24 @@ MINI: dict[str, Any] = {
     },
     "scales": {
         "tiny": {"slurm": {"cpus_per_task": 1, "timeout_min": 20}},
-        "paper": {"model.name": "dynamicvit_deit_small_patch16_224",
-                  "data": {"name": "imagenet", "root": "/nonexistent/ILSVRC2012"},
-                  "slurm": {"partition": "gpu", "gpus_per_node": 8, "tasks_per_node": 8}},
+        "paper": {
+            "model.name": "dynamicvit_deit_small_patch16_224",
+            "data": {"name": "imagenet", "root": "/nonexistent/ILSVRC2012"},
+            "slurm": {"partition": "gpu", "gpus_per_node": 8, "tasks_per_node": 8},
+        },
     },
     "stages": {
         "teacher": {"model.variant": "dense", "optim": {"backbone_lr_scale": 1.0, "freeze": []}, "row": "teacher"},
         "students": {
-            "after": "teacher", "init_from": "teacher", "distill_from": "teacher",
-            "runs": {"variants": [
-                {"name": "dynamic", "row": "a/dynamic", "set": {"model.variant": "dynamic"}},
-                {"name": "static", "row": "a/static", "set": {"model.variant": "static"}},
-            ]},
+            "after": "teacher",
+            "init_from": "teacher",
+            "distill_from": "teacher",
+            "runs": {
+                "variants": [
+                    {"name": "dynamic", "row": "a/dynamic", "set": {"model.variant": "dynamic"}},
+                    {"name": "static", "row": "a/static", "set": {"model.variant": "static"}},
+                ]
+            },
         },
     },
 }
@@ -55,17 +62,40 @@ def write_spec(tmp: Path, spec: dict[str, Any], name: str = "mini.yaml") -> Path
 
 def launch(tmp: Path, spec: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "harness.launch", str(spec), "--output-root", str(tmp / "runs"),
-         "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", *args],
-        cwd=tmp, capture_output=True, text=True, timeout=timeout,
+        [
+            sys.executable,
+            "-m",
+            "harness.launch",
+            str(spec),
+            "--output-root",
+            str(tmp / "runs"),
+            "--tracking-uri",
+            f"sqlite:///{tmp}/mlflow.db",
+            *args,
+        ],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def status(tmp: Path, spec: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "harness.status", str(spec), "--output-root", str(tmp / "runs"),
-         "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", *args],
-        cwd=tmp, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "harness.status",
+            str(spec),
+            "--output-root",
+            str(tmp / "runs"),
+            "--tracking-uri",
+            f"sqlite:///{tmp}/mlflow.db",
+            *args,
+        ],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
     )
 
 
@@ -81,7 +111,8 @@ def test_every_spec_error_at_once_and_nothing_submitted(tmp_path: Path) -> None:
     spec["base"]["model"]["keep_ratoi"] = 0.5
     spec["base"]["train"]["epochs"] = "many"
     spec["stages"]["students"]["runs"]["variants"].append(
-        {"name": "bad", "set": {"model.keep_ratio": 1.5, "model.variant": "magic"}})
+        {"name": "bad", "set": {"model.keep_ratio": 1.5, "model.variant": "magic"}}
+    )
     spec["stages"]["extra"] = {"after": ["nowhere", "extra"]}
     result = launch(tmp_path, write_spec(tmp_path, spec))
     assert result.returncode == 2
@@ -103,12 +134,19 @@ def test_every_spec_error_at_once_and_nothing_submitted(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "mutate, fragment",
     [
-        (lambda s: s["base"]["model"].update(name="dynamicvit_tiny_patch8_46"),
-         "base.model.name: unknown model (did you mean 'dynamicvit_tiny_patch8_64'?)"),
-        (lambda s: s["stages"]["students"].update(after="teachers"), "stages.students.after: no stage named 'teachers'"),
+        (
+            lambda s: s["base"]["model"].update(name="dynamicvit_tiny_patch8_46"),
+            "base.model.name: unknown model (did you mean 'dynamicvit_tiny_patch8_64'?)",
+        ),
+        (
+            lambda s: s["stages"]["students"].update(after="teachers"),
+            "stages.students.after: no stage named 'teachers'",
+        ),
         (lambda s: s["stages"]["teacher"].update(after="students"), "stages: dependency cycle among students, teacher"),
-        (lambda s: s["stages"]["students"]["runs"]["variants"][0]["set"].update({"model.pruning_loc": [2, 9]}),
-         "stages.students.runs.variants[0].set.model.pruning_loc: each location must be a block index in [0, 7], got [2, 9]"),
+        (
+            lambda s: s["stages"]["students"]["runs"]["variants"][0]["set"].update({"model.pruning_loc": [2, 9]}),
+            "stages.students.runs.variants[0].set.model.pruning_loc: each location must be a block index in [0, 7], got [2, 9]",
+        ),
     ],
 )
 def test_spec_errors_name_the_field(tmp_path: Path, mutate, fragment: str) -> None:
@@ -135,7 +173,9 @@ def test_missing_dataset_of_the_chosen_scale_and_yaml_syntax(tmp_path: Path) -> 
 def test_dry_run_of_a_100_run_sweep_without_torch(tmp_path: Path) -> None:
     spec = yaml.safe_load(yaml.safe_dump(MINI))
     spec["stages"]["students"]["runs"]["grid"] = {
-        "model.keep_ratio": [0.5, 0.6, 0.7, 0.8, 0.9], "train.seed": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}
+        "model.keep_ratio": [0.5, 0.6, 0.7, 0.8, 0.9],
+        "train.seed": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+    }
     path = write_spec(tmp_path, spec)
     code = (
         "import sys, runpy; sys.argv = ['harness.launch', sys.argv[1], '--dry-run'];\n"
@@ -186,8 +226,12 @@ def test_local_launch_is_idempotent(tmp_path: Path) -> None:
     # one more student, of 2 epochs validated every 2nd: only it runs, and status counts its epochs
     spec = yaml.safe_load(yaml.safe_dump(MINI))
     spec["stages"]["students"]["runs"]["variants"].append(
-        {"name": "random", "row": "b/random",
-         "set": {"model.variant": "random", "train.epochs": 2, "train.eval_every": 2}})
+        {
+            "name": "random",
+            "row": "b/random",
+            "set": {"model.variant": "random", "train.epochs": 2, "train.eval_every": 2},
+        }
+    )
     more = write_spec(tmp_path, spec, "more.yaml")
     half = launch(tmp_path, more, "--executor", "local")
     assert half.returncode == 0 and "1 submitted, 3 skipped" in half.stdout, half.stdout
@@ -216,10 +260,21 @@ def test_a_run_killed_hard_is_resumed_by_the_next_launch(tmp_path: Path) -> None
     spec["stages"] = {"teacher": spec["stages"]["teacher"]}
     spec["base"]["train"]["epochs"] = 3
     path = write_spec(tmp_path, spec)
-    cmd = [sys.executable, "-m", "harness.launch", str(path), "--output-root", str(tmp_path / "runs"),
-           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--executor", "local"]
-    launcher = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.launch",
+        str(path),
+        "--output-root",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        "--executor",
+        "local",
+    ]
+    launcher = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     checkpoint = tmp_path / "runs/mini/tiny/teacher/teacher/checkpoint.pth"
     deadline = time.time() + 300
     while not checkpoint.exists() and time.time() < deadline:  # killed after its first epoch
@@ -256,7 +311,8 @@ def test_auto_executor_falls_back_to_local_when_the_controller_is_down(tmp_path:
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text("#!/bin/sh\nexit 0\n")
     (bin_dir / "sinfo").write_text(
-        "#!/bin/sh\necho 'slurm_load_partitions: Unable to contact slurm controller (connect failure)' >&2\nexit 1\n")
+        "#!/bin/sh\necho 'slurm_load_partitions: Unable to contact slurm controller (connect failure)' >&2\nexit 1\n"
+    )
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
@@ -311,8 +367,15 @@ def test_slurm_launch_with_afterok_dependency(tmp_path: Path) -> None:
 @needs_slurm
 def test_slurm_preemption_requeues_into_the_same_mlflow_run(tmp_path: Path) -> None:
     spec = yaml.safe_load(yaml.safe_dump(MINI))
-    spec["stages"] = {"only": {"model.variant": "random", "train.epochs": 3, "row": "b/random",
-                               "data.train_digits": 512, "losses": {"kl": 0, "token": 0}}}
+    spec["stages"] = {
+        "only": {
+            "model.variant": "random",
+            "train.epochs": 3,
+            "row": "b/random",
+            "data.train_digits": 512,
+            "losses": {"kl": 0, "token": 0},
+        }
+    }
     path = write_spec(tmp_path, spec)
     result = launch(tmp_path, path, "--executor", "slurm")
     assert result.returncode == 0, result.stderr
@@ -321,7 +384,9 @@ def test_slurm_preemption_requeues_into_the_same_mlflow_run(tmp_path: Path) -> N
     checkpoint = tmp_path / "runs/mini/tiny/only/only/checkpoint.pth"
     deadline = time.time() + 300
     while not checkpoint.exists() and time.time() < deadline:
-        assert sacct_state(job_id) in ("PENDING", "RUNNING", ""), (tmp_path / "runs/mini/tiny/only/only/job.log").read_text()
+        assert sacct_state(job_id) in ("PENDING", "RUNNING", ""), (
+            tmp_path / "runs/mini/tiny/only/only/job.log"
+        ).read_text()
         time.sleep(0.2)
     assert checkpoint.exists()
     subprocess.run(["scancel", "--signal", "USR2", job_id], check=True)  # what SLURM sends before a time-out
@@ -336,7 +401,10 @@ def test_slurm_preemption_requeues_into_the_same_mlflow_run(tmp_path: Path) -> N
     deadline = time.time() + 420
     while time.time() < deadline:
         state = sacct_state(job_id)
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") and (tmp_path / "runs/mini/tiny/only/only/result.json").exists():
+        if (
+            state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+            and (tmp_path / "runs/mini/tiny/only/only/result.json").exists()
+        ):
             break
         time.sleep(2)
     assert state == "COMPLETED", (state, log.read_text()[-3000:])

@@ -5,6 +5,7 @@ The official layout and formulas are written here from the official names and de
 by importing the official code; equality with the official code itself was checked by hand (README,
 "Models": eval logits, training outputs and the loss value).
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,6 @@ import pandas as pd
 import pytest
 import timm
 import torch
-from timm.loss import SoftTargetCrossEntropy
 
 import models
 from harness.config import LossConfig, RunConfig
@@ -58,17 +58,32 @@ def decisive(model: models.DynamicLVViT) -> models.DynamicLVViT:
 
 
 # ----------------------------------------------------------------------- the official layout
-def official_shapes(embed: int, depth: int, classes: int = 1000, stem: int = 64, chans: int = 3,
-                    patch: int = 16, tokens: int = 196, stages: int = 3) -> dict[str, tuple[int, ...]]:
+def official_shapes(
+    embed: int,
+    depth: int,
+    classes: int = 1000,
+    stem: int = 64,
+    chans: int = 3,
+    patch: int = 16,
+    tokens: int = 196,
+    stages: int = 3,
+) -> dict[str, tuple[int, ...]]:
     """Every key of an official DynamicViT-LVViT state dict with its shape (models/dylvvit.py's
     LVViTDiffPruning with p_emb '4_2', mlp_ratio 3, qkv_bias False, return_dense True)."""
     shapes: dict[str, tuple[int, ...]] = {
-        "cls_token": (1, 1, embed), "pos_embed": (1, tokens + 1, embed),
-        "patch_embed.conv1.weight": (stem, chans, 7, 7), "patch_embed.conv2.weight": (stem, stem, 3, 3),
+        "cls_token": (1, 1, embed),
+        "pos_embed": (1, tokens + 1, embed),
+        "patch_embed.conv1.weight": (stem, chans, 7, 7),
+        "patch_embed.conv2.weight": (stem, stem, 3, 3),
         "patch_embed.conv3.weight": (stem, stem, 3, 3),
-        "patch_embed.proj.weight": (embed, stem, patch // 2, patch // 2), "patch_embed.proj.bias": (embed,),
-        "norm.weight": (embed,), "norm.bias": (embed,), "head.weight": (classes, embed), "head.bias": (classes,),
-        "aux_head.weight": (classes, embed), "aux_head.bias": (classes,),
+        "patch_embed.proj.weight": (embed, stem, patch // 2, patch // 2),
+        "patch_embed.proj.bias": (embed,),
+        "norm.weight": (embed,),
+        "norm.bias": (embed,),
+        "head.weight": (classes, embed),
+        "head.bias": (classes,),
+        "aux_head.weight": (classes, embed),
+        "aux_head.bias": (classes,),
     }
     for i in (1, 2, 3):
         for name in ("weight", "bias", "running_mean", "running_var"):
@@ -77,19 +92,37 @@ def official_shapes(embed: int, depth: int, classes: int = 1000, stem: int = 64,
     hidden = 3 * embed
     for b in range(depth):
         p = f"blocks.{b}."
-        shapes.update({p + "norm1.weight": (embed,), p + "norm1.bias": (embed,),
-                       p + "attn.qkv.weight": (3 * embed, embed),  # no qkv bias
-                       p + "attn.proj.weight": (embed, embed), p + "attn.proj.bias": (embed,),
-                       p + "norm2.weight": (embed,), p + "norm2.bias": (embed,),
-                       p + "mlp.fc1.weight": (hidden, embed), p + "mlp.fc1.bias": (hidden,),
-                       p + "mlp.fc2.weight": (embed, hidden), p + "mlp.fc2.bias": (embed,)})
+        shapes.update(
+            {
+                p + "norm1.weight": (embed,),
+                p + "norm1.bias": (embed,),
+                p + "attn.qkv.weight": (3 * embed, embed),  # no qkv bias
+                p + "attn.proj.weight": (embed, embed),
+                p + "attn.proj.bias": (embed,),
+                p + "norm2.weight": (embed,),
+                p + "norm2.bias": (embed,),
+                p + "mlp.fc1.weight": (hidden, embed),
+                p + "mlp.fc1.bias": (hidden,),
+                p + "mlp.fc2.weight": (embed, hidden),
+                p + "mlp.fc2.bias": (embed,),
+            }
+        )
     for s in range(stages):
         p = f"score_predictor.{s}."
-        shapes.update({p + "in_conv.0.weight": (embed,), p + "in_conv.0.bias": (embed,),
-                       p + "in_conv.1.weight": (embed, embed), p + "in_conv.1.bias": (embed,),
-                       p + "out_conv.0.weight": (embed // 2, embed), p + "out_conv.0.bias": (embed // 2,),
-                       p + "out_conv.2.weight": (embed // 4, embed // 2), p + "out_conv.2.bias": (embed // 4,),
-                       p + "out_conv.4.weight": (2, embed // 4), p + "out_conv.4.bias": (2,)})
+        shapes.update(
+            {
+                p + "in_conv.0.weight": (embed,),
+                p + "in_conv.0.bias": (embed,),
+                p + "in_conv.1.weight": (embed, embed),
+                p + "in_conv.1.bias": (embed,),
+                p + "out_conv.0.weight": (embed // 2, embed),
+                p + "out_conv.0.bias": (embed // 2,),
+                p + "out_conv.2.weight": (embed // 4, embed // 2),
+                p + "out_conv.2.bias": (embed // 4,),
+                p + "out_conv.4.weight": (2, embed // 4),
+                p + "out_conv.4.bias": (2,),
+            }
+        )
     return shapes
 
 
@@ -111,7 +144,10 @@ TINY_LAYOUT = dict(embed=64, depth=8, classes=10, stem=16, chans=1, patch=8, tok
 
 
 def test_lvvit_s_and_m_have_the_official_names_and_shapes() -> None:
-    for name, (embed, depth, heads, locs) in ((LVVIT_S, (384, 16, 6, [4, 8, 12])), (LVVIT_M, (512, 20, 8, [5, 10, 15]))):
+    for name, (embed, depth, heads, locs) in (
+        (LVVIT_S, (384, 16, 6, [4, 8, 12])),
+        (LVVIT_M, (512, 20, 8, [5, 10, 15])),
+    ):
         model = on_meta(name)
         assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == official_shapes(embed, depth)
         assert model.norm.eps == 1e-5 and all(b.norm1.eps == b.norm2.eps == 1e-5 for b in model.blocks)
@@ -243,8 +279,12 @@ def test_token_distillation_is_a_kl_over_the_kept_tokens_of_the_batch() -> None:
     a = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
     ln3 = math.log(3.0)
     student = torch.zeros(2, 3, 2)  # uniform student token labels
-    teacher = torch.tensor([[[ln3, 0.0], [100.0, 0.0], [100.0, 0.0]],  # kept: KL a; dropped, dropped
-                            [[0.0, 0.0], [0.0, ln3], [0.0, 100.0]]])  # kept: 0; kept: a; dropped
+    teacher = torch.tensor(
+        [
+            [[ln3, 0.0], [100.0, 0.0], [100.0, 0.0]],  # kept: KL a; dropped, dropped
+            [[0.0, 0.0], [0.0, ln3], [0.0, 100.0]],
+        ]
+    )  # kept: 0; kept: a; dropped
     decision = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
     # the mean over the 3 kept tokens of the batch (not per image: that would be 3a/4)
     assert token_kl_loss(student, teacher, decision).item() == pytest.approx(2 * a / 3, rel=1e-6)
@@ -252,14 +292,14 @@ def test_token_distillation_is_a_kl_over_the_kept_tokens_of_the_batch() -> None:
 
     output = LVViTOutput(
         logits=torch.zeros(2, 2),  # the CLS head
-        tokens=student, decision=decision,
+        tokens=student,
+        decision=decision,
         keep_fractions=torch.tensor([[0.8, 0.5, 0.4], [0.6, 0.5, 0.3]]),
         combined=torch.tensor([[ln3, 0.0], [ln3, 0.0]]),
     )
     targets = torch.tensor([0, 1])
-    stage_ratios = [0.7, 0.7 ** 2, 0.7 ** 3]
-    ratio = ((0.1 ** 2 + 0.1 ** 2) / 2 + (0.01 ** 2 + 0.01 ** 2) / 2
-             + ((0.4 - 0.343) ** 2 + (0.3 - 0.343) ** 2) / 2) / 3
+    stage_ratios = [0.7, 0.7**2, 0.7**3]
+    ratio = ((0.1**2 + 0.1**2) / 2 + (0.01**2 + 0.01**2) / 2 + ((0.4 - 0.343) ** 2 + (0.3 - 0.343) ** 2) / 2) / 3
     teacher_cls = torch.tensor([[ln3, 0.0], [0.0, 0.0]])
     loss = LVViTLoss(LossConfig(), stage_ratios, torch.nn.CrossEntropyLoss())
     total, parts = loss(output, targets, (teacher_cls, teacher))
@@ -285,16 +325,25 @@ def test_a_tiny_lvvit_student_trains_through_the_engine_with_its_dense_teacher(t
 
     teacher_file = tmp_path / "teacher.pth"
     torch.save({"model": tiny(variant="dense").state_dict()}, teacher_file)
-    cfg = RunConfig.model_validate({
-        "model": {"name": TINY, "keep_ratio": 0.7, "pretrained": str(teacher_file)},
-        "data": {"name": "synthetic", "img_size": 64, "in_chans": 1, "num_classes": 10, "train_size": 32, "val_size": 16},
-        "aug": {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0},
-        "optim": {"warmup_epochs": 0, "backbone_freeze_epochs": 0, "backbone_lr_scale": 0.1},
-        "teacher": {"checkpoint": str(teacher_file)},
-        "train": {"epochs": 1, "batch_size": 16, "ema": None},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "visualize_images": 2},
-        "output_dir": str(tmp_path / "run"),
-    })
+    cfg = RunConfig.model_validate(
+        {
+            "model": {"name": TINY, "keep_ratio": 0.7, "pretrained": str(teacher_file)},
+            "data": {
+                "name": "synthetic",
+                "img_size": 64,
+                "in_chans": 1,
+                "num_classes": 10,
+                "train_size": 32,
+                "val_size": 16,
+            },
+            "aug": {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0},
+            "optim": {"warmup_epochs": 0, "backbone_freeze_epochs": 0, "backbone_lr_scale": 0.1},
+            "teacher": {"checkpoint": str(teacher_file)},
+            "train": {"epochs": 1, "batch_size": 16, "ema": None},
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "visualize_images": 2},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
     metrics = run(cfg)
     assert {"train/loss_cls", "train/loss_ratio", "train/loss_kl", "train/loss_token"} <= set(metrics)
     assert all(math.isfinite(metrics[k]) for k in ("train/loss_kl", "train/loss_token", "val/acc1"))
@@ -347,8 +396,11 @@ def test_paper_specs_train_lvvit_with_the_2021_script_batch_and_tokenlabeling_te
     losses = load_and_expand(str(REPO / "experiments" / "losses.yaml"), [data], scale="paper").runs
     column = {r.row: r.config for r in losses if r.row.startswith("lvvit-s/") and r.config.model.variant != "dense"}
     assert {row: (c.losses.kl.active, c.losses.token.active, c.train.batch_size) for row, c in column.items()} == {
-        "lvvit-s/full": (True, True, 64), "lvvit-s/no-token": (True, False, 64),
-        "lvvit-s/no-kl": (False, True, 64), "lvvit-s/no-both": (False, False, 64)}
+        "lvvit-s/full": (True, True, 64),
+        "lvvit-s/no-token": (True, False, 64),
+        "lvvit-s/no-kl": (False, True, 64),
+        "lvvit-s/no-both": (False, False, 64),
+    }
 
 
 def test_lvvit_runs_fill_their_table_rows_with_gaps_to_their_own_anchor() -> None:
@@ -356,9 +408,16 @@ def test_lvvit_runs_fill_their_table_rows_with_gaps_to_their_own_anchor() -> Non
     runs, invented accuracies), and the loss ablation's LV-ViT-S column is gapped to its own full row."""
     from analysis import tables
 
-    runs = pd.DataFrame({"row": ["lvvit-s/1.0", "lvvit-s/0.7", "lvvit-s/full", "lvvit-s/no-both", "full"],
-                         "scale": "tiny", "acc1": [60.0, 58.5, 58.5, 57.0, 61.0], "gflops": [0.032, 0.023] + [0.023] * 3,
-                         "throughput_img_s": 1000.0, "run_id": list("abcde")})
+    runs = pd.DataFrame(
+        {
+            "row": ["lvvit-s/1.0", "lvvit-s/0.7", "lvvit-s/full", "lvvit-s/no-both", "full"],
+            "scale": "tiny",
+            "acc1": [60.0, 58.5, 58.5, 57.0, 61.0],
+            "gflops": [0.032, 0.023] + [0.023] * 3,
+            "throughput_img_s": 1000.0,
+            "run_id": list("abcde"),
+        }
+    )
     table1 = tables.build_table(runs, "table1").set_index("row")
     assert table1.loc["lvvit-s/0.7", tables.STATUS] == tables.REPRODUCED
     assert table1.loc["lvvit-s/0.7", tables.GAP_REPRO] == pytest.approx(-1.5)

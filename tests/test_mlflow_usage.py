@@ -3,6 +3,7 @@ a training experiment, the UI's runs table and compare view printed at the end, 
 time at its job's start with the queue time apart, the standard source tags, the dataset inputs, the final model as a
 loadable MLflow model linked to its metrics, and no new parent run for a launch that submits
 nothing."""
+
 from __future__ import annotations
 
 import json
@@ -28,24 +29,49 @@ SPEC: dict[str, Any] = {
         "model": {"name": "dynamicvit_tiny_patch8_64", "variant": "dense"},
         "data": {"name": "cluttered_mnist", "train_digits": 64, "val_digits": 32, "val_placements": 1},
         "aug": {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0},
-        "optim": {"warmup_epochs": 0, "backbone_lr_scale": 1.0, "backbone_freeze_epochs": 0, "freeze": [],
-                  "lr_base_batch": 32},
+        "optim": {
+            "warmup_epochs": 0,
+            "backbone_lr_scale": 1.0,
+            "backbone_freeze_epochs": 0,
+            "freeze": [],
+            "lr_base_batch": 32,
+        },
         "train": {"epochs": 1, "batch_size": 32, "ema": None},
         "tracking": {"visualize_images": 0},
     },
     "scales": {"tiny": {"slurm": {"cpus_per_task": 1, "array_parallelism": 1}}},  # seed1 queues behind seed0
-    "stages": {"seeds": {"row": "dense", "runs": {"variants": [
-        {"name": "seed0", "set": {"train.seed": 0}},
-        {"name": "seed1", "set": {"train.seed": 1}},
-    ]}}},
+    "stages": {
+        "seeds": {
+            "row": "dense",
+            "runs": {
+                "variants": [
+                    {"name": "seed0", "set": {"train.seed": 0}},
+                    {"name": "seed1", "set": {"train.seed": 1}},
+                ]
+            },
+        }
+    },
 }
 
 
 def launch(tmp: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "harness.launch", str(tmp / "usage.yaml"), "--executor", "local",
-         "--output-root", str(tmp / "runs"), "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"],
-        cwd=tmp, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "harness.launch",
+            str(tmp / "usage.yaml"),
+            "--executor",
+            "local",
+            "--output-root",
+            str(tmp / "runs"),
+            "--tracking-uri",
+            f"sqlite:///{tmp}/mlflow.db",
+        ],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -58,8 +84,14 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     uri = f"sqlite:///{tmp}/mlflow.db"
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("usage")
-    return {"tmp": tmp, "uri": uri, "client": client, "experiment": experiment, "stdout": first.stdout,
-            "runs": client.search_runs([experiment.experiment_id], "tags.kind = 'train'")}
+    return {
+        "tmp": tmp,
+        "uri": uri,
+        "client": client,
+        "experiment": experiment,
+        "stdout": first.stdout,
+        "runs": client.search_runs([experiment.experiment_id], "tags.kind = 'train'"),
+    }
 
 
 def test_training_experiment_and_the_printed_ui_pages(launched: dict[str, Any]) -> None:
@@ -67,8 +99,9 @@ def test_training_experiment_and_the_printed_ui_pages(launched: dict[str, Any]) 
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     lines = launched["stdout"].splitlines()
     # the UI's model-training mode: MLflow 3.17's UI opens its GenAI mode unless asked (tests/test_ui.py sees it)
-    assert (f"runs table: http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
-            "?workflowType=machine_learning") in lines
+    assert (
+        f"runs table: http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    ) in lines
     (compare,) = [line for line in lines if line.startswith("compare the runs of this launch: ")]
     query = unquote(compare.split("#/compare-runs?", 1)[1])
     listed = json.loads(query.split("runs=", 1)[1].split("&experiments=", 1)[0])
@@ -102,8 +135,9 @@ def test_start_time_is_the_jobs_start_and_queue_time_is_apart(launched: dict[str
     waited = seed1.data.metrics["queue_time_s"]
     assert waited >= (seed0.info.end_time - seed0.info.start_time) / 1000  # seed0's whole run
     assert seed0.data.metrics["queue_time_s"] < waited
-    placeholders = client.search_runs([experiment.experiment_id], "tags.kind = 'train'",
-                                      run_view_type=ViewType.DELETED_ONLY)
+    placeholders = client.search_runs(
+        [experiment.experiment_id], "tags.kind = 'train'", run_view_type=ViewType.DELETED_ONLY
+    )
     assert sorted(p.data.tags["replaced_by"] for p in placeholders) == sorted(r.info.run_id for r in launched["runs"])
     for run in (seed0, seed1):
         (placeholder,) = [p for p in placeholders if p.data.tags["replaced_by"] == run.info.run_id]
@@ -117,8 +151,9 @@ def test_start_time_is_the_jobs_start_and_queue_time_is_apart(launched: dict[str
 
 def test_final_model_is_a_loadable_mlflow_model_linked_to_its_metrics(launched: dict[str, Any]) -> None:
     client, run = launched["client"], launched["runs"][0]
-    (logged,) = client.search_logged_models([launched["experiment"].experiment_id],
-                                            filter_string=f"source_run_id = '{run.info.run_id}'")
+    (logged,) = client.search_logged_models(
+        [launched["experiment"].experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+    )
     assert logged.name == "model" and logged.status == "READY"
     linked = {m.key for m in logged.metrics}
     assert {"val/acc1", "gflops", "throughput_img_s"} <= linked

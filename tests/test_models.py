@@ -1,4 +1,5 @@
 """The DynamicViT family through its public entry points: timm's factory and the checkpoint loader."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,8 @@ import timm
 import torch
 
 import models
-from harness.measure import count_gflops
 from harness.catalog import MODEL_DEFAULTS, VARIANTS
+from harness.measure import count_gflops
 
 MICRO = "dynamicvit_micro_patch4_32"
 DEIT_S = "dynamicvit_deit_small_patch16_224"
@@ -71,8 +72,15 @@ def test_dense_variant_is_the_timm_vit() -> None:
     """`dense` computes exactly what timm's plain ViT computes with the same weights."""
     model = micro(variant="dense").eval()
     plain = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=32, depth=4,
-        num_heads=2, mlp_ratio=2.0, qkv_bias=True,
+        img_size=32,
+        patch_size=4,
+        in_chans=3,
+        num_classes=10,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        mlp_ratio=2.0,
+        qkv_bias=True,
     ).eval()
     plain.load_state_dict(model.state_dict(), strict=True)
     x = images(model)
@@ -219,9 +227,7 @@ def test_deterministic_mode_is_the_default_training_path_when_set() -> None:
 
 
 # --------------------------------------------------------------------------------- FLOPs
-@pytest.mark.parametrize(
-    "ratio, paper", [(1.0, 4.6), (0.9, 4.0), (0.8, 3.4)]
-)
+@pytest.mark.parametrize("ratio, paper", [(1.0, 4.6), (0.9, 4.0), (0.8, 3.4)])
 def test_deit_s_flops_match_the_paper(ratio: float, paper: float) -> None:
     assert count_gflops(timm.create_model(DEIT_S, keep_ratio=ratio)) == pytest.approx(paper, abs=0.05)
 
@@ -375,7 +381,8 @@ def test_masked_attention_fp32_is_within_float_rounding(case: str) -> None:
     fast = value_and_grads(models.masked_attention.masked_attention, *args32, 0.37)
     ref32 = value_and_grads(
         lambda q, k, v, p, s: models.masked_attention.masked_softmax((q * s) @ k.transpose(-2, -1), p) @ v,
-        *args32, 0.37,
+        *args32,
+        0.37,
     )
     torch.testing.assert_close(fast[0], ref32[0], rtol=0, atol=1e-6)
     for name, want, have, ref in zip(["out", "dq", "dk", "dv", "dpolicy"], exact, fast, ref32):

@@ -5,6 +5,7 @@ Checked by hand, not here (the reference implementations' licences keep them out
 eval logits equal youweiliang/evit, facebookresearch/ToMe and JoakimHaurum/TokenReduction's
 Top-K / EViT for the same random DeiT-S and tiny weights (docs/peers.md).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 MICRO = "dynamicvit_micro_patch4_32"  # 64 patch tokens, 4 blocks, pruning_loc (1, 2, 3)
 TINY = "dynamicvit_tiny_patch8_64"  # 64 patch tokens, 8 blocks, pruning_loc (2, 4, 6)
 DEIT_S = "dynamicvit_deit_small_patch16_224"
-PEERS = [dict(variant="evit"), dict(variant="evit", fuse_token=False), dict(variant="topk"),
-         dict(variant="tome", tome_r=6)]
+PEERS = [
+    dict(variant="evit"),
+    dict(variant="evit", fuse_token=False),
+    dict(variant="topk"),
+    dict(variant="tome", tome_r=6),
+]
 
 
 def build(name: str = MICRO, **kwargs) -> models.DynamicVisionTransformer:
@@ -50,8 +55,9 @@ def images(model, batch: int = 4) -> torch.Tensor:
 def mlp_token_counts(model, x: torch.Tensor) -> list[int]:
     """Tokens each block's MLP really processes (CLS included), read by forward hooks."""
     seen: list[int] = []
-    hooks = [block.mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
-             for block in model.blocks]
+    hooks = [
+        block.mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1])) for block in model.blocks
+    ]
     try:
         with torch.no_grad():
             model(x)
@@ -95,19 +101,24 @@ def test_tome_merges_r_per_block_capped_at_half() -> None:
 
 
 # --------------------------------------------------------------------------------- FLOPs
-@pytest.mark.parametrize("kwargs, fvcore", [
-    (dict(variant="evit", keep_ratio=0.7), 3.04),
-    (dict(variant="evit", keep_ratio=0.7, fuse_token=False), 3.00),
-    (dict(variant="tome", tome_r=13), 2.71),
-    (dict(variant="tome", tome_r=8), 3.43),
-    (dict(variant="tome", tome_r=16), 2.30),
-])
+@pytest.mark.parametrize(
+    "kwargs, fvcore",
+    [
+        (dict(variant="evit", keep_ratio=0.7), 3.04),
+        (dict(variant="evit", keep_ratio=0.7, fuse_token=False), 3.00),
+        (dict(variant="tome", tome_r=13), 2.71),
+        (dict(variant="tome", tome_r=8), 3.43),
+        (dict(variant="tome", tome_r=16), 2.30),
+    ],
+)
 def test_deit_s_gflops_match_the_published_fvcore_counts(kwargs: dict, fvcore: float) -> None:
     """Ours counts the matmuls; fvcore's numbers (peers.md) add ~0.006 G of layer norms."""
     assert count_gflops(shapes_only(DEIT_S, **kwargs)) == pytest.approx(fvcore, abs=0.012)
 
 
-@pytest.mark.parametrize("kwargs, total", [(dict(variant="evit", keep_ratio=0.7), 3.04), (dict(variant="tome", tome_r=13), 2.71)])
+@pytest.mark.parametrize(
+    "kwargs, total", [(dict(variant="evit", keep_ratio=0.7), 3.04), (dict(variant="tome", tome_r=13), 2.71)]
+)
 def test_fvcore_sees_the_same_matmuls(kwargs: dict, total: float) -> None:
     """fvcore run on our models: its linear/matmul/conv sum is our count, its total the published one."""
     from fvcore.nn import FlopCountAnalysis
@@ -137,8 +148,15 @@ def test_throughput_is_measured_on_the_reduced_pass() -> None:
 
 
 # ------------------------------------------------------------------ dense equivalence, weights
-@pytest.mark.parametrize("kwargs", [dict(variant="evit", keep_ratio=1.0), dict(variant="evit", keep_ratio=1.0, fuse_token=False),
-                                    dict(variant="topk", keep_ratio=1.0), dict(variant="tome", tome_r=0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(variant="evit", keep_ratio=1.0),
+        dict(variant="evit", keep_ratio=1.0, fuse_token=False),
+        dict(variant="topk", keep_ratio=1.0),
+        dict(variant="tome", tome_r=0),
+    ],
+)
 def test_no_reduction_is_the_dense_model(kwargs: dict) -> None:
     dense = build(variant="dense")
     peer = build(**kwargs)
@@ -228,13 +246,16 @@ def test_kept_positions_for_pictures_are_real_patches() -> None:
 
 
 # -------------------------------------------------------------------------------- config
-@pytest.mark.parametrize("model, field, problem", [
-    ({"variant": "tome"}, "model.tome_r", "the tome variant needs"),
-    ({"variant": "tome", "tome_r": -1}, "model.tome_r", "must be >= 0"),
-    ({"variant": "tome", "tome_r": [1] * 9}, "model.tome_r", "at most 8"),
-    ({"variant": "evit", "tome_r": 4}, "model.tome_r", "applies to the tome variant only"),
-    ({"variant": "topk", "fuse_token": True}, "model.fuse_token", "applies to the evit variant only"),
-])
+@pytest.mark.parametrize(
+    "model, field, problem",
+    [
+        ({"variant": "tome"}, "model.tome_r", "the tome variant needs"),
+        ({"variant": "tome", "tome_r": -1}, "model.tome_r", "must be >= 0"),
+        ({"variant": "tome", "tome_r": [1] * 9}, "model.tome_r", "at most 8"),
+        ({"variant": "evit", "tome_r": 4}, "model.tome_r", "applies to the tome variant only"),
+        ({"variant": "topk", "fuse_token": True}, "model.fuse_token", "applies to the evit variant only"),
+    ],
+)
 def test_misplaced_knobs_are_one_line_naming_the_field(tmp_path: Path, model: dict, field: str, problem: str) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"model": {"name": TINY, **model}}))
@@ -279,7 +300,8 @@ def test_a_peer_trains_and_distils_through_harness_train(tmp_path: Path) -> None
 
     teacher = str(REPO / "checkpoints" / "tiny_teacher_dense.pth")
     config = {
-        "model": {"name": TINY, **model}, "teacher": {"checkpoint": teacher},
+        "model": {"name": TINY, **model},
+        "teacher": {"checkpoint": teacher},
         "data": {"name": "cluttered_mnist", "train_digits": 128, "val_digits": 64, "val_placements": 1},
         "aug": {"auto_augment": None, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "random_erasing": 0.0},
         "optim": {"warmup_epochs": 0, "backbone_lr_scale": 0.1, "backbone_freeze_epochs": 0, "lr_base_batch": 64},
@@ -289,8 +311,9 @@ def test_a_peer_trains_and_distils_through_harness_train(tmp_path: Path) -> None
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, "-m", "harness.train", str(path)], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.train", str(path)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("peers").experiment_id])
@@ -349,22 +372,46 @@ def _fixture_store(tmp: Path) -> str:
     client = MlflowClient(uri)
     experiment_id = client.create_experiment("peers")
     plans = load_and_expand(PEERS_SPEC, scale="tiny", check_files=False).runs
-    invented = {"dense": 66.0, "dynamicvit": 60.0, "evit": 58.0, "evit-unfused": 57.0, "topk": 58.5,
-                "tome": 55.0, "tome-off-shelf": 40.0, "structural": 53.0}
+    invented = {
+        "dense": 66.0,
+        "dynamicvit": 60.0,
+        "evit": 58.0,
+        "evit-unfused": 57.0,
+        "topk": 58.5,
+        "tome": 55.0,
+        "tome-off-shelf": 40.0,
+        "structural": 53.0,
+    }
     for plan in plans:
         if plan.row in ("tr/tome/0.9", "tr/evit/0.5"):
             continue  # shown as missing
         seed = plan.config.train.seed
         acc = invented.get(plan.row, 50.0) + seed * 0.5
         run_id = client.create_run(experiment_id).info.run_id
-        tags = {"spec": "peers", "table": "peer-methods", "row": plan.row, "variant": plan.variant, "scale": "tiny",
-                "stage": plan.stage, "kind": "train", "run_key": plan.key, "fixture": "true"}
+        tags = {
+            "spec": "peers",
+            "table": "peer-methods",
+            "row": plan.row,
+            "variant": plan.variant,
+            "scale": "tiny",
+            "stage": plan.stage,
+            "kind": "train",
+            "run_key": plan.key,
+            "fixture": "true",
+        }
         params = {k: str(v) for k, v in flatten(plan.config.model_dump(exclude={"tracking"})).items()}
         now = int(time.time() * 1000)
-        metrics = [Metric("val/acc1", acc, now, 2), Metric("val/acc1_best", acc, now, 2),
-                   Metric("gflops", 0.04 if plan.variant != "dense" else 0.064, now, 3)]
-        client.log_batch(run_id, metrics=metrics, params=[Param(k, v[:500]) for k, v in params.items()],
-                         tags=[RunTag(k, v) for k, v in tags.items()])
+        metrics = [
+            Metric("val/acc1", acc, now, 2),
+            Metric("val/acc1_best", acc, now, 2),
+            Metric("gflops", 0.04 if plan.variant != "dense" else 0.064, now, 3),
+        ]
+        client.log_batch(
+            run_id,
+            metrics=metrics,
+            params=[Param(k, v[:500]) for k, v in params.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
         client.set_terminated(run_id, "FINISHED")
     return uri
 
@@ -380,13 +427,27 @@ def test_the_peers_report_from_fixture_runs(tmp_path: Path) -> None:
     uri = _fixture_store(tmp_path)
     out = tmp_path / "report"
     papermill.execute_notebook(
-        str(REPO / "analysis" / "peers.ipynb"), str(tmp_path / "peers.ipynb"), kernel_name="python3", cwd=str(REPO),
-        parameters={"tracking_uri": uri, "experiment": "peers", "scale": "tiny", "output_dir": str(out),
-                    "table": "peer-methods", "throughput_batch": 4, "throughput_rounds": 1, "throughput_iters": 1},
-        progress_bar=False, log_output=False,
+        str(REPO / "analysis" / "peers.ipynb"),
+        str(tmp_path / "peers.ipynb"),
+        kernel_name="python3",
+        cwd=str(REPO),
+        parameters={
+            "tracking_uri": uri,
+            "experiment": "peers",
+            "scale": "tiny",
+            "output_dir": str(out),
+            "table": "peer-methods",
+            "throughput_batch": 4,
+            "throughput_rounds": 1,
+            "throughput_iters": 1,
+        },
+        progress_bar=False,
+        log_output=False,
     )
     md = (out / "peers.md").read_text()
-    lines = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ") and "---" not in line}
+    lines = {
+        line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ") and "---" not in line
+    }
     assert "| 79.5 |" in lines["evit"] and "| 60.50 |" in lines["dynamicvit"] and "| 0.50 |" in lines["dynamicvit"]
     assert "| 55.50 |" in lines["tome"] and "| 40.00 |" in lines["tome-off-shelf"]
     keep = pd.read_csv(out / "peers_keep_rates.csv")
@@ -427,21 +488,43 @@ def test_per_method_search_spec_loads_at_both_scales(tmp_path: Path) -> None:
     assert {"method": "tome", "model.tome_r": 11} in paper.section.enqueue
 
 
-@pytest.mark.parametrize("old, new, message", [
-    ("tome: {set: {model.variant: tome}", "tome: {set: {model.variant: evit}",
-     "search.methods.tome.space.model.tome_r: applies to the tome variant only"),
-    ("model.fuse_token: true}", "model.fuse_tokn: true}", "search.methods.evit.set.model.fuse_tokn: unknown key (did you mean 'fuse_token'?)"),
-    ("space: {model.keep_ratio: {low: 0.4, high: 0.95}}}\n    topk", "space: {model.keep_ratio: {low: 0.4, high: 1.5}}}\n    topk",
-     "search.methods.evit.space.model.keep_ratio: high 1.5 makes the run invalid"),
-    ("- {method: topk, model.keep_ratio: 0.69}", "- {method: topk, model.tome_r: 3}", "search.enqueue: [2] model.tome_r is not a key of the space"),
-])
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        (
+            "tome: {set: {model.variant: tome}",
+            "tome: {set: {model.variant: evit}",
+            "search.methods.tome.space.model.tome_r: applies to the tome variant only",
+        ),
+        (
+            "model.fuse_token: true}",
+            "model.fuse_tokn: true}",
+            "search.methods.evit.set.model.fuse_tokn: unknown key (did you mean 'fuse_token'?)",
+        ),
+        (
+            "space: {model.keep_ratio: {low: 0.4, high: 0.95}}}\n    topk",
+            "space: {model.keep_ratio: {low: 0.4, high: 1.5}}}\n    topk",
+            "search.methods.evit.space.model.keep_ratio: high 1.5 makes the run invalid",
+        ),
+        (
+            "- {method: topk, model.keep_ratio: 0.69}",
+            "- {method: topk, model.tome_r: 3}",
+            "search.enqueue: [2] model.tome_r is not a key of the space",
+        ),
+    ],
+)
 def test_bad_per_method_searches_are_one_line_each(tmp_path: Path, old: str, new: str, message: str) -> None:
     spec = (REPO / SEARCH_SPEC).read_text()
     assert old in spec
     path = tmp_path / "search.yaml"
     path.write_text(spec.replace(old, new, 1))
-    result = subprocess.run([sys.executable, "-m", "harness.search", str(path), "--dry-run"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.search", str(path), "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stdout
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"{path}: ") and message in line
@@ -461,9 +544,18 @@ def test_a_trial_draws_a_method_then_its_own_knob(tmp_path: Path) -> None:
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(section.sampler, 0, True))
     for point in section.enqueue:
         study.enqueue_trial(section.optuna_point(point))
-    setup = WorkerSetup(study="s", storage=None, section=section, config=plan.run.config.model_dump(),  # type: ignore[arg-type]
-                        study_dir=str(tmp_path), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment_id="0",
-                        parent_run_id="p", tags={"kind": "trial"}, threads=1)
+    setup = WorkerSetup(
+        study="s",
+        storage=None,
+        section=section,
+        config=plan.run.config.model_dump(),  # type: ignore[arg-type]
+        study_dir=str(tmp_path),
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        experiment_id="0",
+        parent_run_id="p",
+        tags={"kind": "trial"},
+        threads=1,
+    )
     objective = TrialObjective(setup, study, "w")
     seen = []
     for number in range(12):
@@ -493,25 +585,55 @@ def test_per_method_fronts_notebook_from_fixture_trials(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path}/study.db"
     study = optuna.create_study(study_name="fixture", storage=storage, directions=["maximize", "minimize"])
     methods = CategoricalDistribution(["dynamicvit", "evit", "topk", "tome"])
-    invented = [("evit", 0.5, 52.0, 0.033), ("evit", 0.7, 57.0, 0.042), ("evit", 0.6, 50.0, 0.038),
-                ("topk", 0.7, 58.0, 0.042), ("dynamicvit", 0.7, 60.0, 0.0414), ("tome", 5, 54.0, 0.041)]
+    invented = [
+        ("evit", 0.5, 52.0, 0.033),
+        ("evit", 0.7, 57.0, 0.042),
+        ("evit", 0.6, 50.0, 0.038),
+        ("topk", 0.7, 58.0, 0.042),
+        ("dynamicvit", 0.7, 60.0, 0.0414),
+        ("tome", 5, 54.0, 0.041),
+    ]
     for method, knob, acc, cost in invented:
-        key, dist = (("tome:model.tome_r", IntDistribution(1, 12)) if method == "tome"
-                     else (f"{method}:model.keep_ratio", FloatDistribution(0.4, 0.95)))
-        study.add_trial(optuna.trial.create_trial(
-            params={"method": method, key: knob}, distributions={"method": methods, key: dist},
-            values=[acc, cost], user_attrs={"val/acc1": acc, "gflops": cost}))
+        key, dist = (
+            ("tome:model.tome_r", IntDistribution(1, 12))
+            if method == "tome"
+            else (f"{method}:model.keep_ratio", FloatDistribution(0.4, 0.95))
+        )
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"method": method, key: knob},
+                distributions={"method": methods, key: dist},
+                values=[acc, cost],
+                user_attrs={"val/acc1": acc, "gflops": cost},
+            )
+        )
     out = tmp_path / "report"
     papermill.execute_notebook(
-        str(REPO / "analysis" / "peers_search.ipynb"), str(tmp_path / "nb.ipynb"), kernel_name="python3", cwd=str(REPO),
-        parameters={"storage": storage, "study_name": "fixture", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
-                    "experiment": "search_peers", "scale": "tiny", "output_dir": str(out)},
-        progress_bar=False, log_output=False)
+        str(REPO / "analysis" / "peers_search.ipynb"),
+        str(tmp_path / "nb.ipynb"),
+        kernel_name="python3",
+        cwd=str(REPO),
+        parameters={
+            "storage": storage,
+            "study_name": "fixture",
+            "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "experiment": "search_peers",
+            "scale": "tiny",
+            "output_dir": str(out),
+        },
+        progress_bar=False,
+        log_output=False,
+    )
     md = (out / "peers_search.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and "method" not in line and "---" not in line]
     fronts = {(r.split("|")[1].strip(), r.split("|")[3].strip()) for r in rows}
-    assert fronts == {("evit", "keep_ratio 0.5"), ("evit", "keep_ratio 0.7"), ("topk", "keep_ratio 0.7"),
-                      ("dynamicvit", "keep_ratio 0.7"), ("tome", "tome_r 5")}  # evit 0.6 is dominated
+    assert fronts == {
+        ("evit", "keep_ratio 0.5"),
+        ("evit", "keep_ratio 0.7"),
+        ("topk", "keep_ratio 0.7"),
+        ("dynamicvit", "keep_ratio 0.7"),
+        ("tome", "tome_r 5"),
+    }  # evit 0.6 is dominated
     overall = {r.split("|")[3].strip() + " " + r.split("|")[1].strip() for r in rows if r.rstrip().endswith("yes |")}
     assert overall == {"keep_ratio 0.5 evit", "tome_r 5 tome", "keep_ratio 0.7 dynamicvit"}
     assert (out / "peers_search_fronts.png").stat().st_size > 10_000

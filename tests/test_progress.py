@@ -1,6 +1,7 @@
 """Live progress while a launch waits (issue 23, point 1): what the runs record in MLflow, shown as
 plain lines in a log (a real local launch, stdout and stderr a pipe), redrawn in place on a
 terminal, and as `harness.status` columns."""
+
 from __future__ import annotations
 
 import io
@@ -11,7 +12,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -25,7 +25,9 @@ from tests.test_launch import MINI
 
 REPO = Path(__file__).resolve().parents[1]
 LINE_S = 1.0  # DVIT_PROGRESS_LINE_S in the launch below (60 s by default)
-POLL_S = 0.5  # DVIT_PROGRESS_POLL_S: MLflow read often enough that the run is seen while it trains, on a fast machine too
+POLL_S = (
+    0.5  # DVIT_PROGRESS_POLL_S: MLflow read often enough that the run is seen while it trains, on a fast machine too
+)
 
 
 def spec_file(tmp: Path, teacher_only: bool) -> Path:
@@ -45,11 +47,22 @@ def test_a_local_launch_logs_progress_lines_while_its_run_trains(tmp_path: Path)
     with the running run's epoch, step of the total and ETA, before the run ends; then the load."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(PYTHONPATH=str(REPO), DVIT_PROGRESS_LINE_S=str(LINE_S), DVIT_PROGRESS_POLL_S=str(POLL_S))
-    command = [sys.executable, "-m", "harness.launch", str(spec_file(tmp_path, teacher_only=True)), "--executor",
-               "local", "--output-root", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    command = [
+        sys.executable,
+        "-m",
+        "harness.launch",
+        str(spec_file(tmp_path, teacher_only=True)),
+        "--executor",
+        "local",
+        "--output-root",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+    ]
     lines: list[tuple[float, str]] = []
-    with subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as launch:
+    with subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as launch:
         assert launch.stdout is not None
         for line in launch.stdout:
             lines.append((time.monotonic(), line.rstrip("\n")))
@@ -64,26 +77,57 @@ def test_a_local_launch_logs_progress_lines_while_its_run_trains(tmp_path: Path)
 
     started, _ = first(r"^teacher/teacher: running \(0 finished, 1 running, 0 queued, 0 failed\)$")
     ended, _ = first(r"^teacher/teacher: finished after \d+:\d\d \(1 finished, 0 running, 0 queued, 0 failed\)$")
-    midway = [(when, line) for when, line in lines if re.search(
-        r"^progress: teacher: 0 finished, 1 running, 0 queued, 0 failed \| teacher/teacher epoch [12]/2 "
-        r"step ([1-9]|[12]\d|3[01])/32 ETA \d+:\d\d$", line)]
+    midway = [
+        (when, line)
+        for when, line in lines
+        if re.search(
+            r"^progress: teacher: 0 finished, 1 running, 0 queued, 0 failed \| teacher/teacher epoch [12]/2 "
+            r"step ([1-9]|[12]\d|3[01])/32 ETA \d+:\d\d$",
+            line,
+        )
+    ]
     assert midway and started <= midway[0][0] < ended, text  # seen while it trains, not only at the end
     progress = [when for when, line in lines if line.startswith("progress: teacher:")]
     gaps = [b - a for a, b in zip(progress, progress[1:])]
     assert len(progress) >= 3 and min(gaps) >= LINE_S - 0.5, (gaps, text)  # never more often than every LINE_S
-    (load,) = [float(m.group(1)) for m in re.finditer(r"^progress: waited \d+:\d\d; the waiting loop used "
-                                                       r"(\d+\.\d\d)% of a core$", text, re.M)]
+    (load,) = [
+        float(m.group(1))
+        for m in re.finditer(
+            r"^progress: waited \d+:\d\d; the waiting loop used "
+            r"(\d+\.\d\d)% of a core$",
+            text,
+            re.M,
+        )
+    ]
     assert load < 5.0, text  # (the README's number is measured at the default intervals)
     (summary,) = [when for when, line in lines if line.startswith("mini (tiny): 1 submitted, 0 skipped")]
     assert summary >= ended  # the launch's own end comes after the run's
 
 
-def add_run(client: MlflowClient, experiment: str, parent: str, key: str, name: str, steps_per_epoch: int,
-            points: list[tuple[int, int]], epochs_done: int, started_ms: int) -> str:
+def add_run(
+    client: MlflowClient,
+    experiment: str,
+    parent: str,
+    key: str,
+    name: str,
+    steps_per_epoch: int,
+    points: list[tuple[int, int]],
+    epochs_done: int,
+    started_ms: int,
+) -> str:
     """A launched run as the engine records it: tags, `train/loss_step` (step, time) points, `epoch_time_s`."""
-    run = client.create_run(experiment, run_name=name, start_time=started_ms, tags={
-        "kind": "train", "scale": "tiny", "run_key": key, "mlflow.parentRunId": parent,
-        "steps_per_epoch": str(steps_per_epoch)})
+    run = client.create_run(
+        experiment,
+        run_name=name,
+        start_time=started_ms,
+        tags={
+            "kind": "train",
+            "scale": "tiny",
+            "run_key": key,
+            "mlflow.parentRunId": parent,
+            "steps_per_epoch": str(steps_per_epoch),
+        },
+    )
     metrics = [Metric("train/loss_step", 1.0, ms, step) for step, ms in points]
     metrics += [Metric("epoch_time_s", 20.0, started_ms + 20_000 * (e + 1), e) for e in range(epochs_done)]
     if metrics:
@@ -92,7 +136,8 @@ def add_run(client: MlflowClient, experiment: str, parent: str, key: str, name: 
 
 
 def test_the_watch_and_status_show_each_running_runs_epoch_step_and_eta(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Read from a real MLflow store: per stage finished / running / queued / failed, then each running
     run's epoch, step of the total and ETA; redrawn in place on a terminal, lines in a log; status columns."""
     monkeypatch.chdir(tmp_path)
@@ -103,12 +148,22 @@ def test_the_watch_and_status_show_each_running_runs_epoch_step_and_eta(
     experiment = client.create_experiment("mini")
     parent = client.create_run(experiment, tags={"kind": "launch"}).info.run_id
     now = int(time.time() * 1000)
-    teacher = add_run(client, experiment, parent, plans["teacher"].key, "teacher/teacher", 8,
-                      [(15, now - 60_000)], 2, now - 100_000)
+    teacher = add_run(
+        client, experiment, parent, plans["teacher"].key, "teacher/teacher", 8, [(15, now - 60_000)], 2, now - 100_000
+    )
     client.set_terminated(teacher, "FINISHED")
     # 10 of 16 steps done in 40 s since its start: 6 steps left at 0.25 steps/s, the last point 4 s ago
-    dynamic = add_run(client, experiment, parent, plans["dynamic"].key, "students/dynamic", 8,
-                      [(0, now - 44_000), (9, now - 4_000)], 1, now - 44_000)
+    dynamic = add_run(
+        client,
+        experiment,
+        parent,
+        plans["dynamic"].key,
+        "students/dynamic",
+        8,
+        [(0, now - 44_000), (9, now - 4_000)],
+        1,
+        now - 44_000,
+    )
     client.update_run(dynamic, "RUNNING")
     expected = [Expected(p.stage, p.name, p.key, p.config.train.epochs) for p in plans.values()]
 
@@ -133,8 +188,11 @@ def test_the_watch_and_status_show_each_running_runs_epoch_step_and_eta(
     client.set_terminated(dynamic, "FAILED")
     in_a_log.tick(force=True)
     first, change = log.getvalue().splitlines()
-    assert re.fullmatch(r"progress: teacher: 1 finished, 0 running, 0 queued, 0 failed; students: 0 finished, "
-                        r"1 running, 1 queued, 0 failed \| students/dynamic epoch 2/2 step 10/16 ETA 0:(20|1\d)", first)
+    assert re.fullmatch(
+        r"progress: teacher: 1 finished, 0 running, 0 queued, 0 failed; students: 0 finished, "
+        r"1 running, 1 queued, 0 failed \| students/dynamic epoch 2/2 step 10/16 ETA 0:(20|1\d)",
+        first,
+    )
     assert re.fullmatch(r"students/dynamic: failed after 0:4\d \(0 finished, 0 running, 1 queued, 1 failed\)", change)
 
     client.update_run(dynamic, "RUNNING")

@@ -9,6 +9,7 @@
 - A learned selector trained at the tiny scale's settings ends training on the token fractions it
   is tested on (the design criterion), at a cut-down size of the same regime.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,9 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
-import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -33,20 +32,41 @@ EXPERIMENT, TABLE = "table3", "sparsification-strategies"
 TESTED = (0.6875, 0.484375, 0.328125)  # 44 / 31 / 21 of 64 tokens: what top-k keeps at rho 0.7
 
 
-def _run(client: MlflowClient, experiment_id: str, *, row: str, variant: str, seed: int, acc1: float,
-         trained: Optional[tuple[float, ...]] = None, scale: str = "tiny") -> str:
+def _run(
+    client: MlflowClient,
+    experiment_id: str,
+    *,
+    row: str,
+    variant: str,
+    seed: int,
+    acc1: float,
+    trained: tuple[float, ...] | None = None,
+    scale: str = "tiny",
+) -> str:
     """A FIXTURE training run as the launcher and engine log it (tags, params, final metrics)."""
     run_id = client.create_run(experiment_id).info.run_id
-    tags = {"spec": EXPERIMENT, "table": TABLE, "row": row, "variant": variant, "scale": scale, "kind": "train",
-            "stage": "students", "run_key": f"{row}-{seed}-{scale}"}
+    tags = {
+        "spec": EXPERIMENT,
+        "table": TABLE,
+        "row": row,
+        "variant": variant,
+        "scale": scale,
+        "kind": "train",
+        "stage": "students",
+        "run_key": f"{row}-{seed}-{scale}",
+    }
     params = {"model.variant": variant, "model.keep_ratio": "0.7", "train.seed": str(seed)}
     now = int(time.time() * 1000)
     values = {"val/acc1": acc1, "val/acc1_best": acc1, "gflops": 0.0414, "throughput_img_s": 2500.0}
     if trained is not None:  # a selecting variant: the engine logs both, per stage
         values.update({f"train/keep_stage{s + 1}": f for s, f in enumerate(trained)})
-        values.update({f"val/keep_stage{s + 1}": f for s, f in enumerate(TESTED[:len(trained)])})
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 2) for k, v in values.items()],
-                     params=[Param(k, v) for k, v in params.items()], tags=[RunTag(k, v) for k, v in tags.items()])
+        values.update({f"val/keep_stage{s + 1}": f for s, f in enumerate(TESTED[: len(trained)])})
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, v, now, 2) for k, v in values.items()],
+        params=[Param(k, v) for k, v in params.items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
     client.set_terminated(run_id, "FINISHED")
     return run_id
 
@@ -60,8 +80,7 @@ def proxy_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, MlflowCli
     for seed, acc in enumerate([70.0, 71.0, 72.0]):  # mean 71, sd 1: the 95% interval is 4.303 / sqrt(3)
         add(row="a/dynamic", variant="dynamic", seed=seed, acc1=acc, trained=(0.70, 0.49, 0.34))
     for seed, acc in enumerate([60.0, 60.5, 61.0]):  # one seed trained off its target: 0.62 against 0.6875
-        add(row="a/static", variant="static", seed=seed, acc1=acc,
-            trained=(0.62 if seed == 1 else 0.69, 0.48, 0.33))
+        add(row="a/static", variant="static", seed=seed, acc1=acc, trained=(0.62 if seed == 1 else 0.69, 0.48, 0.33))
     for seed, acc in enumerate([65.0, 65.0, 65.0]):
         add(row="a/structural", variant="structural", seed=seed, acc1=acc)
     add(row="b/attention", variant="attention", seed=0, acc1=72.5, trained=(0.6875, 0.484375, 0.328125))
@@ -70,7 +89,9 @@ def proxy_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, MlflowCli
     return uri, client
 
 
-def test_the_tiny_table_gives_seeds_intervals_keep_fractions_and_orderings(proxy_runs: tuple[str, MlflowClient]) -> None:
+def test_the_tiny_table_gives_seeds_intervals_keep_fractions_and_orderings(
+    proxy_runs: tuple[str, MlflowClient],
+) -> None:
     uri, _ = proxy_runs
     table = tables.build_table(collect.collect_runs(uri, EXPERIMENT, scale="tiny"), TABLE)
     by_row = table.set_index("row")
@@ -132,8 +153,11 @@ def _train_tiny_dynamic(tmp: Path, name: str, overrides: dict[str, object]) -> d
 
     from harness.spec import load_and_expand
 
-    plan = next(r for r in load_and_expand(str(REPO / "experiments" / "table3.yaml"), scale="tiny").runs
-                if r.name.startswith("dynamic"))
+    plan = next(
+        r
+        for r in load_and_expand(str(REPO / "experiments" / "table3.yaml"), scale="tiny").runs
+        if r.name.startswith("dynamic")
+    )
     cfg = plan.config.model_dump(mode="json")
     cfg["train"].update(init_from=str(TEACHER), batch_size=32)
     cfg["teacher"] = {"checkpoint": str(TEACHER), "run_dir": None, "model": None}
@@ -143,12 +167,17 @@ def _train_tiny_dynamic(tmp: Path, name: str, overrides: dict[str, object]) -> d
         section, key = dotted.split(".")
         cfg[section][key] = value
     cfg["output_dir"] = str(tmp / name)
-    cfg["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "proxy", "visualize_images": 0,
-                       "log_checkpoint": False}
+    cfg["tracking"] = {
+        "uri": f"sqlite:///{tmp}/mlflow.db",
+        "experiment": "proxy",
+        "visualize_images": 0,
+        "log_checkpoint": False,
+    }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    result = subprocess.run([sys.executable, "-m", "harness.train", str(path)], cwd=REPO, capture_output=True,
-                            text=True)  # bounded by pytest's own timeout
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.train", str(path)], cwd=REPO, capture_output=True, text=True
+    )  # bounded by pytest's own timeout
     if result.returncode != 0:  # not an AssertionError: a broken run must not count as the expected failure
         raise RuntimeError(result.stderr[-3000:])
     return json.loads((tmp / name / "result.json").read_text())["metrics"]
@@ -162,14 +191,20 @@ def test_the_ratio_loss_alone_brings_the_selector_to_its_test_time_fractions(tmp
     """The method's part of the criterion: the official ratio loss, predictor and Gumbel reach the
     top-k fractions (0.69 / 0.48 / 0.33) within 0.03 in the tiny scale's 93 updates when nothing
     pulls against them (the README's probe, `losses={cls: 0, kl: 0, token: 0}`)."""
-    metrics = _train_tiny_dynamic(tmp_path, "ratio-alone", {"losses.cls": {"weight": 0.0},
-                                                            "losses.kl": {"weight": 0.0},
-                                                            "losses.token": {"weight": 0.0}})
+    metrics = _train_tiny_dynamic(
+        tmp_path,
+        "ratio-alone",
+        {"losses.cls": {"weight": 0.0}, "losses.kl": {"weight": 0.0}, "losses.token": {"weight": 0.0}},
+    )
     assert max(_gaps(metrics)) <= tables.KEEP_TOLERANCE, metrics
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 21 point 1 is not met at the tiny scale (docs/tiny-scale.md): "
-                   "with the task losses on, the selectors are pulled away from their targets")
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="issue 21 point 1 is not met at the tiny scale (docs/tiny-scale.md): "
+    "with the task losses on, the selectors are pulled away from their targets",
+)
 def test_the_full_loss_brings_the_selector_to_its_test_time_fractions(tmp_path: Path) -> None:
     """Point 1 itself, at the tiny scale's settings (cut down as above). Expected to fail until the
     proxy's design meets the criterion; strict, so that the day it passes the mark must go."""

@@ -4,6 +4,7 @@ of harness/optim.py), and the paper-scale specs that use them.
 Sources (raoyongming/DynamicViT): 2021 = main_dynamic_vit.py / samplers.py / engine.py of the
 parent of commit dd32af9; HEAD = main.py, utils.py (cosine_scheduler), optim_factory.py, engine.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,10 +54,12 @@ def official_2021_lrs(step: int) -> tuple[float, float]:
 
 def paper_config(recipe: str) -> RunConfig:
     """The DeiT-S/0.7 student of table1.yaml at the paper scale under `recipe` (data root faked)."""
-    return RunConfig.model_validate({
-        "recipe": recipe,
-        "model": {"name": "dynamicvit_deit_small_patch16_224", "keep_ratio": 0.7},
-    })
+    return RunConfig.model_validate(
+        {
+            "recipe": recipe,
+            "model": {"name": "dynamicvit_deit_small_patch16_224", "keep_ratio": 0.7},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +71,13 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {group["name"]: group["lr"] for group in optimizer.param_groups}
 
 
-@pytest.mark.parametrize("recipe, official, per_gpu", [
-    ("dynamicvit-tpami", official_tpami_lrs, 128),
-    ("dynamicvit-2021", official_2021_lrs, 96),
-])
+@pytest.mark.parametrize(
+    "recipe, official, per_gpu",
+    [
+        ("dynamicvit-tpami", official_tpami_lrs, 128),
+        ("dynamicvit-2021", official_2021_lrs, 96),
+    ],
+)
 def test_every_groups_lr_at_every_step_is_the_official_one(deit_s, recipe, official, per_gpu) -> None:
     cfg = paper_config(recipe)
     assert cfg.train.batch_size == per_gpu
@@ -120,9 +126,13 @@ def expected_groups_tpami(name: str, param: torch.nn.Parameter) -> str:
     return "no_decay" if len(param.shape) == 1 or name.endswith(".bias") else "decay"
 
 
-@pytest.mark.parametrize("recipe, expected", [
-    ("dynamicvit-2021", expected_groups_2021), ("dynamicvit-tpami", expected_groups_tpami),
-])
+@pytest.mark.parametrize(
+    "recipe, expected",
+    [
+        ("dynamicvit-2021", expected_groups_2021),
+        ("dynamicvit-tpami", expected_groups_tpami),
+    ],
+)
 def test_weight_decay_and_frozen_parameters_by_name_on_deit_s(recipe, expected) -> None:
     model = timm.create_model("dynamicvit_deit_small_patch16_224", keep_ratio=0.7)
     cfg = paper_config(recipe)
@@ -161,8 +171,9 @@ def test_ema_decay_and_repeated_augmentation_follow_the_recipe() -> None:
 
 
 def test_an_explicit_value_beats_the_recipe_and_the_dump_round_trips() -> None:
-    cfg = RunConfig.model_validate({"recipe": "dynamicvit-2021", "train": {"ema": None, "batch_size": 64},
-                                    "losses": {"kl": {"enabled": False}}})
+    cfg = RunConfig.model_validate(
+        {"recipe": "dynamicvit-2021", "train": {"ema": None, "batch_size": 64}, "losses": {"kl": {"enabled": False}}}
+    )
     assert cfg.train.ema is None and cfg.train.batch_size == 64 and cfg.train.precision == "fp16"
     assert cfg.losses.kl.weight == 0.5 and not cfg.losses.kl.active
     again = RunConfig.model_validate(cfg.model_dump())
@@ -222,35 +233,58 @@ def test_the_paper_specs_use_the_2021_recipe_and_switch_with_one_override(tmp_pa
     data = f"scales.paper.data.root={root}"
     for spec in ("table1", "table3", "losses"):
         expanded = load_and_expand(str(REPO / "experiments" / f"{spec}.yaml"), [data], scale="paper")
-        students = [r for r in expanded.runs if r.config.model.variant != "dense"
-                    and r.config.model.name == "dynamicvit_deit_small_patch16_224"]
+        students = [
+            r
+            for r in expanded.runs
+            if r.config.model.variant != "dense" and r.config.model.name == "dynamicvit_deit_small_patch16_224"
+        ]
         assert students, spec
         for run in students:
             cfg = run.config
             assert cfg.recipe == "dynamicvit-2021" and cfg.train.batch_size == 96, (spec, run.name)
             assert (cfg.optim.lr, cfg.optim.lr_base_batch, cfg.optim.sched) == (5e-4, 512, "epoch")
             assert (cfg.train.precision, cfg.train.ema, cfg.train.repeated_aug) == ("fp16", 0.99996, True)
-        switched = load_and_expand(str(REPO / "experiments" / f"{spec}.yaml"),
-                                   [data, "scales.paper.recipe=dynamicvit-tpami"], scale="paper")
+        switched = load_and_expand(
+            str(REPO / "experiments" / f"{spec}.yaml"), [data, "scales.paper.recipe=dynamicvit-tpami"], scale="paper"
+        )
         for run in switched.runs:
             if run.config.model.variant != "dense" and run.config.model.name == "dynamicvit_deit_small_patch16_224":
                 cfg = run.config
-                assert (cfg.recipe, cfg.train.batch_size, cfg.optim.lr, cfg.optim.lr_base_batch) == \
-                       ("dynamicvit-tpami", 128, 1e-3, None)
+                assert (cfg.recipe, cfg.train.batch_size, cfg.optim.lr, cfg.optim.lr_base_batch) == (
+                    "dynamicvit-tpami",
+                    128,
+                    1e-3,
+                    None,
+                )
                 assert (cfg.train.precision, cfg.train.ema, cfg.optim.sched) == ("fp32", 0.9999, "step")
-    base = [r for r in load_and_expand(str(REPO / "experiments" / "table1.yaml"), [data], scale="paper").runs
-            if r.stage == "students_base"]
-    assert [(r.config.recipe, r.config.model.drop_path, r.config.losses.ratio.weight) for r in base] == \
-           [("dynamicvit-tpami", 0.2, 5.0)]
+    base = [
+        r
+        for r in load_and_expand(str(REPO / "experiments" / "table1.yaml"), [data], scale="paper").runs
+        if r.stage == "students_base"
+    ]
+    assert [(r.config.recipe, r.config.model.drop_path, r.config.losses.ratio.weight) for r in base] == [
+        ("dynamicvit-tpami", 0.2, 5.0)
+    ]
 
 
 def test_dry_run_shows_the_recipe_of_every_run(tmp_path: Path) -> None:
     root = tmp_path / "imagenet"
     root.mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "harness.launch", "experiments/table1.yaml", "--scale", "paper", "--dry-run",
-         f"scales.paper.data.root={root}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "harness.launch",
+            "experiments/table1.yaml",
+            "--scale",
+            "paper",
+            "--dry-run",
+            f"scales.paper.data.root={root}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if "rho0.7" in line or "students_base" in line]

@@ -5,6 +5,7 @@ Everything goes through the real commands as subprocesses (`python -m harness.la
 `.train`, `.cancel`, `analysis.report`), against real SQLite stores, a real closed port and a real
 socket that never answers; the SLURM tests (marked `slurm`) use the real local cluster.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,9 +19,10 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import pytest
 import yaml
@@ -34,13 +36,15 @@ CASE_TIMEOUT_S = 8  # per bad-input case, fixtures included: the test's hard sto
 NOTEBOOKS = ["analysis/table3.ipynb"]  # a notebook that exists (the report checks notebooks first)
 
 
-def cli(module: str, *args: str, cwd: Path, env: Optional[dict[str, str]] = None,
-        timeout: float = 60) -> subprocess.CompletedProcess:
+def cli(
+    module: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     full_env["PYTHONPATH"] = str(REPO)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 def spec_dict(**changes: Any) -> dict[str, Any]:
@@ -89,22 +93,44 @@ class Ctx:
         return str(write(self.tmp / "spec.yaml", spec_dict(**changes)))
 
     def launch(self, spec: str, *extra: str) -> list[str]:
-        return ["harness.launch", spec, "--executor", "local", "--output-root", str(self.tmp / "runs"),
-                "--tracking-uri", self.db, *extra]
+        return [
+            "harness.launch",
+            spec,
+            "--executor",
+            "local",
+            "--output-root",
+            str(self.tmp / "runs"),
+            "--tracking-uri",
+            self.db,
+            *extra,
+        ]
 
     def search_spec(self) -> str:
         """A tiny search spec whose tiny scale sets train.epochs and search.trials again."""
         spec = search_spec_dict()
         return str(write(self.tmp / "search.yaml", spec))
 
-    def search(self, spec: str, *extra: str, root: Optional[Path] = None) -> list[str]:
-        return ["harness.search", spec, "--executor", "local", "--output-root", str(root or self.tmp / "runs"),
-                "--tracking-uri", self.db, *extra]
+    def search(self, spec: str, *extra: str, root: Path | None = None) -> list[str]:
+        return [
+            "harness.search",
+            spec,
+            "--executor",
+            "local",
+            "--output-root",
+            str(root or self.tmp / "runs"),
+            "--tracking-uri",
+            self.db,
+            *extra,
+        ]
 
     def train_cfg(self, **changes: Any) -> str:
-        cfg: dict[str, Any] = {"model": {"name": "dynamicvit_micro_patch4_32", "variant": "dense"},
-                               "data": {"name": "synthetic"}, "train": {"epochs": 1},
-                               "output_dir": str(self.tmp / "run"), "tracking": {"uri": self.db}}
+        cfg: dict[str, Any] = {
+            "model": {"name": "dynamicvit_micro_patch4_32", "variant": "dense"},
+            "data": {"name": "synthetic"},
+            "train": {"epochs": 1},
+            "output_dir": str(self.tmp / "run"),
+            "tracking": {"uri": self.db},
+        }
         for dotted, value in changes.items():
             node = cfg
             *parents, leaf = dotted.split("/")
@@ -164,6 +190,7 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
         def register(fn: Callable[[Ctx], Built]) -> Callable[[Ctx], Built]:
             cases.append((name, fn))
             return fn
+
         return register
 
     # -- the spec file itself (item 8)
@@ -194,7 +221,12 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
     @case("spec-under-a-file")
     def _(c: Ctx) -> Built:
         write(c.tmp / "plain", "x")
-        return c.launch(str(c.tmp / "plain/spec.yaml")), 2, str(c.tmp / "plain/spec.yaml"), "cannot be read (Not a directory)"
+        return (
+            c.launch(str(c.tmp / "plain/spec.yaml")),
+            2,
+            str(c.tmp / "plain/spec.yaml"),
+            "cannot be read (Not a directory)",
+        )
 
     @case("spec-too-large")
     def _(c: Ctx) -> Built:
@@ -224,18 +256,30 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
     # -- names are names, never paths (item 2)
     @case("variant-name-escapes-root")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(**{"stages/students/runs/variants/0/name": "../../../../victim"})), 2,
-                str(c.tmp / "spec.yaml"), "stages.students.runs.variants[0].name: must be")
+        return (
+            c.launch(c.spec(**{"stages/students/runs/variants/0/name": "../../../../victim"})),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "stages.students.runs.variants[0].name: must be",
+        )
 
     @case("variant-name-dotdot")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(**{"stages/students/runs/variants/1/name": ".."})), 2,
-                str(c.tmp / "spec.yaml"), "variants[1].name: must be")
+        return (
+            c.launch(c.spec(**{"stages/students/runs/variants/1/name": ".."})),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "variants[1].name: must be",
+        )
 
     @case("variant-name-too-long")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(**{"stages/students/runs/variants/1/name": "v" * 101})), 2,
-                str(c.tmp / "spec.yaml"), "variants[1].name: must be 1-100")
+        return (
+            c.launch(c.spec(**{"stages/students/runs/variants/1/name": "v" * 101})),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "variants[1].name: must be 1-100",
+        )
 
     @case("stage-name-is-a-path")
     def _(c: Ctx) -> Built:
@@ -256,9 +300,13 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
     # -- command-line overrides take effect or are refused (item 6)
     @case("override-shadowed-by-scale")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(), "base.train.epochs=3"), 2, str(c.tmp / "spec.yaml"),
-                "base.train.epochs: has no effect on any run: scales.tiny sets train.epochs = 1 after it; override "
-                "scales.tiny.train.epochs instead")
+        return (
+            c.launch(c.spec(), "base.train.epochs=3"),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "base.train.epochs: has no effect on any run: scales.tiny sets train.epochs = 1 after it; override "
+            "scales.tiny.train.epochs instead",
+        )
 
     @case("override-shadowed-and-invalid")
     def _(c: Ctx) -> Built:
@@ -266,13 +314,21 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
 
     @case("override-run-key-invalid")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(), "train.epochs=abc"), 2, str(c.tmp / "spec.yaml"),
-                "train.epochs (command line): Input should be a valid integer")
+        return (
+            c.launch(c.spec(), "train.epochs=abc"),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "train.epochs (command line): Input should be a valid integer",
+        )
 
     @case("override-run-key-out-of-range")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(), "model.keep_ratio=2"), 2, str(c.tmp / "spec.yaml"),
-                "model.keep_ratio (command line): Input should be less than or equal to 1")
+        return (
+            c.launch(c.spec(), "model.keep_ratio=2"),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "model.keep_ratio (command line): Input should be less than or equal to 1",
+        )
 
     @case("override-batch-zero")
     def _(c: Ctx) -> Built:
@@ -296,24 +352,40 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
 
     @case("override-output-dir")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(), "output_dir=/tmp/elsewhere"), 2, str(c.tmp / "spec.yaml"),
-                "output_dir (command line): cannot be overridden")
+        return (
+            c.launch(c.spec(), "output_dir=/tmp/elsewhere"),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "output_dir (command line): cannot be overridden",
+        )
 
     @case("override-experiment-name")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(), "tracking.experiment=other"), 2, str(c.tmp / "spec.yaml"),
-                "tracking.experiment (command line): cannot be overridden")
+        return (
+            c.launch(c.spec(), "tracking.experiment=other"),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "tracking.experiment (command line): cannot be overridden",
+        )
 
     @case("override-init-from-derived")
     def _(c: Ctx) -> Built:
         write(c.tmp / "other/model.pth", b"\x80\x02")  # fine for the teacher, whose init_from is not derived
-        return (c.launch(c.spec(), f"train.init_from={c.tmp / 'other'}"), 2, str(c.tmp / "spec.yaml"),
-                "train.init_from (command line): cannot be overridden")
+        return (
+            c.launch(c.spec(), f"train.init_from={c.tmp / 'other'}"),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "train.init_from (command line): cannot be overridden",
+        )
 
     @case("empty-grid-drops-a-stage")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(), "stages.students.runs.grid={train.seed: []}"), 2, str(c.tmp / "spec.yaml"),
-                "stages.students.runs.grid.train.seed: an empty list expands to no runs")
+        return (
+            c.launch(c.spec(), "stages.students.runs.grid={train.seed: []}"),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "stages.students.runs.grid.train.seed: an empty list expands to no runs",
+        )
 
     @case("unknown-scale")
     def _(c: Ctx) -> Built:
@@ -322,97 +394,175 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
     # -- files a spec names are checked before anything runs (item 7)
     @case("pretrained-missing")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(**{"stages/teacher/model.pretrained": str(c.tmp / "none.pth")})), 2,
-                str(c.tmp / "spec.yaml"), "stages.teacher.model.pretrained: no such file")
+        return (
+            c.launch(c.spec(**{"stages/teacher/model.pretrained": str(c.tmp / "none.pth")})),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "stages.teacher.model.pretrained: no such file",
+        )
 
     @case("pretrained-relative-missing")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(**{"stages/teacher/model.pretrained": "ckpts/none.pth"})), 2,
-                str(c.tmp / "spec.yaml"), "relative to the current folder")
+        return (
+            c.launch(c.spec(**{"stages/teacher/model.pretrained": "ckpts/none.pth"})),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "relative to the current folder",
+        )
 
     @case("pretrained-a-text-file")
     def _(c: Ctx) -> Built:
         p = write(c.tmp / "weights.pth", "<html>not found</html>\n")
-        return (c.launch(c.spec(**{"stages/teacher/model.pretrained": str(p)})), 2, str(c.tmp / "spec.yaml"),
-                "model.pretrained: a text file, not a torch checkpoint")
+        return (
+            c.launch(c.spec(**{"stages/teacher/model.pretrained": str(p)})),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "model.pretrained: a text file, not a torch checkpoint",
+        )
 
     @case("pretrained-empty")
     def _(c: Ctx) -> Built:
         p = write(c.tmp / "empty.pth", b"")
-        return (c.launch(c.spec(**{"stages/teacher/model.pretrained": str(p)})), 2, str(c.tmp / "spec.yaml"),
-                "model.pretrained: an empty file")
+        return (
+            c.launch(c.spec(**{"stages/teacher/model.pretrained": str(p)})),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "model.pretrained: an empty file",
+        )
 
     @case("pretrained-truncated")
     def _(c: Ctx) -> Built:
         p = _truncated_zip(c.tmp / "cut.pth")
-        return (c.launch(c.spec(**{"stages/teacher/model.pretrained": str(p)})), 2, str(c.tmp / "spec.yaml"),
-                "model.pretrained: a truncated or damaged checkpoint")
+        return (
+            c.launch(c.spec(**{"stages/teacher/model.pretrained": str(p)})),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "model.pretrained: a truncated or damaged checkpoint",
+        )
 
     @case("pretrained-would-run-code")
     def _(c: Ctx) -> Built:
         p = _code_running_checkpoint(c.tmp / "evil.pth")
-        return (c.launch(c.spec(**{"stages/teacher/model.pretrained": str(p)})), 2, str(c.tmp / "spec.yaml"),
-                "model.pretrained: refused: unpickling it would import posix.system")
+        return (
+            c.launch(c.spec(**{"stages/teacher/model.pretrained": str(p)})),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "model.pretrained: refused: unpickling it would import posix.system",
+        )
 
     @case("pretrained-a-folder-without-weights")
     def _(c: Ctx) -> Built:
         (c.tmp / "notarun").mkdir()
-        return (c.launch(c.spec(**{"stages/teacher/model.pretrained": str(c.tmp / "notarun")})), 2,
-                str(c.tmp / "spec.yaml"), "model.pretrained: a folder without model.pth")
+        return (
+            c.launch(c.spec(**{"stages/teacher/model.pretrained": str(c.tmp / "notarun")})),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "model.pretrained: a folder without model.pth",
+        )
 
     @case("teacher-checkpoint-ftp")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(**{"base/teacher": {"checkpoint": "ftp://host/w.pth"}})), 2,
-                str(c.tmp / "spec.yaml"), "base.teacher.checkpoint: only http(s) URLs")
+        return (
+            c.launch(c.spec(**{"base/teacher": {"checkpoint": "ftp://host/w.pth"}})),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "base.teacher.checkpoint: only http(s) URLs",
+        )
 
     @case("init-from-missing")
     def _(c: Ctx) -> Built:
         spec = spec_dict()
         del spec["stages"]["students"]["init_from"]
         spec["stages"]["students"]["train"] = {"init_from": str(c.tmp / "gone")}
-        return (c.launch(str(write(c.tmp / "spec.yaml", spec))), 2, str(c.tmp / "spec.yaml"),
-                "stages.students.train.init_from: no such file")
+        return (
+            c.launch(str(write(c.tmp / "spec.yaml", spec))),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "stages.students.train.init_from: no such file",
+        )
 
     @case("notebook-missing")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(notebooks=["analysis/nope.ipynb"])), 2, str(c.tmp / "spec.yaml"),
-                "notebooks[0]: no such notebook")
+        return (
+            c.launch(c.spec(notebooks=["analysis/nope.ipynb"])),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "notebooks[0]: no such notebook",
+        )
 
     @case("table-unknown")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(notebooks=["analysis/table3.ipynb"], table="table99")), 2, str(c.tmp / "spec.yaml"),
-                "table: unknown table")
+        return (
+            c.launch(c.spec(notebooks=["analysis/table3.ipynb"], table="table99")),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "table: unknown table",
+        )
 
     @case("imagenet-root-missing")
     def _(c: Ctx) -> Built:
-        return c.launch(c.spec(), "--scale", "paper"), 2, str(c.tmp / "spec.yaml"), "scales.paper.data.root: no such folder"
+        return (
+            c.launch(c.spec(), "--scale", "paper"),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "scales.paper.data.root: no such folder",
+        )
 
     @case("batch-1e23")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(), "train.batch_size=100000000000000000000000"), 2, str(c.tmp / "spec.yaml"),
-                "train.batch_size (command line): larger than any machine's memory allows")
+        return (
+            c.launch(c.spec(), "train.batch_size=100000000000000000000000"),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "train.batch_size (command line): larger than any machine's memory allows",
+        )
 
     @case("batch-1e23-as-yaml-float")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(), "train.batch_size=1e23"), 2, str(c.tmp / "spec.yaml"),
-                "train.batch_size (command line): Input should be a valid integer")
+        return (
+            c.launch(c.spec(), "train.batch_size=1e23"),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "train.batch_size (command line): Input should be a valid integer",
+        )
 
     @case("canvas-1e5")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(), "data.canvas=100000"), 2, str(c.tmp / "spec.yaml"),
-                "data.canvas (command line): an image of 100000 x 100000 pixels is too large")
+        return (
+            c.launch(c.spec(), "data.canvas=100000"),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "data.canvas (command line): an image of 100000 x 100000 pixels is too large",
+        )
 
     @case("img-size-1e5")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(**{"base/data/img_size": 100000})), 2, str(c.tmp / "spec.yaml"),
-                "base.data.img_size: an image of 100000 x 100000")
+        return (
+            c.launch(c.spec(**{"base/data/img_size": 100000})),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "base.data.img_size: an image of 100000 x 100000",
+        )
 
     # -- the tracking store and the output root (items 3, 7, 8)
     @case("launch-dead-server")
     def _(c: Ctx) -> Built:
         uri = f"http://127.0.0.1:{free_port()}"
-        return (["harness.launch", c.spec(), "--executor", "local", "--output-root", str(c.tmp / "runs"),
-                 "--tracking-uri", uri], 1, "--tracking-uri: cannot reach the MLflow tracking server", uri)
+        return (
+            [
+                "harness.launch",
+                c.spec(),
+                "--executor",
+                "local",
+                "--output-root",
+                str(c.tmp / "runs"),
+                "--tracking-uri",
+                uri,
+            ],
+            1,
+            "--tracking-uri: cannot reach the MLflow tracking server",
+            uri,
+        )
 
     @case("launch-dead-server-from-env")
     def _(c: Ctx) -> Built:
@@ -464,8 +614,12 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
 
     @case("status-mistyped-sqlite")
     def _(c: Ctx) -> Built:
-        return (["harness.status", c.spec(), "--tracking-uri", f"sqlite:///{c.tmp}/mlfow.db"], 2,
-                "--tracking-uri: no such SQLite file", "mlfow.db")
+        return (
+            ["harness.status", c.spec(), "--tracking-uri", f"sqlite:///{c.tmp}/mlfow.db"],
+            2,
+            "--tracking-uri: no such SQLite file",
+            "mlfow.db",
+        )
 
     @case("status-no-store-here")
     def _(c: Ctx) -> Built:
@@ -490,28 +644,50 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
 
     @case("cancel-no-store")
     def _(c: Ctx) -> Built:
-        return ["harness.cancel", c.spec(), "--tracking-uri", c.db], 2, "--tracking-uri: no such SQLite file", "mlflow.db"
+        return (
+            ["harness.cancel", c.spec(), "--tracking-uri", c.db],
+            2,
+            "--tracking-uri: no such SQLite file",
+            "mlflow.db",
+        )
 
     # -- analysis.report (item 7)
     @case("report-unknown-scale")
     def _(c: Ctx) -> Built:
-        return (["analysis.report", c.spec(notebooks=NOTEBOOKS), "--scale", "huge", "--tracking-uri", c.db], 2,
-                "--scale: not a scale of", "got 'huge'")
+        return (
+            ["analysis.report", c.spec(notebooks=NOTEBOOKS), "--scale", "huge", "--tracking-uri", c.db],
+            2,
+            "--scale: not a scale of",
+            "got 'huge'",
+        )
 
     @case("report-notebook-missing")
     def _(c: Ctx) -> Built:
-        return (["analysis.report", c.spec(notebooks=["analysis/nope.ipynb"]), "--tracking-uri", c.db], 2,
-                str(c.tmp / "spec.yaml"), "notebooks: no such notebook")
+        return (
+            ["analysis.report", c.spec(notebooks=["analysis/nope.ipynb"]), "--tracking-uri", c.db],
+            2,
+            str(c.tmp / "spec.yaml"),
+            "notebooks: no such notebook",
+        )
 
     @case("report-no-store")
     def _(c: Ctx) -> Built:
-        return (["analysis.report", c.spec(notebooks=NOTEBOOKS), "--tracking-uri", c.db], 2,
-                "--tracking-uri: no such SQLite file", "mlflow.db")
+        return (
+            ["analysis.report", c.spec(notebooks=NOTEBOOKS), "--tracking-uri", c.db],
+            2,
+            "--tracking-uri: no such SQLite file",
+            "mlflow.db",
+        )
 
     @case("report-dead-server")
     def _(c: Ctx) -> Built:
         uri = f"http://127.0.0.1:{free_port()}"
-        return ["analysis.report", c.spec(notebooks=NOTEBOOKS), "--tracking-uri", uri], 1, "--tracking-uri: cannot reach", uri
+        return (
+            ["analysis.report", c.spec(notebooks=NOTEBOOKS), "--tracking-uri", uri],
+            1,
+            "--tracking-uri: cannot reach",
+            uri,
+        )
 
     @case("report-spec-is-a-folder")
     def _(c: Ctx) -> Built:
@@ -529,127 +705,215 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
 
     @case("train-config-unknown-key")
     def _(c: Ctx) -> Built:
-        return ["harness.train", c.train_cfg(**{"train/epochz": 1})], 2, str(c.tmp / "run.yaml"), "train.epochz: unknown key"
+        return (
+            ["harness.train", c.train_cfg(**{"train/epochz": 1})],
+            2,
+            str(c.tmp / "run.yaml"),
+            "train.epochz: unknown key",
+        )
 
     @case("train-override-invalid")
     def _(c: Ctx) -> Built:
-        return (["harness.train", c.train_cfg(), "model.variant=magic"], 2, str(c.tmp / "run.yaml"),
-                "model.variant: Input should be")
+        return (
+            ["harness.train", c.train_cfg(), "model.variant=magic"],
+            2,
+            str(c.tmp / "run.yaml"),
+            "model.variant: Input should be",
+        )
 
     @case("train-pretrained-text")
     def _(c: Ctx) -> Built:
         p = write(c.tmp / "w.pth", "hello\n")
-        return (["harness.train", c.train_cfg(**{"model/pretrained": str(p)})], 2, str(c.tmp / "run.yaml"),
-                "model.pretrained: a text file")
+        return (
+            ["harness.train", c.train_cfg(**{"model/pretrained": str(p)})],
+            2,
+            str(c.tmp / "run.yaml"),
+            "model.pretrained: a text file",
+        )
 
     @case("train-init-from-would-run-code")
     def _(c: Ctx) -> Built:
         p = _code_running_checkpoint(c.tmp / "evil.pth")
-        return (["harness.train", c.train_cfg(**{"train/init_from": str(p)})], 2, str(c.tmp / "run.yaml"),
-                "train.init_from: refused: unpickling it would import posix.system")
+        return (
+            ["harness.train", c.train_cfg(**{"train/init_from": str(p)})],
+            2,
+            str(c.tmp / "run.yaml"),
+            "train.init_from: refused: unpickling it would import posix.system",
+        )
 
     @case("train-teacher-missing")
     def _(c: Ctx) -> Built:
-        return (["harness.train", c.train_cfg(**{"teacher/run_dir": str(c.tmp / "teacher")})], 2,
-                str(c.tmp / "run.yaml"), "teacher.run_dir: no such file")
+        return (
+            ["harness.train", c.train_cfg(**{"teacher/run_dir": str(c.tmp / "teacher")})],
+            2,
+            str(c.tmp / "run.yaml"),
+            "teacher.run_dir: no such file",
+        )
 
     @case("train-batch-absurd")
     def _(c: Ctx) -> Built:
-        return (["harness.train", c.train_cfg(), "train.batch_size=10000000"], 2, str(c.tmp / "run.yaml"),
-                "train.batch_size: larger than any machine's memory allows")
+        return (
+            ["harness.train", c.train_cfg(), "train.batch_size=10000000"],
+            2,
+            str(c.tmp / "run.yaml"),
+            "train.batch_size: larger than any machine's memory allows",
+        )
 
     @case("train-dead-server")
     def _(c: Ctx) -> Built:
         uri = f"http://127.0.0.1:{free_port()}"
-        return (["harness.train", c.train_cfg(**{"tracking/uri": uri})], 1,
-                f"{c.tmp / 'run.yaml'}: tracking.uri: cannot reach", uri)
+        return (
+            ["harness.train", c.train_cfg(**{"tracking/uri": uri})],
+            1,
+            f"{c.tmp / 'run.yaml'}: tracking.uri: cannot reach",
+            uri,
+        )
 
     @case("train-output-dir-is-a-file")
     def _(c: Ctx) -> Built:
         write(c.tmp / "afile", "x")
-        return (["harness.train", c.train_cfg(output_dir=str(c.tmp / "afile"))], 2, str(c.tmp / "run.yaml"),
-                "output_dir: cannot create the folder")
+        return (
+            ["harness.train", c.train_cfg(output_dir=str(c.tmp / "afile"))],
+            2,
+            str(c.tmp / "run.yaml"),
+            "output_dir: cannot create the folder",
+        )
 
     @case("train-output-dir-read-only")
     def _(c: Ctx) -> Built:
-        return (["harness.train", c.train_cfg(output_dir=str(c.readonly / "run"))], 2, str(c.tmp / "run.yaml"),
-                "output_dir: cannot create the folder")
+        return (
+            ["harness.train", c.train_cfg(output_dir=str(c.readonly / "run"))],
+            2,
+            str(c.tmp / "run.yaml"),
+            "output_dir: cannot create the folder",
+        )
 
     @case("train-store-damaged")
     def _(c: Ctx) -> Built:
         write(c.tmp / "mlflow.db", "garbage\n")
-        return (["harness.train", c.train_cfg()], 2, f"{c.tmp / 'run.yaml'}: tracking.uri: not an SQLite database",
-                "mlflow.db")
+        return (
+            ["harness.train", c.train_cfg()],
+            2,
+            f"{c.tmp / 'run.yaml'}: tracking.uri: not an SQLite database",
+            "mlflow.db",
+        )
 
     # -- search storages (issue 16 item 8): refused by the dry run and before any worker is submitted
     @case("search-storage-driver-missing")
     def _(c: Ctx) -> Built:
-        return (c.search(c.search_spec(), "search.storage.url=mysql://optuna@db-host/dvit"), 1,
-                f"{c.tmp / 'search.yaml'}: search.storage.url: the mysql+mysqldb driver is not installed", "MySQLdb")
+        return (
+            c.search(c.search_spec(), "search.storage.url=mysql://optuna@db-host/dvit"),
+            1,
+            f"{c.tmp / 'search.yaml'}: search.storage.url: the mysql+mysqldb driver is not installed",
+            "MySQLdb",
+        )
 
     @case("search-storage-driver-missing-dry-run")
     def _(c: Ctx) -> Built:
-        return (c.search(c.search_spec(), "search.storage.url=mssql+pyodbc://u@h/db", "--dry-run"), 1,
-                f"{c.tmp / 'search.yaml'}: search.storage.url: the mssql+pyodbc driver is not installed", "pyodbc")
+        return (
+            c.search(c.search_spec(), "search.storage.url=mssql+pyodbc://u@h/db", "--dry-run"),
+            1,
+            f"{c.tmp / 'search.yaml'}: search.storage.url: the mssql+pyodbc driver is not installed",
+            "pyodbc",
+        )
 
     @case("search-storage-unknown-dialect")
     def _(c: Ctx) -> Built:
-        return (c.search(c.search_spec(), "search.storage.url=postgersql://u@h/db", "--dry-run"), 2,
-                f"{c.tmp / 'search.yaml'}: search.storage.url: not a database URL", "postgersql")
+        return (
+            c.search(c.search_spec(), "search.storage.url=postgersql://u@h/db", "--dry-run"),
+            2,
+            f"{c.tmp / 'search.yaml'}: search.storage.url: not a database URL",
+            "postgersql",
+        )
 
     @case("search-storage-journal-read-only")
     def _(c: Ctx) -> Built:
-        return (c.search(c.search_spec(), f"search.storage.url={c.readonly}/study.journal", "--dry-run"), 2,
-                f"{c.tmp / 'search.yaml'}: search.storage.url: {c.readonly} cannot be written", "study.journal")
+        return (
+            c.search(c.search_spec(), f"search.storage.url={c.readonly}/study.journal", "--dry-run"),
+            2,
+            f"{c.tmp / 'search.yaml'}: search.storage.url: {c.readonly} cannot be written",
+            "study.journal",
+        )
 
     @case("search-storage-journal-under-a-file")
     def _(c: Ctx) -> Built:
         write(c.tmp / "afile", "x")
-        return (c.search(c.search_spec(), f"search.storage.url={c.tmp}/afile/study.journal"), 2,
-                f"{c.tmp / 'search.yaml'}: search.storage.url: {c.tmp / 'afile'} is a file", "study.journal")
+        return (
+            c.search(c.search_spec(), f"search.storage.url={c.tmp}/afile/study.journal"),
+            2,
+            f"{c.tmp / 'search.yaml'}: search.storage.url: {c.tmp / 'afile'} is a file",
+            "study.journal",
+        )
 
     @case("search-storage-journal-is-a-folder")
     def _(c: Ctx) -> Built:
-        return (c.search(c.search_spec(), f"--storage={c.tmp}", "--dry-run"), 2,
-                f"{c.tmp / 'search.yaml'}: search.storage.url: a folder, not a storage file", str(c.tmp))
+        return (
+            c.search(c.search_spec(), f"--storage={c.tmp}", "--dry-run"),
+            2,
+            f"{c.tmp / 'search.yaml'}: search.storage.url: a folder, not a storage file",
+            str(c.tmp),
+        )
 
     @case("search-storage-sqlite-read-only")
     def _(c: Ctx) -> Built:
-        return (c.search(c.search_spec(), "--workers=1", f"--storage=sqlite:///{c.readonly}/study.db"), 2,
-                f"{c.tmp / 'search.yaml'}: search.storage.url: {c.readonly} cannot be written", "study.db")
+        return (
+            c.search(c.search_spec(), "--workers=1", f"--storage=sqlite:///{c.readonly}/study.db"),
+            2,
+            f"{c.tmp / 'search.yaml'}: search.storage.url: {c.readonly} cannot be written",
+            "study.db",
+        )
 
     @case("search-storage-auto-output-root-read-only")
     def _(c: Ctx) -> Built:
-        return (c.search(c.search_spec(), "--dry-run", root=c.readonly), 2,
-                f"{c.tmp / 'search.yaml'}: search.storage.url (auto, under --output-root): {c.readonly} cannot be "
-                f"written", "study.journal")
+        return (
+            c.search(c.search_spec(), "--dry-run", root=c.readonly),
+            2,
+            f"{c.tmp / 'search.yaml'}: search.storage.url (auto, under --output-root): {c.readonly} cannot be written",
+            "study.journal",
+        )
 
     @case("search-storage-env-unset")
     def _(c: Ctx) -> Built:
-        return (c.search(c.search_spec(), "search.storage.url=${DVIT_TEST_UNSET_STORAGE}", "--dry-run"), 2,
-                f"{c.tmp / 'search.yaml'}: search.storage.url: an environment variable in it is not set",
-                "DVIT_TEST_UNSET_STORAGE")
+        return (
+            c.search(c.search_spec(), "search.storage.url=${DVIT_TEST_UNSET_STORAGE}", "--dry-run"),
+            2,
+            f"{c.tmp / 'search.yaml'}: search.storage.url: an environment variable in it is not set",
+            "DVIT_TEST_UNSET_STORAGE",
+        )
 
     @case("search-base-override-shadowed")
     def _(c: Ctx) -> Built:
-        return (c.search(c.search_spec(), "base.train.epochs=2", "--dry-run"), 2,
-                f"{c.tmp / 'search.yaml'}: base.train.epochs: has no effect", "scales.tiny sets train.epochs")
+        return (
+            c.search(c.search_spec(), "base.train.epochs=2", "--dry-run"),
+            2,
+            f"{c.tmp / 'search.yaml'}: base.train.epochs: has no effect",
+            "scales.tiny sets train.epochs",
+        )
 
     @case("search-override-whole-section")
     def _(c: Ctx) -> Built:
-        return (c.search(c.search_spec(), "search=8", "--dry-run"), 2, f"{c.tmp / 'search.yaml'}: search: override a "
-                "key of the section", "search=8")
+        return (
+            c.search(c.search_spec(), "search=8", "--dry-run"),
+            2,
+            f"{c.tmp / 'search.yaml'}: search: override a key of the section",
+            "search=8",
+        )
 
     @case("search-override-trials-invalid")
     def _(c: Ctx) -> Built:
-        return (c.search(c.search_spec(), "search.trials=0", "--dry-run"), 2, f"{c.tmp / 'search.yaml'}: search.trials",
-                "greater than 0")
+        return (
+            c.search(c.search_spec(), "search.trials=0", "--dry-run"),
+            2,
+            f"{c.tmp / 'search.yaml'}: search.trials",
+            "greater than 0",
+        )
 
     # -- issue 24: duplicate keys, limits, folders and arguments refused before anything is written
     @case("spec-duplicate-key")
     def _(c: Ctx) -> Built:
         text = yaml.safe_dump(spec_dict(), sort_keys=False).replace(
-            "base:\n", "base:\n  train:\n    batch_size: 8\n    ema: 0.99\n", 1)
+            "base:\n", "base:\n  train:\n    batch_size: 8\n    ema: 0.99\n", 1
+        )
         p = write(c.tmp / "dup.yaml", text)
         first, again = [i for i, row in enumerate(text.splitlines(), 1) if row == "  train:"]
         return c.launch(str(p)), 2, f"{p}: line {again}: duplicate key 'train'", f"first at line {first}"
@@ -661,20 +925,32 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
 
     @case("override-value-duplicate-key")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(), "train={epochs: 1, epochs: 2}"), 2, "override 'train={epochs: 1, epochs: 2}'",
-                "duplicate key 'epochs'")
+        return (
+            c.launch(c.spec(), "train={epochs: 1, epochs: 2}"),
+            2,
+            "override 'train={epochs: 1, epochs: 2}'",
+            "duplicate key 'epochs'",
+        )
 
     @case("grid-over-max-runs")
     def _(c: Ctx) -> Built:  # 2 variants x 100 x 50: 10,001 runs in all
-        return (c.launch(c.spec(), f"stages.students.runs.grid={{train.seed: {list(range(100))}, "
-                                   f"data.seed: {list(range(50))}}}"), 2,
-                f"{c.tmp / 'spec.yaml'}: stages.students.runs: the spec expands to 10001 runs",
-                "more than the limit of 1000; pass --max-runs 10001")
+        return (
+            c.launch(
+                c.spec(), f"stages.students.runs.grid={{train.seed: {list(range(100))}, data.seed: {list(range(50))}}}"
+            ),
+            2,
+            f"{c.tmp / 'spec.yaml'}: stages.students.runs: the spec expands to 10001 runs",
+            "more than the limit of 1000; pass --max-runs 10001",
+        )
 
     @case("grid-over-a-lowered-max-runs")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(), "--max-runs", "2"), 2, f"{c.tmp / 'spec.yaml'}: stages.",
-                "expands to 3 runs at scale tiny (2 in stage students), more than the limit of 2")
+        return (
+            c.launch(c.spec(), "--max-runs", "2"),
+            2,
+            f"{c.tmp / 'spec.yaml'}: stages.",
+            "expands to 3 runs at scale tiny (2 in stage students), more than the limit of 2",
+        )
 
     @case("max-runs-zero")
     def _(c: Ctx) -> Built:
@@ -694,24 +970,40 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
 
     @case("train-digits-below-one-batch")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(), "data.train_digits=10", "train.batch_size=64"), 2,
-                f"{c.tmp / 'spec.yaml'}: data.train_digits (command line): too few training images for one optimiser "
-                f"step of train.batch_size 64 (train.batch_size (command line))", "at least 64 needed, got 10")
+        return (
+            c.launch(c.spec(), "data.train_digits=10", "train.batch_size=64"),
+            2,
+            f"{c.tmp / 'spec.yaml'}: data.train_digits (command line): too few training images for one optimiser "
+            f"step of train.batch_size 64 (train.batch_size (command line))",
+            "at least 64 needed, got 10",
+        )
 
     @case("train-size-below-accumulated-batches")
     def _(c: Ctx) -> Built:
-        return (c.launch(c.spec(**{"base/data": {"name": "synthetic", "train_size": 100}}), "train.accum_steps=4"),
-                2, f"{c.tmp / 'spec.yaml'}: base.data.train_size: too few training images", "x train.accum_steps 4")
+        return (
+            c.launch(c.spec(**{"base/data": {"name": "synthetic", "train_size": 100}}), "train.accum_steps=4"),
+            2,
+            f"{c.tmp / 'spec.yaml'}: base.data.train_size: too few training images",
+            "x train.accum_steps 4",
+        )
 
     @case("cancel-takes-status-overrides")
     def _(c: Ctx) -> Built:  # accepted (the store is what is missing), as `status` accepts them
-        return (["harness.cancel", c.spec(), "train.epochs=2", "--tracking-uri", c.db], 2,
-                "--tracking-uri: no such SQLite file", "mlflow.db")
+        return (
+            ["harness.cancel", c.spec(), "train.epochs=2", "--tracking-uri", c.db],
+            2,
+            "--tracking-uri: no such SQLite file",
+            "mlflow.db",
+        )
 
     @case("cancel-override-invalid")
     def _(c: Ctx) -> Built:
-        return (["harness.cancel", c.spec(), "train.epochs=abc", "--tracking-uri", c.db], 2,
-                f"{c.tmp / 'spec.yaml'}: train.epochs (command line)", "valid integer")
+        return (
+            ["harness.cancel", c.spec(), "train.epochs=abc", "--tracking-uri", c.db],
+            2,
+            f"{c.tmp / 'spec.yaml'}: train.epochs (command line)",
+            "valid integer",
+        )
 
     @case("tracking-uri-with-password")
     def _(c: Ctx) -> Built:
@@ -726,17 +1018,29 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
 
     @case("search-journal-damaged")
     def _(c: Ctx) -> Built:
-        journal = write(c.tmp / "study.journal", '{"op_code": 0, "worker_id": "w", "study_name": "s", '
-                                                 '"directions": [1]}\n\x00garbage\n{"op_code": 0}\n')
-        return (c.search(c.search_spec(), f"--storage={journal}", "--workers=2"), 2,
-                f"{c.tmp / 'search.yaml'}: search.storage.url: {journal}: line 2: not an Optuna journal record",
-                "move the file aside")
+        journal = write(
+            c.tmp / "study.journal",
+            '{"op_code": 0, "worker_id": "w", "study_name": "s", "directions": [1]}\n\x00garbage\n{"op_code": 0}\n',
+        )
+        return (
+            c.search(c.search_spec(), f"--storage={journal}", "--workers=2"),
+            2,
+            f"{c.tmp / 'search.yaml'}: search.storage.url: {journal}: line 2: not an Optuna journal record",
+            "move the file aside",
+        )
 
     @case("search-auto-journal-damaged")
     def _(c: Ctx) -> Built:  # the search's own file, not one the user named: the environment's problem
-        journal = write(c.tmp / "runs/mini_search/tiny/mini_search-tiny/study.journal", b'{"op_code": 0}\n\xff\xfe\n{}\n')
-        return (c.search(c.search_spec(), "--workers=2"), 1, f"{c.tmp / 'search.yaml'}: search.storage.url (auto, "
-                f"under --output-root): {journal}: line 2: not an Optuna journal record", "move the file aside")
+        journal = write(
+            c.tmp / "runs/mini_search/tiny/mini_search-tiny/study.journal", b'{"op_code": 0}\n\xff\xfe\n{}\n'
+        )
+        return (
+            c.search(c.search_spec(), "--workers=2"),
+            1,
+            f"{c.tmp / 'search.yaml'}: search.storage.url (auto, "
+            f"under --output-root): {journal}: line 2: not an Optuna journal record",
+            "move the file aside",
+        )
 
     return cases
 
@@ -750,8 +1054,12 @@ def readonly_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("readonly")
     mounted = False
     if os.geteuid() == 0:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
-                                 capture_output=True).returncode == 0
+        mounted = (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True
+            ).returncode
+            == 0
+        )
         if not mounted:
             pytest.skip("running as root without `mount`: no read-only folder to test with")
     else:
@@ -771,13 +1079,14 @@ def test_the_table_has_at_least_sixty_cases() -> None:
 
 @pytest.mark.timeout(CASE_TIMEOUT_S)
 @pytest.mark.parametrize("name, build", CASES, ids=[name for name, _ in CASES])
-def test_bad_input_is_one_line_and_nothing_is_written(tmp_path: Path, readonly_dir: Path, name: str,
-                                                      build: Callable[[Ctx], Built]) -> None:
+def test_bad_input_is_one_line_and_nothing_is_written(
+    tmp_path: Path, readonly_dir: Path, name: str, build: Callable[[Ctx], Built]
+) -> None:
     ctx = Ctx(tmp_path, readonly_dir)
     argv, code, start, fragment = build(ctx)
     env = {}
     for arg in [a for a in argv if a.startswith("--env=")]:
-        key, _, value = arg[len("--env="):].partition("=")
+        key, _, value = arg[len("--env=") :].partition("=")
         env[key] = value
         argv.remove(arg)
     before = snapshot(tmp_path)
@@ -792,8 +1101,11 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path: Path, readonly_d
     # submitit folder and the MLflow runs, all under tmp_path
     assert snapshot(tmp_path) == before, "a rejected command wrote something"
     assert elapsed < CASE_LIMIT_S, f"refused after {elapsed:.1f} s"
-    assert not (tmp_path / "mlflow.db").exists() or name in ("launch-store-not-sqlite", "launch-store-damaged",
-                                                             "train-store-damaged")
+    assert not (tmp_path / "mlflow.db").exists() or name in (
+        "launch-store-not-sqlite",
+        "launch-store-damaged",
+        "train-store-damaged",
+    )
 
 
 def test_a_new_store_prints_none_of_mlflows_setup_lines(tmp_path: Path) -> None:
@@ -828,8 +1140,9 @@ def silent_server() -> Iterator[str]:
 def test_a_tracking_server_that_never_answers_is_one_line_in_seconds(tmp_path: Path, module: str) -> None:
     spec = write(tmp_path / "spec.yaml", spec_dict())
     with silent_server() as uri:
-        result = cli(module, str(spec), "--tracking-uri", uri, "--output-root", str(tmp_path / "runs"),
-                     cwd=tmp_path, timeout=45)
+        result = cli(
+            module, str(spec), "--tracking-uri", uri, "--output-root", str(tmp_path / "runs"), cwd=tmp_path, timeout=45
+        )
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith("--tracking-uri: cannot reach the MLflow tracking server within 5 s"), lines
@@ -837,8 +1150,9 @@ def test_a_tracking_server_that_never_answers_is_one_line_in_seconds(tmp_path: P
 
 
 def test_values_in_error_messages_are_bounded() -> None:
-    from harness.config import RunConfig, format_validation_error
     from pydantic import ValidationError
+
+    from harness.config import RunConfig, format_validation_error
 
     bomb: list = ["x"] * 9
     for _ in range(8):
@@ -894,9 +1208,11 @@ def test_a_command_line_override_reaches_every_run_or_is_refused(tmp_path: Path)
     assert {p.config.train.epochs for p in expand(tmp_path, spec, "scales.tiny.train.epochs=3").runs} == {3}
     with pytest.raises(SpecError) as err:
         expand(tmp_path, spec, "base.train.epochs=3")
-    assert err.value.lines == [f"{tmp_path / 'spec.yaml'}: base.train.epochs: has no effect on any run: "
-                               "scales.tiny sets train.epochs = 1 after it; override scales.tiny.train.epochs "
-                               "instead, got 3"]
+    assert err.value.lines == [
+        f"{tmp_path / 'spec.yaml'}: base.train.epochs: has no effect on any run: "
+        "scales.tiny sets train.epochs = 1 after it; override scales.tiny.train.epochs "
+        "instead, got 3"
+    ]
     del spec["scales"]["tiny"]["train"]
     assert {p.config.train.epochs for p in expand(tmp_path, spec, "base.train.epochs=3").runs} == {3}
 
@@ -909,8 +1225,19 @@ def teacher_only(**changes: Any) -> dict[str, Any]:
 
 
 def launch_local(tmp: Path, spec: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return cli("harness.launch", str(spec), "--executor", "local", "--output-root", str(tmp / "runs"),
-               "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", *args, cwd=tmp, timeout=timeout)
+    return cli(
+        "harness.launch",
+        str(spec),
+        "--executor",
+        "local",
+        "--output-root",
+        str(tmp / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp}/mlflow.db",
+        *args,
+        cwd=tmp,
+        timeout=timeout,
+    )
 
 
 def test_a_changed_override_starts_clean_and_leaves_the_old_run_alone(tmp_path: Path) -> None:
@@ -937,12 +1264,17 @@ def test_a_changed_override_starts_clean_and_leaves_the_old_run_alone(tmp_path: 
 
 
 def test_train_uses_a_folder_per_run_key_and_refuses_another_keys_folder(tmp_path: Path) -> None:
-    cfg = write(tmp_path / "run.yaml", {
-        "model": {"name": "dynamicvit_micro_patch4_32", "variant": "dense"},
-        "data": {"name": "synthetic", "train_size": 32, "val_size": 16},
-        "aug": {"mixup": 0, "cutmix": 0, "label_smoothing": 0, "auto_augment": None},
-        "train": {"epochs": 1, "batch_size": 16}, "losses": {"kl": 0, "token": 0},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "visualize_images": 0}})
+    cfg = write(
+        tmp_path / "run.yaml",
+        {
+            "model": {"name": "dynamicvit_micro_patch4_32", "variant": "dense"},
+            "data": {"name": "synthetic", "train_size": 32, "val_size": 16},
+            "aug": {"mixup": 0, "cutmix": 0, "label_smoothing": 0, "auto_augment": None},
+            "train": {"epochs": 1, "batch_size": 16},
+            "losses": {"kl": 0, "token": 0},
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "visualize_images": 0},
+        },
+    )
     first = cli("harness.train", str(cfg), cwd=tmp_path, timeout=300)
     assert first.returncode == 0, first.stderr
     second = cli("harness.train", str(cfg), "train.seed=1", cwd=tmp_path, timeout=300)
@@ -962,9 +1294,11 @@ def test_train_uses_a_folder_per_run_key_and_refuses_another_keys_folder(tmp_pat
     longer = cli("harness.train", str(cfg), "train.epochs=2", f"output_dir={seed0}", cwd=tmp_path, timeout=300)
     lines = longer.stderr.strip().splitlines()
     assert longer.returncode == 2 and len(lines) == 1, longer.stderr  # a finished run is not extended
-    assert lines[0].startswith(f"{seed0}: holds a finished run (run key {seed0.name}, result.json) and this "
-                               "configuration is another (changed: train.epochs 1 -> 2); a finished run is not "
-                               "extended in place: give this configuration another output_dir"), lines[0]
+    assert lines[0].startswith(
+        f"{seed0}: holds a finished run (run key {seed0.name}, result.json) and this "
+        "configuration is another (changed: train.epochs 1 -> 2); a finished run is not "
+        "extended in place: give this configuration another output_dir"
+    ), lines[0]
     assert f"add train.init_from={seed0} to start from its weights" in lines[0]
     assert snapshot(seed0) == before
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
@@ -981,19 +1315,33 @@ def test_train_uses_a_folder_per_run_key_and_refuses_another_keys_folder(tmp_pat
 
 
 # ------------------------------------------------------------------------- stuck runs (item 4)
-@pytest.mark.xfail(strict=False, reason="flaky since 2026-12-05 (failed 1 of 3 CI-like runs and 2 of 3 runs alone): "
-                   "the relaunch sometimes skips a run as in flight instead of resubmitting it; cause not yet found, "
-                   "see the session note")
+@pytest.mark.xfail(
+    strict=False,
+    reason="flaky since 2026-12-05 (failed 1 of 3 CI-like runs and 2 of 3 runs alone): "
+    "the relaunch sometimes skips a run as in flight instead of resubmitting it; cause not yet found, "
+    "see the session note",
+)
 def test_runs_a_killed_launch_never_submitted_are_resubmitted(tmp_path: Path) -> None:
     """SIGKILL the launcher (and its job) while the first of two runs trains: the second is still
     SCHEDULED without a job. The next launch resubmits both and marks the dead launch KILLED."""
     spec = teacher_only(**{"scales/tiny/slurm/array_parallelism": 1})
     spec["stages"]["teacher"]["runs"] = {"variants": [{"name": "a"}, {"name": "b", "set": {"train.seed": 1}}]}
     path = write(tmp_path / "spec.yaml", spec)
-    cmd = [sys.executable, "-m", "harness.launch", str(path), "--executor", "local", "--output-root",
-           str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
-    launcher = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.launch",
+        str(path),
+        "--executor",
+        "local",
+        "--output-root",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+    ]
+    launcher = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     log = tmp_path / "runs/mini/tiny/teacher/a/job.log"  # linked once run a's job is submitted
     deadline = time.time() + 120
     while not log.is_symlink() and time.time() < deadline:
@@ -1036,10 +1384,21 @@ def test_a_job_that_fails_before_training_marks_its_run_failed_with_the_reason(t
 def test_cancel_stops_a_local_launch_and_its_job_and_the_next_launch_resumes(tmp_path: Path) -> None:
     spec = teacher_only(**{"base/train/epochs": 3, "scales/tiny/train/epochs": 3, "base/data/train_digits": 512})
     path = write(tmp_path / "spec.yaml", spec)
-    cmd = [sys.executable, "-m", "harness.launch", str(path), "--executor", "local", "--output-root",
-           str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
-    launcher = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.launch",
+        str(path),
+        "--executor",
+        "local",
+        "--output-root",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+    ]
+    launcher = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     checkpoint = tmp_path / "runs/mini/tiny/teacher/teacher/checkpoint.pth"
     deadline = time.time() + 300
     while not checkpoint.exists() and time.time() < deadline:  # cancelled after its first epoch
@@ -1082,12 +1441,19 @@ def slurm_state(job_id: str) -> str:
 def without_accounting(tmp: Path) -> dict[str, str]:
     """The environment of a launcher whose jobs see a cluster without accounting (no slurmdbd):
     their `sacct` fails as it does there. The launcher keeps the real one (submitit asks it)."""
-    shim = write(tmp / "no-accounting/sacct", "#!/bin/sh\necho 'sacct: error: Slurm accounting storage is "
-                                                "disabled' >&2\nexit 1\n")
+    shim = write(
+        tmp / "no-accounting/sacct",
+        "#!/bin/sh\necho 'sacct: error: Slurm accounting storage is disabled' >&2\nexit 1\n",
+    )
     shim.chmod(0o755)
     job_env = {"SBATCH_EXPORT": f"ALL,PATH={shim.parent}:{os.environ['PATH']}"}  # sbatch --export for every job
-    probe = subprocess.run(["sbatch", "--wait", "--parsable", "-o", str(tmp / "probe.out"), "--wrap", "sacct"],
-                           env={**os.environ, **job_env}, capture_output=True, text=True, timeout=300)
+    probe = subprocess.run(
+        ["sbatch", "--wait", "--parsable", "-o", str(tmp / "probe.out"), "--wrap", "sacct"],
+        env={**os.environ, **job_env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert probe.returncode != 0 and "accounting storage is disabled" in (tmp / "probe.out").read_text()
     return job_env
 
@@ -1098,8 +1464,18 @@ def test_scancel_stops_for_good_and_the_run_is_killed_not_requeued(tmp_path: Pat
     """Without accounting for the job (sacct fails in it): the controller (scontrol) says it is ending the job."""
     spec = teacher_only(**{"base/train/epochs": 3, "scales/tiny/train/epochs": 3, "base/data/train_digits": 512})
     path = write(tmp_path / "spec.yaml", spec)
-    result = cli("harness.launch", str(path), "--executor", "slurm", "--output-root", str(tmp_path / "runs"),
-                 "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path, env=without_accounting(tmp_path))
+    result = cli(
+        "harness.launch",
+        str(path),
+        "--executor",
+        "slurm",
+        "--output-root",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        cwd=tmp_path,
+        env=without_accounting(tmp_path),
+    )
     assert result.returncode == 0, result.stderr
     (run,) = train_runs(tmp_path)
     job_id = run.data.tags["slurm_job_id"]
@@ -1123,8 +1499,17 @@ def test_harness_cancel_cancels_queued_and_running_slurm_jobs(tmp_path: Path) ->
     spec = spec_dict(**{"base/train/epochs": 3, "scales/tiny/train/epochs": 3, "base/data/train_digits": 512})
     path = write(tmp_path / "spec.yaml", spec)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = cli("harness.launch", str(path), "--executor", "slurm", "--output-root", str(tmp_path / "runs"),
-                 "--tracking-uri", uri, cwd=tmp_path)
+    result = cli(
+        "harness.launch",
+        str(path),
+        "--executor",
+        "slurm",
+        "--output-root",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        uri,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     jobs = {r.data.tags["slurm_job_id"] for r in train_runs(tmp_path)}
     assert len(train_runs(tmp_path)) == 3
@@ -1148,8 +1533,14 @@ def test_a_relaunch_with_a_changed_teacher_cancels_the_old_teacher_and_students_
     folder is handed to the new teacher only once the old job has stopped writing to it."""
     spec = spec_dict(**{"base/train/epochs": 3, "scales/tiny/train/epochs": 3, "base/data/train_digits": 512})
     path = write(tmp_path / "spec.yaml", spec)
-    args = ("--executor", "slurm", "--output-root", str(tmp_path / "runs"), "--tracking-uri",
-            f"sqlite:///{tmp_path}/mlflow.db")
+    args = (
+        "--executor",
+        "slurm",
+        "--output-root",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+    )
     first = cli("harness.launch", str(path), *args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     folder = tmp_path / "runs/mini/tiny/teacher/teacher"
@@ -1160,8 +1551,10 @@ def test_a_relaunch_with_a_changed_teacher_cancels_the_old_teacher_and_students_
     assert again.returncode == 0, again.stderr
     assert "3 submitted" in again.stdout, again.stdout
     for run in old.values():
-        assert f"{run.info.run_name}: superseded: the configuration changed (run key {run.data.tags['run_key']} -> " \
-               in again.stderr, again.stderr
+        assert (
+            f"{run.info.run_name}: superseded: the configuration changed (run key {run.data.tags['run_key']} -> "
+            in again.stderr
+        ), again.stderr
     runs = {r.info.run_id: r for r in train_runs(tmp_path)}
     assert len(runs) == 6
     for run_id, run in old.items():
@@ -1170,7 +1563,9 @@ def test_a_relaunch_with_a_changed_teacher_cancels_the_old_teacher_and_students_
     assert not squeue(",".join(sorted(old_jobs)))  # gone before the new teacher got the folder
     assert all(slurm_state(j) == "CANCELLED" for j in {j.split("_")[0] for j in old_jobs})
     new = [r for run_id, r in runs.items() if run_id not in old]
-    assert {r.info.status for r in new} <= {"SCHEDULED", "RUNNING"} and not {r.data.tags["slurm_job_id"] for r in new} & old_jobs
+    assert {r.info.status for r in new} <= {"SCHEDULED", "RUNNING"} and not {
+        r.data.tags["slurm_job_id"] for r in new
+    } & old_jobs
     teacher = next(r for r in new if r.data.tags["stage"] == "teacher")
     assert json.loads((folder / "run.json").read_text())["run_key"] == teacher.data.tags["run_key"]
     (kept,) = folder.parent.glob("teacher.before-*")  # the old teacher's state, moved aside whole
@@ -1178,16 +1573,24 @@ def test_a_relaunch_with_a_changed_teacher_cancels_the_old_teacher_and_students_
     assert json.loads((kept / "run.json").read_text())["run_key"] != teacher.data.tags["run_key"]
     cancelled = cli("harness.cancel", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path)
     assert cancelled.returncode == 0, cancelled.stderr
-    wait_for(lambda: not squeue(",".join(sorted(r.data.tags["slurm_job_id"] for r in new))), 90,
-             "the new jobs to leave the queue")
+    wait_for(
+        lambda: not squeue(",".join(sorted(r.data.tags["slurm_job_id"] for r in new))),
+        90,
+        "the new jobs to leave the queue",
+    )
 
 
 @contextlib.contextmanager
 def tiny_disk(path: Path, size: str) -> Iterator[Path]:
     """A real, nearly full file system: a tmpfs of `size` (needs root, as in CI)."""
     path.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("mounting a small tmpfs needs root")
     try:
         yield path
@@ -1196,12 +1599,17 @@ def tiny_disk(path: Path, size: str) -> Iterator[Path]:
 
 
 def test_a_full_disk_is_one_line_naming_the_folder_and_the_run_is_failed(tmp_path: Path) -> None:
-    cfg = write(tmp_path / "run.yaml", {
-        "model": {"name": "dynamicvit_micro_patch4_32", "variant": "dense"},
-        "data": {"name": "synthetic", "train_size": 32, "val_size": 16},
-        "aug": {"mixup": 0, "cutmix": 0, "label_smoothing": 0, "auto_augment": None},
-        "train": {"epochs": 1, "batch_size": 16}, "losses": {"kl": 0, "token": 0},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "visualize_images": 0, "experiment": "full"}})
+    cfg = write(
+        tmp_path / "run.yaml",
+        {
+            "model": {"name": "dynamicvit_micro_patch4_32", "variant": "dense"},
+            "data": {"name": "synthetic", "train_size": 32, "val_size": 16},
+            "aug": {"mixup": 0, "cutmix": 0, "label_smoothing": 0, "auto_augment": None},
+            "train": {"epochs": 1, "batch_size": 16},
+            "losses": {"kl": 0, "token": 0},
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "visualize_images": 0, "experiment": "full"},
+        },
+    )
     with tiny_disk(tmp_path / "disk", "48k") as disk:
         result = cli("harness.train", str(cfg), f"output_dir={disk / 'run'}", cwd=tmp_path, timeout=300)
     lines = result.stderr.strip().splitlines()  # a new store, but none of MLflow's INFO lines on creating it
@@ -1223,10 +1631,18 @@ def test_students_waiting_on_a_failed_teacher_are_resubmitted_with_it(tmp_path: 
     weights = tmp_path / "teacher.pth"
     with zipfile.ZipFile(weights, "w") as archive:  # a valid zip that is no torch checkpoint
         archive.writestr("x/data.pkl", b"not a pickle")
-    path = write(tmp_path / "spec.yaml", spec_dict(**{"stages/teacher/model.pretrained": str(weights),
-                                                       "stages/teacher/train": {"epochs": 0}}))
-    args = ("--executor", "slurm", "--output-root", str(tmp_path / "runs"), "--tracking-uri",
-            f"sqlite:///{tmp_path}/mlflow.db")
+    path = write(
+        tmp_path / "spec.yaml",
+        spec_dict(**{"stages/teacher/model.pretrained": str(weights), "stages/teacher/train": {"epochs": 0}}),
+    )
+    args = (
+        "--executor",
+        "slurm",
+        "--output-root",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+    )
     first = cli("harness.launch", str(path), *args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     runs = {r.data.tags["row"]: r for r in train_runs(tmp_path)}
@@ -1234,8 +1650,11 @@ def test_students_waiting_on_a_failed_teacher_are_resubmitted_with_it(tmp_path: 
     student_job = runs["a/dynamic"].data.tags["slurm_job_id"]
     wait_for(lambda: slurm_state(teacher_job) == "FAILED", 180, "the teacher's job to fail")
     reason = ["squeue", "-h", "-j", student_job, "-o", "%r"]
-    wait_for(lambda: "DependencyNeverSatisfied" in subprocess.run(reason, capture_output=True, text=True).stdout,
-             60, "the students to wait forever")
+    wait_for(
+        lambda: "DependencyNeverSatisfied" in subprocess.run(reason, capture_output=True, text=True).stdout,
+        60,
+        "the students to wait forever",
+    )
     weights.write_bytes((REPO / "checkpoints/tiny_teacher_dense.pth").read_bytes())  # repaired, same path
     again = cli("harness.launch", str(path), *args, "--wait", cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr
@@ -1252,8 +1671,16 @@ def test_search_overrides_take_effect_after_the_scale_layer(tmp_path: Path) -> N
     args = ["--executor", "local", "--output-root", str(tmp_path / "runs"), "--dry-run"]
     plain = cli("harness.search", str(spec), *args, cwd=tmp_path)
     assert plain.returncode == 0 and "budget 4 trials" in plain.stdout, plain.stderr
-    result = cli("harness.search", str(spec), "search.trials=8", "train.epochs=3", "search.workers=3",
-                 "search.space.model.keep_ratio.low=0.6", *args, cwd=tmp_path)
+    result = cli(
+        "harness.search",
+        str(spec),
+        "search.trials=8",
+        "train.epochs=3",
+        "search.workers=3",
+        "search.space.model.keep_ratio.low=0.6",
+        *args,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "budget 8 trials" in result.stdout and "3 worker(s)" in result.stdout
     assert "float [0.6, 0.9]" in result.stdout  # the override merged into the spec's range

@@ -5,6 +5,7 @@ verified files is usable, a redirect loop or Ctrl-C during a download is one lin
 Through the real commands (`python -m harness.launch`, `.train`, `.fetch`) and `models.load_weights`
 (what a job calls), against a real HTTP server on 127.0.0.1 and a real read-only mount.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Union
 
 import numpy as np
 import pytest
@@ -47,7 +49,7 @@ class Site:
         routes = self.routes
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 answer = routes.get(self.path)
                 if answer is None:
                     self.send_error(404)
@@ -66,7 +68,7 @@ class Site:
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
-    def __enter__(self) -> "Site":
+    def __enter__(self) -> Site:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         return self
 
@@ -91,6 +93,7 @@ def checkpoint_bytes(tmp: Path, obj: object, name: str, **save: object) -> bytes
 
 def evil(marker: Path) -> object:
     """What the issue's probe saved: unpickling it runs `touch MARKER`."""
+
     class Evil:
         def __reduce__(self) -> tuple:
             return os.system, (f"touch {marker}",)
@@ -104,8 +107,11 @@ def fetch_cli(tmp: Path, *args: str, **popen: object) -> subprocess.CompletedPro
 
 def error_lines(stderr: str) -> list[str]:
     """stderr without the progress bar (tqdm's `download NAME: ...`) and fetch's summary line."""
-    return [line for line in stderr.replace("\r", "\n").splitlines()
-            if line.strip() and not line.startswith(("download ", "checkpoints in "))]
+    return [
+        line
+        for line in stderr.replace("\r", "\n").splitlines()
+        if line.strip() and not line.startswith(("download ", "checkpoints in "))
+    ]
 
 
 def sha256(data: bytes) -> str:
@@ -156,8 +162,11 @@ def test_a_job_never_unpickles_code_from_a_url_a_file_or_its_run_folder(tmp_path
     assert str(run_dir / "checkpoint.pth") in lines[0] and "posix.system" in lines[0]
 
     model = timm.create_model("dynamicvit_tiny_patch8_64", variant="dense")
-    for name, save in (("zip.pth", {}), ("protocol4.pth", {"pickle_protocol": 4}),
-                       ("legacy.pth", {"_use_new_zipfile_serialization": False})):
+    for name, save in (
+        ("zip.pth", {}),
+        ("protocol4.pth", {"pickle_protocol": 4}),
+        ("legacy.pth", {"_use_new_zipfile_serialization": False}),
+    ):
         torch.save(evil(marker), tmp_path / name, **save)
         with pytest.raises(UnsafeCheckpoint) as caught:
             models.load_weights(model, str(tmp_path / name))
@@ -172,15 +181,32 @@ def test_official_files_extra_objects_are_admitted_by_name(tmp_path: Path) -> No
     model = timm.create_model("dynamicvit_tiny_patch8_64", variant="dense")
     weights = torch.load(TINY_TEACHER, weights_only=True)["model"]
     official = tmp_path / "official.pth"
-    torch.save({"model": weights, "epoch": 29, "metric": np.float64(66.2),
-                "args": argparse.Namespace(lr=1e-3, input_size=64, model="dynamicvit", drop=(0.0, None))}, official)
+    torch.save(
+        {
+            "model": weights,
+            "epoch": 29,
+            "metric": np.float64(66.2),
+            "args": argparse.Namespace(lr=1e-3, input_size=64, model="dynamicvit", drop=(0.0, None)),
+        },
+        official,
+    )
     assert models.load_weights(model, str(official)) == []
     for path in sorted((REPO / "checkpoints").glob("*.pth")):
         assert models.read_state_dict(str(path)), path
     # the launcher's standard-library check agrees with torch's own allowlist
     assert all(allowed(name) for name in torch._weights_only_unpickler._get_allowed_globals())
-    assert not any(allowed(name) for name in ("torch.load", "torch.hub.load", "torch.jit.load", "builtins.eval",
-                                              "posix.system", "torch.serialization.load", "numpy.load"))
+    assert not any(
+        allowed(name)
+        for name in (
+            "torch.load",
+            "torch.hub.load",
+            "torch.jit.load",
+            "builtins.eval",
+            "posix.system",
+            "torch.serialization.load",
+            "numpy.load",
+        )
+    )
 
 
 def test_training_checkpoints_resume_with_weights_only(tmp_path: Path) -> None:
@@ -205,8 +231,10 @@ def test_training_checkpoints_resume_with_weights_only(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------- case 3: one URL, one file
 def test_the_cache_keys_files_by_the_whole_url(tmp_path: Path, site: Site) -> None:
-    files = {path: checkpoint_bytes(tmp_path, {"model": {"w": torch.full((4,), float(i))}}, f"{i}.pth")
-             for i, path in enumerate(["/a/model.pth", "/b/model.pth", "/uc?id=A", "/uc?id=B"])}
+    files = {
+        path: checkpoint_bytes(tmp_path, {"model": {"w": torch.full((4,), float(i))}}, f"{i}.pth")
+        for i, path in enumerate(["/a/model.pth", "/b/model.pth", "/uc?id=A", "/uc?id=B"])
+    }
     site.routes.update(files)
     site.routes["/c/model.pth.sha256.json"] = b'{"url": "x", "sha256": "' + b"0" * 64 + b'"}\n'
     urls = [site.url + path for path in files]
@@ -231,15 +259,15 @@ def test_the_cache_keys_files_by_the_whole_url(tmp_path: Path, site: Site) -> No
     # a file placed in the cache by hand is checked like a download before its hash is recorded
     placed = cached_path(f"{site.url}/placed.pth")
     torch.save(evil(tmp_path / "MARKER"), placed)
-    with pytest.raises(UnsafeCheckpoint, match="placed in the cache for .*, but refused: unpickling it would "
-                                               "import posix.system"):
+    with pytest.raises(
+        UnsafeCheckpoint, match="placed in the cache for .*, but refused: unpickling it would import posix.system"
+    ):
         fetch(f"{site.url}/placed.pth")
     assert not record_path(placed).exists() and not (tmp_path / "MARKER").exists()
 
 
 # ------------------------------------------------------- case 5 and 15: downloads that go wrong
-def test_a_truncated_download_or_a_redirect_loop_is_one_line_and_nothing_is_cached(tmp_path: Path,
-                                                                                 site: Site) -> None:
+def test_a_truncated_download_or_a_redirect_loop_is_one_line_and_nothing_is_cached(tmp_path: Path, site: Site) -> None:
     data = TINY_TEACHER.read_bytes()
 
     def closes_early(handler: http.server.BaseHTTPRequestHandler) -> None:  # no Content-Length, then EOF
@@ -280,8 +308,14 @@ def test_ctrl_c_during_a_download_is_one_line_and_leaves_no_part_file(tmp_path: 
     site.routes["/big.pth"] = stalls
     url = f"{site.url}/big.pth"
     env = {**os.environ, "PYTHONPATH": str(REPO), "DVIT_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "harness.fetch", url], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.fetch", url],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     part = cached_path(url).with_name(f".{cached_path(url).name}.{proc.pid}.part")
     deadline = time.monotonic() + 60
     while not part.exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -313,8 +347,7 @@ def read_only(folder: Path) -> Iterator[None]:
             folder.chmod(0o755)
 
 
-def test_a_read_only_cache_of_verified_files_is_used_and_a_missing_file_is_one_line(tmp_path: Path,
-                                                                                   site: Site) -> None:
+def test_a_read_only_cache_of_verified_files_is_used_and_a_missing_file_is_one_line(tmp_path: Path, site: Site) -> None:
     data = TINY_TEACHER.read_bytes()
     site.routes.update({"/teacher.pth": data, "/other.pth": data})
     url, missing = f"{site.url}/teacher.pth", f"{site.url}/other.pth"

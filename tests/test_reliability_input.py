@@ -6,6 +6,7 @@ a private `scripts/tracking-server.sh start --auth` (its own PostgreSQL, folder 
 serves a real launch whose password is then looked for in `ps`, the printed output, MLflow's params
 and tags, the run and job files and the server's logs; and a real search whose every trial fails.
 """
+
 from __future__ import annotations
 
 import glob
@@ -17,8 +18,8 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -33,8 +34,9 @@ ONE_LINE_S = 30  # issue 24: each refusal is one line within 30 s
 
 
 def _script(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,23 +46,35 @@ def auth_server() -> Iterator[dict[str, str]]:
         pytest.skip("scripts/tracking-server.sh runs as root")
     if not glob.glob("/usr/lib/postgresql/*/bin/postgres"):
         pytest.skip("no PostgreSQL server binaries (scripts/tracking-server.sh installs them on CI)")
-    folder = Path(tempfile.mkdtemp(prefix="dvit-auth-server-", dir="/tmp"))  # postgres must reach it: not under pytest's 0700 tmp
-    env = {"TRACKING_DIR": str(folder), "TRACKING_PORT": str(free_port()), "TRACKING_PG_PORT": str(free_port()),
-           "TRACKING_PYTHON": sys.executable}
+    folder = Path(
+        tempfile.mkdtemp(prefix="dvit-auth-server-", dir="/tmp")
+    )  # postgres must reach it: not under pytest's 0700 tmp
+    env = {
+        "TRACKING_DIR": str(folder),
+        "TRACKING_PORT": str(free_port()),
+        "TRACKING_PG_PORT": str(free_port()),
+        "TRACKING_PYTHON": sys.executable,
+    }
     try:
         started = _script(env, "start", "--auth")
         assert started.returncode == 0, started.stderr[-3000:]
-        exports = dict(line[len("export "):].split("=", 1) for line in started.stdout.splitlines()
-                       if line.startswith("export "))
-        yield {"uri": exports["MLFLOW_TRACKING_URI"], "password": exports["MLFLOW_TRACKING_PASSWORD"],
-               "db_password": (folder / "db_pass").read_text().strip(), "folder": str(folder)}
+        exports = dict(
+            line[len("export ") :].split("=", 1) for line in started.stdout.splitlines() if line.startswith("export ")
+        )
+        yield {
+            "uri": exports["MLFLOW_TRACKING_URI"],
+            "password": exports["MLFLOW_TRACKING_PASSWORD"],
+            "db_password": (folder / "db_pass").read_text().strip(),
+            "folder": str(folder),
+        }
     finally:
         _script(env, "stop")
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_no_secret_shows_in_ps_output_mlflow_job_files_or_logs(tmp_path: Path, auth_server: dict[str, str],
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_secret_shows_in_ps_output_mlflow_job_files_or_logs(
+    tmp_path: Path, auth_server: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Items 6, 7, 13 and acceptance 5, against the real server with --auth:
 
     - the server's command lines (`ps`) hold no database password;
@@ -83,17 +97,25 @@ def test_no_secret_shows_in_ps_output_mlflow_job_files_or_logs(tmp_path: Path, a
     root = tmp_path / "runs"
     refusals = [
         (["harness.launch", str(spec), "--executor", "local", "--output-root", str(root)], {}, "none are set"),
-        (["harness.status", str(spec)], {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"},
-         "wrong MLFLOW_TRACKING_USERNAME or MLFLOW_TRACKING_PASSWORD"),
-        (["harness.search", str(search), "--executor", "local", "--output-root", str(root)],
-         {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"}, "wrong MLFLOW_TRACKING"),
+        (
+            ["harness.status", str(spec)],
+            {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"},
+            "wrong MLFLOW_TRACKING_USERNAME or MLFLOW_TRACKING_PASSWORD",
+        ),
+        (
+            ["harness.search", str(search), "--executor", "local", "--output-root", str(root)],
+            {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"},
+            "wrong MLFLOW_TRACKING",
+        ),
     ]
     for argv, creds, why in refusals:
         started = time.monotonic()
         refused = cli(argv[0], *argv[1:], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri, **creds})
         lines = [line for line in refused.stderr.splitlines() if line.strip()]
         assert refused.returncode == 1 and len(lines) == 1, (argv[0], refused.returncode, refused.stderr[-3000:])
-        assert lines[0].startswith("$MLFLOW_TRACKING_URI: the MLflow tracking server refused the credentials (401"), lines
+        assert lines[0].startswith("$MLFLOW_TRACKING_URI: the MLflow tracking server refused the credentials (401"), (
+            lines
+        )
         assert why in lines[0] and time.monotonic() - started < ONE_LINE_S
     assert not root.exists()  # nothing written by any refusal (nor in MLflow: see below); the password typed
     # into --tracking-uri is refused before any request (the bad-input table's tracking-uri-with-password)
@@ -109,8 +131,17 @@ def test_no_secret_shows_in_ps_output_mlflow_job_files_or_logs(tmp_path: Path, a
     sampler = threading.Thread(target=sample_ps, daemon=True)
     sampler.start()
     try:
-        launched = cli("harness.launch", str(spec), "--executor", "local", "--output-root", str(root), cwd=tmp_path,
-                       env={"MLFLOW_TRACKING_URI": f"http://admin:{password}@{host}"}, timeout=300)
+        launched = cli(
+            "harness.launch",
+            str(spec),
+            "--executor",
+            "local",
+            "--output-root",
+            str(root),
+            cwd=tmp_path,
+            env={"MLFLOW_TRACKING_URI": f"http://admin:{password}@{host}"},
+            timeout=300,
+        )
     finally:
         done.set()
         sampler.join()
@@ -122,13 +153,18 @@ def test_no_secret_shows_in_ps_output_mlflow_job_files_or_logs(tmp_path: Path, a
     client = MlflowClient(uri)
     assert client.get_experiment_by_name("mini_search") is None  # the refused search created nothing
     runs = client.search_runs([client.get_experiment_by_name("mini").experiment_id])
-    assert sorted((r.data.tags.get("kind"), r.info.status) for r in runs) == [("launch", "FINISHED"),
-                                                                              ("train", "FINISHED")]
+    assert sorted((r.data.tags.get("kind"), r.info.status) for r in runs) == [
+        ("launch", "FINISHED"),
+        ("train", "FINISHED"),
+    ]
     recorded = "\n".join(f"{r.data.params}\n{r.data.tags}" for r in runs)
     assert host in recorded  # the tracking URI is recorded, without its credentials
 
-    places = {"stdout and stderr": launched.stdout + launched.stderr, "ps": "\n".join(seen),
-              "MLflow params and tags": recorded}
+    places = {
+        "stdout and stderr": launched.stdout + launched.stderr,
+        "ps": "\n".join(seen),
+        "MLflow params and tags": recorded,
+    }
     for folder in (tmp_path, Path(auth_server["folder"]) / "log"):
         for path in folder.rglob("*"):
             if path.is_file():
@@ -148,8 +184,18 @@ def test_a_search_whose_trials_all_fail_says_why(tmp_path: Path) -> None:
     spec["base"]["model"]["pretrained"] = str(weights)
     spec["search"].update(trials=2, workers=1, max_failed=2)
     path = write(tmp_path / "search.yaml", yaml.safe_dump(spec, sort_keys=False))
-    result = cli("harness.search", str(path), "--executor", "local", "--output-root", str(tmp_path / "runs"),
-                 "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path, timeout=300)
+    result = cli(
+        "harness.search",
+        str(path),
+        "--executor",
+        "local",
+        "--output-root",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "0 complete, 0 pruned, 2 failed" in result.stdout, output
@@ -173,12 +219,22 @@ def test_the_printed_mlflow_ui_command_is_shell_quoted(tmp_path: Path) -> None:
     store = f"sqlite:///{folder}/mlflow.db"
     (plan,) = load_and_expand(str(spec), output_root=str(folder / "runs")).runs
     client = MlflowClient(store)
-    run = client.create_run(client.create_experiment("mini"), tags={"kind": "train", "scale": "tiny",
-                                                                    "run_key": plan.key})
+    run = client.create_run(
+        client.create_experiment("mini"), tags={"kind": "train", "scale": "tiny", "run_key": plan.key}
+    )
     client.set_terminated(run.info.run_id, "FINISHED")
-    launched = cli("harness.launch", str(spec), "--executor", "local", "--output-root", str(folder / "runs"),
-                   "--tracking-uri", store, cwd=folder)
+    launched = cli(
+        "harness.launch",
+        str(spec),
+        "--executor",
+        "local",
+        "--output-root",
+        str(folder / "runs"),
+        "--tracking-uri",
+        store,
+        cwd=folder,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     (line,) = [line for line in launched.stdout.splitlines() if line.startswith("MLflow UI: ")]
-    words = shlex.split(line[len("MLflow UI: "):].split("   (then")[0])
+    words = shlex.split(line[len("MLflow UI: ") :].split("   (then")[0])
     assert words == ["mlflow", "ui", "--backend-store-uri", store], line

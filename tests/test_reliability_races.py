@@ -4,6 +4,7 @@ runs, interruptions that end runs KILLED with a reason, a locked store in one li
 Through the real commands as subprocesses against real SQLite stores, real local submitit jobs,
 a real `BEGIN EXCLUSIVE` held by another process and real SIGINTs to a process group (Ctrl-C).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import optuna
 import pytest
@@ -47,15 +49,30 @@ def popen(module: str, *args: str, cwd: Path) -> subprocess.Popen:
     """A command in its own process group (a terminal's foreground job: Ctrl-C reaches all of it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     STARTED.append(proc)
     return proc
 
 
 def launch_args(tmp: Path, spec: Path, *extra: str) -> list[str]:
-    return [str(spec), "--executor", "local", "--output-root", str(tmp / "runs"),
-            "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", *extra]
+    return [
+        str(spec),
+        "--executor",
+        "local",
+        "--output-root",
+        str(tmp / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp}/mlflow.db",
+        *extra,
+    ]
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -70,8 +87,13 @@ def running(tmp: Path, kind: str = "train") -> bool:
     set up the store's tables itself, racing the command that is creating them."""
     try:
         with sqlite3.connect(f"file:{tmp / 'mlflow.db'}?mode=ro", uri=True, timeout=1) as con:
-            return bool(con.execute("select count(*) from runs r join tags t on t.run_uuid = r.run_uuid where "
-                                    "t.key = 'kind' and t.value = ? and r.status = 'RUNNING'", (kind,)).fetchone()[0])
+            return bool(
+                con.execute(
+                    "select count(*) from runs r join tags t on t.run_uuid = r.run_uuid where "
+                    "t.key = 'kind' and t.value = ? and r.status = 'RUNNING'",
+                    (kind,),
+                ).fetchone()[0]
+            )
     except sqlite3.Error:  # no store, or no tables yet
         return False
 
@@ -115,8 +137,11 @@ def start_together(tmp: Path, module: str, args: list[str]) -> tuple[list[subpro
     held.acquire()
     procs = [popen(module, *args, cwd=tmp) for _ in range(2)]
     errs = [Lines(p.stderr) for p in procs]
-    wait_until(lambda: all(any(WAITING in line for line in e.lines) for e in errs) or
-               any(p.poll() is not None for p in procs), 120, "both to wait for the lock")
+    wait_until(
+        lambda: all(any(WAITING in line for line in e.lines) for e in errs) or any(p.poll() is not None for p in procs),
+        120,
+        "both to wait for the lock",
+    )
     held.release()
     return procs, errs
 
@@ -171,35 +196,55 @@ def test_two_launches_at_once_on_a_new_store_make_one_run_and_one_job(tmp_path: 
     training = tmp_path / "in-flight"  # the teacher's folder as it is while it trains
     shutil.copytree(teacher, training, ignore=shutil.ignore_patterns("model.pth", "result.json"))
     assert (training / "checkpoint.pth").is_file()
-    student = write(tmp_path / "student.yaml", {
-        "model": {"name": "dynamicvit_tiny_patch8_64", "variant": "dense"},
-        "data": {"name": "cluttered_mnist", "train_digits": 64, "val_digits": 32, "val_placements": 1},
-        "aug": {"mixup": 0, "cutmix": 0, "label_smoothing": 0}, "train": {"epochs": 1, "batch_size": 32},
-        "losses": {"kl": 0, "token": 0}, "output_dir": str(tmp_path / "student"),
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "visualize_images": 0}})
+    student = write(
+        tmp_path / "student.yaml",
+        {
+            "model": {"name": "dynamicvit_tiny_patch8_64", "variant": "dense"},
+            "data": {"name": "cluttered_mnist", "train_digits": 64, "val_digits": 32, "val_placements": 1},
+            "aug": {"mixup": 0, "cutmix": 0, "label_smoothing": 0},
+            "train": {"epochs": 1, "batch_size": 32},
+            "losses": {"kl": 0, "token": 0},
+            "output_dir": str(tmp_path / "student"),
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "visualize_images": 0},
+        },
+    )
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
     refused = cli("harness.train", str(student), f"train.init_from={training}", cwd=tmp_path, timeout=240)
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 1 and len(lines) == 1, refused.stderr
-    assert lines[0].startswith(f"train.init_from: {training} holds no finished run (no result.json and model.pth"), lines
+    assert lines[0].startswith(f"train.init_from: {training} holds no finished run (no result.json and model.pth"), (
+        lines
+    )
     client.update_run(run.info.run_id, status="RUNNING")  # result.json is written just before FINISHED
     refused = cli("harness.train", str(student), f"train.init_from={teacher}", cwd=tmp_path, timeout=240)
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 1 and len(lines) == 1, refused.stderr
-    assert lines[0].startswith(f"train.init_from: {teacher}: its MLflow run {run.info.run_id} is RUNNING, not "
-                               "FINISHED"), lines
+    assert lines[0].startswith(
+        f"train.init_from: {teacher}: its MLflow run {run.info.run_id} is RUNNING, not FINISHED"
+    ), lines
     assert not any((tmp_path / "student").iterdir())  # harness.train makes the folder; nothing trained into it
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
     client.update_run(run.info.run_id, status="FINISHED")
-    launched = cli("harness.launch", str(path), f"base.train.init_from={training}", "--executor", "local",
-                   "--output-root", str(tmp_path / "other"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                   cwd=tmp_path, timeout=240)  # a launched job: its run FAILED, the reason in its `error` tag
+    launched = cli(
+        "harness.launch",
+        str(path),
+        f"base.train.init_from={training}",
+        "--executor",
+        "local",
+        "--output-root",
+        str(tmp_path / "other"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        cwd=tmp_path,
+        timeout=240,
+    )  # a launched job: its run FAILED, the reason in its `error` tag
     assert launched.returncode == 1, launched.stderr
     (failed,) = [r for r in train_runs(tmp_path) if r.info.run_id != run.info.run_id]
     assert failed.info.status == "FAILED"
-    assert failed.data.tags["error"].startswith(f"SourceNotFinished: train.init_from: {training} holds no finished "
-                                                "run"), failed.data.tags
+    assert failed.data.tags["error"].startswith(
+        f"SourceNotFinished: train.init_from: {training} holds no finished run"
+    ), failed.data.tags
 
 
 # -------------------------------------------------- case 11: a store another process holds locked
@@ -207,18 +252,27 @@ def test_two_launches_at_once_on_a_new_store_make_one_run_and_one_job(tmp_path: 
 def test_a_locked_store_is_one_line_within_30_s_and_nothing_is_written(tmp_path: Path) -> None:
     path = write(tmp_path / "t.yaml", teacher_only())
     MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()  # an existing store
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sqlite3, sys, time\n"
-        f"con = sqlite3.connect({str(tmp_path / 'mlflow.db')!r}, isolation_level=None)\n"
-        "con.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(120)\n")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sqlite3, sys, time\n"
+                f"con = sqlite3.connect({str(tmp_path / 'mlflow.db')!r}, isolation_level=None)\n"
+                "con.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(120)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = snapshot(tmp_path)
         started = time.monotonic()
-        commands = [popen("harness.status", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                          cwd=tmp_path),
-                    popen("harness.launch", *launch_args(tmp_path, path), cwd=tmp_path)]
+        commands = [
+            popen("harness.status", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path),
+            popen("harness.launch", *launch_args(tmp_path, path), cwd=tmp_path),
+        ]
         results = [(p.wait(timeout=60), p.communicate()[1], time.monotonic() - started) for p in commands]
     finally:
         holder.kill()
@@ -242,8 +296,9 @@ def test_ctrl_c_to_a_launch_ends_its_run_killed_with_the_reason_in_one_line(tmp_
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "harness.launch: interrupted", err
     (run,) = train_runs(tmp_path)
     assert run.info.status == "KILLED", run.info.status
-    assert run.data.tags["error"].startswith("interrupted: Ctrl-C (SIGINT) to the launch; stopped at its last "
-                                             "checkpoint"), run.data.tags.get("error")
+    assert run.data.tags["error"].startswith(
+        "interrupted: Ctrl-C (SIGINT) to the launch; stopped at its last checkpoint"
+    ), run.data.tags.get("error")
 
 
 # -------------------------------------------------- case 9: Ctrl-C during a search's enqueued first trial
@@ -253,8 +308,14 @@ def search_spec() -> dict[str, Any]:
     spec = json.loads(json.dumps(SPEC))
     spec["base"]["data"]["train_digits"] = 256
     spec["scales"]["tiny"]["train"] = {"epochs": 2}
-    spec["search"] = {"space": {"model.keep_ratio": {"low": 0.5, "high": 0.9}}, "objectives": ["val/acc1"],
-                      "trials": 1, "workers": 1, "max_failed": 3, "enqueue": [{"model.keep_ratio": 0.7}]}
+    spec["search"] = {
+        "space": {"model.keep_ratio": {"low": 0.5, "high": 0.9}},
+        "objectives": ["val/acc1"],
+        "trials": 1,
+        "workers": 1,
+        "max_failed": 3,
+        "enqueue": [{"model.keep_ratio": 0.7}],
+    }
     return spec
 
 
@@ -263,11 +324,21 @@ def test_two_searches_at_once_share_one_parent_and_ctrl_c_keeps_the_enqueued_poi
     drive the same study under one parent run. Ctrl-C during the enqueued first trial (case 9): the
     parent run ends KILLED with the reason, and the rerun trains the enqueued point again."""
     path = write(tmp_path / "search.yaml", search_spec())
-    args = [str(path), "--executor", "local", "--output-root", str(tmp_path / "runs"),
-            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    args = [
+        str(path),
+        "--executor",
+        "local",
+        "--output-root",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+    ]
     searches, errs = start_together(tmp_path, "harness.search", args)
-    wait_until(lambda: running(tmp_path, "trial") or
-               any(s.poll() is not None for s in searches), 240, "the first trial to train")
+    wait_until(
+        lambda: running(tmp_path, "trial") or any(s.poll() is not None for s in searches),
+        240,
+        "the first trial to train",
+    )
     assert all(s.poll() is None for s in searches), [e.text() for e in errs]
     for search in searches:
         os.killpg(search.pid, signal.SIGINT)

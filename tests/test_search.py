@@ -1,5 +1,6 @@
 """Searches through their CLI: real Optuna storages (journal file, SQLite), real worker processes
 (local submitit jobs and the local SLURM of scripts/slurm-local.sh), MLflow's contents."""
+
 from __future__ import annotations
 
 import copy
@@ -44,8 +45,10 @@ SPEC: dict[str, Any] = {
     },
     "scales": {
         "tiny": {"slurm": {"cpus_per_task": 1, "timeout_min": 20}},
-        "paper": {"model.name": "dynamicvit_deit_small_patch16_224",
-                  "data": {"name": "imagenet", "root": "/nonexistent/ILSVRC2012"}},
+        "paper": {
+            "model.name": "dynamicvit_deit_small_patch16_224",
+            "data": {"name": "imagenet", "root": "/nonexistent/ILSVRC2012"},
+        },
     },
     "search": {
         "space": {
@@ -75,8 +78,17 @@ def write_spec(tmp: Path, spec: dict[str, Any], name: str = "search.yaml") -> Pa
 
 
 def cli_args(tmp: Path, spec: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "harness.search", str(spec), "--output-root", str(tmp / "runs"),
-            "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", *args]
+    return [
+        sys.executable,
+        "-m",
+        "harness.search",
+        str(spec),
+        "--output-root",
+        str(tmp / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp}/mlflow.db",
+        *args,
+    ]
 
 
 def run_search(tmp: Path, spec: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -105,33 +117,63 @@ def done(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 # ------------------------------------------------------------------------------ validation
-@pytest.mark.parametrize("mutate, fragment", [
-    (lambda s: s["search"]["space"]["model.keep_ratio"].update(low=0.9, high=0.5),
-     "search.space.model.keep_ratio: low must not exceed high, got low=0.9, high=0.5"),
-    (lambda s: s["search"]["space"]["gumbel.tau"].update(low=0.0),
-     "search.space.gumbel.tau: a log scale needs low > 0, got low=0.0"),
-    (lambda s: s["search"]["space"].update({"model.keep_ratoi": s["search"]["space"].pop("model.keep_ratio")}),
-     "search.space.model.keep_ratoi: unknown key (did you mean 'keep_ratio'?)"),
-    (lambda s: s["search"]["space"].update({"optim.learning_rate": {"low": 1e-4, "high": 1e-2}}),
-     "search.space.optim.learning_rate: unknown key"),
-    (lambda s: s["search"]["space"]["model.keep_ratio"].update(high=1.5),
-     "search.space.model.keep_ratio: Input should be less than or equal to 1, got 1.5"),
-    (lambda s: s["search"]["space"].update({"gumbel.schedule": ["constant", "zigzag"]}),
-     "search.space.gumbel.schedule: Input should be 'constant', 'linear', 'cosine' or 'exponential', got 'zigzag'"),
-    (lambda s: s["search"].update(pruner={"name": "median"}),
-     "search.pruner: Optuna prunes single-objective studies only (use none), got 'median'"),
-    (lambda s: s["search"].update(objectives=["val/top1"]), "search.objectives.0.metric: unknown metric"),
-    (lambda s: s["search"].update(storage="sqlite:///study.db"), "search.storage.url: SQLite is for one process"),
-    (lambda s: s["search"].update(trials=0), "search.trials: Input should be greater than 0, got 0"),
-    (lambda s: s["base"]["model"].update(keep_ratio=2), "base.model.keep_ratio: Input should be less than or equal to 1"),
-])
-def test_invalid_search_specs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], mutate,
-                                                  fragment: str) -> None:
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (
+            lambda s: s["search"]["space"]["model.keep_ratio"].update(low=0.9, high=0.5),
+            "search.space.model.keep_ratio: low must not exceed high, got low=0.9, high=0.5",
+        ),
+        (
+            lambda s: s["search"]["space"]["gumbel.tau"].update(low=0.0),
+            "search.space.gumbel.tau: a log scale needs low > 0, got low=0.0",
+        ),
+        (
+            lambda s: s["search"]["space"].update({"model.keep_ratoi": s["search"]["space"].pop("model.keep_ratio")}),
+            "search.space.model.keep_ratoi: unknown key (did you mean 'keep_ratio'?)",
+        ),
+        (
+            lambda s: s["search"]["space"].update({"optim.learning_rate": {"low": 1e-4, "high": 1e-2}}),
+            "search.space.optim.learning_rate: unknown key",
+        ),
+        (
+            lambda s: s["search"]["space"]["model.keep_ratio"].update(high=1.5),
+            "search.space.model.keep_ratio: Input should be less than or equal to 1, got 1.5",
+        ),
+        (
+            lambda s: s["search"]["space"].update({"gumbel.schedule": ["constant", "zigzag"]}),
+            "search.space.gumbel.schedule: Input should be 'constant', 'linear', 'cosine' or 'exponential', got 'zigzag'",
+        ),
+        (
+            lambda s: s["search"].update(pruner={"name": "median"}),
+            "search.pruner: Optuna prunes single-objective studies only (use none), got 'median'",
+        ),
+        (lambda s: s["search"].update(objectives=["val/top1"]), "search.objectives.0.metric: unknown metric"),
+        (lambda s: s["search"].update(storage="sqlite:///study.db"), "search.storage.url: SQLite is for one process"),
+        (lambda s: s["search"].update(trials=0), "search.trials: Input should be greater than 0, got 0"),
+        (
+            lambda s: s["base"]["model"].update(keep_ratio=2),
+            "base.model.keep_ratio: Input should be less than or equal to 1",
+        ),
+    ],
+)
+def test_invalid_search_specs_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mutate, fragment: str
+) -> None:
     spec = copy.deepcopy(SPEC)
     mutate(spec)
     path = write_spec(tmp_path, spec)
-    code = search_cli.main([str(path), "--executor", "local", "--output-root", str(tmp_path / "runs"),
-                            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    code = search_cli.main(
+        [
+            str(path),
+            "--executor",
+            "local",
+            "--output-root",
+            str(tmp_path / "runs"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/mlflow.db",
+        ]
+    )
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith(f"{path}: ") and fragment in lines[0], lines
@@ -140,19 +182,25 @@ def test_invalid_search_specs_are_one_line_errors(tmp_path: Path, capsys: pytest
 
 def test_dry_run_validates_without_torch_and_chooses_the_storage(tmp_path: Path) -> None:
     spec = copy.deepcopy(SPEC)
-    spec["search"]["space"] = {"model": {"keep_ratio": {"low": 0.5, "high": 0.9}}, "optim.lr": {"low": 1e-5, "high": 1e-3,
-                                                                                                  "log": True}}
+    spec["search"]["space"] = {
+        "model": {"keep_ratio": {"low": 0.5, "high": 0.9}},
+        "optim.lr": {"low": 1e-5, "high": 1e-3, "log": True},
+    }
     path = write_spec(tmp_path, spec)
-    code = ("import sys, runpy; sys.argv = ['harness.search', *sys.argv[1:]]\n"
-            "try:\n    runpy.run_module('harness.search', run_name='__main__')\n"
-            "except SystemExit as e:\n    assert e.code == 0, e.code\n"
-            "assert 'torch' not in sys.modules and 'optuna' not in sys.modules, 'a dry run imported torch/optuna'\n")
+    code = (
+        "import sys, runpy; sys.argv = ['harness.search', *sys.argv[1:]]\n"
+        "try:\n    runpy.run_module('harness.search', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "assert 'torch' not in sys.modules and 'optuna' not in sys.modules, 'a dry run imported torch/optuna'\n"
+    )
     common = [str(path), "--dry-run", "--executor", "local", "--output-root", str(tmp_path / "runs")]
     several = subprocess.run([sys.executable, "-c", code, *common], cwd=REPO, capture_output=True, text=True)
     assert several.returncode == 0, several.stderr
     assert f"storage journal {study_dir(tmp_path)}/study.journal" in several.stdout
     assert "model.keep_ratio  float [0.5, 0.9]  (base 0.7)" in several.stdout and "optim.lr" in several.stdout
-    one = subprocess.run([sys.executable, "-c", code, *common, "--workers", "1"], cwd=REPO, capture_output=True, text=True)
+    one = subprocess.run(
+        [sys.executable, "-c", code, *common, "--workers", "1"], cwd=REPO, capture_output=True, text=True
+    )
     assert one.returncode == 0 and f"storage sqlite sqlite:///{study_dir(tmp_path)}/study.db" in one.stdout, one.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -166,9 +214,13 @@ def test_a_password_written_into_the_storage_url_is_warned_about_and_never_shown
     assert typed.returncode == 0, typed.stderr
     (warning,) = [line for line in typed.stderr.splitlines() if line.startswith("warning: ")]
     assert "search.storage.url: the password is written out" in warning and "${OPTUNA_STORAGE}" in warning
-    via_env = subprocess.run(cli_args(tmp_path, write_spec(tmp_path, spec_with(storage={"url": "${OPTUNA_STORAGE}"}),
-                                                          "env.yaml"), *common),
-                             cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "OPTUNA_STORAGE": url})
+    via_env = subprocess.run(
+        cli_args(tmp_path, write_spec(tmp_path, spec_with(storage={"url": "${OPTUNA_STORAGE}"}), "env.yaml"), *common),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OPTUNA_STORAGE": url},
+    )
     assert via_env.returncode == 0 and "warning: " not in via_env.stderr, via_env.stderr
     assert "s3cret-pw" not in typed.stdout + typed.stderr + via_env.stdout + via_env.stderr
 
@@ -241,8 +293,11 @@ def test_optuna_dashboard_serves_the_journal_study(tiny_search: dict[str, Any]) 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([str(dashboard), str(study_dir(tiny_search["tmp"]) / "study.journal"), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [str(dashboard), str(study_dir(tiny_search["tmp"]) / "study.journal"), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline, body = time.time() + 60, ""
         while time.time() < deadline and not body:
@@ -264,9 +319,14 @@ def test_optuna_dashboard_serves_the_journal_study(tiny_search: dict[str, Any]) 
 def test_median_pruner_stops_a_clearly_bad_trial(tmp_path: Path) -> None:
     # Fine-tuning starts from the trained dense teacher: a small learning rate keeps its accuracy,
     # lr 1.0 wrecks it at the first epoch. One worker (SQLite with heartbeats), trials in a known order.
-    spec = spec_with(space={"optim.lr": {"low": 1e-5, "high": 1.0, "log": True}}, objectives=["val/acc1"],
-                     pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0}, trials=4, workers=1,
-                     enqueue=[{"optim.lr": 1e-4}, {"optim.lr": 3e-4}, {"optim.lr": 1.0}])
+    spec = spec_with(
+        space={"optim.lr": {"low": 1e-5, "high": 1.0, "log": True}},
+        objectives=["val/acc1"],
+        pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
+        trials=4,
+        workers=1,
+        enqueue=[{"optim.lr": 1e-4}, {"optim.lr": 3e-4}, {"optim.lr": 1.0}],
+    )
     spec["base"]["model"]["pretrained"] = str(TEACHER)
     spec["base"]["train"]["epochs"] = 2
     spec["base"]["data"]["val_digits"] = 64
@@ -289,8 +349,13 @@ def test_median_pruner_stops_a_clearly_bad_trial(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- failed worker
 def test_killed_worker_fails_its_trial_and_the_budget_is_still_met(tmp_path: Path) -> None:
     spec = spec_with(objectives=["val/acc1"], pruner={"name": "none"})
-    proc = subprocess.Popen(cli_args(tmp_path, write_spec(tmp_path, spec), "--executor", "local"), cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli_args(tmp_path, write_spec(tmp_path, spec), "--executor", "local"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     journal = study_dir(tmp_path) / "study.journal"
     victim = None
     deadline = time.time() + 300
@@ -330,7 +395,9 @@ def test_two_workers_on_slurm(tmp_path: Path) -> None:
         subprocess.run(["scancel", "--name", f"{name}-trials"], capture_output=True)
         raise
     assert result.returncode == 0, result.stderr[-4000:]
-    study = load(tmp_path, name=name)  # auto storage: a journal file, the default partition of the test cluster being one node
+    study = load(
+        tmp_path, name=name
+    )  # auto storage: a journal file, the default partition of the test cluster being one node
     assert len(done(study)) == 4
     workers = {t.user_attrs["worker"] for t in study.trials}
     assert all("_" in w for w in workers), workers  # SLURM array tasks: <array job>_<index>

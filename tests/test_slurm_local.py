@@ -28,9 +28,7 @@ def _cluster_problem() -> str | None:
     if shutil.which("sinfo") is None:
         return "sinfo is not on PATH (start a cluster: bash scripts/slurm-local.sh start)"
     try:
-        proc = subprocess.run(
-            ["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=15
-        )
+        proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=15)
     except subprocess.TimeoutExpired:
         return "sinfo did not answer within 15 s"
     if proc.returncode != 0:

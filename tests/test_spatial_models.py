@@ -5,6 +5,7 @@ Against the official code itself (same random weights, batch 1/2/3, fixed Gumbel
 value) the models were checked by hand outside the project (docs/models.md, "Swin and ConvNeXt"); the
 tests here check the same properties against the formulas and the official key names.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 SWIN, CONVNEXT = "dynamicswin_micro_patch1_window4_32", "dynamicconvnext_micro_patch1_32"
 MICROS = (SWIN, CONVNEXT)
 OFFICIAL_NAMES = (  # issue 13: the official model zoo's Swin and ConvNeXt models
-    "dynamicswin_tiny_patch4_window7_224", "dynamicswin_small_patch4_window7_224",
-    "dynamicswin_base_patch4_window7_224", "dynamicconvnext_tiny", "dynamicconvnext_small",
+    "dynamicswin_tiny_patch4_window7_224",
+    "dynamicswin_small_patch4_window7_224",
+    "dynamicswin_base_patch4_window7_224",
+    "dynamicconvnext_tiny",
+    "dynamicconvnext_small",
     "dynamicconvnext_base",
 )
 # 196 positions in the third stage (the 224 px grid), at micro cost
@@ -53,9 +57,12 @@ def test_the_official_names_are_registered_with_their_locations() -> None:
     assert set(OFFICIAL_NAMES) <= set(timm.list_models("dynamic*"))
     locations = {name: SPATIAL_MODELS[name]["pruning_loc"] for name in OFFICIAL_NAMES}
     assert locations == {  # HEAD main.py:278-405
-        "dynamicswin_tiny_patch4_window7_224": (1, 2, 3), "dynamicswin_small_patch4_window7_224": (2, 4, 6),
-        "dynamicswin_base_patch4_window7_224": (2, 4, 6), "dynamicconvnext_tiny": (1, 2, 3),
-        "dynamicconvnext_small": (3, 6, 9), "dynamicconvnext_base": (3, 6, 9),
+        "dynamicswin_tiny_patch4_window7_224": (1, 2, 3),
+        "dynamicswin_small_patch4_window7_224": (2, 4, 6),
+        "dynamicswin_base_patch4_window7_224": (2, 4, 6),
+        "dynamicconvnext_tiny": (1, 2, 3),
+        "dynamicconvnext_small": (3, 6, 9),
+        "dynamicconvnext_base": (3, 6, 9),
     }
 
 
@@ -75,7 +82,7 @@ def test_trains_and_infers_at_every_batch_size(name: str) -> None:
     assert all(new[n].abs().sum() > 0 for n in new if "score_predictor" in n and n.endswith("out_conv.4.weight"))
     model.eval()
     with torch.no_grad():  # the official Swin crashes at batch 2 (its `len(x) == 2` test): ours must not
-        one_by_one = torch.cat([model(x[i:i + 1]) for i in range(3)])
+        one_by_one = torch.cat([model(x[i : i + 1]) for i in range(3)])
         for batch in (1, 2, 3):
             torch.testing.assert_close(model(x[:batch]), one_by_one[:batch], rtol=0, atol=1e-5)
 
@@ -93,8 +100,10 @@ def test_official_keep_counts_per_location(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MICROS)
-@pytest.mark.parametrize("plan", [dict(pruning_loc=[1], stage_ratios=[0.5]),
-                                  dict(stage_ratios=[1.0, 1.0, 1.0]), dict(stage_ratios=[0.0, 0.0, 0.0])])
+@pytest.mark.parametrize(
+    "plan",
+    [dict(pruning_loc=[1], stage_ratios=[0.5]), dict(stage_ratios=[1.0, 1.0, 1.0]), dict(stage_ratios=[0.0, 0.0, 0.0])],
+)
 def test_pruned_path_equals_masked_path(name: str, plan: dict) -> None:
     """Where no decision flips between locations, the gathered inference path computes the training
     path's blend exactly (exact top-k decisions). Where one flips, the official training path reads
@@ -129,7 +138,8 @@ def test_no_nan_at_keep_ratio_0_1(name: str) -> None:
         t = teacher.forward_masked(x)
     out = model.train()(x)
     loss, parts = SpatialSparsificationLoss(LossConfig(ratio=10.0), model.stage_ratios, torch.nn.CrossEntropyLoss())(
-        out, torch.arange(4), (t.logits, t.tokens))
+        out, torch.arange(4), (t.logits, t.tokens)
+    )
     loss.backward()
     assert torch.isfinite(loss) and set(parts) == {"cls", "ratio", "kl", "token"}
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -140,7 +150,9 @@ def test_no_nan_at_keep_ratio_0_1(name: str) -> None:
 def test_bad_arguments_are_one_line_errors() -> None:
     with pytest.raises(ValueError, match=r"^variant: must be one of dense, dynamic .*got 'static'$"):
         build(SWIN, variant="static")
-    with pytest.raises(ValueError, match=r"^pruning_loc: each location must be a third-stage block index in \[0, 3\], got \[1, 4\]$"):
+    with pytest.raises(
+        ValueError, match=r"^pruning_loc: each location must be a third-stage block index in \[0, 3\], got \[1, 4\]$"
+    ):
         build(CONVNEXT, pruning_loc=[1, 4])
     with pytest.raises(ValueError, match=r"^input: expected images of shape \(3, 32, 32\), got \(3, 64, 64\)$"):
         build(SWIN).eval()(torch.zeros(1, 3, 64, 64))
@@ -155,21 +167,40 @@ def official_swin_keys(depths, locs, resolution, window) -> set[str]:
     """The official DynamicSwin state dict's keys, written out from dyswin.py's module tree."""
     keys = {f"patch_embed.{m}.{p}" for m in ("proj", "norm") for p in ("weight", "bias")}
     for i, depth in enumerate(depths):
-        res = resolution // 2 ** i
+        res = resolution // 2**i
         for j in range(depth):
             b = f"layers.{i}.blocks.{j}."
-            keys |= {b + k for k in ("norm1.weight", "norm1.bias", "attn.relative_position_bias_table",
-                                     "attn.relative_position_index", "attn.qkv.weight", "attn.qkv.bias",
-                                     "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
-                                     "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")}
+            keys |= {
+                b + k
+                for k in (
+                    "norm1.weight",
+                    "norm1.bias",
+                    "attn.relative_position_bias_table",
+                    "attn.relative_position_index",
+                    "attn.qkv.weight",
+                    "attn.qkv.bias",
+                    "attn.proj.weight",
+                    "attn.proj.bias",
+                    "norm2.weight",
+                    "norm2.bias",
+                    "mlp.fc1.weight",
+                    "mlp.fc1.bias",
+                    "mlp.fc2.weight",
+                    "mlp.fc2.bias",
+                )
+            }
             if j % 2 and res > window:  # shifted windows register their attention mask
                 keys.add(b + "attn_mask")
             if i == 2 and j >= locs[0]:
                 keys |= {b + f"fastmlp.fc1.{m}.{p}" for m in (0, 1) for p in ("weight", "bias")}
         if i < len(depths) - 1:
             keys |= {f"layers.{i}.downsample.{k}" for k in ("reduction.weight", "norm.weight", "norm.bias")}
-    keys |= {f"layers.2.score_predictor.{s}.{m}.{p}" for s in range(len(locs))
-             for m in ("in_conv.0", "in_conv.1", "out_conv.0", "out_conv.2", "out_conv.4") for p in ("weight", "bias")}
+    keys |= {
+        f"layers.2.score_predictor.{s}.{m}.{p}"
+        for s in range(len(locs))
+        for m in ("in_conv.0", "in_conv.1", "out_conv.0", "out_conv.2", "out_conv.4")
+        for p in ("weight", "bias")
+    }
     return keys | {"norm.weight", "norm.bias", "head.weight", "head.bias"}
 
 
@@ -179,13 +210,37 @@ def official_convnext_keys(depths, locs) -> set[str]:
     for i, depth in enumerate(depths):
         for j in range(depth):
             b = f"stages.{i}.{j}."
-            keys |= {b + k for k in ("dwconv.weight", "dwconv.bias", "norm.weight", "norm.bias", "pwconv1.weight",
-                                     "pwconv1.bias", "pwconv2.weight", "pwconv2.bias", "gamma")}
+            keys |= {
+                b + k
+                for k in (
+                    "dwconv.weight",
+                    "dwconv.bias",
+                    "norm.weight",
+                    "norm.bias",
+                    "pwconv1.weight",
+                    "pwconv1.bias",
+                    "pwconv2.weight",
+                    "pwconv2.bias",
+                    "gamma",
+                )
+            }
             if i == 2 and j >= locs[0]:
-                keys |= {b + k for k in ("fast_path.0.weight", "fast_path.0.bias", "fast_path.1.weight",
-                                         "fast_path.1.bias", "fast_path_gamma")}
-    keys |= {f"score_predictor.{s}.{m}.{p}" for s in range(len(locs))
-             for m in ("in_conv.0", "in_conv.1", "out_conv.0", "out_conv.2", "out_conv.4") for p in ("weight", "bias")}
+                keys |= {
+                    b + k
+                    for k in (
+                        "fast_path.0.weight",
+                        "fast_path.0.bias",
+                        "fast_path.1.weight",
+                        "fast_path.1.bias",
+                        "fast_path_gamma",
+                    )
+                }
+    keys |= {
+        f"score_predictor.{s}.{m}.{p}"
+        for s in range(len(locs))
+        for m in ("in_conv.0", "in_conv.1", "out_conv.0", "out_conv.2", "out_conv.4")
+        for p in ("weight", "bias")
+    }
     return keys | {"norm.weight", "norm.bias", "head.weight", "head.bias"}
 
 
@@ -215,10 +270,15 @@ def to_official_convnext(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    (SWIN, {}), (CONVNEXT, {}),
-    ("dynamicswin_tiny_patch4_window7_224", {}), ("dynamicconvnext_small", {}),
-])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        (SWIN, {}),
+        (CONVNEXT, {}),
+        ("dynamicswin_tiny_patch4_window7_224", {}),
+        ("dynamicconvnext_small", {}),
+    ],
+)
 def test_an_official_state_dict_loads_strictly(name: str, kwargs: dict) -> None:
     spec = SPATIAL_MODELS[name]
     if name in MICROS:
@@ -227,8 +287,9 @@ def test_an_official_state_dict_loads_strictly(name: str, kwargs: dict) -> None:
         with torch.device("meta"):  # names and shapes only, no memory
             model = build(name, **kwargs)
     if spec["_family"] == "swin":
-        keys = official_swin_keys(spec["depths"], spec["pruning_loc"], spec["img_size"] // spec["patch_size"],
-                                  spec["window_size"])
+        keys = official_swin_keys(
+            spec["depths"], spec["pruning_loc"], spec["img_size"] // spec["patch_size"], spec["window_size"]
+        )
         official = to_official_swin(model.state_dict(), keys)
     else:
         keys = official_convnext_keys(spec["depths"], spec["pruning_loc"])
@@ -246,8 +307,11 @@ def test_an_official_state_dict_loads_strictly(name: str, kwargs: dict) -> None:
 @pytest.mark.parametrize("name", MICROS)
 def test_timm_dense_weights_load_with_only_predictors_and_fast_paths_missing(name: str, tmp_path: Path) -> None:
     spec = SPATIAL_MODELS[name]
-    timm_name, arch = ("swin", timm.models.swin_transformer.SwinTransformer) if spec["_family"] == "swin" \
+    timm_name, arch = (
+        ("swin", timm.models.swin_transformer.SwinTransformer)
+        if spec["_family"] == "swin"
         else ("convnext", timm.models.convnext.ConvNeXt)
+    )
     kwargs = {k: v for k, v in spec.items() if not k.startswith("_") and k != "pruning_loc"}
     if timm_name == "convnext":
         kwargs.pop("img_size")
@@ -275,7 +339,8 @@ def test_spatial_loss_is_the_official_formula() -> None:
         t = teacher.forward_masked(x)
     cfg = LossConfig(cls=1.0, ratio=10.0, kl=0.5, token=0.5)
     loss, parts = SpatialSparsificationLoss(cfg, model.stage_ratios, torch.nn.CrossEntropyLoss())(
-        out, targets, (t.logits, t.tokens))
+        out, targets, (t.logits, t.tokens)
+    )
     ratio = sum(((d.mean(1) - r) ** 2).mean() for d, r in zip(out.decisions, [0.7, 0.5, 0.3])) / 3
     kl = F.kl_div(out.logits.log_softmax(-1), t.logits.log_softmax(-1), reduction="batchmean", log_target=True)
     mse = ((out.tokens - t.tokens) ** 2).mean()  # the whole map: every position, kept or not
@@ -286,10 +351,13 @@ def test_spatial_loss_is_the_official_formula() -> None:
 
 
 # ---------------------------------------------------------------------------------- FLOPs
-@pytest.mark.parametrize("name,rho,official,dense_official", [
-    ("dynamicswin_tiny_patch4_window7_224", 0.7, 4.06, 4.51),
-    ("dynamicconvnext_tiny", 0.7, 3.59, 4.47),
-])
+@pytest.mark.parametrize(
+    "name,rho,official,dense_official",
+    [
+        ("dynamicswin_tiny_patch4_window7_224", 0.7, 4.06, 4.51),
+        ("dynamicconvnext_tiny", 0.7, 3.59, 4.47),
+    ],
+)
 def test_flops_at_the_zoo_keep_ratio(name: str, rho: float, official: float, dense_official: float) -> None:
     """harness.measure counts matmuls and convolutions; fvcore (the official numbers, backbones.md)
     also counts the LayerNorms, about 0.02-0.04 G more. Counted on the meta device (no compute)."""
@@ -303,11 +371,15 @@ def test_the_readme_flops_table_is_what_harness_measure_counts() -> None:
     """Every "ours" number of the Swin/ConvNeXt FLOPs table of docs/models.md (dense, each zoo keep ratio),
     read from the page itself, against `count_gflops` on the meta device."""
     readme = (REPO / "docs" / "models.md").read_text()
-    rows = re.findall(r"^  \| (Swin|ConvNeXt|DynamicSwin|DynamicCNN)-([TSB]) \| ([0-9./ a-z]+) \| ([0-9./ ]+) \|", readme, re.M)
+    rows = re.findall(
+        r"^  \| (Swin|ConvNeXt|DynamicSwin|DynamicCNN)-([TSB]) \| ([0-9./ a-z]+) \| ([0-9./ ]+) \|", readme, re.M
+    )
     assert len(rows) == 12, rows
     for model, size, rhos, ours in rows:
         family = "swin" if model.endswith("Swin") else "convnext"
-        name = {"swin": f"dynamicswin_{SIZES[size]}_patch4_window7_224", "convnext": f"dynamicconvnext_{SIZES[size]}"}[family]
+        name = {"swin": f"dynamicswin_{SIZES[size]}_patch4_window7_224", "convnext": f"dynamicconvnext_{SIZES[size]}"}[
+            family
+        ]
         for rho, value in zip(rhos.split(" / "), ours.split(" / ")):
             kwargs = {"variant": "dense"} if rho.strip() == "dense" else {"keep_ratio": float(rho)}
             with torch.device("meta"):
@@ -326,7 +398,14 @@ def test_a_spatial_student_trains_through_the_engine(tmp_path: Path) -> None:
     torch.save({"model": dense.state_dict()}, teacher)
     config = {
         "model": {"name": SWIN, "variant": "dynamic", "keep_ratio": 0.7},
-        "data": {"name": "synthetic", "img_size": 32, "in_chans": 3, "num_classes": 10, "train_size": 32, "val_size": 16},
+        "data": {
+            "name": "synthetic",
+            "img_size": 32,
+            "in_chans": 3,
+            "num_classes": 10,
+            "train_size": 32,
+            "val_size": 16,
+        },
         "aug": {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "auto_augment": None, "random_erasing": 0.0},
         "optim": {"warmup_epochs": 0, "backbone_freeze_epochs": 0},
         "losses": {"ratio": 10.0},
@@ -337,8 +416,9 @@ def test_a_spatial_student_trains_through_the_engine(tmp_path: Path) -> None:
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, "-m", "harness.train", str(path)], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.train", str(path)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("spatial").experiment_id])
@@ -361,18 +441,29 @@ def test_the_spatial_recipe_is_heads_swin_convnext_command() -> None:
     cfg = RunConfig.model_validate({"recipe": "dynamicvit-tpami-spatial", "model": {"name": SWIN}})
     t, o, losses = cfg.train, cfg.optim, cfg.losses
     assert (t.batch_size * 8 * t.accum_steps, t.epochs, t.ema, t.precision) == (4096, 120, 0.9999, "fp32")
-    assert (o.lr, o.lr_base_batch, o.warmup_epochs, o.min_lr, o.backbone_lr_scale, o.backbone_freeze_epochs) == \
-        (4e-3, None, 20, 1e-6, 0.2, 5)
+    assert (o.lr, o.lr_base_batch, o.warmup_epochs, o.min_lr, o.backbone_lr_scale, o.backbone_freeze_epochs) == (
+        4e-3,
+        None,
+        20,
+        1e-6,
+        0.2,
+        5,
+    )
     assert (losses.cls.weight, losses.ratio.weight, losses.kl.weight, losses.token.weight) == (1.0, 10.0, 0.5, 0.5)
     assert cfg.model.drop_path == 0.2
     steps = 1281167 // 4096  # ImageNet-1k updates per epoch at the global batch (main.py:486)
     schedule = build_schedule(o, 4096, 120, steps)
     warmup, total = 20 * steps, 120 * steps
     for step in (0, 5 * steps - 1, 5 * steps, warmup - 1, warmup, total // 2, total - 1):
-        expected = (4e-3 * step / (warmup - 1) if step < warmup else
-                    1e-6 + 0.5 * (4e-3 - 1e-6) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))))
+        expected = (
+            4e-3 * step / (warmup - 1)
+            if step < warmup
+            else 1e-6 + 0.5 * (4e-3 - 1e-6) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        )
         assert schedule.base(step) == pytest.approx(expected, rel=1e-12, abs=1e-18)
-        assert schedule.backbone(step) == pytest.approx(0.0 if step < 5 * steps else 0.2 * expected, rel=1e-12, abs=1e-18)
+        assert schedule.backbone(step) == pytest.approx(
+            0.0 if step < 5 * steps else 0.2 * expected, rel=1e-12, abs=1e-18
+        )
     model = build(SWIN)
     groups = {g["name"]: g for g in build_optimizer(model, o, 4096).param_groups}
     new = {id(p) for g in groups.values() if g["is_predictor"] for p in g["params"]}
@@ -384,11 +475,18 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
     """One update from 4 micro-batches of 4 images or from 1 batch of 16: the same gradient (AdamW's
     first moment after one update is 0.1 x the gradient) and the same weights (dense micro ConvNeXt:
     no batch statistics, no randomness)."""
+
     def run(batch: int, accum: int) -> dict:
         config = {
             "model": {"name": CONVNEXT, "variant": "dense"},
-            "data": {"name": "synthetic", "img_size": 32, "in_chans": 3, "num_classes": 10, "train_size": 16,
-                     "val_size": 8},
+            "data": {
+                "name": "synthetic",
+                "img_size": 32,
+                "in_chans": 3,
+                "num_classes": 10,
+                "train_size": 16,
+                "val_size": 8,
+            },
             "aug": {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "auto_augment": None, "random_erasing": 0.0},
             "optim": {"warmup_epochs": 0, "backbone_freeze_epochs": 0, "backbone_lr_scale": 1.0},
             "train": {"epochs": 1, "batch_size": batch, "accum_steps": accum, "ema": None},
@@ -397,8 +495,9 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
         }
         path = tmp_path / f"b{batch}.yaml"
         path.write_text(yaml.safe_dump(config))
-        result = subprocess.run([sys.executable, "-m", "harness.train", str(path)], cwd=REPO,
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-m", "harness.train", str(path)], cwd=REPO, capture_output=True, text=True, timeout=600
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         return torch.load(tmp_path / f"b{batch}" / "checkpoint.pth", map_location="cpu", weights_only=False)
 
@@ -406,7 +505,9 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
     for key, value in big["model"].items():
         torch.testing.assert_close(small["model"][key], value, rtol=0, atol=2e-6)
     for index, state in big["optimizer"]["state"].items():  # a lost micro-batch or a missing 1/4 is far off
-        torch.testing.assert_close(small["optimizer"]["state"][index]["exp_avg"], state["exp_avg"], rtol=1e-3, atol=1e-8)
+        torch.testing.assert_close(
+            small["optimizer"]["state"][index]["exp_avg"], state["exp_avg"], rtol=1e-3, atol=1e-8
+        )
         assert int(small["optimizer"]["state"][index]["step"]) == 1
 
 
@@ -431,8 +532,14 @@ def test_the_spatial_spec_at_both_scales_matches_the_reference_table(tmp_path: P
         else:
             assert cfg.train.epochs == 0 and cfg.model.pretrained == SPATIAL_MODELS[cfg.model.name]["_url"]
     tiny = load_and_expand(spec, scale="tiny").runs
-    assert sorted(r.row for r in tiny) == ["convnext-t/0.7", "convnext-t/0.9", "convnext-t/1.0",
-                                          "swin-t/0.7", "swin-t/0.9", "swin-t/1.0"]
+    assert sorted(r.row for r in tiny) == [
+        "convnext-t/0.7",
+        "convnext-t/0.9",
+        "convnext-t/1.0",
+        "swin-t/0.7",
+        "swin-t/0.9",
+        "swin-t/1.0",
+    ]
     assert {r.config.model.name for r in tiny} == {"dynamicswin_proxy_patch2_window4_64", "dynamicconvnext_proxy_64"}
 
 

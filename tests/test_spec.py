@@ -1,12 +1,14 @@
 """Spec expansion, override precedence, run-key stability and malformed specs, through the
 spec loader and the launcher's CLI entry point (in-process: these never reach a scheduler)."""
+
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -69,11 +71,19 @@ def test_run_keys_ignore_yaml_key_order_and_are_stable_across_processes(tmp_path
     reordered = tmp_path / "reordered"
     reordered.mkdir()
     assert sorted(p.key for p in expand(reordered, reverse(spec)).runs) == sorted(
-        p.key for p in expand(reordered, spec).runs)
-    code = ("import sys; from harness.spec import load_and_expand; "
-            "print(' '.join(p.key for p in load_and_expand(sys.argv[1], [], None, sys.argv[2]).runs))")
-    other = subprocess.run([sys.executable, "-c", code, str(tmp_path / "spec.yaml"), str(tmp_path / "runs")],
-                           cwd=REPO, capture_output=True, text=True, env={"PYTHONHASHSEED": "123", "PATH": ""})
+        p.key for p in expand(reordered, spec).runs
+    )
+    code = (
+        "import sys; from harness.spec import load_and_expand; "
+        "print(' '.join(p.key for p in load_and_expand(sys.argv[1], [], None, sys.argv[2]).runs))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "spec.yaml"), str(tmp_path / "runs")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"PYTHONHASHSEED": "123", "PATH": ""},
+    )
     assert other.returncode == 0, other.stderr
     assert other.stdout.split() == keys
 
@@ -89,6 +99,7 @@ def _malformed() -> list[tuple[str, Callable[[dict], None]]]:
             for part in parents:
                 node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
             node[leaf] = value
+
         return mutate
 
     def drop(key: str) -> Callable[[dict], None]:
@@ -137,15 +148,25 @@ def test_there_are_at_least_fifty_malformed_specs() -> None:
 
 
 @pytest.mark.parametrize("label, mutate", MALFORMED, ids=[label for label, _ in MALFORMED])
-def test_malformed_spec_is_one_line_per_problem_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                       monkeypatch: pytest.MonkeyPatch, label: str, mutate) -> None:
+def test_malformed_spec_is_one_line_per_problem_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, label: str, mutate
+) -> None:
     spec = spec_copy()
     mutate(spec)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     monkeypatch.chdir(tmp_path)
-    code = launch.main([str(path), "--executor", "local", "--output-root", str(tmp_path / "runs"),
-                        "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    code = launch.main(
+        [
+            str(path),
+            "--executor",
+            "local",
+            "--output-root",
+            str(tmp_path / "runs"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/mlflow.db",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, label
     assert err and all(line.startswith(f"{path}: ") for line in err), err
@@ -155,7 +176,8 @@ def test_malformed_spec_is_one_line_per_problem_exit_2(tmp_path: Path, capsys: p
 
 # ------------------------------------------- overrides do what the user meant (issue 23, point 3)
 def test_a_scale_override_shortens_the_students_and_says_the_teacher_keeps_its_epochs(
-        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`scales.tiny.train.epochs=1` on table3: the teacher stage (an evaluation) sets its own epochs (0)."""
     monkeypatch.chdir(REPO)
     table3 = "experiments/table3.yaml"
@@ -166,12 +188,15 @@ def test_a_scale_override_shortens_the_students_and_says_the_teacher_keeps_its_e
     assert len(students) == 7 and {p.config.train.epochs for p in students} == {1}
     assert launch.main([table3, "scales.tiny.train.epochs=1", "--dry-run"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"{table3}: scales.tiny.train.epochs=1: applies to 7 of 8 runs; teacher/teacher keeps its own "
-                   "train.epochs (stages.teacher sets train.epochs = 0)"]
+    assert err == [
+        f"{table3}: scales.tiny.train.epochs=1: applies to 7 of 8 runs; teacher/teacher keeps its own "
+        "train.epochs (stages.teacher sets train.epochs = 0)"
+    ]
 
 
 def test_an_override_is_refused_only_where_it_reaches_no_run_and_advises_only_the_undoing_layers(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     from harness.spec import SpecError
 
     spec = spec_copy()
@@ -185,7 +210,8 @@ def test_an_override_is_refused_only_where_it_reaches_no_run_and_advises_only_th
     assert expanded.notes == [
         f"{path}: scales.tiny.train.epochs=3: applies to 1 of 3 runs; teacher/teacher keeps its own train.epochs "
         "(stages.teacher sets train.epochs = 0); students/static keeps its own train.epochs "
-        "(stages.students.runs.variants[1].set sets train.epochs = 2)"]
+        "(stages.students.runs.variants[1].set sets train.epochs = 2)"
+    ]
     # a stage override that every run of that stage undoes: refused, naming the layer, no wider advice
     spec["stages"]["students"]["runs"]["variants"][0]["set"]["train.epochs"] = 4
     with pytest.raises(SpecError) as err:
@@ -194,11 +220,15 @@ def test_an_override_is_refused_only_where_it_reaches_no_run_and_advises_only_th
         f"{path}: stages.students.train.epochs: has no effect on any run: stages.students.runs.variants[0].set sets "
         "train.epochs = 4 after it (students/dynamic); stages.students.runs.variants[1].set sets train.epochs = 2 "
         "after it (students/static); edit stages.students.runs.variants[0].set.train.epochs in the spec or edit "
-        "stages.students.runs.variants[1].set.train.epochs in the spec instead, got 5"]
+        "stages.students.runs.variants[1].set.train.epochs in the spec instead, got 5"
+    ]
     assert "train.epochs=5" not in err.value.lines[0]  # never the run config key: it would retrain the teacher
     # a section override: one leaf reaching a run is enough; the leaves kept elsewhere are said
     expanded = expand(tmp_path, spec, "stages.students.train={epochs: 5, batch_size: 8}")
     assert {p.name: (p.config.train.epochs, p.config.train.batch_size) for p in expanded.runs} == {
-        "teacher": (0, 32), "dynamic": (4, 8), "static": (2, 16)}
+        "teacher": (0, 32),
+        "dynamic": (4, 8),
+        "static": (2, 16),
+    }
     assert len(expanded.notes) == 1 and "applies to 1 of 2 runs" in expanded.notes[0]
     assert expand(tmp_path, spec, "train.epochs=5").notes == []  # the run config key: every run, no note

@@ -1,10 +1,11 @@
 """harness.tracking against real MLflow stores: a SQLite file and a live `mlflow server`."""
+
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest

@@ -12,6 +12,7 @@ once, finishes, and MLflow has every metric point, those logged during the outag
 One past `tracking.outage_limit_s` (a setting: 3 s here) checkpoints and fails the job, and
 running it again resumes into the same MLflow run with nothing missing.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -26,9 +27,10 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pytest
 import yaml
@@ -44,8 +46,14 @@ TINY: dict[str, Any] = {
     "model": {"name": "dynamicvit_tiny_patch8_64", "variant": "dense"},
     "data": {"name": "cluttered_mnist", "train_digits": 256, "val_digits": 32, "val_placements": 1},
     "aug": {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0},
-    "optim": {"warmup_epochs": 0, "backbone_lr_scale": 1.0, "backbone_freeze_epochs": 0, "freeze": [],
-              "lr_base_batch": 32, "log_every": 1},
+    "optim": {
+        "warmup_epochs": 0,
+        "backbone_lr_scale": 1.0,
+        "backbone_freeze_epochs": 0,
+        "freeze": [],
+        "lr_base_batch": 32,
+        "log_every": 1,
+    },
     "train": {"epochs": EPOCHS, "batch_size": 32, "ema": None},
     "tracking": {"experiment": "outages", "visualize_images": 0, "log_checkpoint": False},
 }
@@ -83,17 +91,21 @@ def start_train(config: Path, **env_overrides: str) -> Job:
     """`python -m harness.train config` with the HTTP settings a job gives itself (harness.tracking.
     http_client_settings), unless `env_overrides` sets them: whatever MLflow settings this process
     has (a command run in-process by an earlier test leaves retries 2 with backoff) are not passed on."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MLFLOW_HTTP_REQUEST_") and k != "DVIT_BOUNDED_MLFLOW_ENV"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MLFLOW_HTTP_REQUEST_") and k != "DVIT_BOUNDED_MLFLOW_ENV"
+    }
     env.update(env_overrides)
     folder = config.parent
     with open(folder / "stdout.log", "wb") as out, open(folder / "stderr.log", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "harness.train", str(config)], cwd=REPO, env=env,
-                                stdout=out, stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "harness.train", str(config)], cwd=REPO, env=env, stdout=out, stderr=err
+        )
     return Job(proc, folder)
 
 
-def training_run(uri: str, job: Job) -> Optional[Run]:
+def training_run(uri: str, job: Job) -> Run | None:
     """The job's run once it has recorded its inputs (the last thing before its first step), else None."""
     assert job.proc.poll() is None, job.err[-3000:]
     client = MlflowClient(uri)
@@ -135,16 +147,21 @@ class Outage:
     folder: Path  # the job's
     begin: Callable[[], None]
     end: Callable[[], None]
-    job: Optional[Job] = None
-    run: Optional[Run] = None
+    job: Job | None = None
+    run: Run | None = None
     began: float = 0.0  # time.time() once the server is down and the job goes on
     ended: float = 0.0  # time.time() just before the server is brought back
 
 
 def tracking_server(folder: Path) -> tuple[dict[str, str], Callable[..., subprocess.CompletedProcess[str]]]:
     """The environment and a runner of scripts/tracking-server.sh for an instance in `folder`."""
-    env = {**os.environ, "TRACKING_DIR": str(folder), "TRACKING_PORT": str(free_port()),
-           "TRACKING_PG_PORT": str(free_port()), "TRACKING_WORKERS": "1"}
+    env = {
+        **os.environ,
+        "TRACKING_DIR": str(folder),
+        "TRACKING_PORT": str(free_port()),
+        "TRACKING_PG_PORT": str(free_port()),
+        "TRACKING_WORKERS": "1",
+    }
 
     def script(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=300, env=env)
@@ -160,39 +177,70 @@ def test_30s_outages_of_server_and_database_are_waited_out(tmp_path: Path) -> No
     FINISHED, with every `train/loss_step` and `val/acc1` point, some logged while the server was down."""
     with contextlib.ExitStack() as stack:
         outages: list[Outage] = []
-        db_start: Optional[subprocess.Popen[str]] = None
+        db_start: subprocess.Popen[str] | None = None
         if CAN_STOP_POSTGRES:  # its start (initdb, PostgreSQL, mlflow server) overlaps the other server's
             folder = Path(f"/tmp/tracking-server-outage-{uuid.uuid4().hex[:8]}")  # postgres must reach it
             env, script = tracking_server(folder)
             stack.callback(shutil.rmtree, folder, ignore_errors=True)
             stack.callback(script, "stop")
-            db_start = subprocess.Popen(["bash", str(SCRIPT), "start"], env=env, text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            db_start = subprocess.Popen(
+                ["bash", str(SCRIPT), "start"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
         else:
-            warnings.warn("the PostgreSQL outage is not tested: it needs root and Debian's PostgreSQL "
-                          "(bash scripts/tracking-server.sh start installs it)")
+            warnings.warn(
+                "the PostgreSQL outage is not tested: it needs root and Debian's PostgreSQL "
+                "(bash scripts/tracking-server.sh start installs it)"
+            )
         taken = {env["TRACKING_PORT"], env["TRACKING_PG_PORT"]} if db_start else set()
         port = next(p for p in iter(free_port, 0) if str(p) not in taken)
         server = stack.enter_context(mlflow_server(tmp_path / "server", port=port))
-        outages.append(Outage(
-            "mlflow server frozen", server.uri, tmp_path / "frozen",
-            begin=lambda: os.killpg(server.pid, signal.SIGSTOP), end=lambda: os.killpg(server.pid, signal.SIGCONT)))
+        outages.append(
+            Outage(
+                "mlflow server frozen",
+                server.uri,
+                tmp_path / "frozen",
+                begin=lambda: os.killpg(server.pid, signal.SIGSTOP),
+                end=lambda: os.killpg(server.pid, signal.SIGCONT),
+            )
+        )
         if db_start is not None:
             _, err = db_start.communicate(timeout=300)
             assert db_start.returncode == 0, err[-3000:]
 
             def stop_db() -> None:
-                stop = subprocess.run(["runuser", "-u", "postgres", "--", str(PG_CTL[-1]), "-D",
-                                       str(folder / "pgdata"), "-m", "fast", "-w", "stop"],
-                                      capture_output=True, text=True, timeout=60)
+                stop = subprocess.run(
+                    [
+                        "runuser",
+                        "-u",
+                        "postgres",
+                        "--",
+                        str(PG_CTL[-1]),
+                        "-D",
+                        str(folder / "pgdata"),
+                        "-m",
+                        "fast",
+                        "-w",
+                        "stop",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
                 assert stop.returncode == 0, stop.stderr
 
             def start_db() -> None:
                 restarted = script("start")  # brings PostgreSQL back; the MLflow server kept running
                 assert restarted.returncode == 0, restarted.stderr[-3000:]
 
-            outages.append(Outage("PostgreSQL stopped", f"http://127.0.0.1:{env['TRACKING_PORT']}",
-                                  tmp_path / "database", begin=stop_db, end=start_db))
+            outages.append(
+                Outage(
+                    "PostgreSQL stopped",
+                    f"http://127.0.0.1:{env['TRACKING_PORT']}",
+                    tmp_path / "database",
+                    begin=stop_db,
+                    end=start_db,
+                )
+            )
 
         for outage in outages:  # default tracking settings; one thread each, as a launch gives a 1-CPU job
             outage.job = start_train(write_config(outage.folder, outage.uri), OMP_NUM_THREADS="1")

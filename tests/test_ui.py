@@ -10,6 +10,7 @@ Screenshots: <pytest basetemp>/ui-screenshots/<test>-<step>.png (by default
 /tmp/pytest-of-$USER/pytest-<N>/ui-screenshots/, or under --basetemp); `<test>-last.png` is the page where
 the test ended, passed or failed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,9 +21,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import optuna
 import pytest
@@ -43,8 +44,15 @@ from tests.test_search import write_spec as write_search_spec
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 # What works on a machine with a closed network (without the background-networking flags Chromium keeps
 # trying to reach Google's hosts); Playwright adds --headless and a fresh --user-data-dir itself.
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 UI_DEFAULT = "http://127.0.0.1:5000"  # where the launch says `mlflow ui` serves a SQLite store
 TIMEOUT_MS = 60_000  # a first render on 2 busy cores can take seconds; a missing element fails after this
 
@@ -105,7 +113,7 @@ class Launched:
         """The UI address the launch printed after `label: `, moved to this test's server."""
         (url,) = [line.split(": ", 1)[1] for line in self.stdout.splitlines() if line.startswith(f"{label}: ")]
         assert url.startswith(UI_DEFAULT + "/#/"), url
-        return self.uri + url[len(UI_DEFAULT):]
+        return self.uri + url[len(UI_DEFAULT) :]
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +151,18 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
     log = tmp / "dashboard.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("optuna-dashboard")), storage, "--host", "127.0.0.1",
-             "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(Path(sys.executable).with_name("optuna-dashboard")),
+                storage,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -163,9 +181,13 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
 
 
 # ------------------------------------------------------------------------------ MLflow UI
-def test_runs_table_lists_the_launch_with_its_child_runs(launched: Launched, page: Page, shot: Callable[[str], None]) -> None:
+def test_runs_table_lists_the_launch_with_its_child_runs(
+    launched: Launched, page: Page, shot: Callable[[str], None]
+) -> None:
     (parent,) = [r for r in launched.runs if r.data.tags.get("kind") == "launch"]
-    children = sorted(r.info.run_name for r in launched.runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    children = sorted(
+        r.info.run_name for r in launched.runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    )
     assert children == ["students/dynamic", "students/static", "teacher/teacher"]
     # The page the launch printed (for a SQLite store, on `mlflow ui`'s default address: here, our server's).
     page.goto(launched.printed_url("runs table"))
@@ -204,8 +226,10 @@ def metric_cells(page: Page, metric: str) -> list[str]:
     expect(link).to_have_count(1)
     top = link.evaluate("a => a.parentElement.offsetTop")
     values.evaluate("(grid, top) => { grid.scrollTop = top; }", top)
-    cells_js = ("([grid, top]) => [...grid.querySelectorAll('[role=rowgroup] > *')]"
-                ".filter(c => c.offsetTop === top).sort((a, b) => a.offsetLeft - b.offsetLeft).map(c => c.innerText)")
+    cells_js = (
+        "([grid, top]) => [...grid.querySelectorAll('[role=rowgroup] > *')]"
+        ".filter(c => c.offsetTop === top).sort((a, b) => a.offsetLeft - b.offsetLeft).map(c => c.innerText)"
+    )
     page.wait_for_function(f"args => ({cells_js})(args).length > 0", arg=[values.element_handle(), top])
     return values.evaluate(f"(grid, top) => ({cells_js})([grid, top])", top)
 
@@ -213,8 +237,9 @@ def metric_cells(page: Page, metric: str) -> list[str]:
 def test_compare_view_of_a_stage_shows_val_acc1_and_the_params_that_differ(
     launched: Launched, page: Page, shot: Callable[[str], None]
 ) -> None:
-    students = sorted((r for r in launched.runs if r.data.tags.get("stage") == "students"),
-                      key=lambda r: r.info.run_name)
+    students = sorted(
+        (r for r in launched.runs if r.data.tags.get("stage") == "students"), key=lambda r: r.info.run_name
+    )
     assert [r.info.run_name for r in students] == ["students/dynamic", "students/static"]
     # The launch's own compare link: every run it ran.
     page.goto(launched.printed_url("compare the runs of this launch"))
@@ -282,7 +307,7 @@ def test_launch_run_shows_the_reproduced_table_its_figures_and_metrics(
     (line,) = [line for line in launched.stdout.splitlines() if line.startswith("MLflow: the report ")]
     url = line.rsplit(" ", 1)[1]
     assert url.startswith(f"{UI_DEFAULT}/#/experiments/{launched.experiment_id}/runs/{parent.info.run_id}?"), line
-    page.goto(launched.uri + url[len(UI_DEFAULT):])
+    page.goto(launched.uri + url[len(UI_DEFAULT) :])
     expect(page.get_by_role("heading", name=parent.info.run_name)).to_be_visible()
     for row in ("a/dynamic", "a/static"):  # the overview's metrics list the table's rows
         expect(page.get_by_text(f"table/{row}/top1", exact=True).first).to_be_visible()
@@ -302,7 +327,9 @@ def test_launch_run_shows_the_reproduced_table_its_figures_and_metrics(
 
 
 # ------------------------------------------------------------------------------ optuna-dashboard
-def test_optuna_dashboard_lists_the_study_and_its_trials(dashboard: Dashboard, page: Page, shot: Callable[[str], None]) -> None:
+def test_optuna_dashboard_lists_the_study_and_its_trials(
+    dashboard: Dashboard, page: Page, shot: Callable[[str], None]
+) -> None:
     trials = dashboard.study.trials
     assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
     page.goto(f"{dashboard.uri}/dashboard")

@@ -1,6 +1,7 @@
 """The model zoo: checkpoint download into the cache (against a real HTTP server on 127.0.0.1),
 sha256 recorded and checked, clear errors offline; experiments/zoo.yaml at the tiny scale end to
 end through the launcher, MLflow and the notebook; its paper scale expanded (dry run)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import jupytext
 import pandas as pd
@@ -47,7 +48,7 @@ class FileServer:
         server = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 server.requests.append(self.path)
                 super().do_GET()
 
@@ -58,7 +59,7 @@ class FileServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "FileServer":
+    def __enter__(self) -> FileServer:
         self.thread.start()
         return self
 
@@ -103,8 +104,9 @@ def tiny_model() -> torch.nn.Module:
 
 
 # -------------------------------------------------------------------------- download path
-def test_first_download_records_the_hash_and_later_uses_hit_the_cache(served: FileServer, tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture) -> None:
+def test_first_download_records_the_hash_and_later_uses_hit_the_cache(
+    served: FileServer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     url = f"{served.url}/zoo/{TINY_DYNAMIC.name}"
     model = tiny_model()
     assert models.load_weights(model, url) == []  # downloaded; every key, the predictors too, loaded
@@ -124,8 +126,9 @@ def test_first_download_records_the_hash_and_later_uses_hit_the_cache(served: Fi
     assert "download" not in capsys.readouterr().err
     reference = torch.load(TINY_DYNAMIC, weights_only=True)["model"]
     for model_ in (model, again):
-        assert torch.equal(model_.state_dict()["score_predictor.2.out_conv.4.weight"],
-                           reference["score_predictor.2.out_conv.4.weight"])
+        assert torch.equal(
+            model_.state_dict()["score_predictor.2.out_conv.4.weight"], reference["score_predictor.2.out_conv.4.weight"]
+        )
     assert not list(target.parent.glob(".*.part"))
 
 
@@ -150,8 +153,11 @@ def test_a_corrupted_cache_file_is_refused_naming_file_and_hashes(served: FileSe
 def test_a_pinned_hash_is_checked_on_download_and_in_the_cache(served: FileServer, tmp_path: Path) -> None:
     url = f"{served.url}/zoo/{TINY_DYNAMIC.name}"
     wrong = "0" * 64
-    with pytest.raises(CheckpointError, match=f"sha256 mismatch: expected {wrong} \\(pinned in the URL\\), "
-                                              f"got {sha256(TINY_DYNAMIC)}; nothing was cached"):
+    with pytest.raises(
+        CheckpointError,
+        match=f"sha256 mismatch: expected {wrong} \\(pinned in the URL\\), "
+        f"got {sha256(TINY_DYNAMIC)}; nothing was cached",
+    ):
         fetch(f"{url}#sha256={wrong}")
     target = cached_path(url)
     assert not target.exists() and not list(target.parent.glob(".*.part"))
@@ -162,8 +168,9 @@ def test_a_pinned_hash_is_checked_on_download_and_in_the_cache(served: FileServe
         fetch(f"{url}#md5=1")
 
 
-def test_a_file_placed_by_hand_is_used_and_its_hash_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             capsys: pytest.CaptureFixture) -> None:
+def test_a_file_placed_by_hand_is_used_and_its_hash_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.setenv("DVIT_CACHE", str(tmp_path / "cache"))
     url = closed_port_url().replace("gone.pth", TINY_DYNAMIC.name)  # offline: the file comes by hand
     target = cached_path(url)
@@ -208,15 +215,23 @@ def test_cache_names_of_the_official_links() -> None:
     deit = "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth"
     tsinghua = "https://cloud.tsinghua.edu.cn/f/698896dfbcea430b9591/?dl=1"
     assert cache_name(deit) == f"deit_small_patch16_224-cd65a155-{hashlib.sha256(deit.encode()).hexdigest()[:12]}.pth"
-    assert cache_name(tsinghua) == \
-        f"cloud.tsinghua.edu.cn-698896dfbcea430b9591-{hashlib.sha256(tsinghua.encode()).hexdigest()[:12]}"
+    assert (
+        cache_name(tsinghua)
+        == f"cloud.tsinghua.edu.cn-698896dfbcea430b9591-{hashlib.sha256(tsinghua.encode()).hexdigest()[:12]}"
+    )
 
 
 def test_prefetch_cli_prints_hash_and_path_or_one_error_line(served: FileServer, tmp_path: Path) -> None:
     url, gone = f"{served.url}/zoo/{TINY_DYNAMIC.name}", closed_port_url()
     env = {**os.environ, "DVIT_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-m", "harness.fetch", url, gone], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.fetch", url, gone],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1, result.stderr  # one of the two failed
     target = tmp_path / "cache" / "checkpoints" / cache_name(url)
     assert result.stdout == f"{sha256(TINY_DYNAMIC)}  {target}  {url}\n"
@@ -235,10 +250,15 @@ OFFICIAL_ZOO = {
     "lvvit-s/0.5": ("dynamicvit_lvvit_small_patch16_224", 0.5),
     "lvvit-s/0.7": ("dynamicvit_lvvit_small_patch16_224", 0.7),
     "lvvit-m/0.7": ("dynamicvit_lvvit_medium_patch16_224", 0.7),
-    **{f"convnext-{s}/{r}": (f"dynamicconvnext_{size}", r)
-       for s, size in (("t", "tiny"), ("s", "small"), ("b", "base")) for r in (0.7, 0.9)},
-    **{f"swin-{s}/0.7": (f"dynamicswin_{size}_patch4_window7_224", 0.7)
-       for s, size in (("t", "tiny"), ("s", "small"), ("b", "base"))},
+    **{
+        f"convnext-{s}/{r}": (f"dynamicconvnext_{size}", r)
+        for s, size in (("t", "tiny"), ("s", "small"), ("b", "base"))
+        for r in (0.7, 0.9)
+    },
+    **{
+        f"swin-{s}/0.7": (f"dynamicswin_{size}_patch4_window7_224", 0.7)
+        for s, size in (("t", "tiny"), ("s", "small"), ("b", "base"))
+    },
 }
 
 
@@ -246,8 +266,13 @@ def test_paper_scale_is_the_whole_official_zoo_one_gpu_each(tmp_path: Path) -> N
     imagenet = tmp_path / "ILSVRC2012"
     imagenet.mkdir()
     spec, root = str(REPO / "experiments" / "zoo.yaml"), f"scales.paper.data.root={imagenet}"
-    dry = subprocess.run([sys.executable, "-m", "harness.launch", spec, "--scale", "paper", "--dry-run", root],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    dry = subprocess.run(
+        [sys.executable, "-m", "harness.launch", spec, "--scale", "paper", "--dry-run", root],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dry.returncode == 0, dry.stderr
     lines = dry.stdout.splitlines()
     assert lines[0] == "zoo (paper): 15 runs in stages official"
@@ -267,15 +292,18 @@ def test_paper_scale_is_the_whole_official_zoo_one_gpu_each(tmp_path: Path) -> N
     assert paper.loc["swin-b/0.7", ["top1", "top5", "gflops"]].tolist() == [83.43, 96.45, 12.1]
     spatial = load_reference("spatial").set_index("row")  # the spatial table quotes the same zoo
     for row in paper.index[paper.index.str.startswith(("convnext-", "swin-"))]:
-        assert paper.loc[row, ["top1", "top5", "gflops"]].tolist() == spatial.loc[row, ["top1", "top5", "gflops"]].tolist()
+        assert (
+            paper.loc[row, ["top1", "top5", "gflops"]].tolist() == spatial.loc[row, ["top1", "top5", "gflops"]].tolist()
+        )
     table = zoo_table.build_zoo_table(collect.empty_runs(), "paper")  # nothing evaluated yet
     assert table["row"].tolist() == list(OFFICIAL_ZOO)
     assert set(table["status"]) == {"missing"}  # every backbone is built here: none "not available"
     assert "| deit-s/0.7 | DeiT-S | 0.7 | 79.316 | missing |" in zoo_table.to_markdown(table)
 
 
-def test_an_official_lvvit_zoo_file_loads_strictly_as_the_job_loads_it(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_official_lvvit_zoo_file_loads_strictly_as_the_job_loads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The zoo's files cannot be downloaded here. A file in the official layout (the official
     training script saves {"model": state_dict, ...}; LV-ViT's names are the official ones) is
     placed where the row's URL is cached, and the row's model is built as the job builds it
@@ -284,8 +312,11 @@ def test_an_official_lvvit_zoo_file_loads_strictly_as_the_job_loads_it(tmp_path:
     imagenet = tmp_path / "ILSVRC2012"
     imagenet.mkdir()
     spec = str(REPO / "experiments" / "zoo.yaml")
-    (run,) = [r for r in load_and_expand(spec, [f"scales.paper.data.root={imagenet}"], scale="paper").runs
-              if r.row == "lvvit-s/0.5"]
+    (run,) = [
+        r
+        for r in load_and_expand(spec, [f"scales.paper.data.root={imagenet}"], scale="paper").runs
+        if r.row == "lvvit-s/0.5"
+    ]
     name, keep_ratio, url = run.config.model.name, run.config.model.keep_ratio, run.config.model.pretrained
     torch.manual_seed(0)
     state = timm.create_model(name, keep_ratio=keep_ratio).state_dict()
@@ -314,10 +345,26 @@ def test_the_notebook_is_paired_and_parameterised() -> None:
 def launch_zoo(tmp: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     """The real spec from a scratch folder holding the repository's checkpoints (the spec's relative paths)."""
     return subprocess.run(
-        [sys.executable, "-m", "harness.launch", str(REPO / "experiments" / "zoo.yaml"), "--scale", "tiny",
-         "--executor", "local", "--output-root", str(tmp / "runs"), "--tracking-uri", f"sqlite:///{tmp}/mlflow.db",
-         *args],
-        cwd=tmp, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "harness.launch",
+            str(REPO / "experiments" / "zoo.yaml"),
+            "--scale",
+            "tiny",
+            "--executor",
+            "local",
+            "--output-root",
+            str(tmp / "runs"),
+            "--tracking-uri",
+            f"sqlite:///{tmp}/mlflow.db",
+            *args,
+        ],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -347,10 +394,15 @@ def test_tiny_zoo_end_to_end_reproduces_the_recorded_numbers(tmp_path: Path) -> 
     for run in runs:
         row, metrics, params = run.data.tags["row"], run.data.metrics, run.data.params
         assert run.info.status == "FINISHED" and params["train.epochs"] == "0"
-        assert params["model.pretrained"] == {"tiny/1.0": "checkpoints/tiny_teacher_dense.pth",
-                                              "tiny/0.7": url,
-                                              "tiny-lvvit/1.0": "checkpoints/tiny_lvvit_dense.pth",
-                                              "tiny-lvvit/0.7": "checkpoints/tiny_lvvit_dynamic_0.7.pth"}[row]
+        assert (
+            params["model.pretrained"]
+            == {
+                "tiny/1.0": "checkpoints/tiny_teacher_dense.pth",
+                "tiny/0.7": url,
+                "tiny-lvvit/1.0": "checkpoints/tiny_lvvit_dense.pth",
+                "tiny-lvvit/0.7": "checkpoints/tiny_lvvit_dynamic_0.7.pth",
+            }[row]
+        )
         # a fixed file on fixed images: the numbers recorded when it was made (0.1 = two images of 2,000);
         # for tiny/0.7 the file as downloaded
         assert metrics["val/acc1"] == pytest.approx(recorded.loc[row, "top1"], abs=0.1), row
@@ -359,7 +411,12 @@ def test_tiny_zoo_end_to_end_reproduces_the_recorded_numbers(tmp_path: Path) -> 
     table = pd.read_csv(tmp_path / "reports" / "zoo" / "tiny" / "zoo.csv").set_index("row")
     assert table["status"].tolist() == ["evaluated"] * 4
     by_row = {r.data.tags["row"]: r.data.metrics for r in runs}
-    for row in ("tiny/1.0", "tiny/0.7", "tiny-lvvit/1.0", "tiny-lvvit/0.7"):  # the notebook shows MLflow's numbers beside the recorded ones
+    for row in (
+        "tiny/1.0",
+        "tiny/0.7",
+        "tiny-lvvit/1.0",
+        "tiny-lvvit/0.7",
+    ):  # the notebook shows MLflow's numbers beside the recorded ones
         assert table.loc[row, zoo_table.ACC1_OURS] == pytest.approx(by_row[row]["val/acc1"])
         assert table.loc[row, zoo_table.ACC5_ZOO] == recorded.loc[row, "top5"]
     assert "| tiny/0.7 | tiny ViT | 0.7 | 61.6 |" in result.stdout  # the report printed by --wait

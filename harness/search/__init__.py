@@ -18,9 +18,18 @@ process running trials through the engine), `driver` (the study, its MLflow pare
 worker jobs and their watch), `cli` (`python -m harness.search`). Importing this package loads
 neither torch nor Optuna: a spec error is reported in a second.
 """
+
 from harness.search.cli import main
 from harness.search.spec import SearchPlan, SearchSection, load_search
 from harness.search.storage import StorageChoice, choose_storage, find_search, open_study
 
-__all__ = ["SearchPlan", "SearchSection", "StorageChoice", "choose_storage", "find_search", "load_search", "main",
-           "open_study"]
+__all__ = [
+    "SearchPlan",
+    "SearchSection",
+    "StorageChoice",
+    "choose_storage",
+    "find_search",
+    "load_search",
+    "main",
+    "open_study",
+]

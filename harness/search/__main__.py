@@ -1,4 +1,5 @@
 """`python -m harness.search SPEC`: see harness/search/cli.py."""
+
 import sys
 
 from harness.errors import handle

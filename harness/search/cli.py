@@ -3,11 +3,12 @@
 Exit codes: 0 budget reached, 1 the search stopped short (too many failures, workers lost),
 2 invalid spec or arguments (nothing submitted).
 """
+
 import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from harness.config import ConfigError
 from harness.errors import EXIT_FAILED, EXIT_INVALID
@@ -15,35 +16,51 @@ from harness.search.spec import PrunerSpec, SearchPlan, load_search
 from harness.search.storage import StorageChoice, choose_storage
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     overview = (sys.modules["harness.search"].__doc__ or "").split("\nModules:")[0]
-    parser = argparse.ArgumentParser(prog="python -m harness.search", description=overview + "\n" + __doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.search",
+        description=overview + "\n" + __doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("spec", help="search spec YAML, e.g. experiments/search_rho_tau.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted spec overrides, e.g. base.train.epochs=2 search.trials=8")
     parser.add_argument("--scale", help="which of the spec's scales (default: the spec's default_scale)")
     parser.add_argument("--workers", type=int, help="parallel worker jobs (default: the spec's search.workers)")
     parser.add_argument("--trials", type=int, help="global budget of complete + pruned trials (default: search.trials)")
-    parser.add_argument("--executor", choices=["auto", "slurm", "local"], default="auto",
-                        help="auto: SLURM when its controller answers (sinfo), else local processes")
-    parser.add_argument("--storage", help="Optuna storage: sqlite:///FILE, postgresql://..., or a journal file "
-                                          "(default: the spec's search.storage, auto)")
+    parser.add_argument(
+        "--executor",
+        choices=["auto", "slurm", "local"],
+        default="auto",
+        help="auto: SLURM when its controller answers (sinfo), else local processes",
+    )
+    parser.add_argument(
+        "--storage",
+        help="Optuna storage: sqlite:///FILE, postgresql://..., or a journal file "
+        "(default: the spec's search.storage, auto)",
+    )
     parser.add_argument("--output-root", default="runs", help="runs/<spec>/<scale>/<study>/ (default: runs)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the search plan, submit nothing")
-    parser.add_argument("--report", action="store_true",
-                        help="afterwards, execute the spec's notebooks into reports/<spec>/<scale>/")
+    parser.add_argument(
+        "--report", action="store_true", help="afterwards, execute the spec's notebooks into reports/<spec>/<scale>/"
+    )
     return parser.parse_intermixed_args(argv)
 
 
 def render_plan(plan: SearchPlan, storage: StorageChoice, cluster: str) -> str:
     section = plan.section
     base = plan.run.config.model_dump()
-    lines = [f"{plan.name} ({plan.scale}): study {plan.study}, budget {section.trials} trials (complete + pruned), "
-             f"{section.workers} worker(s) on {cluster}, storage {storage.kind} {storage.shown}",
-             "objectives: " + ", ".join(f"{o.metric} ({o.direction})" for o in section.objectives)
-             + f"; sampler {section.sampler.name}; pruner {(section.pruner or PrunerSpec(name='none')).name}",
-             "space:"]
+    lines = [
+        f"{plan.name} ({plan.scale}): study {plan.study}, budget {section.trials} trials (complete + pruned), "
+        f"{section.workers} worker(s) on {cluster}, storage {storage.kind} {storage.shown}",
+        "objectives: "
+        + ", ".join(f"{o.metric} ({o.direction})" for o in section.objectives)
+        + f"; sampler {section.sampler.name}; pruner {(section.pruner or PrunerSpec(name='none')).name}",
+        "space:",
+    ]
     width = max([len(k) for k in section.space] + [len(k) for m in section.methods.values() for k in m.space] + [1])
     for key, dim in section.space.items():
         node: Any = base
@@ -71,11 +88,14 @@ def failure_reasons(study: Any) -> list[str]:
             continue
         why = trial.user_attrs.get("error") or "no error recorded (its worker was lost or killed: see its log)"
         reasons.setdefault(why, []).append(trial.number)
-    return [f"failed: trial{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers[:10]))}"
-            f"{' ...' if len(numbers) > 10 else ''}: {why}" for why, numbers in reasons.items()]
+    return [
+        f"failed: trial{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers[:10]))}"
+        f"{' ...' if len(numbers) > 10 else ''}: {why}"
+        for why, numbers in reasons.items()
+    ]
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     output_root = str(Path(args.output_root).resolve())
     from harness.cluster import choose_executor
@@ -108,8 +128,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         search.interrupt("Ctrl-C (SIGINT) to the search")
         raise
     summary = search.finish(ok)
-    print(f"{plan.name} ({plan.scale}): study {plan.study}: {summary['complete']} complete, {summary['pruned']} pruned, "
-          f"{summary['fail']} failed of a budget of {plan.section.trials}; storage {storage.shown}")
+    print(
+        f"{plan.name} ({plan.scale}): study {plan.study}: {summary['complete']} complete, {summary['pruned']} pruned, "
+        f"{summary['fail']} failed of a budget of {plan.section.trials}; storage {storage.shown}"
+    )
     for line in failure_reasons(search.study):
         print(f"  {line}")
     names = [o.metric for o in plan.section.objectives]
@@ -122,8 +144,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from analysis.report import make_report
 
         out = Path("reports") / plan.name / plan.scale
-        tables, where = make_report(plan.name, plan.scale, uri, plan.notebooks, str(out), plan.table,
-                                    search.parent_id)
+        tables, where = make_report(plan.name, plan.scale, uri, plan.notebooks, str(out), plan.table, search.parent_id)
         print(tables, end="")
         print(f"report: {out}/")
         print(where)  # the tables, figures and notebooks on the search's parent run

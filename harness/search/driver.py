@@ -4,9 +4,10 @@ It replaces workers that end before the budget is met, fails the RUNNING trials 
 are gone (their job ended, or their process vanished from this host; RDB storages also by
 heartbeat), and at the end tags every trial's MLflow run with its state and the best trial(s).
 """
+
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import optuna
 from mlflow import MlflowClient
@@ -36,11 +37,16 @@ class Search:
         self.plan, self.storage, self.cluster, self.uri = plan, storage, cluster, tracking_uri
         self.section = plan.section
         directions = [o.direction for o in self.section.objectives]
-        self.study = optuna.create_study(study_name=plan.study, storage=storage.open(), directions=directions,
-                                         load_if_exists=True)
+        self.study = optuna.create_study(
+            study_name=plan.study, storage=storage.open(), directions=directions, load_if_exists=True
+        )
         if [d.name.lower() for d in self.study.directions] != directions:
-            raise ConfigError([f"{plan.path}: search.objectives: study {plan.study!r} in {storage.shown} has "
-                               f"directions {[d.name.lower() for d in self.study.directions]}, got {directions}"])
+            raise ConfigError(
+                [
+                    f"{plan.path}: search.objectives: study {plan.study!r} in {storage.shown} has "
+                    f"directions {[d.name.lower() for d in self.study.directions]}, got {directions}"
+                ]
+            )
         self.client = MlflowClient(tracking_uri)
         self.experiment_id = ensure_experiment(tracking_uri, plan.name)
         self.parent_id = self._parent_run()
@@ -84,11 +90,19 @@ class Search:
                 return known
             except MlflowException:  # deleted from MLflow meanwhile: start a new parent
                 pass
-        tags = {"kind": "search", "spec": self.plan.name, "scale": self.plan.scale, "study": self.plan.study,
-                "table": self.plan.table or "", "storage": self.storage.recorded, "storage_kind": self.storage.kind,
-                "executor": self.cluster, "sampler": self.section.sampler.name,
-                "pruner": (self.section.pruner or PrunerSpec(name="none")).name,
-                "objectives": ", ".join(f"{o.metric} {o.direction}" for o in self.section.objectives)}
+        tags = {
+            "kind": "search",
+            "spec": self.plan.name,
+            "scale": self.plan.scale,
+            "study": self.plan.study,
+            "table": self.plan.table or "",
+            "storage": self.storage.recorded,
+            "storage_kind": self.storage.kind,
+            "executor": self.cluster,
+            "sampler": self.section.sampler.name,
+            "pruner": (self.section.pruner or PrunerSpec(name="none")).name,
+            "objectives": ", ".join(f"{o.metric} {o.direction}" for o in self.section.objectives),
+        }
         run_id = self.client.create_run(self.experiment_id, run_name=f"search-{self.plan.study}", tags=tags).info.run_id
         params = {f"space.{key}": dim.describe() for key, dim in self.section.space.items()}
         params.update(trials=self.section.trials, workers=self.section.workers)
@@ -103,9 +117,18 @@ class Search:
         """What each worker job gets: the base config, the study, and where to log (tags mark trials)."""
         tags = {k: v for k, v in self.plan.run.config.tracking.tags.items() if k not in ("stage", "row")}
         tags.update(kind="trial", study=self.plan.study)
-        return WorkerSetup(self.plan.study, self.storage, self.section, self.plan.run.config.model_dump(),
-                           str(self.plan.study_dir.resolve()), self.uri, self.experiment_id, self.parent_id, tags,
-                           self.plan.slurm.cpus_per_task)
+        return WorkerSetup(
+            self.plan.study,
+            self.storage,
+            self.section,
+            self.plan.run.config.model_dump(),
+            str(self.plan.study_dir.resolve()),
+            self.uri,
+            self.experiment_id,
+            self.parent_id,
+            tags,
+            self.plan.slurm.cpus_per_task,
+        )
 
     def submit(self, count: int) -> None:
         """`count` more worker jobs: one array on SLURM, processes locally (same resources as a stage's runs)."""
@@ -115,8 +138,10 @@ class Search:
             jobs = executor.map_array(SearchWorker(), [self.setup()] * count, indices)
         self.live += jobs
         self.submitted += count
-        print(f"{self.plan.study}: submitted {count} worker(s) ({self.cluster}): "
-              f"{', '.join(j.job_id for j in jobs)}", file=sys.stderr)
+        print(
+            f"{self.plan.study}: submitted {count} worker(s) ({self.cluster}): {', '.join(j.job_id for j in jobs)}",
+            file=sys.stderr,
+        )
 
     def fail_lost_trials(self, ended: set[str]) -> None:
         """RUNNING trials whose worker is gone will never finish: fail them, in Optuna and in MLflow.
@@ -136,7 +161,7 @@ class Search:
                 self.closed.add(trial.number)
                 self._close_run(trial.user_attrs.get("mlflow_run_id"), "FAIL")
 
-    def _close_run(self, run_id: Optional[str], state: str) -> None:
+    def _close_run(self, run_id: str | None, state: str) -> None:
         if not run_id:
             return
         self.client.set_tag(run_id, "trial_state", state)
@@ -184,16 +209,20 @@ class Search:
         set-up, e.g. an unreadable storage), not when it was killed (a replacement then makes sense)."""
         log = job.paths.stderr
         if not job.paths.result_pickle.exists():  # killed: never wait for a result that cannot come
-            print(f"{self.plan.study}: worker job {job.job_id} ended without a result (killed?) (log: {log})",
-                  file=sys.stderr)
+            print(
+                f"{self.plan.study}: worker job {job.job_id} ended without a result (killed?) (log: {log})",
+                file=sys.stderr,
+            )
             return False
         try:
             job.result()
             return False
         except Exception as err:
             lines = [line for line in str(err).strip().splitlines() if line.strip()]
-            print(f"{self.plan.study}: worker job {job.job_id} failed: {lines[-1] if lines else err} (log: {log})",
-                  file=sys.stderr)
+            print(
+                f"{self.plan.study}: worker job {job.job_id} failed: {lines[-1] if lines else err} (log: {log})",
+                file=sys.stderr,
+            )
             if not isinstance(err, FailedJobError):
                 return False
         return not any(t.user_attrs.get("worker") == job.job_id for t in self.study.get_trials(deepcopy=False))
@@ -226,5 +255,3 @@ class Search:
             self.client.log_metric(self.parent_id, f"best/{objective.metric}", value)
         self.client.set_terminated(self.parent_id, "FINISHED" if ok else "FAILED")
         return {"best": best, **summary}
-
-

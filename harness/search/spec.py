@@ -5,10 +5,11 @@ dotted keys and their error messages behave exactly as in experiment specs; the 
 checked against RunConfig itself, so that a key or bound a run would refuse is refused here.
 Plain pydantic: no torch, no Optuna.
 """
+
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -41,12 +42,12 @@ Number = Union[int, float]
 class Dimension(Strict):
     """One searched config key: a number range (linear, log or stepped) or a list of choices."""
 
-    type: Optional[Literal["float", "int", "categorical"]] = None  # default: from the values
-    low: Optional[Number] = None
-    high: Optional[Number] = None
+    type: Literal["float", "int", "categorical"] | None = None  # default: from the values
+    low: Number | None = None
+    high: Number | None = None
     log: bool = False
-    step: Optional[Number] = None
-    choices: Optional[list[Union[None, bool, int, float, str]]] = None
+    step: Number | None = None
+    choices: list[None | bool | int | float | str] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -115,7 +116,7 @@ class Objective(Strict):
 
 class SamplerSpec(Strict):
     name: Literal["tpe", "nsga2", "random"] = "tpe"
-    seed: Optional[int] = None  # worker i samples with seed + i (workers must not draw the same points)
+    seed: int | None = None  # worker i samples with seed + i (workers must not draw the same points)
     n_startup_trials: int = Field(10, ge=0)  # tpe: random trials before the model is used
     population_size: int = Field(50, ge=2)  # nsga2
 
@@ -131,7 +132,7 @@ class PrunerSpec(Strict):
 class StorageSpec(Strict):
     url: str = "auto"  # auto | sqlite:///FILE | postgresql://... | a journal file path
     heartbeat_interval: int = Field(30, gt=0)  # RDB storages: seconds between a trial's heartbeats
-    grace_period: Optional[int] = Field(None, gt=0)  # default (Optuna's): 2 x heartbeat_interval
+    grace_period: int | None = Field(None, gt=0)  # default (Optuna's): 2 x heartbeat_interval
 
     @model_validator(mode="before")
     @classmethod
@@ -159,14 +160,14 @@ class Method(Strict):
 class SearchSection(Strict):
     """The `search:` section of a search spec (a scale may override any of it under `search:`)."""
 
-    study: Optional[str] = None  # default: <spec name>-<scale>
+    study: str | None = None  # default: <spec name>-<scale>
     space: dict[str, Dimension] = Field(default_factory=dict)  # searched for every trial
     methods: dict[str, Method] = Field(default_factory=dict)  # or per method: each trial draws one
     objectives: list[Objective] = Field(default_factory=lambda: [Objective()], min_length=1, max_length=3)
     sampler: SamplerSpec = SamplerSpec()
-    pruner: Optional[PrunerSpec] = None  # default: median for one objective, none for several
+    pruner: PrunerSpec | None = None  # default: median for one objective, none for several
     trials: int = Field(20, gt=0)  # global budget: COMPLETE + PRUNED trials, over all workers
-    max_failed: Optional[int] = Field(None, gt=0)  # stop after this many FAIL trials (default: trials)
+    max_failed: int | None = Field(None, gt=0)  # stop after this many FAIL trials (default: trials)
     workers: int = Field(1, gt=0)
     storage: StorageSpec = StorageSpec()
     enqueue: list[dict[str, Any]] = Field(default_factory=list)  # points tried first (e.g. the paper's)
@@ -183,11 +184,15 @@ class SearchSection(Strict):
         if self.pruner is None:
             self.pruner = PrunerSpec(name="median" if len(self.objectives) == 1 else "none")
         if len(self.objectives) > 1 and self.pruner.name != "none":
-            raise ValueError(f"pruner: Optuna prunes single-objective studies only (use none), got {self.pruner.name!r}")
+            raise ValueError(
+                f"pruner: Optuna prunes single-objective studies only (use none), got {self.pruner.name!r}"
+            )
         metric = self.objectives[0].metric
         if self.pruner.name != "none" and metric not in PER_EPOCH:
-            raise ValueError(f"pruner: {metric} is measured once, at the end; prune on a per-epoch metric "
-                             f"({', '.join(PER_EPOCH)}) or use none, got {self.pruner.name!r}")
+            raise ValueError(
+                f"pruner: {metric} is measured once, at the end; prune on a per-epoch metric "
+                f"({', '.join(PER_EPOCH)}) or use none, got {self.pruner.name!r}"
+            )
         for index, point in enumerate(self.enqueue):
             method = point.get("method")
             if self.methods and method not in self.methods:
@@ -230,7 +235,7 @@ class SearchPlan:
     path: str
     name: str  # the spec's name: the MLflow experiment
     scale: str
-    table: Optional[str]
+    table: str | None
     notebooks: list[str]
     section: SearchSection
     run: RunPlan  # the base configuration (base + scale) and the workers' SLURM resources
@@ -245,9 +250,15 @@ class SearchPlan:
         return self.run.slurm
 
 
-def load_search(path: str, overrides: list[str] = (), scale: Optional[str] = None, output_root: str = "runs",
-                workers: Optional[int] = None, trials: Optional[int] = None,
-                storage: Optional[str] = None) -> SearchPlan:
+def load_search(
+    path: str,
+    overrides: list[str] = (),
+    scale: str | None = None,
+    output_root: str = "runs",
+    workers: int | None = None,
+    trials: int | None = None,
+    storage: str | None = None,
+) -> SearchPlan:
     """Read, merge and validate a search spec; raises ConfigError with every problem, one per line.
 
     The base configuration is merged by harness.spec (one implicit stage), so that base, scales,
@@ -259,8 +270,10 @@ def load_search(path: str, overrides: list[str] = (), scale: Optional[str] = Non
     errors: list[str] = []
     search_raw = raw.pop("search", None)
     if "stages" in raw:
-        errors.append(f"{path}: stages: a search spec has no stages (its trials are one; give teacher.checkpoint "
-                      f"or model.pretrained as config), got {list(raw.pop('stages') or [])}")
+        errors.append(
+            f"{path}: stages: a search spec has no stages (its trials are one; give teacher.checkpoint "
+            f"or model.pretrained as config), got {list(raw.pop('stages') or [])}"
+        )
     per_scale: dict[str, Any] = {}
     if isinstance(raw.get("scales"), dict):
         for name, layer in raw["scales"].items():
@@ -288,7 +301,7 @@ def load_search(path: str, overrides: list[str] = (), scale: Optional[str] = Non
         if key == "search":
             errors.append(f"{path}: search: override a key of the section (search.trials=8), got {show(text)}")
             continue
-        set_dotted(command_line, key[len("search."):], value)
+        set_dotted(command_line, key[len("search.") :], value)
     section = _load_section(path, search_raw, per_scale.get(scale), workers, trials, storage, errors, command_line)
     if expanded is not None and section is not None:
         base = expanded.runs[0]
@@ -301,13 +314,28 @@ def load_search(path: str, overrides: list[str] = (), scale: Optional[str] = Non
     assert expanded is not None and section is not None
     study = section.study or f"{expanded.spec.name}-{scale}"
     study_dir = Path(output_root) / expanded.spec.name / scale / study
-    return SearchPlan(path, expanded.spec.name, scale, expanded.spec.table, expanded.spec.notebooks, section,
-                      expanded.runs[0], study_dir)
+    return SearchPlan(
+        path,
+        expanded.spec.name,
+        scale,
+        expanded.spec.table,
+        expanded.spec.notebooks,
+        section,
+        expanded.runs[0],
+        study_dir,
+    )
 
 
-def _load_section(path: str, raw: Any, scale_layer: Any, workers: Optional[int], trials: Optional[int],
-                  storage: Optional[str], errors: list[str],
-                  command_line: Optional[dict[str, Any]] = None) -> Optional[SearchSection]:
+def _load_section(
+    path: str,
+    raw: Any,
+    scale_layer: Any,
+    workers: int | None,
+    trials: int | None,
+    storage: str | None,
+    errors: list[str],
+    command_line: dict[str, Any] | None = None,
+) -> SearchSection | None:
     """The spec's `search:`, then the scale's, then `search.…` overrides, then the flags: the last one wins."""
     if not isinstance(raw, dict):
         errors.append(f"{path}: search: required, a mapping with at least `space`, got {raw!r}")
@@ -329,8 +357,9 @@ def _load_section(path: str, raw: Any, scale_layer: Any, workers: Optional[int],
         if value is not None:
             merged[key] = value
     if storage is not None:
-        merged["storage"] = _merge(merged["storage"], {"url": storage}) if isinstance(merged.get("storage"), dict) \
-            else storage
+        merged["storage"] = (
+            _merge(merged["storage"], {"url": storage}) if isinstance(merged.get("storage"), dict) else storage
+        )
     try:
         return SearchSection.model_validate(merged)
     except ValidationError as err:
@@ -362,8 +391,10 @@ def _check_space(path: str, section: SearchSection, base: RunConfig) -> list[str
                 problems = _problems(data, {**typical, key: value})
                 if problems:
                     field, problem = problems[0]
-                    errors[key] = (f"{which} {value!r} makes the run invalid: {field + ': ' if field else ''}"
-                                   f"{problem.split(', got {')[0]}")
+                    errors[key] = (
+                        f"{which} {value!r} makes the run invalid: {field + ': ' if field else ''}"
+                        f"{problem.split(', got {')[0]}"
+                    )
                     break
     return [f"{path}: search.space.{key}: {problem}" for key, problem in errors.items()]
 
@@ -391,8 +422,10 @@ def _check_methods(path: str, section: SearchSection, base: RunConfig) -> list[s
                 problems = _problems(data, {**method.set, **typical, key: value})
                 if problems:
                     field, problem = problems[0]
-                    errors.append(f"{where}.space.{key}: {which} {value!r} makes the run invalid: {field}: "
-                                  f"{problem.split(', got {')[0]}")
+                    errors.append(
+                        f"{where}.space.{key}: {which} {value!r} makes the run invalid: {field}: "
+                        f"{problem.split(', got {')[0]}"
+                    )
                     break
     return errors
 
@@ -416,8 +449,10 @@ def _check_resources(path: str, scale: str, res: SlurmResources) -> list[str]:
     errors = []
     for field in ("nodes", "tasks_per_node"):
         if getattr(res, field) != 1:
-            errors.append(f"{path}: scales.{scale}.slurm.{field}: a search worker is one process (trials are "
-                          f"not DDP runs), got {getattr(res, field)}")
+            errors.append(
+                f"{path}: scales.{scale}.slurm.{field}: a search worker is one process (trials are "
+                f"not DDP runs), got {getattr(res, field)}"
+            )
     return errors
 
 
@@ -432,5 +467,3 @@ def _check_files(path: str, config: RunConfig, scale_layer: dict[str, Any], scal
             where = f"scales.{scale}.{field}" if field in at_scale else f"base.{field}"
             errors.append(f"{path}: {where}: no such file or folder, got {value!r}")
     return errors
-
-

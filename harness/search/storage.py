@@ -6,6 +6,7 @@ heartbeat, so that a trial whose process died is failed by `fail_stale_trials` (
 once); Optuna 5's JournalStorage has no heartbeat (it does not implement BaseHeartbeat), so for
 journal files the driver fails the trials of workers it sees end (harness/search/driver.py).
 """
+
 import dataclasses
 import os
 import shlex
@@ -13,7 +14,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 from harness.cluster import partition_nodes
 from harness.config import ConfigError
@@ -31,15 +32,15 @@ class StorageChoice:
     kind: Literal["sqlite", "journal", "rdb"]
     location: str  # a URL (sqlite, rdb) or a journal file path: what optuna-dashboard accepts too
     heartbeat_interval: int = 30
-    grace_period: Optional[int] = None
+    grace_period: int | None = None
     written: str = ""  # the URL as the spec wrote it, when it names environment variables (`${OPTUNA_STORAGE}`)
     given: bool = True  # named by the user (a damaged file is then bad input, exit 2), not chosen by `auto`
 
     @classmethod
-    def parse(cls, text: str, heartbeat_interval: int = 30, grace_period: Optional[int] = None) -> "StorageChoice":
+    def parse(cls, text: str, heartbeat_interval: int = 30, grace_period: int | None = None) -> "StorageChoice":
         """`sqlite:///F` (relative F made absolute), `dialect://...` (RDB), anything else a journal file."""
         if text.startswith("sqlite:///"):
-            file = Path(text[len("sqlite:///"):]).expanduser().resolve()
+            file = Path(text[len("sqlite:///") :]).expanduser().resolve()
             return cls("sqlite", f"sqlite:///{file}", heartbeat_interval, grace_period)
         if "://" in text:
             return cls("rdb", text, heartbeat_interval, grace_period)
@@ -61,19 +62,25 @@ class StorageChoice:
             try:  # replays the whole journal: a damaged record raises JSONDecodeError, UnicodeDecodeError...
                 return optuna.storages.JournalStorage(JournalFileBackend(self.location))
             except (ValueError, KeyError, TypeError, AttributeError) as err:
-                line = f"{self.location}: {_damaged_record(Path(self.location), err)}; move the file aside to start " \
-                       f"the study afresh, got a damaged Optuna journal"
+                line = (
+                    f"{self.location}: {_damaged_record(Path(self.location), err)}; move the file aside to start "
+                    f"the study afresh, got a damaged Optuna journal"
+                )
                 raise (ConfigError([line]) if self.given else EnvironmentProblem(line)) from None
         if self.kind == "sqlite":
-            Path(self.location[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.location[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
             engine: dict[str, Any] = {"connect_args": {"timeout": 60}}  # a reader must wait, not fail
         else:
             engine = {"pool_pre_ping": True}
         # a trial failed by its stopped heartbeat (a lost node, a frozen job) is tried once more, as a
         # new WAITING trial with the same parameters that the next free worker takes
-        return optuna.storages.RDBStorage(self.location, engine_kwargs=engine,
-                                          heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period,
-                                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+        return optuna.storages.RDBStorage(
+            self.location,
+            engine_kwargs=engine,
+            heartbeat_interval=self.heartbeat_interval,
+            grace_period=self.grace_period,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
 
     @property
     def recorded(self) -> str:
@@ -91,7 +98,7 @@ class StorageChoice:
         return f"optuna-dashboard {shlex.quote(self.location)}"
 
 
-def _damaged_record(path: Path, err: Optional[Exception] = None) -> str:
+def _damaged_record(path: Path, err: Exception | None = None) -> str:
     """`line N: not an Optuna journal record (why)` for the first line that is not JSON (a last,
     half-written line is one Optuna skips); else, given Optuna's error, that error; else ''."""
     import json
@@ -119,34 +126,54 @@ def choose_storage(plan: SearchPlan, cluster: str) -> StorageChoice:
     one_machine = cluster != "slurm" or partition_nodes(plan.slurm.partition) == 1
     if spec.url == "auto":
         if workers == 1:
-            choice = StorageChoice.parse(f"sqlite:///{plan.study_dir / 'study.db'}", spec.heartbeat_interval,
-                                         spec.grace_period)
+            choice = StorageChoice.parse(
+                f"sqlite:///{plan.study_dir / 'study.db'}", spec.heartbeat_interval, spec.grace_period
+            )
             check_storage(choice, f"{where} (auto, under --output-root)")
             return choice
         if one_machine:
             choice = dataclasses.replace(StorageChoice.parse(str(plan.study_dir / "study.journal")), given=False)
             check_storage(choice, f"{where} (auto, under --output-root)")
             return choice
-        raise ConfigError([f"{where}: {workers} workers may run on different SLURM nodes: give an RDB URL "
-                           f"(postgresql://USER@HOST/DB), got 'auto'"])
+        raise ConfigError(
+            [
+                f"{where}: {workers} workers may run on different SLURM nodes: give an RDB URL "
+                f"(postgresql://USER@HOST/DB), got 'auto'"
+            ]
+        )
     url = os.path.expandvars(spec.url)  # `url: ${OPTUNA_STORAGE}`: what scripts/tracking-server.sh status prints
     if "$" in url:
-        raise ConfigError([f"{where}: an environment variable in it is not set (scripts/tracking-server.sh status "
-                           f"prints OPTUNA_STORAGE), got {spec.url!r}"])
+        raise ConfigError(
+            [
+                f"{where}: an environment variable in it is not set (scripts/tracking-server.sh status "
+                f"prints OPTUNA_STORAGE), got {spec.url!r}"
+            ]
+        )
     choice = StorageChoice.parse(url, spec.heartbeat_interval, spec.grace_period)
     if url != spec.url:
         choice = dataclasses.replace(choice, written=spec.url)
     check_storage(choice, where)
     if choice.kind == "rdb" and not choice.written and _has_password(url):
-        print(f"warning: {where}: the password is written out; it stays in the submitit folder's job files and in "
-              "MLflow's `storage` tag: write url: ${OPTUNA_STORAGE} and export it (scripts/tracking-server.sh "
-              "status prints it) to keep it out of both", file=sys.stderr)
+        print(
+            f"warning: {where}: the password is written out; it stays in the submitit folder's job files and in "
+            "MLflow's `storage` tag: write url: ${OPTUNA_STORAGE} and export it (scripts/tracking-server.sh "
+            "status prints it) to keep it out of both",
+            file=sys.stderr,
+        )
     if choice.kind == "sqlite" and workers > 1:
-        raise ConfigError([f"{where}: SQLite is for one process; {workers} workers need a journal file (one "
-                           f"machine) or an RDB URL (several nodes), got {spec.url!r}"])
+        raise ConfigError(
+            [
+                f"{where}: SQLite is for one process; {workers} workers need a journal file (one "
+                f"machine) or an RDB URL (several nodes), got {spec.url!r}"
+            ]
+        )
     if choice.kind == "journal" and workers > 1 and not one_machine:
-        raise ConfigError([f"{where}: a journal file is for workers on one machine; SLURM may spread {workers} "
-                           f"workers over nodes: give an RDB URL (postgresql://USER@HOST/DB), got {spec.url!r}"])
+        raise ConfigError(
+            [
+                f"{where}: a journal file is for workers on one machine; SLURM may spread {workers} "
+                f"workers over nodes: give an RDB URL (postgresql://USER@HOST/DB), got {spec.url!r}"
+            ]
+        )
     return choice
 
 
@@ -164,24 +191,29 @@ def check_storage(choice: StorageChoice, where: str) -> None:
         try:
             dialect = make_url(choice.location).get_dialect()
         except (ArgumentError, NoSuchModuleError, ValueError) as err:
-            raise ConfigError([f"{where}: not a database URL SQLAlchemy knows ({str(err).splitlines()[0]}), "
-                               f"got {_hide_password(choice.location)!r}"]) from None
+            raise ConfigError(
+                [
+                    f"{where}: not a database URL SQLAlchemy knows ({str(err).splitlines()[0]}), "
+                    f"got {_hide_password(choice.location)!r}"
+                ]
+            ) from None
         try:
             dialect.import_dbapi()
         except ImportError as err:
             hint = " (pip install -e '.[postgres]')" if dialect.name == "postgresql" else ""
-            raise EnvironmentProblem(f"{where}: the {dialect.name}+{dialect.driver} driver is not installed "
-                                     f"({err}){hint}, got {_hide_password(choice.location)!r}") from None
+            raise EnvironmentProblem(
+                f"{where}: the {dialect.name}+{dialect.driver} driver is not installed "
+                f"({err}){hint}, got {_hide_password(choice.location)!r}"
+            ) from None
         return
-    file = Path(choice.location[len("sqlite:///"):] if choice.kind == "sqlite" else choice.location)
+    file = Path(choice.location[len("sqlite:///") :] if choice.kind == "sqlite" else choice.location)
     if file.is_dir():
         raise ConfigError([f"{where}: a folder, not a storage file, got {str(file)!r}"])
     existing = next(p for p in [file, *file.parents] if p.exists())
     if existing != file and not existing.is_dir():
         raise ConfigError([f"{where}: {existing} is a file, not a folder, got {str(file)!r}"])
     if not os.access(existing, os.W_OK):
-        raise ConfigError([f"{where}: {existing} cannot be written (read-only or no permission), "
-                           f"got {str(file)!r}"])
+        raise ConfigError([f"{where}: {existing} cannot be written (read-only or no permission), got {str(file)!r}"])
     if choice.kind == "journal" and file.is_file():  # a damaged record stops every worker: refuse it first
         problem = _damaged_record(file)
         if problem:
@@ -203,11 +235,11 @@ def _hide_password(url: str) -> str:
 
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - an unparsable URL is shown as given
+    except Exception:
         return url
 
 
-def open_study(location: str, study: Optional[str] = None) -> "optuna.Study":
+def open_study(location: str, study: str | None = None) -> "optuna.Study":
     """A study from a storage URL or journal file (what the notebook and the tests use)."""
     import optuna
 
@@ -220,7 +252,7 @@ def open_study(location: str, study: Optional[str] = None) -> "optuna.Study":
     return optuna.load_study(study_name=study, storage=storage)
 
 
-def find_search(tracking_uri: str, experiment: str, scale: Optional[str] = None) -> tuple[str, str]:
+def find_search(tracking_uri: str, experiment: str, scale: str | None = None) -> tuple[str, str]:
     """(storage, study) of the latest search logged in an MLflow experiment (its parent run's tags)."""
     from harness.tracking import find_runs
 
@@ -229,5 +261,3 @@ def find_search(tracking_uri: str, experiment: str, scale: Optional[str] = None)
     if not runs:
         raise LookupError(f"no search in MLflow experiment {experiment!r} (scale {scale or 'any'}) at {tracking_uri}")
     return runs[-1].data.tags["storage"], runs[-1].data.tags["study"]
-
-

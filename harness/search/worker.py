@@ -5,6 +5,7 @@ MaxTrialsCallback), and a trial created in the race between two workers finds it
 and ends at once, so that exactly `trials` trials train. FAIL trials never count, so a trial
 lost with its worker is replaced.
 """
+
 import copy
 import json
 import os
@@ -13,7 +14,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import optuna
 from mlflow import MlflowClient
@@ -40,8 +41,9 @@ def make_sampler(spec: SamplerSpec, worker: int, conditional: bool = False) -> o
     if spec.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # constant_liar: a parallel worker treats the others' running trials as bad, not as absent
-    return optuna.samplers.TPESampler(n_startup_trials=spec.n_startup_trials, seed=seed, multivariate=True,
-                                      constant_liar=True, group=conditional)
+    return optuna.samplers.TPESampler(
+        n_startup_trials=spec.n_startup_trials, seed=seed, multivariate=True, constant_liar=True, group=conditional
+    )
 
 
 def make_pruner(spec: PrunerSpec, epochs: int) -> optuna.pruners.BasePruner:
@@ -49,8 +51,9 @@ def make_pruner(spec: PrunerSpec, epochs: int) -> optuna.pruners.BasePruner:
     if spec.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps)
     if spec.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=spec.min_resource, max_resource=max(epochs, 1),
-                                              reduction_factor=spec.reduction_factor)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=spec.min_resource, max_resource=max(epochs, 1), reduction_factor=spec.reduction_factor
+        )
     return optuna.pruners.NopPruner()
 
 
@@ -92,15 +95,23 @@ class SearchWorker:
         torch.set_num_threads(setup.threads)  # the cores this job was given, not every core of the node
         section = setup.section
         study = optuna.load_study(
-            study_name=setup.study, storage=setup.storage.open(), sampler=make_sampler(section.sampler, index, bool(section.methods)),
-            pruner=make_pruner(section.pruner or PrunerSpec(name="none"), setup.config["train"]["epochs"]))
+            study_name=setup.study,
+            storage=setup.storage.open(),
+            sampler=make_sampler(section.sampler, index, bool(section.methods)),
+            pruner=make_pruner(section.pruner or PrunerSpec(name="none"), setup.config["train"]["epochs"]),
+        )
         objective = TrialObjective(setup, study, worker_id())
         if section.trials - len(study.get_trials(deepcopy=False, states=(*DONE, TrialState.RUNNING))) > 0:
-            study.optimize(objective, catch=(Exception,), gc_after_trial=True, callbacks=[
-                # RUNNING counts too: no worker starts a trial that the running ones make superfluous
-                MaxTrialsCallback(section.trials, states=(*DONE, TrialState.RUNNING)),
-                MaxTrialsCallback(section.failure_limit, states=(TrialState.FAIL,)),
-            ])
+            study.optimize(
+                objective,
+                catch=(Exception,),
+                gc_after_trial=True,
+                callbacks=[
+                    # RUNNING counts too: no worker starts a trial that the running ones make superfluous
+                    MaxTrialsCallback(section.trials, states=(*DONE, TrialState.RUNNING)),
+                    MaxTrialsCallback(section.failure_limit, states=(TrialState.FAIL,)),
+                ],
+            )
         return {"worker": objective.worker, "trials": objective.started}
 
 
@@ -132,7 +143,7 @@ class TrialObjective:
         self.client = MlflowClient(setup.tracking_uri)
         self.started = 0
 
-    def __call__(self, trial: optuna.Trial) -> Union[float, list[float]]:
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
         from harness.engine import Preempted, Pruned, run
 
         trial.set_user_attr("worker", self.worker)  # first: the driver fails RUNNING trials of dead workers
@@ -141,15 +152,18 @@ class TrialObjective:
         if self._surplus(trial.number):
             trial.set_user_attr("surplus", True)
             self.study.stop()
-            raise BudgetReached(f"trial {trial.number}: the budget of {self.setup.section.trials} is already "
-                                f"filled by earlier trials")
+            raise BudgetReached(
+                f"trial {trial.number}: the budget of {self.setup.section.trials} is already filled by earlier trials"
+            )
         params = sample(trial, self.setup.section)
         cfg = self.config(trial.number, params)
         if Path(cfg.output_dir).exists():  # left by a deleted study of the same name: never resume it
             shutil.rmtree(cfg.output_dir)
-        run_id = self.client.create_run(self.setup.experiment_id, run_name=cfg.tracking.run_name,
-                                        tags={**cfg.tracking.tags, "mlflow.parentRunId": self.setup.parent_run_id,
-                                              "trial_state": "RUNNING"}).info.run_id
+        run_id = self.client.create_run(
+            self.setup.experiment_id,
+            run_name=cfg.tracking.run_name,
+            tags={**cfg.tracking.tags, "mlflow.parentRunId": self.setup.parent_run_id, "trial_state": "RUNNING"},
+        ).info.run_id
         cfg.tracking.run_id = run_id
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("output_dir", cfg.output_dir)
@@ -192,9 +206,13 @@ class TrialObjective:
         data["output_dir"] = str(Path(self.setup.study_dir) / "trials" / name)
         method = {"search_method": str(params["method"])} if "method" in params else {}
         data["tracking"].update(
-            uri=self.setup.tracking_uri, experiment_id=self.setup.experiment_id,
-            parent_run_id=self.setup.parent_run_id, run_name=name, run_id=None,
-            tags={**self.setup.tags, "trial_number": str(number), "search_params": json.dumps(params), **method})
+            uri=self.setup.tracking_uri,
+            experiment_id=self.setup.experiment_id,
+            parent_run_id=self.setup.parent_run_id,
+            run_name=name,
+            run_id=None,
+            tags={**self.setup.tags, "trial_number": str(number), "search_params": json.dumps(params), **method},
+        )
         return RunConfig.model_validate(data)
 
     def _reporter(self, trial: optuna.Trial, epochs: int) -> Any:
@@ -257,5 +275,3 @@ def suggest(trial: optuna.Trial, key: str, dim: Dimension) -> Any:
     if dim.type == "int":
         return trial.suggest_int(key, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log)
     return trial.suggest_float(key, float(dim.low), float(dim.high), step=dim.step, log=dim.log)
-
-
