@@ -68,7 +68,13 @@ class DynamicConvNeXtBlock(ConvNeXtBlock):
 
     @classmethod
     def convert(cls, block: ConvNeXtBlock, ls_init_value: float | None) -> DynamicConvNeXtBlock:
-        """Turn a built timm block into this class in place (as ToMe patches timm blocks)."""
+        """Turn a built timm block into this class in place (as ToMe patches timm blocks).
+
+        Args:
+            block: a third-stage block of timm's ConvNeXt; it gains a fast path of its width.
+            ls_init_value: the initial value of the fast path's layer scale `fast_path_gamma`
+                (the backbone's `ls_init_value`); no layer scale where the block has none.
+        """
         dim = block.conv_dw.out_channels
         block.__class__ = cls
         block.fast_path = nn.Sequential(nn.LayerNorm(dim, eps=NORM_EPS), nn.Linear(dim, dim))
@@ -120,6 +126,28 @@ class DynamicConvNeXt(SpatialSparsification, ConvNeXt):
         img_size: int | tuple[int, int] = 224,
         **convnext_kwargs: Any,
     ) -> None:
+        """Build timm's ConvNeXt, then sparsify its third stage; a bad argument is a one-line ValueError.
+
+        Args:
+            variant: `dynamic` (a `PredictorLG` per location, the T-PAMI scheme) or `dense` (the
+                plain backbone, no location).
+            keep_ratio: rho in (0, 1]: the locations keep [rho, rho - 0.2, rho - 0.4, ...] of the
+                third stage's positions (floored at 0, truncated as the official code does), unless
+                `stage_ratios` is given.
+            pruning_loc: zero-based, strictly increasing indices of the third stage's blocks before
+                which a location decides (`dynamic`: at least one; ignored by `dense`).
+            stage_ratios: the kept fraction of the third stage's positions per location, one per
+                entry of `pruning_loc`, each in [0, 1]; None: the official schedule above.
+            gumbel_tau: temperature (> 0) of the hard Gumbel-softmax that samples training
+                decisions; `set_gumbel_tau` changes it during training.
+            deterministic: train with exact top-k decisions (a straight-through gradient to the keep
+                probability) instead of Gumbel samples.
+            img_size: input image size in pixels, an int (square) or (height, width); with the
+                strides of the stem and the downsamplings it fixes the third stage's grid (14 x 14 at
+                224 px). timm's ConvNeXt takes any size, so it is this class's argument.
+            **convnext_kwargs: timm's `ConvNeXt` arguments (`depths`, `dims`, `patch_size`,
+                `stem_type`, `ls_init_value`, `num_classes`, `drop_path_rate`, ...).
+        """
         super().__init__(**convnext_kwargs)
         height, width = to_2tuple(img_size)
         stage = self.stages[SPARSE_STAGE]

@@ -16,7 +16,13 @@ from models.registry import register_family
 
 
 def _build(variant: str = "dynamic", **kwargs: Any) -> DynamicVisionTransformer:
-    """The class that computes `variant`: a peer method's subclass, else DynamicVisionTransformer."""
+    """The class that computes `variant`: a peer method's subclass, else DynamicVisionTransformer.
+
+    Args:
+        variant: one of `harness.catalog.VARIANTS`: `evit`, `topk` and `tome` build their peer class
+            (models/peers.py), the others `DynamicVisionTransformer`.
+        **kwargs: that class's arguments (its `__init__`'s Args) and timm's ViT arguments.
+    """
     return PEER_CLASSES.get(variant, DynamicVisionTransformer)(variant=variant, **kwargs)
 
 

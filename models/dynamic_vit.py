@@ -97,6 +97,33 @@ class DynamicVisionTransformer(VisionTransformer):
         deterministic: bool = False,
         **vit_kwargs: Any,
     ) -> None:
+        """Build the ViT and plan its pruning stages; a bad argument is a one-line ValueError.
+
+        Args:
+            variant: what chooses the tokens: `dense` (none: the plain DeiT), `dynamic` (a
+                `PredictorLG` per stage, DynamicViT), `static` (a learned score per token position),
+                `random`, `attention` (the CLS attention row of the block before the stage) or
+                `structural` (2x2 pooling of the token grid instead of selection). The peer methods
+                (`evit`, `topk`, `tome`) are subclasses (models/peers.py), refused here.
+            keep_ratio: rho in (0, 1]: stage s (zero-based) keeps `int(N * rho ** (s + 1))` of the N
+                original patch tokens, unless `stage_ratios` is given.
+            pruning_loc: zero-based, strictly increasing indices of the blocks before which a stage
+                prunes (one stage each); at least one for the selecting variants, ignored by `dense`
+                and `structural`; >= 1 for `attention` (it ranks by the block before).
+            stage_ratios: the kept fraction of the original patch tokens per stage, one per entry of
+                `pruning_loc`, each in (0, 1] and not increasing; None: `keep_ratio ** (s + 1)`.
+            pool_after_block: `structural` only: the number of blocks that run on the full grid
+                before the 2x2 average pooling, in [1, depth - 1]; None: depth // 2. Needs an even
+                token grid.
+            gumbel_tau: temperature (> 0) of the hard Gumbel-softmax that samples training
+                decisions; `set_gumbel_tau` changes it during training.
+            deterministic: train with exact top-k decisions (a straight-through gradient to the keep
+                probability) instead of Gumbel samples; `forward_masked` can override it per call.
+            **vit_kwargs: timm's `VisionTransformer` arguments (`img_size`, a multiple of
+                `patch_size`; `patch_size`, `in_chans`, `num_classes`, `embed_dim`, `depth`,
+                `num_heads`, `mlp_ratio`, `qkv_bias`, `drop_path_rate`, ...); this class sets
+                `block_fn` and `attn_layer`.
+        """
         _check(variant in VARIANTS, f"variant: must be one of {', '.join(VARIANTS)}, got {variant!r}")
         _check(
             variant in self.own_variants,

@@ -71,6 +71,20 @@ class ConvStem(nn.Module):
         dtype: Any = None,
         **_timm_kwargs: Any,  # `bias`: timm passes it to every embed_layer; the official proj has one
     ) -> None:
+        """
+        Args:
+            img_size: input image size in pixels, an int (square) or (height, width).
+            patch_size: pixels per token side, even (the stem halves the resolution, the projection
+                covers the other `patch_size / 2`).
+            in_chans: input image channels.
+            embed_dim: token width, the projection's output channels.
+            stem_chs: channels of the three stem convolutions (64 in LV-ViT-S/M).
+            dynamic_img_pad: must be False: the stem takes fixed-size images (timm passes it).
+            device: where the parameters are created (timm passes it; None: the default device).
+            dtype: the parameters' dtype (timm passes it; None: the default dtype).
+            **_timm_kwargs: the other arguments timm passes to every `embed_layer` (`bias`),
+                ignored: the official projection always has a bias.
+        """
         super().__init__()
         _check(patch_size % 2 == 0, f"patch_size: the LV-ViT stem needs an even patch size, got {patch_size}")
         _check(not dynamic_img_pad, "dynamic_img_pad: the LV-ViT stem takes fixed-size images, got True")
@@ -100,6 +114,10 @@ class SkipScale(nn.Module):
     """A residual branch divided by the constant `skip_lam` (LayerScale with a fixed 1 / skip_lam)."""
 
     def __init__(self, skip_lam: float) -> None:
+        """
+        Args:
+            skip_lam: the divisor (> 0) of the residual branch (2 in LV-ViT-S/M).
+        """
         super().__init__()
         _check(skip_lam > 0, f"skip_lam: must be > 0, got {skip_lam!r}")
         self.skip_lam = float(skip_lam)
@@ -124,6 +142,17 @@ class DynamicLVViT(DynamicVisionTransformer):
         aux_weight: float = 0.5,
         **kwargs: Any,
     ) -> None:
+        """Build the LV-ViT (stem, scaled residuals, aux head) on the DeiT family's DynamicViT.
+
+        Args:
+            skip_lam: every residual branch is divided by it (> 0; 2 in LV-ViT-S/M).
+            stem_chs: channels of the convolutional stem (`ConvStem`; 64 in LV-ViT-S/M).
+            aux_weight: weight of the aux head's max over the patch tokens in the prediction
+                `head(CLS) + aux_weight * max aux_head(token)`.
+            **kwargs: `DynamicVisionTransformer`'s arguments (`variant`, `keep_ratio`, `pruning_loc`,
+                ..., and timm's ViT arguments); `norm_layer` defaults to LayerNorm with eps 1e-5,
+                `embed_layer` is set by this class.
+        """
         kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-5))
         super().__init__(embed_layer=partial(ConvStem, stem_chs=stem_chs), **kwargs)
         for block in self.blocks:

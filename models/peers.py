@@ -60,6 +60,17 @@ class EViTVisionTransformer(DynamicVisionTransformer):
     def __init__(
         self, *, fuse_token: bool | None = None, stage_ratios: Sequence[float] | None = None, **kwargs: Any
     ) -> None:
+        """
+        Args:
+            fuse_token: sum the dropped tokens, weighted by their CLS attention, into one extra
+                token per stage; None: the class default (True for EViT).
+            stage_ratios: None: EViT's own rule, each stage keeps `ceil(keep_ratio * current)` of
+                the current non-CLS tokens; else stage s keeps `int(num_patches * stage_ratios[s])`
+                patch tokens (TokenReduction's EViT), one ratio per entry of `pruning_loc`.
+            **kwargs: `DynamicVisionTransformer`'s arguments: `variant` ("evit"), `keep_ratio`
+                (EViT's rho in (0, 1]), `pruning_loc` (the zero-based blocks that reduce between
+                their attention and MLP), and timm's ViT arguments.
+        """
         super().__init__(stage_ratios=stage_ratios, **kwargs)
         self.fuse_token = self.default_fuse if fuse_token is None else bool(fuse_token)
         self.of_current = stage_ratios is None and self.variant == "evit"  # EViT's own rule: ceil(rho * current)
@@ -181,6 +192,14 @@ class TopKVisionTransformer(EViTVisionTransformer):
     default_fuse = False
 
     def __init__(self, *, fuse_token: bool | None = None, **kwargs: Any) -> None:
+        """
+        Args:
+            fuse_token: None or False only: Top-K never fuses (`evit` does).
+            **kwargs: `EViTVisionTransformer`'s other arguments: `variant` ("topk"), `keep_ratio`
+                (stage s keeps `int(num_patches * keep_ratio ** (s + 1))` patch tokens),
+                `stage_ratios` (per-stage fractions of the original tokens instead), `pruning_loc`,
+                and timm's ViT arguments.
+        """
         _check(not fuse_token, f"fuse_token: the topk variant never fuses (use variant evit), got {fuse_token!r}")
         super().__init__(fuse_token=False, **kwargs)
 
@@ -266,6 +285,14 @@ class ToMeVisionTransformer(DynamicVisionTransformer):
     own_variants = ("tome",)
 
     def __init__(self, *, tome_r: RSchedule = 0, **kwargs: Any) -> None:
+        """
+        Args:
+            tome_r: tokens merged away per block: one int >= 0 for every block, or a list of at
+                most `depth` ints (block i merges `tome_r[i]`, the missing blocks 0); each block
+                merges at most half its non-CLS tokens.
+            **kwargs: `DynamicVisionTransformer`'s arguments: `variant` ("tome") and timm's ViT
+                arguments (`keep_ratio` and `pruning_loc` plan no stage for ToMe).
+        """
         super().__init__(**kwargs)
         depth = len(self.blocks)
         schedule = [tome_r] * depth if isinstance(tome_r, int) else list(tome_r)

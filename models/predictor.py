@@ -23,6 +23,11 @@ class PredictorLG(nn.Module):
     """
 
     def __init__(self, embed_dim: int) -> None:
+        """
+        Args:
+            embed_dim: width of the scored tokens or positions (the backbone's width there); the
+                first half of the hidden features is local, the rest is pooled into the global one.
+        """
         super().__init__()
         self.in_conv = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim), nn.GELU())
         self.out_conv = nn.Sequential(
@@ -66,6 +71,10 @@ class StaticPredictor(nn.Module):
     """`static` variant: one learned keep/drop score per token position, shared by all images."""
 
     def __init__(self, num_tokens: int) -> None:
+        """
+        Args:
+            num_tokens: patch tokens of the original grid, one learned keep/drop score pair each.
+        """
         super().__init__()
         self.logits = nn.Parameter(torch.zeros(num_tokens, 2))
         nn.init.trunc_normal_(self.logits, std=0.02)

@@ -24,7 +24,18 @@ def create(
     **kwargs: Any,
 ) -> nn.Module:
     """`build(**defaults, **kwargs)` from the catalog spec; then load `checkpoint`, or the spec's
-    `_url` (the published weights the official code starts from) if `pretrained`."""
+    `_url` (the published weights the official code starts from) if `pretrained`.
+
+    Args:
+        build: the family's model class (or a function choosing it), called with keyword arguments.
+        spec: the catalog entry: the model's default arguments, plus `_url` / `_family` (not passed).
+        pretrained: load the published weights of `_url`; a ValueError where the entry has none and
+            no `checkpoint` is given.
+        checkpoint: a local file or URL of weights (official, timm or project layout), loaded
+            instead of `_url` (with or without `pretrained`).
+        **kwargs: the model's arguments, over the spec's defaults; timm's factory keys
+            (`pretrained_cfg`, `pretrained_cfg_overlay`, `cache_dir`) are dropped.
+    """
     for key in _FACTORY_KEYS:
         kwargs.pop(key, None)
     defaults = {k: v for k, v in spec.items() if not k.startswith("_")}
@@ -49,6 +60,13 @@ def register_family(
     """Register every catalog name of `family` (its spec's `_family`, "deit" when absent) with timm.
 
     Returns the entry points by name (a family module may expose them as its attributes).
+
+    Args:
+        specs: the catalog (`harness.catalog.MODEL_DEFAULTS` or `SPATIAL_MODELS`): name -> entry.
+        family: which entries to register: those whose `_family` is this.
+        build: what every entry point builds through `create` (the family's model class).
+        module_name: the module the entry points belong to (timm files them under it).
+        title: the family's name, the first words of each entry point's docstring.
     """
 
     def entrypoint_for(name: str, spec: Mapping[str, Any]) -> Callable[..., nn.Module]:
@@ -56,7 +74,14 @@ def register_family(
             return create(build, spec, pretrained, **kwargs)
 
         entrypoint.__name__ = entrypoint.__qualname__ = name
-        entrypoint.__doc__ = f"{title} `{name}`: {spec}"
+        entrypoint.__doc__ = (
+            f"{title} `{name}`: {spec}\n\n"
+            "Args:\n"
+            "    pretrained: load the entry's published weights (`_url`; a ValueError where it has none).\n"
+            "    checkpoint: a local file or URL of weights (official, timm or project layout), loaded instead.\n"
+            f"    **kwargs: the arguments of `{build.__module__}.{build.__qualname__}` (its Args), over the"
+            " entry's defaults.\n"
+        )
         entrypoint.__module__ = module_name
         return register_model(entrypoint)
 

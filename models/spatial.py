@@ -87,7 +87,14 @@ class SpatialSparsification:
         stage_depth: int,
         grid: tuple[int, int],
     ) -> None:
-        """Validate the sparsification arguments and set the plan's attributes."""
+        """Validate the sparsification arguments and set the plan's attributes.
+
+        Args:
+            variant, keep_ratio, pruning_loc, stage_ratios, gumbel_tau, deterministic: the
+                backbone constructor's own (see `DynamicSwinTransformer.__init__`).
+            stage_depth: the number of blocks in the third stage (bounds `pruning_loc`).
+            grid: the third stage's map (height, width) in positions.
+        """
         _check(
             variant in SPATIAL_VARIANTS,
             f"variant: must be one of {', '.join(SPATIAL_VARIANTS)} for this "
@@ -273,5 +280,11 @@ def official_layout_hook(module: nn.Module, state: dict[str, Tensor], prefix: st
 
 # ------------------------------------------------------------------------------ registry
 def register_family(family: str, model_class: type, module_name: str) -> None:
-    """Register every catalog name of `family` with timm (models/registry.py)."""
+    """Register every catalog name of `family` with timm (models/registry.py).
+
+    Args:
+        family: the catalog's `_family` of the names to register ("swin" or "convnext").
+        model_class: the class every entry point builds.
+        module_name: the module the entry points belong to (timm files them under it).
+    """
     _register_family(SPATIAL_MODELS, family, model_class, module_name, "Dynamic spatial sparsification")

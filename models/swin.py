@@ -59,6 +59,11 @@ class FastMlp(nn.Module):
     """The fast path of a dropped position: LayerNorm + Linear C -> C (official `fastMlp`)."""
 
     def __init__(self, dim: int, drop: float = 0.0) -> None:
+        """
+        Args:
+            dim: channels of the positions (the block's width C).
+            drop: dropout probability after the Linear (the block MLP's).
+        """
         super().__init__()
         self.fc1 = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
         self.drop = nn.Dropout(drop)
@@ -76,7 +81,12 @@ class DynamicSwinBlock(SwinTransformerBlock):
 
     @classmethod
     def convert(cls, block: SwinTransformerBlock) -> DynamicSwinBlock:
-        """Turn a built timm block into this class in place (as ToMe patches timm blocks)."""
+        """Turn a built timm block into this class in place (as ToMe patches timm blocks).
+
+        Args:
+            block: a third-stage block of timm's Swin; it gains a `FastMlp` of its width, with its
+                MLP's dropout.
+        """
         block.__class__ = cls
         block.fastmlp = FastMlp(block.dim, drop=block.mlp.drop1.p)
         return block  # type: ignore[return-value]
@@ -120,6 +130,26 @@ class DynamicSwinTransformer(SpatialSparsification, SwinTransformer):
         deterministic: bool = False,
         **swin_kwargs: Any,
     ) -> None:
+        """Build timm's Swin, then sparsify its third stage; a bad argument is a one-line ValueError.
+
+        Args:
+            variant: `dynamic` (a `PredictorLG` per location, the T-PAMI scheme) or `dense` (the
+                plain backbone, no location).
+            keep_ratio: rho in (0, 1]: the locations keep [rho, rho - 0.2, rho - 0.4, ...] of the
+                third stage's positions (floored at 0, truncated as the official code does), unless
+                `stage_ratios` is given.
+            pruning_loc: zero-based, strictly increasing indices of the third stage's blocks before
+                which a location decides (`dynamic`: at least one; ignored by `dense`).
+            stage_ratios: the kept fraction of the third stage's positions per location, one per
+                entry of `pruning_loc`, each in [0, 1]; None: the official schedule above.
+            gumbel_tau: temperature (> 0) of the hard Gumbel-softmax that samples training
+                decisions; `set_gumbel_tau` changes it during training.
+            deterministic: train with exact top-k decisions (a straight-through gradient to the keep
+                probability) instead of Gumbel samples.
+            **swin_kwargs: timm's `SwinTransformer` arguments (`img_size`, `patch_size`,
+                `window_size`, `embed_dim`, `depths`, `num_heads`, `num_classes`, `drop_path_rate`,
+                ...); the third stage's grid follows from them (14 x 14 at 224 px, patch 4).
+        """
         super().__init__(**swin_kwargs)
         stage = self.layers[SPARSE_STAGE]
         self._plan_sparsity(
