@@ -1,4 +1,7 @@
-"""Training-state checkpoints: written atomically, read back to resume exactly.
+"""A run's training state for resume (`checkpoint.pth`); model weights to load are models/checkpoint.py's.
+
+Training-state checkpoints are written atomically and read back to resume exactly. A finished run
+also leaves its final weights (`model.pth`, found by `weights_file`), which models/checkpoint.py loads.
 
 A checkpoint holds the model, optimiser, scheduler, EMA, the position in training (epoch,
 batches done in that epoch, running sums of the epoch's train metrics), every RNG state and

@@ -1,7 +1,9 @@
 """Train one run from a config file: `python -m harness.train RUN.yaml [key=value ...]`.
 
-What every launched job calls, and what a researcher calls to debug one run. Re-running the
-same command resumes from `<output_dir>/checkpoint.pth` into the same MLflow run.
+One run by hand, to debug it. Launched jobs do not come through here: they call
+`harness.job.TrainJob` (the submitit callable), which calls `harness.engine.run`, the same engine
+this command runs. Re-running the same command resumes from `<output_dir>/checkpoint.pth` into the
+same MLflow run.
 
 Without `output_dir` in the file or the overrides, the run writes to `runs/debug/<run key>/`:
 the same configuration resumes its own folder, a changed one (another override) gets a new

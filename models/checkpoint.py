@@ -1,4 +1,6 @@
-"""Weights in the official layouts: DynamicViT model-zoo checkpoints and DeiT backbones.
+"""Model weights: download, cache, load; a run's training state for resume is harness/checkpointing.py's.
+
+Weights in the official layouts: DynamicViT model-zoo checkpoints and DeiT backbones.
 
 A checkpoint is a local file or a URL. A URL is downloaded once into a cache folder (with a
 progress bar), under a name keyed by the whole URL (two URLs never share a file), and its URL
