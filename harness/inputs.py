@@ -17,7 +17,8 @@ from harness.errors import show
 from harness.unpickle import refused_globals, refused_line
 
 WEIGHT_FIELDS = ("model.pretrained", "teacher.checkpoint", "train.init_from", "teacher.run_dir")
-RUN_FOLDER_FILES = ("model.pth", "checkpoint.pth")  # what a run folder given as weights must hold
+FINAL_WEIGHTS = "model.pth"  # what a run folder given as weights must hold (harness.checkpointing.FINAL_WEIGHTS)
+RESUME_POINT = "checkpoint.pth"  # a run still training or stopped half-way: never loaded as weights
 MAX_BATCH = 1 << 16  # per process; the paper's is 128 (96 in 2021)
 MAX_PIXELS = 4096 * 4096  # one image; ImageNet crops are 224 x 224, the tiny canvas 64 x 64
 
@@ -49,11 +50,16 @@ def weights_problem(value: str) -> str | None:
         return None if scheme in ("http", "https") else f"only http(s) URLs can be fetched, got {show(value)}"
     path = Path(value).expanduser()
     if path.is_dir():
-        present = [path / name for name in RUN_FOLDER_FILES if (path / name).is_file()]
-        if not present:
-            return f"a folder without {' or '.join(RUN_FOLDER_FILES)} (not a finished run), got {show(value)}"
-        refused = _unsafe(present[0])  # the file the job would load: it must not run code either
-        return f"{present[0]}: {refused}, got {show(value)}" if refused else None
+        weights = path / FINAL_WEIGHTS
+        if not weights.is_file():
+            why = (
+                f"its run has not finished (a {RESUME_POINT} is a resume point, never used as weights)"
+                if (path / RESUME_POINT).is_file()
+                else "not a finished run"
+            )
+            return f"a folder without {FINAL_WEIGHTS}: {why}, got {show(value)}"
+        refused = _unsafe(weights)  # the file the job would load: it must not run code either
+        return f"{weights}: {refused}, got {show(value)}" if refused else None
     if not path.exists():
         where = "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"
         return f"no such file{where}, got {show(value)}"

@@ -460,6 +460,18 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
             "model.pretrained: a folder without model.pth",
         )
 
+    @case("pretrained-an-unfinished-run-folder")
+    def _(c: Ctx) -> Built:
+        run = c.tmp / "halfway"  # a run stopped half-way: a resume point, no final weights
+        run.mkdir()
+        (run / "checkpoint.pth").write_bytes(b"PK")  # never read: the folder is refused for what it lacks
+        return (
+            c.launch(c.spec(**{"stages/teacher/model.pretrained": str(run)})),
+            2,
+            str(c.tmp / "spec.yaml"),
+            "model.pretrained: a folder without model.pth: its run has not finished",
+        )
+
     @case("teacher-checkpoint-ftp")
     def _(c: Ctx) -> Built:
         return (
