@@ -29,7 +29,7 @@ EVALUATED, MISSING, NOT_AVAILABLE, NOT_IN_ZOO = "evaluated", "missing", "not ava
 DASH = "—"
 GFLOPS_NOTE = (
     "GFLOPs: the zoo prints fvcore's count cut (not rounded) to one decimal; ours are "
-    "exact multiply-adds, predictors included (README, Models): 2.97 is the zoo's 2.9."
+    "exact multiply-adds, predictors included (docs/models.md): 2.97 is the zoo's 2.9."
 )
 TINY_NOTE = (
     "Tiny scale: the reference numbers are this project's own, measured when each tiny "
