@@ -32,7 +32,7 @@ def imagenet1k_wnids() -> tuple[str, ...]:
     spec = importlib.util.find_spec("timm")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("timm is not installed: it ships the ImageNet-1k class list")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "_info" / "imagenet_synsets.txt"
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "_info" / "imagenet_synsets.txt"
     wnids = tuple(path.read_text().split())
     if len(wnids) != IMAGENET1K_CLASSES or list(wnids) != sorted(wnids):
         raise RuntimeError(f"{path}: expected the 1000 ImageNet-1k wnids in sorted order, got {len(wnids)}")

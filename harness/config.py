@@ -376,8 +376,8 @@ def validation_problems(err: Any, model: type[BaseModel]) -> list[tuple[str, str
         message = item["msg"].removeprefix("Value error, ")
         value = item.get("input")
         head, _, rest = message.partition(": ")
-        if item["type"] == "value_error" and rest and head in _fields_at(model, loc + ("",)):
-            loc, message = loc + (head,), rest  # a section-level check naming one of its fields
+        if item["type"] == "value_error" and rest and head in _fields_at(model, (*loc, "")):
+            loc, message = (*loc, head), rest  # a section-level check naming one of its fields
             value = value.get(head) if isinstance(value, dict) else value
         if item["type"] == "extra_forbidden":
             valid = _fields_at(model, loc)
@@ -549,7 +549,7 @@ def read_yaml(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     return data
 
 
-def load_run_config(path: str, overrides: list[str] = ()) -> RunConfig:
+def load_run_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a run YAML, apply `key=value` overrides, validate. Raises ConfigError."""
     from pydantic import ValidationError
 

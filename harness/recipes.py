@@ -137,12 +137,12 @@ RECIPES: dict[str, dict[str, Any]] = {
             "min_lr": 1e-6,  # main.py:87 --min_lr 1e-6
             "warmup_epochs": 20,  # main.py:89 default 20: the README commands do not pass --warmup_epochs
             "warmup_lr": 0.0,  # utils.py:433 start_warmup_value=0 (linear from 0, utils.py:440)
-            "sched": "step",  # utils.py:432-449 per optimiser update (engine.py:34-44 it = data_iter_step // update_freq)
+            "sched": "step",  # utils.py:432-449 per update (engine.py:34-44 it = data_iter_step // update_freq)
             "backbone_lr_scale": 0.2,  # README.md:155 --lr_scale 0.2 -> optim_factory.py:106-111 lr_scale
             "backbone_lr_rule": "scale",  # engine.py:44 lr = schedule[it] * lr_scale
             "backbone_freeze_epochs": 5,  # optim_factory.py:107,110 fix_step = 5; engine.py:41-42 lr 0 before
             "weight_decay": 0.05,  # main.py:78 --weight_decay 0.05 (constant: weight_decay_end None, main.py:522-525)
-            "predictor_decay": "matrices",  # optim_factory.py:82-89 new params ('fast', 'predictor'): 1-D and biases undecayed
+            "predictor_decay": "matrices",  # optim_factory.py:82-89 new params (fast, predictor): 1-D, biases undecayed
             "clip_grad": None,  # main.py:74 --clip_grad None
             "freeze": ["cls_token", "pos_embed"],  # optim_factory.py:80-81 (Swin and ConvNeXt have neither)
         },

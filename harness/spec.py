@@ -11,9 +11,10 @@ Plain data and pydantic only: loading and expanding a spec never imports torch.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -311,12 +312,12 @@ def _combinations(
     if empty:  # the product would be no run at all: the stage would silently disappear
         errors.append(f"{path}: {where}.{empty[0]}: an empty list expands to no runs, got []")
         return []
-    zipped = list(zip(*runs.zip.values())) if runs.zip else [()]
+    zipped = list(zip(*runs.zip.values(), strict=True)) if runs.zip else [()]  # equal lengths: checked above
     grid_values = list(itertools.product(*runs.grid.values())) if runs.grid else [()]
     combos = []
     for zip_row in zipped:
         for grid_row in grid_values:
-            values = dict(zip(runs.grid, grid_row)) | dict(zip(runs.zip, zip_row))
+            values = dict(zip(runs.grid, grid_row, strict=True)) | dict(zip(runs.zip, zip_row, strict=True))
             suffix = "-".join(f"{k.split('.')[-1]}{_name_part(v)}" for k, v in values.items())
             layers = [
                 (f"{where}.grid.{k}" if k in runs.grid else f"{where}.zip.{k}", _nested({k: v}))
@@ -560,7 +561,7 @@ def expand(
                 invalid.add(stage_name)
             for suffix, _, combo_layers in combos:
                 name = "-".join(p for p in (variant.name, suffix) if p)
-                layers = layers_base + [(v_where, _nested(variant.set))]
+                layers = [*layers_base, (v_where, _nested(variant.set))]
                 if scale in variant.scales:
                     layers.append((f"{where}.runs.variants[{index}].scales.{scale}", _nested(variant.scales[scale])))
                 layers += combo_layers
@@ -597,7 +598,7 @@ def expand(
                 if check_files:
                     errors += _check_data(config, path, layers)
                     produced = flatten({k: v for k, v in derived.items() if k in ("train", "teacher")})
-                    errors += check_run_inputs(config, path, lambda field: _locate(field, layers), produced)
+                    errors += check_run_inputs(config, path, functools.partial(_locate, layers=layers), produced)
                 if config.needs_teacher and not (config.teacher.checkpoint or config.teacher.run_dir):
                     errors.append(
                         f"{path}: {where}.distill_from: the kl/token losses need a teacher "
@@ -684,7 +685,7 @@ def _single_run_dir(spec: Spec, scale: str, stage_name: str, output_root: str) -
 
 
 def _check_references(
-    spec: Spec, plans: list[RunPlan], path: str, order: list[str], invalid: set[str] = frozenset()
+    spec: Spec, plans: list[RunPlan], path: str, order: list[str], invalid: Set[str] = frozenset()
 ) -> list[str]:
     errors = []
     for name in order:

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {line}")
     names = [o.metric for o in plan.section.objectives]
     for trial in summary["best"]:
-        values = ", ".join(f"{n} {v:.4g}" for n, v in zip(names, trial.values))
+        values = ", ".join(f"{n} {v:.4g}" for n, v in zip(names, trial.values, strict=True))
         print(f"  best trial {trial.number}: {values}  {json.dumps(trial.params)}")
     print(f"MLflow: experiment {plan.name!r} at {uri}, parent run {search.parent_id}")
     print(f"dashboard: {storage.dashboard()}")

@@ -7,9 +7,10 @@ Plain pydantic: no torch, no Optuna.
 """
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -36,7 +37,7 @@ PATH_FIELDS = ("model.pretrained", "teacher.checkpoint", "teacher.run_dir", "tra
 DIMENSION_KEYS = {"type", "low", "high", "log", "step", "choices"}
 
 
-Number = Union[int, float]
+Number = int | float
 
 
 class Dimension(Strict):
@@ -47,7 +48,7 @@ class Dimension(Strict):
     high: Number | None = None
     log: bool = False
     step: Number | None = None
-    choices: list[None | bool | int | float | str] | None = None
+    choices: list[bool | int | float | str | None] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -86,6 +87,7 @@ class Dimension(Strict):
     def contains(self, value: Any) -> bool:
         if self.type == "categorical":
             return value in (self.choices or [])
+        assert self.low is not None and self.high is not None  # a range: _consistent requires both
         return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
 
     def describe(self) -> str:
@@ -194,7 +196,7 @@ class SearchSection(Strict):
                 f"({', '.join(PER_EPOCH)}) or use none, got {self.pruner.name!r}"
             )
         for index, point in enumerate(self.enqueue):
-            method = point.get("method")
+            method: Any = point.get("method")
             if self.methods and method not in self.methods:
                 raise ValueError(f"enqueue: [{index}] method must be one of {', '.join(self.methods)}, got {method!r}")
             space = {**self.space, **(self.methods[method].space if self.methods else {})}
@@ -252,7 +254,7 @@ class SearchPlan:
 
 def load_search(
     path: str,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     scale: str | None = None,
     output_root: str = "runs",
     workers: int | None = None,

@@ -217,7 +217,10 @@ def check_storage(choice: StorageChoice, where: str) -> None:
     if choice.kind == "journal" and file.is_file():  # a damaged record stops every worker: refuse it first
         problem = _damaged_record(file)
         if problem:
-            line = f"{where}: {file}: {problem}; move the file aside to start the study afresh, got a damaged Optuna journal"
+            line = (
+                f"{where}: {file}: {problem}; move the file aside to start the study afresh, "
+                "got a damaged Optuna journal"
+            )
             raise ConfigError([line]) if choice.given else EnvironmentProblem(line)
 
 
