@@ -35,7 +35,8 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG's state in types weights_only loads: numpy's key array becomes an int64 tensor."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy: Any = np.random.get_state(legacy=True)  # MT19937's 5-tuple (numpy's stubs say a dict by default)
+    name, keys, pos, has_gauss, cached = legacy
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),

@@ -6,12 +6,14 @@ python -m harness.demo [--batch-size 8] [--device cpu|cuda]
 from __future__ import annotations
 
 import argparse
+from typing import cast
 
 import timm
 import torch
 
 import models  # noqa: F401  (registers the DynamicViT family with timm)
 from harness.measure import count_gflops, measure_throughput
+from models.dynamic_vit import DynamicVisionTransformer
 
 
 def main() -> None:
@@ -22,7 +24,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     dense = timm.create_model("deit_small_patch16_224")
-    pruned = timm.create_model("dynamicvit_deit_small_patch16_224", keep_ratio=0.7)
+    pruned = cast(DynamicVisionTransformer, timm.create_model("dynamicvit_deit_small_patch16_224", keep_ratio=0.7))
     print(
         f"DynamicViT-S/0.7 keeps {pruned.num_keep} of {pruned.num_patches} tokens "
         f"before blocks {[i + 1 for i in pruned.pruning_loc]}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from harness.config import RunConfig
 from harness.errors import show
@@ -23,7 +24,8 @@ MAX_BATCH = 1 << 16  # per process; the paper's is 128 (96 in 2021)
 MAX_PIXELS = 4096 * 4096  # one image; ImageNet crops are 224 x 224, the tiny canvas 64 x 64
 
 
-def _get(cfg: RunConfig, dotted: str) -> object:
+def _get(cfg: RunConfig, dotted: str) -> Any:
+    """The value of a dotted field (a path, a size: Any, its type depends on the field)."""
     node: object = cfg
     for part in dotted.split("."):
         node = getattr(node, part)

@@ -136,7 +136,7 @@ class LVViTLoss(DynamicViTLoss):
         if self.cfg.ratio.active and output.keep_fractions.shape[1] > 0:
             parts["ratio"] = ratio_loss(output.keep_fractions.float(), self.stage_ratios)
             total = total + self.cfg.ratio.weight * parts["ratio"]
-        if distilling:
+        if distilling and teacher is not None:  # (distilling says so: repeated for the type checker)
             teacher_logits, teacher_tokens = teacher
             if self.cfg.kl.active:
                 parts["kl"] = kl_loss(output.logits, teacher_logits)

@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 @contextlib.contextmanager
 def explicit_attention(model: nn.Module) -> Iterator[None]:
     """Temporarily turn off fused attention in every timm attention module of `model`."""
-    saved = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+    modules: list[Any] = list(model.modules())  # `fused_attn`, a bool of timm's modules, is not in nn.Module's type
+    saved = [(m, m.fused_attn) for m in modules if hasattr(m, "fused_attn")]
     try:
         for module, _ in saved:
             module.fused_attn = False
@@ -33,11 +35,12 @@ def explicit_attention(model: nn.Module) -> Iterator[None]:
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) a timm ViT expects (`in_chans`: LV-ViT's `proj` reads its conv stem, not the image)."""
-    if hasattr(model, "input_shape"):  # Swin / ConvNeXt say it themselves (ConvNeXt has no patch_embed)
-        return tuple(model.input_shape)
-    patch_embed = model.patch_embed
+    timm_model: Any = model  # timm's attributes, which nn.Module's type does not know
+    if hasattr(timm_model, "input_shape"):  # Swin / ConvNeXt say it themselves (ConvNeXt has no patch_embed)
+        return tuple(timm_model.input_shape)
+    patch_embed = timm_model.patch_embed
     height, width = patch_embed.img_size
-    return (getattr(model, "in_chans", None) or patch_embed.proj.in_channels, height, width)
+    return (getattr(timm_model, "in_chans", None) or patch_embed.proj.in_channels, height, width)
 
 
 def count_gflops(model: nn.Module, shape: Sequence[int] | None = None) -> float:

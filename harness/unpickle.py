@@ -78,6 +78,7 @@ def _scan(stream: BinaryIO) -> list[str]:
     found: list[str] = []
     memo: dict[int, str | None] = {}
     pushed: list[str | None] = []  # the values pushed so far, as strings where they are strings
+    arg: Any  # typeshed says `Any | None`; each opcode below has an argument of its own type
     for opcode, arg, _ in pickletools.genops(stream):
         name = opcode.name
         if name in ("GLOBAL", "INST"):
@@ -85,8 +86,8 @@ def _scan(stream: BinaryIO) -> list[str]:
             found.append(f"{module}.{attr}")
             pushed.append(None)
         elif name == "STACK_GLOBAL":
-            module, attr = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
-            found.append(f"{module}.{attr}" if module is not None and attr is not None else "?")
+            owner, member = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
+            found.append(f"{owner}.{member}" if owner is not None and member is not None else "?")
             pushed.append(None)
         elif name in ("EXT1", "EXT2", "EXT4"):
             found.append(f"?copyreg extension {arg}")
@@ -123,7 +124,7 @@ def imported_globals(path: Path, crc: bool = False) -> list[str]:
                 data = archive.read(pickles[0])
         except (zipfile.BadZipFile, EOFError, OSError) as err:
             raise ValueError(f"a truncated or damaged checkpoint (not a valid zip archive: {err})") from None
-        streams = [io.BytesIO(data)]
+        streams: list[BinaryIO] = [io.BytesIO(data)]
         count = 1
     elif head[:1] == b"\x80":  # torch's legacy format: several pickles in a row, then raw storage bytes
         streams, count = [open(path, "rb")], LEGACY_PICKLES
@@ -164,10 +165,11 @@ def refusal(path: Path, crc: bool = False) -> str | None:
 def _admitted_objects() -> list[Any]:
     """ADMITTED as objects for torch.serialization.safe_globals, under the names the pickles use."""
     import argparse
+    import importlib
 
     import numpy as np
 
-    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    core = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
     objects: list[Any] = [argparse.Namespace, np.ndarray, np.dtype]
     for where in ("numpy.core.multiarray", "numpy._core.multiarray"):
         objects += [(core._reconstruct, f"{where}._reconstruct"), (core.scalar, f"{where}.scalar")]
