@@ -1,111 +1,26 @@
-"""Launch every run of an experiment spec: `python -m harness.launch experiments/table3.yaml`.
-
-Each stage is submitted through submitit as one job array; a stage that depends on another
-waits for it with a SLURM `afterok` dependency, so the launcher returns at once (`--wait`
-follows the runs to the end). Runs whose key is already FINISHED in MLflow are skipped, queued
-or running ones are not submitted twice, failed or killed ones are resubmitted into the same
-MLflow run and resume from their checkpoint, and so are runs that MLflow still shows RUNNING
-whose process or SLURM job is gone (killed hard); `--rerun` forces fresh runs.
-
-A run's folder is bound to its run key and MLflow run (harness/runstate.py): a folder that holds
-another configuration's state is moved aside (`<run>.before-<time>`) before its new run starts;
-a queued or running job of that other configuration (the old students of a teacher whose
-settings changed) is cancelled first and its MLflow run marked KILLED (tag `superseded`).
-Runs left SCHEDULED by a launch that was killed before it submitted them are resubmitted; a
-launch killed hard is marked KILLED by the next one.
-
-Exit codes: 0 submitted (or all done), 1 a run failed (with --wait or the local executor) or the
-environment stopped the launch (an unreachable tracking server), 2 invalid spec, arguments or
-files (one line each; nothing written, nothing submitted).
-"""
+"""One launch's submission: the executor, and `Launch`, which decides each run from what MLflow
+holds (skip, continue, resubmit, retire), creates its MLflow runs and submits one job array per stage."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import errno
 import os
-import shlex
-import signal
 import socket
-import stat
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from harness import runstate
-from harness.cluster import choose_executor, job_alive, process_alive, scancel, signal_local, wait_until_gone
-from harness.config import ConfigError
-from harness.errors import EXIT_FAILED, EnvironmentProblem, handle
-from harness.spec import MAX_RUNS, Expanded, RunPlan, differing_values, load_and_expand
-from harness.store import StoreLock, bound_requests, check_store, resolve_uri
+from harness.cluster import job_alive, process_alive, scancel, signal_local, wait_until_gone
+from harness.errors import EnvironmentProblem
+from harness.launch.wait import Finished, children_ignore_sigint, failure_line, stop_jobs
+from harness.spec import Expanded, RunPlan
+from harness.store import StoreLock
 
 IN_FLIGHT = ("SCHEDULED", "RUNNING")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m harness.launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("spec", help="experiment spec YAML, e.g. experiments/table3.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted spec overrides, e.g. base.train.epochs=2")
-    parser.add_argument("--scale", help="which of the spec's scales (default: the spec's default_scale)")
-    parser.add_argument(
-        "--executor",
-        choices=["auto", "slurm", "local", "debug"],
-        default="auto",
-        help="auto: SLURM when its controller answers (sinfo), else local processes",
-    )
-    parser.add_argument("--dry-run", action="store_true", help="print the expanded runs, submit nothing")
-    parser.add_argument("--rerun", action="store_true", help="run again even runs that already finished")
-    parser.add_argument("--wait", action="store_true", help="follow the runs to the end, then report")
-    parser.add_argument("--output-root", default="runs", help="runs/<spec>/<scale>/<stage>/<run>/ (default: runs)")
-    parser.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
-    )
-    parser.add_argument(
-        "--max-runs",
-        type=int,
-        default=MAX_RUNS,
-        metavar="N",
-        help=f"refuse a spec that expands to more than N runs (default: {MAX_RUNS})",
-    )
-    return parser.parse_intermixed_args(argv)
-
-
-# --------------------------------------------------------------------------------- dry run
-def render_table(expanded: Expanded) -> str:
-    """One row per run: stage, name, row, key, recipe, the values that differ between runs, resources."""
-    varying = [k for k in differing_values(expanded.runs) if k != "recipe"]
-    header = ["stage", "name", "row", "key", "recipe", *varying, "resources"]
-    rows = []
-    for plan in expanded.runs:
-        flat = _flat(plan)
-        rows.append(
-            [
-                plan.stage,
-                plan.name,
-                plan.row,
-                plan.key,
-                plan.config.recipe,
-                *(str(flat.get(k)) for k in varying),
-                plan.slurm.describe(),
-            ]
-        )
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *rows]]
-    title = f"{expanded.spec.name} ({expanded.scale}): {len(expanded.runs)} runs in stages {' -> '.join(expanded.stage_order)}"
-    return "\n".join([title, *lines])
-
-
-def _flat(plan: RunPlan) -> dict[str, Any]:
-    from harness.config import flatten
-
-    return flatten(plan.config.model_dump(exclude={"output_dir", "tracking"}))
-
-
-# ------------------------------------------------------------------------------ submission
 def make_executor(cluster: str, folder: Path, plan: RunPlan, spec_name: str, dependency: list[str]) -> Any:
     import submitit
 
@@ -408,7 +323,7 @@ class Launch:
 
     def _record(self, todo: list[tuple[RunPlan, dict[str, Any]]], jobs: list[Any]) -> list[tuple[RunPlan, Any]]:
         """Tag each MLflow run with its job id; link the job's log into the run's folder."""
-        for (plan, job_cfg), job in zip(todo, jobs):
+        for (plan, job_cfg), job in zip(todo, jobs, strict=True):
             self.run_ids.setdefault(plan.stage, []).append(job_cfg["run_id"])
             self.started.append((job_cfg["run_id"], job))
             self.tag_run(job_cfg["run_id"], "slurm_job_id" if self.cluster == "slurm" else "job_id", job.job_id)
@@ -417,7 +332,7 @@ class Launch:
             if log.is_symlink():
                 log.unlink()
             log.symlink_to(Path(job.paths.stdout).resolve())
-        return [(plan, job) for (plan, _), job in zip(todo, jobs)]
+        return [(plan, job) for (plan, _), job in zip(todo, jobs, strict=True)]
 
     def tag_run(self, run_id: str, key: str, value: str) -> None:
         """Tag a submitted run, or the run its job created if the job has already started (its
@@ -577,266 +492,3 @@ class Launch:
             for stage in self.expanded.stage_order
             for run_id in self.run_ids.get(stage, [])
         ]
-
-
-POLL_S = 0.2  # how often finished local processes are looked for
-
-
-def failure_line(err: BaseException) -> str:
-    """The exception line of a failed job's traceback (submitit wraps it between dashed lines,
-    followed by log paths), else the error's last line."""
-    lines = [line.strip() for line in str(err).strip().splitlines()]
-    dashes = [i for i, line in enumerate(lines) if line and set(line) == {"-"}]
-    if len(dashes) >= 2:
-        inside = [line for line in lines[dashes[-2] + 1 : dashes[-1]] if line]
-        if inside:
-            return inside[-1]
-    return next((line for line in reversed(lines) if line), repr(err))
-
-
-class Finished:
-    """Counts a stage's finished jobs on a progress bar and keeps the failed ones."""
-
-    def __init__(self, total: int, progress: bool, desc: str, watch: Any = None) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, unit="run", disable=not progress)
-        self.failed: list[RunPlan] = []
-        self.watch = watch  # harness.progress.Watch: the runs' epochs, steps and ETAs while waiting
-
-    def __enter__(self) -> Finished:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.bar.close()
-
-    def collect(self, pending: list[tuple[RunPlan, Any]]) -> list[tuple[RunPlan, Any]]:
-        """Count the jobs of `pending` that are done (saying which failed); return the others."""
-        still = []
-        for plan, job in pending:
-            if not job.done():
-                still.append((plan, job))
-                continue
-            try:
-                job.result()
-            except Exception as err:  # the job's own log has the traceback
-                self.failed.append(plan)
-                print(
-                    f"\n{plan.stage}/{plan.name} failed: {failure_line(err)} (log: {plan.output_dir / 'job.log'})",
-                    file=sys.stderr,
-                )
-            self.bar.update(1)
-        return still
-
-    def wait(self, pending: list[tuple[RunPlan, Any]], leave: int = 0) -> list[tuple[RunPlan, Any]]:
-        """Collect finished jobs until at most `leave` of `pending` are still running; those."""
-        pending = self.collect(pending)
-        while len(pending) > leave:
-            time.sleep(POLL_S)
-            pending = self.collect(pending)
-            if self.watch is not None:
-                self.watch.tick()
-        if self.watch is not None:
-            self.watch.pause()
-        return pending
-
-
-def wait_for(jobs: list[tuple[RunPlan, Any]], progress: bool, desc: str = "runs", watch: Any = None) -> bool:
-    """Follow jobs to the end with a progress bar of finished runs; False if any failed."""
-    with Finished(len(jobs), progress, desc, watch) as finished:
-        finished.wait(list(jobs))
-    return not finished.failed
-
-
-def check_report_inputs(expanded: Expanded) -> None:
-    """The spec's notebooks and paper table must exist before any run trains for them."""
-    spec, path = expanded.spec, expanded.path
-    if not spec.notebooks:
-        return
-    from analysis.report import ReportError, resolve_notebook
-
-    problems = []
-    for index, notebook in enumerate(spec.notebooks):
-        try:
-            resolve_notebook(notebook)
-        except ReportError:
-            problems.append(f"{path}: notebooks[{index}]: no such notebook, got {notebook!r}")
-    if spec.table:
-        from analysis.reference import resolve_table
-
-        try:
-            resolve_table(spec.table)
-        except KeyError as err:
-            problems.append(f"{path}: {err.args[0]}")
-    if problems:
-        raise ConfigError(problems)
-
-
-def check_output_root(root: Path) -> None:
-    """The output root must be a writable folder (created if missing) before anything is submitted."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError([f"--output-root: cannot create the folder ({err.strerror}), got {str(root)!r}"]) from None
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise ConfigError([f"--output-root: not writable, got {str(root)!r}"])
-
-
-def check_run_folders(expanded: Expanded, root: Path) -> None:
-    """Every run folder's existing part must be a folder: a symlink loop or a file in the way is
-    refused before any MLflow run is created (it would otherwise fail the launch half-way)."""
-    for folder in sorted({plan.output_dir for plan in expanded.runs}):
-        for part in [*reversed(folder.parents), folder]:
-            if part != root and root not in part.parents:
-                continue
-            try:
-                is_dir = stat.S_ISDIR(os.stat(part).st_mode)
-            except FileNotFoundError:
-                break  # created later, with everything below it
-            except OSError as err:  # ELOOP: a symlink loop; EACCES: a folder nobody may enter
-                raise ConfigError(
-                    [
-                        f"--output-root: {part}: {(err.strerror or str(err)).lower()}"
-                        f"{' (a symlink loop)' if err.errno == errno.ELOOP else ''}, "
-                        f"got {str(root)!r}"
-                    ]
-                ) from None
-            if not is_dir:
-                raise ConfigError(
-                    [f"--output-root: {part}: not a folder (a run folder lies under it), got {str(root)!r}"]
-                )
-
-
-def stop_jobs(jobs: list[Any], wait_s: float, every_s: float = 2.0) -> None:
-    """TERM local jobs (their submitit controller, which passes it on) until they have ended, for at most
-    `wait_s`. Again every `every_s`: a job still starting ignores TERM (submitit's handler) until the
-    engine listens; from then on the engine writes a checkpoint at the next step and stops."""
-    deadline = time.monotonic() + wait_s
-    signalled = 0.0
-    while time.monotonic() < deadline:
-        live = [job for job in jobs if not job.done()]
-        if not live:
-            return
-        if time.monotonic() - signalled >= every_s:
-            for job in live:
-                signal_local(job.job_id)
-            signalled = time.monotonic()
-        time.sleep(POLL_S)
-
-
-@contextlib.contextmanager
-def children_ignore_sigint() -> Any:
-    """Local jobs started inside ignore SIGINT (an ignored signal stays ignored across exec).
-
-    Ctrl-C reaches the terminal's whole process group: submitit's job controller died of it with a
-    KeyboardInterrupt traceback and the training job with an empty FAILED run. The launcher stops
-    its jobs itself (`Launch.stop_local`).
-    """
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (scancel of a launcher job, `kill`, harness.cancel): stop like Ctrl-C."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return handle("harness.launch", lambda: _main(args))
-
-
-def _main(args: argparse.Namespace) -> int:
-    output_root = Path(args.output_root).resolve()
-    if args.max_runs < 1:
-        raise ConfigError([f"--max-runs: must be at least 1, got {args.max_runs}"])
-    expanded = load_and_expand(args.spec, args.overrides, args.scale, str(output_root), max_runs=args.max_runs)
-    check_report_inputs(expanded)
-    for note in expanded.notes:  # an override that some runs' own layers undo: which ones, and why
-        print(note, file=sys.stderr)
-    if args.dry_run:
-        print(render_table(expanded))
-        return 0
-    uri, source = resolve_uri(args.tracking_uri)
-    check_store(uri, source, must_exist=False, write=True)
-    check_output_root(output_root)
-    check_run_folders(expanded, output_root)
-    bound_requests()
-    cluster = choose_executor(args.executor)
-    launch = Launch(expanded, uri, cluster, args.rerun, output_root, StoreLock(uri, output_root))
-    progress = sys.stderr.isatty()
-    status = "KILLED"  # unless the launch gets to the end
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        ok = launch.submit_all(progress)
-        if ok and args.wait and cluster == "slurm":
-            ok = wait_for([j for jobs in launch.jobs.values() for j in jobs], progress, watch=launch.watch)
-        status = "FINISHED" if ok else "FAILED"
-    except KeyboardInterrupt as stop:  # Ctrl-C, or TERM (_Terminated): the local jobs end with the launch
-        if cluster != "slurm":
-            launch.stop_local(
-                "SIGTERM to the launch" if isinstance(stop, _Terminated) else "Ctrl-C (SIGINT) to the launch"
-            )
-        raise
-    except Exception:
-        status = "FAILED"
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        launch.finish(status)
-    submitted = sum(len(j) for j in launch.jobs.values())
-    print(
-        f"{expanded.spec.name} ({expanded.scale}): {submitted} submitted, {len(launch.skipped)} skipped "
-        f"({', '.join(sorted(set(launch.skipped.values()))) or 'none'}); MLflow experiment "
-        f"{expanded.spec.name!r} at {uri}, parent run {launch._parent_id or 'none (nothing submitted)'}"
-    )
-    if ok and args.wait:
-        report(expanded, uri, launch._parent_id)
-    print_urls(launch, uri, finished=cluster == "local" or args.wait)
-    return 0 if ok else EXIT_FAILED
-
-
-def print_urls(launch: Launch, uri: str, finished: bool) -> None:
-    """The UI pages of this launch: the runs table, and the compare view of the runs it ran to the end."""
-    from harness.tracking import compare_url, runs_table_url
-
-    if not uri.startswith(("http://", "https://")):
-        print(f"MLflow UI: mlflow ui --backend-store-uri {shlex.quote(uri)}   (then open the pages below)")
-    print(f"runs table: {runs_table_url(uri, launch.experiment_id)}")
-    run_ids = launch.submitted_run_ids()
-    if finished and run_ids:
-        print(f"compare the runs of this launch: {compare_url(uri, launch.experiment_id, run_ids)}")
-
-
-def report(expanded: Expanded, uri: str, parent_id: str | None) -> None:
-    """After --wait: regenerate the spec's tables (analysis notebooks), put them on the launch's
-    MLflow run (that of the latest launch of the spec and scale if this one submitted nothing)."""
-    notebooks = expanded.spec.notebooks
-    if notebooks:
-        from analysis.mlflow_report import NoParentRun, find_parent
-        from analysis.report import make_report
-
-        chosen = ""
-        if parent_id is None:
-            try:
-                parent_id, chosen = find_parent(uri, expanded.spec.name, expanded.scale)
-            except NoParentRun as err:
-                print(f"not put on MLflow: {err}", file=sys.stderr)
-        out = Path("reports") / expanded.spec.name / expanded.scale
-        tables, where = make_report(
-            expanded.spec.name, expanded.scale, uri, notebooks, str(out), expanded.spec.table, parent_id, chosen
-        )
-        print(tables)
-        print(f"tables and figures: {out}/")
-        if where:
-            print(where)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
