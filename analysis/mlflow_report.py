@@ -165,7 +165,8 @@ def publish(
 ) -> Published:
     """Replace the run's `report/` artifacts and log the headline metrics (see the module doc).
 
-    `stems`: the notebooks' names (each wrote `<stem>.md` into `output_dir`); `since`: when the report
+    `stems`: the notebooks' report names (`analysis.report.report_name`: each wrote `<stem>.md` and was
+    kept executed as `<stem>.ipynb` in `output_dir`); `since`: when the report
     started (figures older than that are not this report's); `chosen`: how the run was chosen, for the line.
     """
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository

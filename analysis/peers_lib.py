@@ -1,9 +1,10 @@
 """The peers comparison (experiments/peers.yaml) from MLflow: runs with their knobs, the
 TokenReduction keep-rate group, Pareto fronts, interleaved throughput and the two figures.
 
-Used by analysis/peers.ipynb. A TokenReduction point is found by its configuration (the knobs
-`analysis.peers_match.tr_knobs` gives for that rate), not by its stage, so that DynamicViT/0.7
-and (at the paper scale) Top-K/0.7 count in both groups from the one run each.
+Used by analysis/notebooks/peers_notebook.ipynb. A TokenReduction point is found by its
+configuration (the knobs `analysis.peers_match.tr_knobs` gives for that rate), not by its stage,
+so that DynamicViT/0.7 and (at the paper scale) Top-K/0.7 count in both groups from the one run
+each.
 """
 
 from __future__ import annotations

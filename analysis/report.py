@@ -3,9 +3,11 @@
     python -m analysis.report experiments/table3.yaml [--scale tiny] [--tracking-uri URI]
                                                       [--output-dir DIR]
 
-Each notebook gets the papermill parameters `tracking_uri`, `experiment` (the spec name),
-`scale` and `output_dir` (plus `table` when the spec names one) and writes
-`<output_dir>/<notebook stem>.{md,tex,csv}`, its figures and the executed notebook there.
+The notebooks live in analysis/notebooks/, each `<name>_notebook.ipynb` with its jupytext `.py`
+pair (the suffix keeps their names from colliding with any module). Each gets the papermill
+parameters `tracking_uri`, `experiment` (the spec name), `scale` and `output_dir` (plus `table`
+when the spec names one) and writes `<output_dir>/<name>.{md,tex,csv}` and its figures; the
+executed notebook goes there as `<name>.ipynb`.
 Default output: `reports/<spec>/<scale>/` under the current directory. Then the same results go
 to MLflow (`analysis.mlflow_report`): the tables (Markdown and HTML), figures, executed notebooks
 (ipynb and HTML) and the headline numbers as metrics on the most recent launch (or search) parent
@@ -27,6 +29,7 @@ from harness.errors import EXIT_FAILED, EXIT_INVALID, handle
 from harness.files import PathLike
 
 REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK_SUFFIX = "_notebook"  # analysis/notebooks/<name>_notebook.ipynb writes the report files <name>.*
 
 
 class ReportError(ValueError):
@@ -54,7 +57,8 @@ def read_report_spec(path: PathLike) -> ReportSpec:
         spec = load_spec(str(path))
     except ConfigError as err:
         raise ReportError(str(err)) from None
-    notebooks = spec.notebooks or [f"analysis/{spec.name}.ipynb"]  # absent or [] -> the default
+    default = f"analysis/notebooks/{spec.name}{NOTEBOOK_SUFFIX}.ipynb"
+    notebooks = spec.notebooks or [default]  # absent or [] -> the default
     return ReportSpec(spec.name, spec.table, spec.default_scale, notebooks, list(spec.scales))
 
 
@@ -67,13 +71,19 @@ def resolve_notebook(path: str, spec_path: PathLike = "") -> Path:
     raise ReportError(f"{prefix}notebooks: no such notebook, got {path!r}")
 
 
+def report_name(notebook: PathLike) -> str:
+    """The name of a notebook's report files: its stem less `_notebook` (`table3_notebook.ipynb`
+    writes `table3.md` and is kept executed as `table3.ipynb`), the name MLflow shows them under."""
+    return Path(notebook).stem.removesuffix(NOTEBOOK_SUFFIX)
+
+
 def run_notebooks(
     spec_name: str, scale: str, tracking_uri: str, notebooks: list[str], output_dir: str, table: str | None = None
 ) -> str:
     """Execute each notebook with papermill (kernel python3, cwd = repo root); return their tables.
 
-    The returned Markdown is each notebook's `<output_dir>/<stem>.md`, read back from disk,
-    so it is exactly what the notebook wrote. Raises papermill's PapermillExecutionError when
+    The returned Markdown is each notebook's `<output_dir>/<name>.md` (`report_name`), read back
+    from disk, so it is exactly what the notebook wrote. Raises papermill's PapermillExecutionError when
     a cell fails; the executed notebook (with the traceback) is kept in `output_dir`.
     """
     import papermill
@@ -90,9 +100,10 @@ def run_notebooks(
         parameters = {"tracking_uri": tracking_uri, "experiment": spec_name, "scale": scale, "output_dir": str(out)}
         if table:
             parameters["table"] = table
+        name = report_name(source)
         papermill.execute_notebook(
             str(source),
-            str(out / source.name),
+            str(out / f"{name}.ipynb"),
             parameters=parameters,
             kernel_name="python3",
             cwd=str(REPO),
@@ -100,9 +111,9 @@ def run_notebooks(
             log_output=False,
             config=kernel,
         )
-        written = out / f"{source.stem}.md"
+        written = out / f"{name}.md"
         if not written.is_file():
-            raise RuntimeError(f"{source}: ran, but wrote no {written} (each notebook must write <stem>.md)")
+            raise RuntimeError(f"{source}: ran, but wrote no {written} (each notebook must write <name>.md)")
         texts.append(written.read_text())
     return "\n".join(texts)
 
@@ -128,7 +139,7 @@ def make_report(
     markdown = run_notebooks(spec_name, scale, tracking_uri, notebooks, output_dir, table)
     if parent_run_id is None:
         return markdown, ""
-    stems = [resolve_notebook(n).stem for n in notebooks]
+    stems = [report_name(resolve_notebook(n)) for n in notebooks]
     published = publish(tracking_uri, output_dir, stems, started, parent_run_id, chosen)
     return markdown, published.line()
 

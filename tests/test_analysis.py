@@ -387,8 +387,8 @@ def test_figures_are_pngs_from_runs_and_a_real_model(store: dict[str, Any], tmp_
 # ----------------------------------------------------------------------- notebooks, CLI
 def test_notebooks_are_paired_and_parameterised() -> None:
     for name in ("table3", "table1", "losses"):
-        notebook = jupytext.read(REPO / "analysis" / f"{name}.ipynb")
-        source = jupytext.read(REPO / "analysis" / f"{name}.py")
+        notebook = jupytext.read(REPO / "analysis" / "notebooks" / f"{name}_notebook.ipynb")
+        source = jupytext.read(REPO / "analysis" / "notebooks" / f"{name}_notebook.py")
         assert notebook.metadata["kernelspec"]["name"] == "python3", name
         assert [c.source for c in notebook.cells] == [c.source for c in source.cells], f"{name}: run jupytext --sync"
         (parameters,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
@@ -495,7 +495,7 @@ MINIMAL_SPEC = "scales: {tiny: {}}\nstages: {only: {}}\n"  # what every spec nee
         ("name: table3\nnotebooks: [analysis/nope.ipynb]\n" + MINIMAL_SPEC, "notebooks: no such notebook"),
         ("name: table3\ntable: table9\n" + MINIMAL_SPEC, "table: unknown table"),
         (
-            "name: never-launched\nnotebooks: [analysis/table3.ipynb]\n" + MINIMAL_SPEC,
+            "name: never-launched\nnotebooks: [analysis/notebooks/table3_notebook.ipynb]\n" + MINIMAL_SPEC,
             "no MLflow experiment of that name",
         ),
     ],

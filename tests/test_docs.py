@@ -69,6 +69,7 @@ def test_the_readme_names_every_module() -> None:
         "harness/search/*.py",
         "models/*.py",
         "analysis/*.py",
+        "analysis/notebooks/*.py",
         "benchmarks/*.py",
         "scripts/*.sh",
     ]
@@ -85,6 +86,20 @@ def test_the_readme_names_every_module() -> None:
         if f"`{rel}`" not in readme:
             missing.append(rel)
     assert not missing, f"README.md's where-is-X table does not name: {missing}"
+
+
+def test_notebooks_live_in_analysis_notebooks_under_names_no_module_has() -> None:
+    """A notebook (and its jupytext pair) never shares a name with a module of harness/, models/ or
+    analysis/, so `analysis/notebooks/losses_notebook.py` is never mistaken for `harness/losses.py`."""
+    notebooks = REPO / "analysis" / "notebooks"
+    stems = {f.stem for f in notebooks.glob("*.ipynb")}
+    assert stems, "no notebook in analysis/notebooks/"
+    code = [f for d in ("harness", "models", "analysis") for f in (REPO / d).rglob("*.py")]
+    modules = {f.stem: f.relative_to(REPO).as_posix() for f in code if notebooks not in f.parents}
+    assert not {s: modules[s] for s in stems & modules.keys()}, "notebook names that are module names"
+    found = [f for d in ("harness", "models", "analysis") for f in (REPO / d).rglob("*.ipynb")]
+    elsewhere = [f for f in found if ".ipynb_checkpoints" not in f.parts]  # Jupyter's autosaves aside
+    assert all(f.parent == notebooks for f in elsewhere), [f for f in elsewhere if f.parent != notebooks]
 
 
 def test_the_readme_test_command_is_the_one_ci_runs() -> None:

@@ -417,17 +417,18 @@ def _fixture_store(tmp: Path) -> str:
 
 
 def test_the_peers_report_from_fixture_runs(tmp_path: Path) -> None:
-    """analysis/peers.ipynb, run headless as analysis.report runs it (papermill, the report's parameters):
-    the matched table beside the published numbers, the keep-rate table (DynamicViT/0.7 found by its
-    configuration in the matched stage), the interleaved throughput and both figures. One batch of 4
-    per model and one round (a real report: 7 rounds of 10 batches of 32) keep it short: it checks the plumbing."""
+    """analysis/notebooks/peers_notebook.ipynb, run headless as analysis.report runs it (papermill, the
+    report's parameters): the matched table beside the published numbers, the keep-rate table
+    (DynamicViT/0.7 found by its configuration in the matched stage), the interleaved throughput and
+    both figures. One batch of 4 per model and one round (a real report: 7 rounds of 10 batches of 32)
+    keep it short: it checks the plumbing."""
     import pandas as pd
     import papermill
 
     uri = _fixture_store(tmp_path)
     out = tmp_path / "report"
     papermill.execute_notebook(
-        str(REPO / "analysis" / "peers.ipynb"),
+        str(REPO / "analysis" / "notebooks" / "peers_notebook.ipynb"),
         str(tmp_path / "peers.ipynb"),
         kernel_name="python3",
         cwd=str(REPO),
@@ -576,8 +577,8 @@ def test_a_trial_draws_a_method_then_its_own_knob(tmp_path: Path) -> None:
 
 
 def test_per_method_fronts_notebook_from_fixture_trials(tmp_path: Path) -> None:
-    """analysis/peers_search.ipynb on a study of FIXTURE trials (values invented, made with Optuna's
-    create_trial): each method's front, the overall front, the table and the figure."""
+    """analysis/notebooks/peers_search_notebook.ipynb on a study of FIXTURE trials (values invented, made
+    with Optuna's create_trial): each method's front, the overall front, the table and the figure."""
     import optuna
     import papermill
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -609,7 +610,7 @@ def test_per_method_fronts_notebook_from_fixture_trials(tmp_path: Path) -> None:
         )
     out = tmp_path / "report"
     papermill.execute_notebook(
-        str(REPO / "analysis" / "peers_search.ipynb"),
+        str(REPO / "analysis" / "notebooks" / "peers_search_notebook.ipynb"),
         str(tmp_path / "nb.ipynb"),
         kernel_name="python3",
         cwd=str(REPO),

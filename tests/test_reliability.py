@@ -33,7 +33,7 @@ from tests.test_launch import MINI, needs_slurm, sacct, train_runs
 REPO = Path(__file__).resolve().parents[1]
 CASE_LIMIT_S = 5  # issue 16's bound on a refused command (each takes about a second here)
 CASE_TIMEOUT_S = 8  # per bad-input case, fixtures included: the test's hard stop
-NOTEBOOKS = ["analysis/table3.ipynb"]  # a notebook that exists (the report checks notebooks first)
+NOTEBOOKS = ["analysis/notebooks/table3_notebook.ipynb"]  # a notebook that exists (the report checks notebooks first)
 
 
 def cli(
@@ -505,7 +505,7 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
     @case("table-unknown")
     def _(c: Ctx) -> Built:
         return (
-            c.launch(c.spec(notebooks=["analysis/table3.ipynb"], table="table99")),
+            c.launch(c.spec(notebooks=["analysis/notebooks/table3_notebook.ipynb"], table="table99")),
             2,
             str(c.tmp / "spec.yaml"),
             "table: unknown table",

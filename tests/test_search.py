@@ -33,7 +33,7 @@ SPEC: dict[str, Any] = {
     "name": "mini_search",
     "table": "keep-ratio",
     "default_scale": "tiny",
-    "notebooks": ["analysis/search.ipynb"],
+    "notebooks": ["analysis/notebooks/search_notebook.ipynb"],
     "base": {
         "model": {"name": "dynamicvit_tiny_patch8_64", "variant": "dynamic", "keep_ratio": 0.7},
         "data": {"name": "cluttered_mnist", "train_digits": 128, "val_digits": 32, "val_placements": 1},
@@ -267,7 +267,9 @@ def test_tiny_search_meets_the_budget_with_one_child_run_per_trial(tiny_search: 
 
 def test_search_notebook_runs_headless_on_the_study(tiny_search: dict[str, Any]) -> None:
     tmp = tiny_search["tmp"]
-    notebook, source = (jupytext.read(REPO / "analysis" / f"search.{ext}") for ext in ("ipynb", "py"))
+    notebook, source = (
+        jupytext.read(REPO / "analysis" / "notebooks" / f"search_notebook.{ext}") for ext in ("ipynb", "py")
+    )
     assert notebook.metadata["kernelspec"]["name"] == "python3"
     assert [c.source for c in notebook.cells] == [c.source for c in source.cells], "run jupytext --sync"
     (parameters,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]

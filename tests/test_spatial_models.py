@@ -546,7 +546,9 @@ def test_the_spatial_spec_at_both_scales_matches_the_reference_table(tmp_path: P
 def test_the_spatial_notebook_is_paired_and_parameterised() -> None:
     import jupytext
 
-    notebook, source = (jupytext.read(REPO / "analysis" / f"spatial.{ext}") for ext in ("ipynb", "py"))
+    notebook, source = (
+        jupytext.read(REPO / "analysis" / "notebooks" / f"spatial_notebook.{ext}") for ext in ("ipynb", "py")
+    )
     assert [c.source for c in notebook.cells] == [c.source for c in source.cells], "run jupytext --sync"
     (parameters,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
     for key in ("tracking_uri", "experiment", "scale", "output_dir", "table"):

@@ -123,7 +123,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
     root = tmp_path_factory.mktemp("ui-launch")
     spec = copy.deepcopy(MINI)
     spec["base"]["tracking"]["visualize_images"] = 2  # the kept-token figure of each pruned run
-    spec["notebooks"] = ["analysis/table3.ipynb"]
+    spec["notebooks"] = ["analysis/notebooks/table3_notebook.ipynb"]
     result = launch(root, write_launch_spec(root, spec), "--executor", "local", "--wait")
     assert result.returncode == 0, result.stderr[-4000:]
     with mlflow_server(root) as server:  # the same root/mlflow.db the launch wrote

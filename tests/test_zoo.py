@@ -333,8 +333,8 @@ def test_an_official_lvvit_zoo_file_loads_strictly_as_the_job_loads_it(
 
 
 def test_the_notebook_is_paired_and_parameterised() -> None:
-    notebook = jupytext.read(REPO / "analysis" / "zoo.ipynb")
-    source = jupytext.read(REPO / "analysis" / "zoo.py")
+    notebook = jupytext.read(REPO / "analysis" / "notebooks" / "zoo_notebook.ipynb")
+    source = jupytext.read(REPO / "analysis" / "notebooks" / "zoo_notebook.py")
     assert notebook.metadata["kernelspec"]["name"] == "python3"
     assert [c.source for c in notebook.cells] == [c.source for c in source.cells], "run jupytext --sync"
     (parameters,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]

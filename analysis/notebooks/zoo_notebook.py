@@ -23,7 +23,7 @@
 # checkpoints are the project's own (`checkpoints/README.md`) and the reference numbers are the
 # ones recorded when they were made: a fixed file evaluated on fixed images must give them again.
 #
-# This is the jupytext source of `zoo.ipynb` (edit either, then `jupytext --sync`). The table
+# This is the jupytext source of `zoo_notebook.ipynb` (edit either, then `jupytext --sync`). The table
 # builder is `analysis/zoo_table.py`. Headless: `python -m analysis.report experiments/zoo.yaml
 # [--scale tiny|paper]`, or `python -m harness.launch experiments/zoo.yaml --wait`.
 

@@ -22,7 +22,7 @@
 # and the overall one; the matched rows of `experiments/peers.yaml` (MLflow experiment `peers`,
 # same scale, if present) as stars.
 #
-# This is the jupytext source of `peers_search.ipynb` (edit either, then `jupytext --sync`).
+# This is the jupytext source of `peers_search_notebook.ipynb` (edit either, then `jupytext --sync`).
 # Headless: `python -m harness.search experiments/search_peers.yaml --report`.
 
 # %% tags=["parameters"]
@@ -51,9 +51,8 @@ if not storage:
     storage, study_name = find_search(tracking_uri, experiment, scale or None)
 study = open_study(storage, study_name or None)
 trials = peers_lib.search_trials(study)
-print(
-    f"study {study.study_name!r}: {len(trials)} finished trials; per method:", trials["method"].value_counts().to_dict()
-)
+print(f"study {study.study_name!r}: {len(trials)} finished trials; per method:",
+      trials["method"].value_counts().to_dict())
 
 # %%
 fronts = peers_lib.method_fronts(trials)

@@ -22,7 +22,7 @@
 # `analysis/reference.yaml`; the reproduction from the finished training runs of the spec's
 # MLflow experiment.
 #
-# This is the jupytext source of `table3.ipynb` (edit either, then `jupytext --sync`).
+# This is the jupytext source of `table3_notebook.ipynb` (edit either, then `jupytext --sync`).
 # Headless: `python -m analysis.report experiments/table3.yaml [--scale tiny]`.
 
 # %% tags=["parameters"]
@@ -60,19 +60,8 @@ display(Markdown(tables.to_markdown(table_df)))
 # has not converged; inference keeps exactly `int(N * rho_s)` tokens either way.
 
 # %%
-shown = [
-    "row",
-    "variant",
-    "seed",
-    "keep_ratio",
-    "acc1",
-    "acc5",
-    "gflops",
-    "train_keep_stage1",
-    "train_keep_stage2",
-    "train_keep_stage3",
-    "run_id",
-]
+shown = ["row", "variant", "seed", "keep_ratio", "acc1", "acc5", "gflops", "train_keep_stage1",
+         "train_keep_stage2", "train_keep_stage3", "run_id"]
 runs[shown].sort_values(["row", "seed"])
 
 # %% [markdown]

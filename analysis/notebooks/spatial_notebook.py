@@ -23,7 +23,7 @@
 # table `spatial`) are the official model zoo's (dynamic rows) and the backbones' papers (dense rows).
 # At the tiny scale the proxy Swin and ConvNeXt (cluttered MNIST) stand in for the -T rows.
 #
-# This is the jupytext source of `spatial.ipynb` (edit either, then `jupytext --sync`).
+# This is the jupytext source of `spatial_notebook.ipynb` (edit either, then `jupytext --sync`).
 # Headless: `python -m analysis.report experiments/spatial.yaml [--scale tiny]`.
 
 # %% tags=["parameters"]
@@ -64,20 +64,8 @@ display(Markdown(tables.to_markdown(table_df)))
 # inference keeps exactly `int(N x ratio)` positions per location either way.
 
 # %%
-shown = [
-    "row",
-    "variant",
-    "seed",
-    "keep_ratio",
-    "acc1",
-    "acc5",
-    "gflops",
-    "throughput_img_s",
-    "train_keep_stage1",
-    "train_keep_stage2",
-    "train_keep_stage3",
-    "run_id",
-]
+shown = ["row", "variant", "seed", "keep_ratio", "acc1", "acc5", "gflops", "throughput_img_s",
+         "train_keep_stage1", "train_keep_stage2", "train_keep_stage3", "run_id"]
 runs.reindex(columns=shown).sort_values(["row", "seed"])
 
 # %% [markdown]

@@ -21,7 +21,7 @@
 # temperature schedules it found against the official constant tau = 1, and which parameters
 # mattered. Reads the study from its Optuna storage and the fixed-ratio runs from MLflow.
 #
-# This is the jupytext source of `search.ipynb` (edit either, then `jupytext --sync`).
+# This is the jupytext source of `search_notebook.ipynb` (edit either, then `jupytext --sync`).
 # Headless: `python -m harness.search experiments/search_rho_tau.yaml --report` (a search whose
 # budget is met only reports), or papermill with the parameters below. The same storage opens
 # in `optuna-dashboard STORAGE`.
@@ -62,10 +62,8 @@ if not storage:
     storage, study_name = find_search(tracking_uri, experiment, scale or None)
 study = open_study(storage, study_name or None)
 names = study.metric_names or (["val/acc1"] if len(study.directions) == 1 else ["val/acc1", "gflops"])
-print(
-    f"study {study.study_name!r} at {storage}: {len(study.trials)} trials, objectives "
-    + ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(names, study.directions))
-)
+print(f"study {study.study_name!r} at {storage}: {len(study.trials)} trials, objectives "
+      + ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(names, study.directions)))
 
 # %% [markdown]
 # ## The trials
@@ -86,19 +84,9 @@ trials = [t for t in study.trials if not t.user_attrs.get("surplus")]
 complete = [t for t in trials if t.state == S.COMPLETE]
 best = (study.best_trials if len(study.directions) > 1 else [study.best_trial]) if complete else []
 best_numbers = {t.number for t in best}
-frame = pd.DataFrame(
-    [
-        {
-            "trial": t.number,
-            "state": t.state.name,
-            "acc1": final_acc(t),
-            "gflops": t.user_attrs.get("gflops", np.nan),
-            "best": t.number in best_numbers,
-            **t.params,
-        }
-        for t in trials
-    ]
-)
+frame = pd.DataFrame([{"trial": t.number, "state": t.state.name, "acc1": final_acc(t),
+                       "gflops": t.user_attrs.get("gflops", np.nan), "best": t.number in best_numbers, **t.params}
+                      for t in trials])
 counts = frame["state"].value_counts().to_dict() if not frame.empty else {}
 print(", ".join(f"{n} {s.lower()}" for s, n in counts.items()) or "no trials")
 frame
@@ -130,7 +118,6 @@ display(Image(filename=str(history_png)))
 # and Table 1's fixed-ratio runs of the same scale from MLflow. Right, in its own panel because
 # its dataset and model differ unless this is the paper scale: the paper's Table 1.
 
-
 # %%
 def pareto(points: pd.DataFrame) -> pd.DataFrame:
     """Non-dominated rows: no other row has acc1 >= and gflops <= with one strict."""
@@ -157,14 +144,8 @@ else:
 if not fixed.empty:
     left.scatter(fixed["gflops"], fixed["acc1"], marker="s", color="C3", label=f"{fixed_experiment}: fixed rho")
     for row in fixed.itertuples():
-        left.annotate(
-            f"rho {row.keep_ratio:g}",
-            (row.gflops, row.acc1),
-            xytext=(3, -10),
-            textcoords="offset points",
-            fontsize=7,
-            color="C3",
-        )
+        left.annotate(f"rho {row.keep_ratio:g}", (row.gflops, row.acc1), xytext=(3, -10), textcoords="offset points",
+                      fontsize=7, color="C3")
     fixed_note = f"{len(fixed)} fixed-ratio runs from MLflow experiment {fixed_experiment!r}"
 else:
     fixed_note = f"no finished runs in MLflow experiment {fixed_experiment!r} (scale {scale}): none drawn"
@@ -190,12 +171,9 @@ progress = np.linspace(0.0, 1.0, 101)
 ax.plot(progress, np.ones_like(progress), "k--", label="official: constant tau = 1")
 for t in sorted(best, key=lambda t: -final_acc(t))[:5]:
     gumbel = GumbelConfig.model_validate(t.user_attrs.get("gumbel", {}))
-    ax.plot(
-        progress,
-        [gumbel_tau(gumbel, p) for p in progress],
-        label=f"#{t.number}: {gumbel.schedule} {gumbel.tau:.2g} -> {gumbel.tau1 or gumbel.tau:.2g} "
-        f"(acc1 {final_acc(t):.1f})",
-    )
+    ax.plot(progress, [gumbel_tau(gumbel, p) for p in progress],
+            label=f"#{t.number}: {gumbel.schedule} {gumbel.tau:.2g} -> {gumbel.tau1 or gumbel.tau:.2g} "
+                  f"(acc1 {final_acc(t):.1f})")
 if not best:
     ax.text(0.5, 0.5, "no complete trials yet", ha="center", transform=ax.transAxes, color="0.4")
 ax.set(yscale="log", xlabel="training progress", ylabel="Gumbel-softmax tau", title="temperature schedules")
@@ -214,7 +192,8 @@ importances: dict[str, dict[str, float]] = {}
 if len(complete) >= min_trials:
     for index, name in enumerate(names):
         try:
-            importances[name] = optuna.importance.get_param_importances(study, target=lambda t, i=index: t.values[i])
+            importances[name] = optuna.importance.get_param_importances(
+                study, target=lambda t, i=index: t.values[i])
         except (RuntimeError, ValueError) as err:  # e.g. a parameter that never varied
             print(f"{name}: no importances ({err})")
 fig, axes = plt.subplots(1, max(len(importances), 1), figsize=(5 * max(len(importances), 1), 3), squeeze=False)
@@ -222,15 +201,8 @@ for ax, (name, values) in zip(axes[0], importances.items()):
     ax.barh(list(values)[::-1], list(values.values())[::-1], color="C0")
     ax.set(xlabel="importance", title=name)
 if not importances:
-    axes[0][0].text(
-        0.5,
-        0.5,
-        f"{len(complete)} complete trials: importances need at least {min_trials}",
-        ha="center",
-        va="center",
-        transform=axes[0][0].transAxes,
-        color="0.4",
-    )
+    axes[0][0].text(0.5, 0.5, f"{len(complete)} complete trials: importances need at least {min_trials}",
+                    ha="center", va="center", transform=axes[0][0].transAxes, color="0.4")
     axes[0][0].set_axis_off()
 fig.tight_layout()
 importance_png = _save(fig, out / "search_importance.png")
@@ -244,13 +216,8 @@ display(Image(filename=str(importance_png)))
 shown = ["trial", "acc1", "gflops", *[c for c in frame.columns if "." in c]]
 best_rows = frame[frame["best"]][shown].sort_values("gflops") if not frame.empty else frame
 states = ", ".join(f"{n} {s.lower()}" for s, n in counts.items()) or "none"
-lines = [
-    f"# Search {study.study_name}",
-    "",
-    f"Storage `{storage}`; {len(trials)} trials ({states}); {fixed_note}.",
-    "",
-    best_rows.to_markdown(index=False, floatfmt=".4g") if not best_rows.empty else "no complete trials",
-]
+lines = [f"# Search {study.study_name}", "", f"Storage `{storage}`; {len(trials)} trials ({states}); {fixed_note}.", "",
+         best_rows.to_markdown(index=False, floatfmt=".4g") if not best_rows.empty else "no complete trials"]
 text = "\n".join(lines)
 (out / "search.md").write_text(text + "\n")
 display(Markdown(text))

@@ -25,7 +25,7 @@
 # whatever machine ran each job and is not compared). Figures: top-1 against GFLOPs and against
 # measured images/s, the Pareto front dashed and circled.
 #
-# This is the jupytext source of `peers.ipynb` (edit either, then `jupytext --sync`).
+# This is the jupytext source of `peers_notebook.ipynb` (edit either, then `jupytext --sync`).
 # Headless: `python -m analysis.report experiments/peers.yaml [--scale tiny]`.
 
 # %% tags=["parameters"]
@@ -58,9 +58,8 @@ print(f"{len(runs)} finished training runs in experiment {experiment!r} (scale {
 # order each round; the median over the rounds.
 
 # %%
-speeds = peers_lib.interleaved_throughput(
-    peers_lib.speed_models(runs), throughput_batch, throughput_rounds, iters=throughput_iters, device=throughput_device
-)
+speeds = peers_lib.interleaved_throughput(peers_lib.speed_models(runs), throughput_batch, throughput_rounds,
+                                          iters=throughput_iters, device=throughput_device)
 speeds.to_csv(out / "peers_throughput.csv", index=False)
 speeds
 
@@ -74,18 +73,15 @@ matched = runs[runs["row"].isin(peers_lib.MATCHED_ROWS)]
 table_df = tables.build_table(matched, table)
 knobs = {row: peers_lib.knob_label(part.iloc[0]) for row, part in matched.groupby("row")}
 table_df.insert(3, "knob (ours)", [knobs.get(r, tables.DASH) for r in table_df[tables.ROW]])
-table_df.attrs["notes"].append(
-    "keep ratio, GFLOPs and top-1 (paper): as each method was published, at its own "
-    "knob; knob (ours): what our row ran, matched to DynamicViT/0.7's GFLOPs."
-)
+table_df.attrs["notes"].append("keep ratio, GFLOPs and top-1 (paper): as each method was published, at its own "
+                               "knob; knob (ours): what our row ran, matched to DynamicViT/0.7's GFLOPs.")
 by_label = dict(zip(speeds["label"], speeds["images_per_s"])) if len(speeds) else {}
 table_df["img/s (interleaved)"] = [f"{by_label[r]:.0f}" if r in by_label else tables.DASH for r in table_df[tables.ROW]]
 if len(speeds):
     table_df.attrs["notes"].append(
         f"img/s (interleaved): measured in one process on {speeds['device'].iloc[0]}, batch {throughput_batch}, "
         f"median of {throughput_rounds} shuffled rounds of {throughput_iters} batches each (the rounds' max - min "
-        f"is `spread` in peers_throughput.csv)."
-    )
+        f"is `spread` in peers_throughput.csv).")
 written = tables.write_tables(table_df, out, "peers")
 display(Markdown(tables.to_markdown(table_df)))
 
@@ -110,23 +106,12 @@ points = peers_lib.points_frame(runs, speeds)
 points.to_csv(out / "peers_points.csv", index=False)
 published = peers_lib.published_points() if scale == "paper" else None
 paths = [
-    peers_lib.accuracy_figure(
-        points,
-        "gflops",
-        "GFLOPs (harness.measure, multiply-adds)",
-        out / "peers_acc_vs_gflops.png",
-        lower_is_better=True,
-        published=published,
-        title=f"{experiment}, scale {scale}",
-    ),
-    peers_lib.accuracy_figure(
-        points,
-        "images_per_s",
-        f"images/s (interleaved, batch {throughput_batch})",
-        out / "peers_acc_vs_throughput.png",
-        lower_is_better=False,
-        title=f"{experiment}, scale {scale}",
-    ),
+    peers_lib.accuracy_figure(points, "gflops", "GFLOPs (harness.measure, multiply-adds)",
+                              out / "peers_acc_vs_gflops.png", lower_is_better=True, published=published,
+                              title=f"{experiment}, scale {scale}"),
+    peers_lib.accuracy_figure(points, "images_per_s", f"images/s (interleaved, batch {throughput_batch})",
+                              out / "peers_acc_vs_throughput.png", lower_is_better=False,
+                              title=f"{experiment}, scale {scale}"),
 ]
 for path in paths:
     display(Image(filename=str(path)))
