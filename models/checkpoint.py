@@ -211,7 +211,8 @@ def _download(url: str, target: Path, pinned: str | None) -> str:
 
 
 def _check_download(path: Path, url: str, target: Path, placed: bool = False) -> None:
-    """A downloaded (or hand-placed) file must be a whole torch checkpoint of admitted types before its hash is recorded."""
+    """A downloaded (or hand-placed) file must be a whole torch checkpoint of admitted types before its hash
+    is recorded."""
     problem = unpickle.refusal(path, crc=True)
     if problem is None:
         return

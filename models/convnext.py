@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from timm.layers import to_2tuple, trunc_normal_
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock
@@ -77,12 +77,17 @@ class DynamicConvNeXtBlock(ConvNeXtBlock):
         """
         dim = block.conv_dw.out_channels
         block.__class__ = cls
-        block.fast_path = nn.Sequential(nn.LayerNorm(dim, eps=NORM_EPS), nn.Linear(dim, dim))
-        trunc_normal_(block.fast_path[1].weight, std=0.02)  # the official init (dyconvnext.py _init_weights)
-        nn.init.zeros_(block.fast_path[1].bias)
-        gamma = nn.Parameter(ls_init_value * block.gamma.new_ones(dim)) if block.gamma is not None else None
-        block.fast_path_gamma = gamma
-        return block  # type: ignore[return-value]
+        dynamic = cast(DynamicConvNeXtBlock, block)  # the same object, now of this class
+        dynamic.fast_path = nn.Sequential(nn.LayerNorm(dim, eps=NORM_EPS), nn.Linear(dim, dim))
+        linear = cast(nn.Linear, dynamic.fast_path[1])
+        trunc_normal_(linear.weight, std=0.02)  # the official init (dyconvnext.py _init_weights)
+        nn.init.zeros_(linear.bias)
+        gamma = None
+        if block.gamma is not None:
+            assert ls_init_value is not None  # timm built the block's layer scale from this value
+            gamma = nn.Parameter(ls_init_value * block.gamma.new_ones(dim))
+        dynamic.fast_path_gamma = gamma
+        return dynamic
 
     def _mlp(self, x: Tensor) -> Tensor:
         """The block's MLP branch on channels-last positions (norm, MLP, layer scale)."""
@@ -150,8 +155,10 @@ class DynamicConvNeXt(SpatialSparsification, ConvNeXt):
         """
         super().__init__(**convnext_kwargs)
         height, width = to_2tuple(img_size)
-        stage = self.stages[SPARSE_STAGE]
-        convs = [*self.stem.modules()] + [m for s in self.stages[: SPARSE_STAGE + 1] for m in s.downsample.modules()]
+        # Any: timm's ConvNeXtStage attributes, which nn.Module's type gives as Tensor | Module
+        stages: list[Any] = list(self.stages)
+        stage = stages[SPARSE_STAGE]
+        convs = [*self.stem.modules()] + [m for s in stages[: SPARSE_STAGE + 1] for m in s.downsample.modules()]
         stride = math.prod(m.stride[0] for m in convs if isinstance(m, nn.Conv2d))  # stem and downsamplings
         self._plan_sparsity(
             variant=variant,
@@ -196,7 +203,7 @@ class DynamicConvNeXt(SpatialSparsification, ConvNeXt):
         x = self.stem(x)
         for stage in self.stages[:SPARSE_STAGE]:
             x = stage(x)
-        return self.stages[SPARSE_STAGE].downsample(x)
+        return self._sparse_stage().downsample(x)
 
     def _after(self, x: Tensor) -> Tensor:
         """The last stage (NCHW, before the head's pooling and LayerNorm)."""
@@ -207,22 +214,27 @@ class DynamicConvNeXt(SpatialSparsification, ConvNeXt):
     def _log_probs(self, stage: int, x: Tensor) -> Tensor:
         return self.score_predictor[stage](x.flatten(2).transpose(1, 2))
 
+    def _sparse_stage(self) -> Any:
+        """The third stage (timm's ConvNeXtStage: Any, as nn.Module types its attributes Tensor | Module)."""
+        return self.stages[SPARSE_STAGE]
+
     def _sparse_blocks(self) -> nn.Sequential:
-        return self.stages[SPARSE_STAGE].blocks
+        return self._sparse_stage().blocks
 
     def _stream_mask(self, decision: Tensor, like: Tensor) -> Tensor:
         batch, _, height, width = like.shape  # NCHW
         return decision.reshape(batch, 1, height, width)
 
     def _logits_and_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        tokens = self.head.norm(x).permute(0, 2, 3, 1)  # the official featmap: every position normalised
+        head: Any = self.head  # timm's NormMlpClassifierHead (its `norm`, to nn.Module's type, is Tensor | Module)
+        tokens = head.norm(x).permute(0, 2, 3, 1)  # the official featmap: every position normalised
         return self.forward_head(x), tokens
 
 
 def _predictor(dim: int) -> PredictorLG:
     """The shared predictor with the official ConvNeXt predictor's LayerNorm eps."""
     predictor = PredictorLG(dim)
-    predictor.in_conv[0].eps = NORM_EPS
+    cast(nn.LayerNorm, predictor.in_conv[0]).eps = NORM_EPS
     return predictor
 
 

@@ -63,6 +63,8 @@ class DynamicBlock(Block):
     reduce the tokens between the attention and the MLP of one block.
     """
 
+    attn: MaskedAttention  # DynamicVisionTransformer builds its blocks with attn_layer=MaskedAttention
+
     def attention_residual(
         self, x: Tensor, policy: Tensor | None = None, return_cls_attn: bool = False
     ) -> tuple[Tensor, Tensor | None]:

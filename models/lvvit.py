@@ -160,6 +160,7 @@ class DynamicLVViT(DynamicVisionTransformer):
         self.skip_lam = float(skip_lam)
         self.aux_weight = float(aux_weight)
         self.aux_head = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
+        assert self.cls_token is not None  # timm's class_token=True, LV-ViT's too
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if isinstance(self.aux_head, nn.Linear):
             nn.init.trunc_normal_(self.aux_head.weight, std=0.02)

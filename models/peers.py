@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.dynamic_vit import DynamicVisionTransformer, DynamicViTOutput
+from models.dynamic_vit import DynamicBlock, DynamicVisionTransformer, DynamicViTOutput
 from models.masked_attention import MaskedAttention
 from models.validation import check as _check
 
@@ -126,12 +126,13 @@ class EViTVisionTransformer(DynamicVisionTransformer):
         x = self._embed(x)
         positions = torch.arange(self.num_patches, device=x.device).expand(x.shape[0], -1)
         per_stage: list[Tensor] = []
-        for index, block in enumerate(self.blocks):
+        for index, block in enumerate(cast("Sequence[DynamicBlock]", self.blocks)):
             stage = self._stage_at.get(index)
             if stage is None:
                 x, _ = block(x)
                 continue
             x, cls_attn = block.attention_residual(x, return_cls_attn=True)
+            assert cls_attn is not None  # asked for
             keep = self._count(stage, x.shape[1] - 1)
             if keep < x.shape[1] - 1:
                 x, positions = self._select(x, cls_attn, positions, keep)
@@ -150,7 +151,7 @@ class EViTVisionTransformer(DynamicVisionTransformer):
         if not return_positions:
             return logits
         shown = [torch.where(p >= 0, p, p.amax(dim=1, keepdim=True).clamp_min(0)) for p in per_stage]
-        return logits, [p[:, :keep] for p, keep in zip(shown, self.num_keep)]
+        return logits, [p[:, :keep] for p, keep in zip(shown, self.num_keep, strict=True)]
 
     def forward_train(self, x: Tensor) -> DynamicViTOutput:
         """Training path: the same reduced pass; kept tokens scattered back to their positions."""
@@ -264,7 +265,7 @@ def merge_by_size(x: Tensor, size: Tensor | None, dest: Tensor, new_tokens: int)
     return summed / new_size, new_size
 
 
-RSchedule = Union[int, Sequence[int]]
+RSchedule = int | Sequence[int]
 
 
 class ToMeVisionTransformer(DynamicVisionTransformer):
@@ -315,7 +316,7 @@ class ToMeVisionTransformer(DynamicVisionTransformer):
         x = self._embed(x)
         group = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         size: Tensor | None = None
-        for block, r in zip(self.blocks, self.tome_r):
+        for block, r in zip(cast("Sequence[DynamicBlock]", self.blocks), self.tome_r, strict=True):  # r: one per block
             out, metric = proportional_attention(block.attn, block.norm1(x), size)
             x = x + block.drop_path1(block.ls1(out))
             r = min(r, (x.shape[1] - 1) // 2)

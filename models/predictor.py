@@ -7,6 +7,8 @@ DeiT family's `static` ablation.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -62,7 +64,7 @@ class PredictorLG(nn.Module):
             count = policy.sum(dim=1, keepdim=True)
             global_x = (global_x * policy).sum(dim=1, keepdim=True)
         global_x = global_x / count.clamp_min(POOL_EPS)  # all dropped: 0 / eps = 0, never NaN
-        first = self.out_conv[0]
+        first = cast(nn.Linear, self.out_conv[0])
         hidden = F.linear(local_x, first.weight[:, :half], first.bias) + F.linear(global_x, first.weight[:, half:])
         return self.out_conv[1:](hidden)
 

@@ -160,7 +160,7 @@ class SpatialSparsification:
         fractions = torch.stack([d.mean(dim=1) for d in decisions], dim=1)
         return SpatialOutput(logits, tokens, decisions[-1], fractions, tuple(decisions))
 
-    def forward(self, x: Tensor) -> Any:  # type: ignore[override]
+    def forward(self, x: Tensor) -> Any:
         """Training mode: the masked path (a SpatialOutput); eval mode: pruned logits."""
         if not self.training:  # type: ignore[attr-defined]
             return self.forward_pruned(x)
@@ -199,6 +199,7 @@ class SpatialSparsification:
         kept = fast = x
         mask: Tensor | None = None
         decisions: list[Tensor] = []
+        block: Any  # a converted block: its forward_streams is not in nn.Module's type
         for index, block in enumerate(self._sparse_blocks()):
             stage = self._stage_at.get(index)
             if stage is not None:
@@ -226,6 +227,7 @@ class SpatialSparsification:
         x = self._before(x)
         kept_positions: list[Tensor] = []
         split: tuple[Tensor, Tensor] | None = None
+        block: Any  # a converted block: its forward_split is not in nn.Module's type
         for index, block in enumerate(self._sparse_blocks()):
             stage = self._stage_at.get(index)
             if stage is not None:
@@ -275,7 +277,8 @@ def official_layout_hook(module: nn.Module, state: dict[str, Tensor], prefix: st
     So that `model.load_state_dict(official_state_dict, strict=True)` works as it is.
     """
     own = {key[len(prefix) :]: state.pop(key) for key in list(state) if key.startswith(prefix)}
-    state.update({prefix + key: value for key, value in module.checkpoint_filter_fn(own).items()})
+    model: Any = module  # one of the spatial models: checkpoint_filter_fn is not in nn.Module's type
+    state.update({prefix + key: value for key, value in model.checkpoint_filter_fn(own).items()})
 
 
 # ------------------------------------------------------------------------------ registry

@@ -36,7 +36,7 @@ Swin) loads with `load_state_dict(strict=True)`: a load hook maps it with timm's
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from timm.layers import trunc_normal_
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
@@ -67,8 +67,9 @@ class FastMlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
         self.drop = nn.Dropout(drop)
-        trunc_normal_(self.fc1[1].weight, std=0.02)  # the official init (dyswin.py _init_weights)
-        nn.init.zeros_(self.fc1[1].bias)
+        linear = cast(nn.Linear, self.fc1[1])
+        trunc_normal_(linear.weight, std=0.02)  # the official init (dyswin.py _init_weights)
+        nn.init.zeros_(linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.fc1(x))
@@ -151,7 +152,7 @@ class DynamicSwinTransformer(SpatialSparsification, SwinTransformer):
                 ...); the third stage's grid follows from them (14 x 14 at 224 px, patch 4).
         """
         super().__init__(**swin_kwargs)
-        stage = self.layers[SPARSE_STAGE]
+        stage = self._sparse_stage()
         self._plan_sparsity(
             variant=variant,
             keep_ratio=keep_ratio,
@@ -162,7 +163,8 @@ class DynamicSwinTransformer(SpatialSparsification, SwinTransformer):
             stage_depth=len(stage.blocks),
             grid=stage.output_resolution,
         )
-        self.input_shape = (self.in_chans, *self.patch_embed.img_size)
+        patch_embed: Any = self.patch_embed  # timm's PatchEmbed (its attributes: Tensor | Module to nn.Module)
+        self.input_shape = (self.in_chans, *patch_embed.img_size)
         if self.pruning_loc:
             dim = stage.blocks[0].dim
             stage.score_predictor = nn.ModuleList(PredictorLG(dim) for _ in self.pruning_loc)
@@ -181,7 +183,7 @@ class DynamicSwinTransformer(SpatialSparsification, SwinTransformer):
         x = self.patch_embed(x)
         for stage in self.layers[:SPARSE_STAGE]:
             x = stage(x)
-        return self.layers[SPARSE_STAGE].downsample(x)
+        return self._sparse_stage().downsample(x)
 
     def _after(self, x: Tensor) -> Tensor:
         """The last stage and the final norm: the normalised map (B, h, w, C)."""
@@ -191,10 +193,14 @@ class DynamicSwinTransformer(SpatialSparsification, SwinTransformer):
 
     def _log_probs(self, stage: int, x: Tensor) -> Tensor:
         batch, height, width, dim = x.shape
-        return self.layers[SPARSE_STAGE].score_predictor[stage](x.reshape(batch, height * width, dim))
+        return self._sparse_stage().score_predictor[stage](x.reshape(batch, height * width, dim))
+
+    def _sparse_stage(self) -> Any:
+        """The third stage (timm's SwinTransformerStage: Any, as nn.Module types its attributes Tensor | Module)."""
+        return self.layers[SPARSE_STAGE]
 
     def _sparse_blocks(self) -> nn.Sequential:
-        return self.layers[SPARSE_STAGE].blocks
+        return self._sparse_stage().blocks
 
     def _stream_mask(self, decision: Tensor, like: Tensor) -> Tensor:
         return decision.reshape(*like.shape[:3], 1)  # NHWC
