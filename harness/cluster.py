@@ -166,14 +166,23 @@ def job_alive(tags: Mapping[str, str]) -> bool:
 
 # ------------------------------------------------------------------------------ processes
 def process_alive(pid: int) -> bool:
-    """Whether a process of this machine exists (one owned by another user counts as alive)."""
+    """Whether a process of this machine exists (one owned by another user counts as alive).
+
+    A zombie (ended, not yet reaped by its parent) is not alive, though signal 0 still finds it: a
+    killed launcher's local job stays one until init reaps it (1-2 s later on some machines, never
+    under an init that does not reap), and a relaunch meanwhile must resubmit its run, not skip it.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists; we may not signal it
+        pass
+    try:  # Linux: the state after the command's name, Z (zombie) or X (dead) for an ended process
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[:1] not in (["Z"], ["X"])
+    except OSError:  # no /proc (not Linux): signal 0 is all there is to go by
         return True
-    return True
 
 
 def signal_local(pid_text: str, host: str | None = None) -> bool:
