@@ -57,7 +57,7 @@ def _row_labels(rows: Any, models: Any) -> list[str]:
     rows, models = list(rows), list(models)
     if len({m for m in models if isinstance(m, str)}) <= 1:
         return [str(r) for r in rows]
-    return [f"{r} ({m})" if isinstance(m, str) else str(r) for r, m in zip(rows, models)]
+    return [f"{r} ({m})" if isinstance(m, str) else str(r) for r, m in zip(rows, models, strict=True)]
 
 
 def _label_points(ax: Any, xs: Any, ys: Any, labels: list[str]) -> None:
@@ -68,7 +68,7 @@ def _label_points(ax: Any, xs: Any, ys: Any, labels: list[str]) -> None:
     step = 0.05 * (high - low)
     shifted = offset_copy(ax.transData, fig=ax.figure, x=8, y=0, units="points")
     placed: dict[float, float] = {}  # x -> the highest label placed at that x so far
-    for x, y, label in sorted(zip(xs, ys, labels), key=lambda p: (p[1], p[0])):
+    for x, y, label in sorted(zip(xs, ys, labels, strict=True), key=lambda p: (p[1], p[0])):
         key = round(float(x), 6)
         label_y = max(float(y), placed.get(key, -np.inf) + step)
         placed[key] = label_y
@@ -170,7 +170,10 @@ def accuracy_vs_gflops(runs: pd.DataFrame, table: str, path: PathLike) -> Path:
             )
             left.errorbar(stats["gflops"], stats["acc1"], yerr=stats["sd"].fillna(0), fmt="o", capsize=3)
             _label_points(
-                left, stats["gflops"], stats["acc1"], [f"{r} (n={n})" for r, n in zip(stats["row"], stats["n"])]
+                left,
+                stats["gflops"],
+                stats["acc1"],
+                [f"{r} (n={n})" for r, n in zip(stats["row"], stats["n"], strict=True)],
             )
         left.set(xlabel="GFLOPs (measured, per image)", ylabel="val top-1 (%)", title=_repro_label(runs))
         _paper_points(right, load_reference(table))
@@ -210,7 +213,7 @@ def gaps_to_anchor(table_df: pd.DataFrame, path: PathLike) -> Path:
         fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 4))
         sns.barplot(data=long, x="row", y="gap", hue="source", ax=ax)
         ax.axhline(0, color="0.3", lw=0.8)
-        missing = [lab for lab, gap in zip(label, rows[GAP_REPRO]) if gap != gap]
+        missing = [lab for lab, gap in zip(label, rows[GAP_REPRO], strict=True) if gap != gap]
         if missing:
             ax.text(
                 0.01, 0.02, "no reproduced gap: " + ", ".join(missing), transform=ax.transAxes, fontsize=7, color="0.4"
@@ -370,7 +373,7 @@ def static_keep_map(tracking_uri: str, run_id: str, path: PathLike, loaded: RunM
     low, high = min(s.min() for s in scores), max(s.max() for s in scores)
     with sns.axes_style("white"):
         fig, axes = plt.subplots(1, len(scores), figsize=(3.4 * len(scores), 3.4), squeeze=False)
-        for stage, (score, ax) in enumerate(zip(scores, axes[0])):
+        for stage, (score, ax) in enumerate(zip(scores, axes[0], strict=True)):
             im = ax.imshow(score, cmap="viridis", vmin=low, vmax=high)
             rows, cols = np.divmod(kept[stage][0].numpy(), grid_w) if stage < len(kept) else ([], [])
             ax.scatter(cols, rows, s=8, c="white", edgecolors="black", linewidths=0.4)

@@ -281,7 +281,7 @@ def accuracy_figure(
     ax.set_title(title or "this harness")
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, fontsize=7, loc="best")
-    if panels == 2:
+    if published is not None and panels == 2:
         pub = axes[0][1]
         for method, part in published.groupby("method", sort=False):
             part = part.sort_values("gflops")

@@ -38,7 +38,7 @@ def _gflops(name: str, frozen: tuple[tuple[str, Any], ...]) -> float:
     import models  # noqa: F401  (registers the family)
     from harness.measure import count_gflops
 
-    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in frozen}
+    kwargs: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in frozen}
     with torch.device("meta"):  # shapes only: the count depends on no value, and DeiT-S builds in a blink
         model = timm.create_model(name, **kwargs)
     return count_gflops(model)
@@ -97,7 +97,7 @@ def match_tome(name: str, target: float, tolerance: float, depth: int, tokens: i
     base = r if constant(r) > target else r - 1  # r + 1 in the first blocks lowers the cost
     schedules = [[base + 1] * k + [base] * (depth - k) for k in range(1, depth)]
     found = [Match("tome", {"tome_r": s}, gflops(name, variant="tome", tome_r=s), target) for s in schedules]
-    return min([best] + found, key=lambda m: abs(m.gap))
+    return min([best, *found], key=lambda m: abs(m.gap))
 
 
 def match_structural(name: str, target: float, depth: int) -> Match:
@@ -154,7 +154,9 @@ def knob_equal(a: Any, b: Any, depth: int) -> bool:
     """Knob values equal: numbers to float precision; lists after padding with zeros (tome_r's missing blocks)."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         pad_a, pad_b = ([float(x) for x in v] + [0.0] * (depth - len(v)) for v in (a, b))
-        return len(pad_a) == len(pad_b) and all(math.isclose(x, y, abs_tol=1e-9) for x, y in zip(pad_a, pad_b))
+        return len(pad_a) == len(pad_b) and all(
+            math.isclose(x, y, abs_tol=1e-9) for x, y in zip(pad_a, pad_b, strict=True)
+        )
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)) or a is None or b is None:
         return a is None and b is None
     return math.isclose(float(a), float(b), abs_tol=1e-9)

@@ -2,8 +2,8 @@
 
 Every paper row appears, in the paper's order. A row with no finished run stays NaN and is
 rendered "missing" (never 0, which would read as a result); a row whose model this harness
-does not implement (`available: false` in reference.yaml) is rendered "not available". Runs whose row is not in the paper
-are appended ("not in paper"), so that a typo in a spec's row id shows instead of vanishing.
+does not implement (`available: false` in reference.yaml) is rendered "not available". Runs whose
+row is not in the paper are appended ("not in paper"), so that a typo in a spec's row id shows instead of vanishing.
 The renderers are our own (no `tabulate`, which is not a declared dependency).
 """
 
@@ -117,8 +117,11 @@ def _single_scale(runs: pd.DataFrame) -> str | None:
 
 def _gaps(out: pd.DataFrame, anchors: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 minus the anchor row's of the same model, paper and reproduced (NaN without one)."""
-    index = {(row, model): i for i, (row, model) in enumerate(zip(out[ROW], out[MODEL]))}
-    at = [index.get((anchor, model)) if isinstance(anchor, str) else None for anchor, model in zip(anchors, out[MODEL])]
+    index = {(row, model): i for i, (row, model) in enumerate(zip(out[ROW], out[MODEL], strict=True))}
+    at = [
+        index.get((anchor, model)) if isinstance(anchor, str) else None
+        for anchor, model in zip(anchors, out[MODEL], strict=True)
+    ]
 
     def gap(column: str) -> np.ndarray:
         values = out[column].to_numpy(dtype=float)
@@ -130,7 +133,7 @@ def _gaps(out: pd.DataFrame, anchors: list[Any]) -> tuple[np.ndarray, np.ndarray
 def _runs_source(ref: pd.DataFrame, agg: pd.DataFrame) -> list[str | None]:
     """Whose runs fill each paper row: its own, else its `same_as` row's, else none (missing)."""
     sources: list[str | None] = []
-    for row, same, available in zip(ref["row"], ref["same_as"], ref["available"]):
+    for row, same, available in zip(ref["row"], ref["same_as"], ref["available"], strict=True):
         if available and row in agg.index:
             sources.append(row)
         elif available and isinstance(same, str) and same in agg.index:
@@ -173,7 +176,7 @@ def build_table(runs: pd.DataFrame, table: str) -> pd.DataFrame:
             RUNS_FROM: shared,
             STATUS: [
                 NOT_AVAILABLE if not available else (REPRODUCED if s is not None else MISSING)
-                for s, available in zip(shared, ref["available"])
+                for s, available in zip(shared, ref["available"], strict=True)
             ],
         }
     )
@@ -249,7 +252,7 @@ def build_table(runs: pd.DataFrame, table: str) -> pd.DataFrame:
 
 def _keep_note(out: pd.DataFrame, agg: pd.DataFrame) -> str:
     """Which learned selectors train on the token fractions they are tested on (every stage, every run)."""
-    rows = [r for r, trained in zip(out[ROW], out[KEEP_TRAINED]) if trained and r in agg.index]
+    rows = [r for r, trained in zip(out[ROW], out[KEEP_TRAINED], strict=True) if trained and r in agg.index]
     off = [f"{r} ({agg.at[r, 'mismatch']:.2f})" for r in rows if not agg.at[r, "mismatch"] <= KEEP_TOLERANCE]
     verdict = (
         f"every learned selector is within {KEEP_TOLERANCE} at every stage in every run"
@@ -277,7 +280,7 @@ def ordering_note(out: pd.DataFrame) -> str:
     if len(rows) < 2:
         return ""
     parts = []
-    for group, members in rows.groupby([_group(r, m) for r, m in zip(rows[ROW], rows[MODEL])], sort=False):
+    for group, members in rows.groupby([_group(r, m) for r, m in zip(rows[ROW], rows[MODEL], strict=True)], sort=False):
         members = members.drop_duplicates(RUNS_FROM)  # b/predictor is a/dynamic's runs: one entry
         ranked = members.sort_values(TOP1_PAPER, ascending=False, kind="stable").to_dict("records")
         held, reversed_ = [], []

@@ -48,7 +48,9 @@ def build_zoo_table(runs: pd.DataFrame, scale: str) -> pd.DataFrame:
     ref = zoo_reference(scale)
     newest = runs[runs["row"].notna()].drop_duplicates("row", keep="first").set_index("row")  # newest first
     available = ref["available"].to_numpy(dtype=bool)
-    picked = newest.reindex(pd.Index([r if a else None for r, a in zip(ref["row"], available)], dtype=object))
+    picked = newest.reindex(
+        pd.Index([r if a else None for r, a in zip(ref["row"], available, strict=True)], dtype=object)
+    )
     out = pd.DataFrame(
         {
             ROW: ref["row"],
@@ -64,7 +66,8 @@ def build_zoo_table(runs: pd.DataFrame, scale: str) -> pd.DataFrame:
         }
     )
     out[STATUS] = [
-        NOT_AVAILABLE if not a else (MISSING if pd.isna(r) else EVALUATED) for a, r in zip(available, out[RUN_ID])
+        NOT_AVAILABLE if not a else (MISSING if pd.isna(r) else EVALUATED)
+        for a, r in zip(available, out[RUN_ID], strict=True)
     ]
     extra = newest[~newest.index.isin(ref["row"])]
     if not extra.empty:
