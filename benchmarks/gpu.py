@@ -28,6 +28,7 @@ instead of DeiT-S, batch 1 and 4, 2 rounds, and 4 training steps of batch 16 on 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -152,7 +153,7 @@ def inference(settings: Settings, device: torch.device) -> list[dict[str, Any]]:
                 built, images, settings.rounds[batch], forward_timer(device, dtype), settings.warmup
             )
             for label, seconds in times.items():
-                per_round = [d / t for d, t in zip(times[dense], seconds)]
+                per_round = [d / t for d, t in zip(times[dense], seconds, strict=True)]
                 rows.append(
                     {
                         "batch": batch,
@@ -188,7 +189,7 @@ def train_step(settings: Settings, device: torch.device) -> list[dict[str, Any]]
         times, _, _ = time_steps(steps, settings.step_rounds, settings.step_warmup, verbose=False)
         dense_ms = statistics.median(times["dense"]) * 1e3
         for name in ("dense", "dynamic", "teacher"):
-            ratios = [t / d for t, d in zip(times[name], times["dense"])]
+            ratios = [t / d for t, d in zip(times[name], times["dense"], strict=True)]
             rows.append(
                 {
                     "precision": precision,
@@ -252,7 +253,7 @@ def amp_training(settings: Settings, device: torch.device) -> dict[str, Any]:
         "window": window,
         "loss_went_down": bool(last < first),
         "scaler_scale_last": scales[-1] if scales else None,
-        "scaler_skipped_steps": sum(b < a for a, b in zip(scales, scales[1:])),
+        "scaler_skipped_steps": sum(b < a for a, b in itertools.pairwise(scales)),
         "losses": [round(v, 5) for v in losses],
     }
 

@@ -159,7 +159,7 @@ def breakdown(models_: dict[str, torch.nn.Module], batch: int, rounds: int, time
     images = torch.randn(batch, *input_shape(first), device=next(first.parameters()).device)
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in models_}
     timers = {name: PartTimer(model) for name, model in models_.items()}
-    for name, model in models_.items():
+    for model in models_.values():
         timed(model, images)
     for _ in range(rounds):
         for name, model in models_.items():
@@ -310,7 +310,7 @@ def main() -> None:
     print(f"command: {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}")
     names = list(candidates)
     dense_name = names[0]
-    for batch, n_rounds in zip(args.batch_sizes, rounds):
+    for batch, n_rounds in zip(args.batch_sizes, rounds, strict=True):
         images = torch.randn(batch, *shape, device=device)
         load_before = loadavg()
         times, waited, busy_rounds = interleaved(
@@ -329,7 +329,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for name in names:
             median = statistics.median(times[name])
-            per_round = [d / t for d, t in zip(times[dense_name], times[name])]
+            per_round = [d / t for d, t in zip(times[dense_name], times[name], strict=True)]
             low, high = quartiles(per_round)
             print(
                 f"| {name} | {gflops[name]:.3f} | {batch / median:.1f} | {dense_time / median:.3f}x "

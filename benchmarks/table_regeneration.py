@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import platform
 import statistics
@@ -150,6 +151,10 @@ CANDIDATES = {
 }
 
 
+def median_of(passes: list[dict[str, float]], key: str) -> float:
+    return statistics.median(p[key] for p in passes)
+
+
 def loadavg() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
@@ -201,14 +206,12 @@ def main() -> int:
         f"{args.repeat} interleaved passes each after a first (cold) pass of each, in this order"
     )
     print(
-        "| candidate | runs | collect s (median) | build_table s | to_markdown s | total s (median) | min-max s | first (cold) pass s |"
+        "| candidate | runs | collect s (median) | build_table s | to_markdown s | total s (median) | min-max s "
+        "| first (cold) pass s |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, passes in results.items():
-
-        def med(key: str) -> float:
-            return statistics.median(p[key] for p in passes)
-
+        med = functools.partial(median_of, passes)
         totals = [p["total_s"] for p in passes]
         steps = "| - | - |" if name.endswith("alone") else f"| {med('build_s'):.3f} | {med('markdown_s'):.3f} |"
         print(

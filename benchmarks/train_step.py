@@ -68,11 +68,14 @@ def soft_batch(batch: int, chans: int, size: int, classes: int, seed: int = 0) -
     return mixup(images, labels)
 
 
+CPU = torch.device("cpu")
+
+
 class Precision:
     """Where a step runs: the device (synchronised around the clock on CUDA, which runs asynchronously)
     and the autocast dtype of forward and loss (None: fp32), with a GradScaler for fp16 as the engine has."""
 
-    def __init__(self, device: torch.device = torch.device("cpu"), autocast: torch.dtype | None = None) -> None:
+    def __init__(self, device: torch.device = CPU, autocast: torch.dtype | None = None) -> None:
         self.device, self.dtype = device, autocast
         self.scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
 
@@ -259,7 +262,7 @@ def step_benchmark(args: argparse.Namespace) -> dict[str, float]:
     dense_ms = median_ms(times["dense"])
 
     def per_round(name: str) -> str:
-        ratios = [s / d for s, d in zip(times[name], times["dense"])]
+        ratios = [s / d for s, d in zip(times[name], times["dense"], strict=True)]
         low, high = quartiles(ratios)
         return f"{statistics.median(ratios):.3f}x [{low:.2f}-{high:.2f}]"
 
