@@ -480,14 +480,14 @@ def test_runs_of_one_experiment_starting_together_all_link_their_datasets(server
         barrier = threading.Barrier(len(run_ids))
         errors: list[BaseException] = []
 
-        def link(run_id: str) -> None:
+        def link(run_id: str, barrier: threading.Barrier, errors: list[BaseException]) -> None:
             barrier.wait()
             try:
                 RunTracker(client, run_id).log_inputs(datasets)
             except BaseException as error:  # collected: the assertion below names it
                 errors.append(error)
 
-        threads = [threading.Thread(target=link, args=(run_id,)) for run_id in run_ids]
+        threads = [threading.Thread(target=link, args=(run_id, barrier, errors)) for run_id in run_ids]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -153,7 +153,7 @@ def test_digit_position_varies(tmp_path: Path) -> None:
 def test_clutter_lies_outside_the_digit(mnist: data.DataBundle, tmp_path: Path) -> None:
     def ink_outside_digit(val: data.ClutteredMNISTVal) -> np.ndarray:
         outside = val.images.astype(np.int64).copy()
-        for img, (top, left) in zip(outside, val.positions):
+        for img, (top, left) in zip(outside, val.positions, strict=True):
             img[top : top + 28, left : left + 28] = 0
         return outside.sum(axis=(1, 2))
 
@@ -293,7 +293,7 @@ def test_loader_order_is_a_function_of_seed_and_epoch(tmp_path: Path) -> None:
         seed=0,
         num_workers=2,
     )
-    assert all(torch.equal(a, b) for a, b in zip(first_batches(resumed, 1), e1))
+    assert all(torch.equal(a, b) for a, b in zip(first_batches(resumed, 1), e1, strict=True))
     other_seed = make_loader(train, batch_size=16, train=True, seed=1, num_workers=0)
     assert not torch.equal(first_batches(other_seed, 1)[0], e1[0])
 
@@ -308,7 +308,7 @@ def test_val_loader_keeps_order_and_all_samples() -> None:
 
 def test_distributed_loader(tmp_path: Path) -> None:
     ds = build_data(DataConfig(name="synthetic", train_size=20, img_size=8)).train
-    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+    with pytest.raises(ValueError, match=r"torch\.distributed is not initialised"):
         make_loader(ds, batch_size=4, train=True, seed=0, num_workers=0, distributed=True)
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:

@@ -155,7 +155,7 @@ def test_dry_run_at_imagenet100_is_one_gpu_with_the_linearly_scaled_lr(spec: str
     root = f"scales.imagenet100.data.root={subset_root}"
     result = dry_run(spec, root)
     assert result.returncode == 0, result.stderr
-    title, header, *rows = result.stdout.strip().splitlines()
+    title, _header, *rows = result.stdout.strip().splitlines()
     assert re.match(rf"\w+ \(imagenet100\): {len(rows)} runs", title)
     assert rows and all(row.endswith("1x1 GPU, 10 cpu/task, 1440 min") for row in rows)
 

@@ -145,7 +145,8 @@ def test_every_spec_error_at_once_and_nothing_submitted(tmp_path: Path) -> None:
         (lambda s: s["stages"]["teacher"].update(after="students"), "stages: dependency cycle among students, teacher"),
         (
             lambda s: s["stages"]["students"]["runs"]["variants"][0]["set"].update({"model.pruning_loc": [2, 9]}),
-            "stages.students.runs.variants[0].set.model.pruning_loc: each location must be a block index in [0, 7], got [2, 9]",
+            "stages.students.runs.variants[0].set.model.pruning_loc: "
+            "each location must be a block index in [0, 7], got [2, 9]",
         ),
     ],
 )

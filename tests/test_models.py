@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -157,7 +158,7 @@ def test_checkpoint_with_wrong_keys_is_an_error(tmp_path: Path) -> None:
 def test_checkpoint_url_is_cached_and_offline_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("DVIT_CACHE", str(tmp_path))
     url = "http://127.0.0.1:9/zoo/micro.pth"  # discard port: nothing answers, as offline
-    with pytest.raises(RuntimeError, match="could not download .*offline"):
+    with pytest.raises(RuntimeError, match=r"could not download .*offline"):
         models.load_weights(micro(), url)
     source = micro()
     from models.checkpoint import cached_path
@@ -267,7 +268,7 @@ def test_kept_token_counts_per_stage() -> None:
     with torch.no_grad():
         _, kept = model.forward_pruned(torch.randn(2, 3, 224, 224), return_positions=True)
     assert [k.shape for k in kept] == [(2, 137), (2, 96), (2, 67)]
-    for earlier, later in zip(kept, kept[1:]):  # every stage keeps a subset of the previous one
+    for earlier, later in itertools.pairwise(kept):  # every stage keeps a subset of the previous one
         for row in range(2):
             assert set(later[row].tolist()) <= set(earlier[row].tolist())
     custom = micro(pruning_loc=[2], stage_ratios=[0.25])
@@ -367,7 +368,7 @@ def test_masked_attention_matches_the_formula_values_and_gradients(case: str) ->
     q, k, v, policy = attention_case(case, torch.float64)
     expected = value_and_grads(reference_masked_attention, q, k, v, policy, 0.37)
     got = value_and_grads(models.masked_attention.masked_attention, q, k, v, policy, 0.37)
-    for name, want, have in zip(["out", "dq", "dk", "dv", "dpolicy"], expected, got):
+    for name, want, have in zip(["out", "dq", "dk", "dv", "dpolicy"], expected, got, strict=True):
         torch.testing.assert_close(have, want, rtol=1e-10, atol=1e-10, msg=name)
 
 
@@ -385,7 +386,7 @@ def test_masked_attention_fp32_is_within_float_rounding(case: str) -> None:
         0.37,
     )
     torch.testing.assert_close(fast[0], ref32[0], rtol=0, atol=1e-6)
-    for name, want, have, ref in zip(["out", "dq", "dk", "dv", "dpolicy"], exact, fast, ref32):
+    for name, want, have, ref in zip(["out", "dq", "dk", "dv", "dpolicy"], exact, fast, ref32, strict=True):
         ref_err = (ref.double() - want).abs().max().item()
         err = (have.double() - want).abs().max().item()
         assert err <= max(4 * ref_err, 1e-6 * want.abs().max().item()), (name, err, ref_err)

@@ -179,7 +179,7 @@ def test_parameter_names_are_timms_deit_small(kwargs: dict) -> None:
 
 
 # ----------------------------------------------------------------------- training path
-@pytest.mark.parametrize("kwargs", PEERS + [dict(variant="tome", tome_r=[20, 20])])
+@pytest.mark.parametrize("kwargs", [*PEERS, dict(variant="tome", tome_r=[20, 20])])
 def test_training_path_gradients_flow_and_nothing_is_nan(kwargs: dict) -> None:
     model = build(keep_ratio=0.3, **kwargs).train()
     x = images(model)

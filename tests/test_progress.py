@@ -5,6 +5,7 @@ terminal, and as `harness.status` columns."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import re
@@ -88,7 +89,7 @@ def test_a_local_launch_logs_progress_lines_while_its_run_trains(tmp_path: Path)
     ]
     assert midway and started <= midway[0][0] < ended, text  # seen while it trains, not only at the end
     progress = [when for when, line in lines if line.startswith("progress: teacher:")]
-    gaps = [b - a for a, b in zip(progress, progress[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(progress)]
     assert len(progress) >= 3 and min(gaps) >= LINE_S - 0.5, (gaps, text)  # never more often than every LINE_S
     (load,) = [
         float(m.group(1))

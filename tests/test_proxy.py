@@ -106,9 +106,9 @@ def test_the_tiny_table_gives_seeds_intervals_keep_fractions_and_orderings(
     assert by_row.loc["c/1-stage", tables.SEEDS] == 0 and by_row.loc["c/1-stage", tables.STATUS] == tables.MISSING
 
     markdown = tables.to_markdown(table)
-    header = next(l for l in markdown.splitlines() if l.startswith("| row |"))
+    header = next(text for text in markdown.splitlines() if text.startswith("| row |"))
     assert "delta" not in header and "| seeds | keep trained | keep tested |" in header and "95% CI" in header
-    lines = {l.split(" | ")[0].lstrip("| "): l for l in markdown.splitlines() if l.startswith("| ")}
+    lines = {text.split(" | ")[0].lstrip("| "): text for text in markdown.splitlines() if text.startswith("| ")}
     assert "±2.48" in lines["a/dynamic"] and "0.70/0.49/0.34 | 0.69/0.48/0.33" in lines["a/dynamic"]
     assert "| 1 | — | — |" in lines["b/random"]  # one seed: no interval; no selector to report
     notes = table.attrs["notes"]

@@ -100,7 +100,8 @@ def test_every_groups_lr_at_every_step_is_the_official_one(deit_s, recipe, offic
 
 
 def test_the_audits_numbers_hold() -> None:
-    """recipes.md: HEAD's lr at epoch 20 is 3.46e-4 and its last step ~1e-6 (timm's prefix cosine gave 5.0e-4 / 6.8e-5)."""
+    """recipes.md: HEAD's lr at epoch 20 is 3.46e-4 and its last step ~1e-6 (timm's prefix cosine gave 5.0e-4 /
+    6.8e-5)."""
     cfg = paper_config("dynamicvit-tpami")
     schedule = build_schedule(cfg.optim, 1024, EPOCHS, STEPS)
     assert schedule.base(20 * STEPS) == pytest.approx(3.46e-4, abs=5e-7)
@@ -185,10 +186,10 @@ def official_ra_indices(n: int, replicas: int, rank: int, epoch: int) -> list[in
     """samplers.py RASampler written out: randperm seeded by the epoch, x3, pad, stride, cut."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).tolist()
     tripled = [i for i in perm for _ in range(3)]
-    per_replica = int(math.ceil(n * 3.0 / replicas))
+    per_replica = math.ceil(n * 3.0 / replicas)
     total = per_replica * replicas
     tripled += tripled[: total - len(tripled)]
-    return tripled[rank:total:replicas][: int(math.floor(n // 256 * 256 / replicas))]
+    return tripled[rank:total:replicas][: math.floor(n // 256 * 256 / replicas)]
 
 
 @pytest.mark.parametrize("n, replicas", [(1000, 8), (5003, 8), (777, 3), (600, 1)])

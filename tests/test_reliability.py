@@ -580,7 +580,7 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
     def _(c: Ctx) -> Built:
         uri = f"http://127.0.0.1:{free_port()}"
         argv = ["harness.launch", c.spec(), "--executor", "local", "--output-root", str(c.tmp / "runs")]
-        return argv + [f"--env=MLFLOW_TRACKING_URI={uri}"], 1, "$MLFLOW_TRACKING_URI: cannot reach", uri
+        return [*argv, f"--env=MLFLOW_TRACKING_URI={uri}"], 1, "$MLFLOW_TRACKING_URI: cannot reach", uri
 
     @case("launch-store-not-sqlite")
     def _(c: Ctx) -> Built:

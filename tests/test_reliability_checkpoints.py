@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import pytest
@@ -37,7 +36,7 @@ from tests.test_reliability import REPO, Ctx, cli, snapshot, teacher_only, write
 TINY_TEACHER = REPO / "checkpoints" / "tiny_teacher_dense.pth"
 
 # a route's answer: bytes (sent with a Content-Length), or a function that writes the response itself
-Answer = Union[bytes, Callable[[http.server.BaseHTTPRequestHandler], None]]
+Answer = bytes | Callable[[http.server.BaseHTTPRequestHandler], None]
 
 
 class Site:
@@ -244,7 +243,7 @@ def test_the_cache_keys_files_by_the_whole_url(tmp_path: Path, site: Site) -> No
     printed = [line.split("  ") for line in result.stdout.splitlines()]
     assert [source for _, _, source in printed] == urls
     assert len({path for _, path, _ in printed}) == 4  # four URLs, four files
-    for (digest, path, source), data in zip(printed, files.values()):
+    for (digest, path, source), data in zip(printed, files.values(), strict=True):
         assert Path(path).read_bytes() == data and digest == sha256(data)
         assert read_record(Path(path))["url"] == source
     (line,) = error_lines(result.stderr)
@@ -260,7 +259,7 @@ def test_the_cache_keys_files_by_the_whole_url(tmp_path: Path, site: Site) -> No
     placed = cached_path(f"{site.url}/placed.pth")
     torch.save(evil(tmp_path / "MARKER"), placed)
     with pytest.raises(
-        UnsafeCheckpoint, match="placed in the cache for .*, but refused: unpickling it would import posix.system"
+        UnsafeCheckpoint, match=r"placed in the cache for .*, but refused: unpickling it would import posix\.system"
     ):
         fetch(f"{site.url}/placed.pth")
     assert not record_path(placed).exists() and not (tmp_path / "MARKER").exists()

@@ -142,7 +142,8 @@ def done(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
         ),
         (
             lambda s: s["search"]["space"].update({"gumbel.schedule": ["constant", "zigzag"]}),
-            "search.space.gumbel.schedule: Input should be 'constant', 'linear', 'cosine' or 'exponential', got 'zigzag'",
+            "search.space.gumbel.schedule: Input should be 'constant', 'linear', 'cosine' or 'exponential', "
+            "got 'zigzag'",
         ),
         (
             lambda s: s["search"].update(pruner={"name": "median"}),
@@ -370,7 +371,7 @@ def test_killed_worker_fails_its_trial_and_the_budget_is_still_met(tmp_path: Pat
         time.sleep(0.1)
     assert victim is not None, "no trial started"
     os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
-    out, err = proc.communicate(timeout=600)
+    _out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-4000:]
     assert f"trial {victim.number} failed: its worker ({victim.user_attrs['worker']}) is gone" in err
     study = load(tmp_path)  # the study is intact: every trial ended, the budget is met without the failed one

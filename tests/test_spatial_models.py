@@ -114,7 +114,7 @@ def test_pruned_path_equals_masked_path(name: str, plan: dict) -> None:
         masked = model.train().forward_masked(x)
         pruned, kept = model.eval().forward_pruned(x, return_positions=True)
     torch.testing.assert_close(masked.logits, pruned, rtol=0, atol=1e-5)
-    for decision, positions in zip(masked.decisions, kept):
+    for decision, positions in zip(masked.decisions, kept, strict=True):
         assert torch.equal(decision.nonzero()[:, 1].reshape(3, -1).sort(1).values, positions.sort(1).values)
 
 
@@ -156,7 +156,7 @@ def test_bad_arguments_are_one_line_errors() -> None:
         build(CONVNEXT, pruning_loc=[1, 4])
     with pytest.raises(ValueError, match=r"^input: expected images of shape \(3, 32, 32\), got \(3, 64, 64\)$"):
         build(SWIN).eval()(torch.zeros(1, 3, 64, 64))
-    with pytest.raises(ValueError, match="variant: dynamicswin_tiny_patch4_window7_224 .* got 'random'"):
+    with pytest.raises(ValueError, match=r"variant: dynamicswin_tiny_patch4_window7_224 .* got 'random'"):
         ModelConfig(name="dynamicswin_tiny_patch4_window7_224", variant="random")
     with pytest.raises(ValueError, match=r"pruning_loc: each location must be a block index in \[0, 8\], got \[9\]"):
         ModelConfig(name="dynamicconvnext_tiny", pruning_loc=[9])  # ConvNeXt-T's third stage has 9 blocks
@@ -341,7 +341,7 @@ def test_spatial_loss_is_the_official_formula() -> None:
     loss, parts = SpatialSparsificationLoss(cfg, model.stage_ratios, torch.nn.CrossEntropyLoss())(
         out, targets, (t.logits, t.tokens)
     )
-    ratio = sum(((d.mean(1) - r) ** 2).mean() for d, r in zip(out.decisions, [0.7, 0.5, 0.3])) / 3
+    ratio = sum(((d.mean(1) - r) ** 2).mean() for d, r in zip(out.decisions, [0.7, 0.5, 0.3], strict=True)) / 3
     kl = F.kl_div(out.logits.log_softmax(-1), t.logits.log_softmax(-1), reduction="batchmean", log_target=True)
     mse = ((out.tokens - t.tokens) ** 2).mean()  # the whole map: every position, kept or not
     expected = F.cross_entropy(out.logits, targets) + 10 * ratio + 0.5 * kl + 0.5 * mse
@@ -380,7 +380,7 @@ def test_the_readme_flops_table_is_what_harness_measure_counts() -> None:
         name = {"swin": f"dynamicswin_{SIZES[size]}_patch4_window7_224", "convnext": f"dynamicconvnext_{SIZES[size]}"}[
             family
         ]
-        for rho, value in zip(rhos.split(" / "), ours.split(" / ")):
+        for rho, value in zip(rhos.split(" / "), ours.split(" / "), strict=True):
             kwargs = {"variant": "dense"} if rho.strip() == "dense" else {"keep_ratio": float(rho)}
             with torch.device("meta"):
                 model_ = build(name, **kwargs)

@@ -108,7 +108,7 @@ def test_async_logging_and_context_manager(sqlite_uri: str) -> None:
     with pytest.raises(ZeroDivisionError):
         with RunTracker.start(cfg, params={}) as failing:
             failing.log_metrics({"x": 1.0}, step=0)
-            1 / 0
+            raise ZeroDivisionError("a failure inside the run")
     assert client.get_run(failing.run_id).info.status == "FAILED"
 
 

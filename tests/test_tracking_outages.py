@@ -189,7 +189,8 @@ def test_30s_outages_of_server_and_database_are_waited_out(tmp_path: Path) -> No
         else:
             warnings.warn(
                 "the PostgreSQL outage is not tested: it needs root and Debian's PostgreSQL "
-                "(bash scripts/tracking-server.sh start installs it)"
+                "(bash scripts/tracking-server.sh start installs it)",
+                stacklevel=1,  # this line: the test is what lacks the database
             )
         taken = {env["TRACKING_PORT"], env["TRACKING_PG_PORT"]} if db_start else set()
         port = next(p for p in iter(free_port, 0) if str(p) not in taken)
