@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
+import re
 import sqlite3
 import urllib.error
 import urllib.request
@@ -236,18 +238,59 @@ def unbound_requests() -> None:
             os.environ.pop(key, None)
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+_CONNECT_PARAMS = ("host", "hostaddr", "port", "dbname", "database")  # a query that names another server or database
+
+
+def lock_dir() -> Path:
+    """Where the launch locks of server and PostgreSQL stores live: $DVIT_LOCK_DIR, else
+    $DVIT_CACHE/locks, else ~/.cache/dvit-harness/locks.
+
+    One folder for every launch of a user, whatever its output root or working folder: on a
+    cluster the home folder is shared by the login nodes; a DVIT_LOCK_DIR must be shared the same way.
+    """
+    chosen = os.environ.get("DVIT_LOCK_DIR")
+    if chosen:
+        return Path(chosen).expanduser()
+    cache = os.environ.get("DVIT_CACHE")
+    return (Path(cache).expanduser() if cache else Path.home() / ".cache" / "dvit-harness") / "locks"
+
+
+def store_key(uri: str) -> tuple[str, str, str]:
+    """(scheme, host, the rest) of the store a URI names, spelled one way: scheme (less its driver)
+    and host in lower case, the default port written out, the path normalised without its trailing
+    `/`, no credentials; of the query only what picks another server or database. So
+    `http://Head:80/` and `http://head` are one store.
+    """
+    from urllib.parse import parse_qsl, urlencode
+
+    parts = urlparse(uri)
+    scheme = parts.scheme.lower().split("+", 1)[0]  # postgresql+psycopg2 -> postgresql
+    try:
+        port = parts.port or DEFAULT_PORTS.get(scheme)
+    except ValueError:  # not a number: the spelling stands for itself
+        port = None
+    path = posixpath.normpath(unquote(parts.path)).rstrip("/") if parts.path.strip("/") else ""
+    query = sorted((k, v) for k, v in parse_qsl(parts.query) if k in _CONNECT_PARAMS)
+    rest = f":{port or ''}{path}" + (f"?{urlencode(query)}" if query else "")
+    return scheme, (parts.hostname or "").lower(), rest
+
+
 class StoreLock:
     """Launches and searches on one store take turns at their MLflow bookkeeping and submissions.
 
     Why: two at once both find a run missing and both create and submit it (a second MLflow run and
     job for one run key), and on a new SQLite store both run MLflow's schema migration, one dying
-    in it. A file lock beside the SQLite file (for another store: in the output root, named after
-    the store) makes the second wait; it says once what it waits for. Held for the bookkeeping and
-    submission only, not while local runs train: a relaunch meanwhile sees them in flight.
+    in it. A file lock makes the second wait; it says once what it waits for. For an SQLite store
+    the lock lies beside the file (every process that reaches the file reaches it); for a server or
+    a database server, in `lock_dir()`, named after the store's `store_key` (its scheme and host,
+    and a hash of the rest: never credentials), so that launches with other output roots, working folders or
+    spellings of the URI exclude each other too. Held for the bookkeeping and submission only, not
+    while local runs train: a relaunch meanwhile sees them in flight.
     Re-entrant (nested `with` blocks of one StoreLock); released when the process dies.
     """
 
-    def __init__(self, uri: str, output_root: Path) -> None:
+    def __init__(self, uri: str) -> None:
         import hashlib
 
         from filelock import FileLock
@@ -256,13 +299,23 @@ class StoreLock:
         if db is not None:
             self.path = db.with_name(db.name + ".launch.lock")
         else:
-            self.path = output_root / f".launch-{hashlib.sha1(uri.encode()).hexdigest()[:12]}.lock"
+            scheme, host, rest = store_key(uri)
+            digest = hashlib.sha256(f"{scheme}://{host}{rest}".encode()).hexdigest()[:16]
+            self.path = lock_dir() / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', f'{scheme}-{host}')}-{digest}.lock"
         self._lock = FileLock(str(self.path))
         self.waited = False
 
     def __enter__(self) -> StoreLock:
         from filelock import Timeout
 
+        if not self.path.parent.is_dir():
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise EnvironmentProblem(
+                    f"cannot create the folder of the launch locks ({err.strerror}; set DVIT_LOCK_DIR to a "
+                    f"folder every launch on this store can write), got {str(self.path.parent)!r}"
+                ) from None
         try:
             self._lock.acquire(timeout=0)
         except Timeout:

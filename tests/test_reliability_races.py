@@ -355,3 +355,53 @@ def test_two_searches_at_once_share_one_parent_and_ctrl_c_keeps_the_enqueued_poi
     study = optuna.load_study(study_name="mini_search-tiny", storage=f"sqlite:///{storage}")
     states = [(t.state.name, t.params) for t in study.trials if not t.user_attrs.get("surplus")]
     assert states == [("FAIL", {"model.keep_ratio": 0.7}), ("COMPLETE", {"model.keep_ratio": 0.7})], states
+
+
+# ------------------------------ one tracking server, one launch lock: whatever the output root or URI spelling
+def test_launches_on_one_tracking_server_take_turns_whatever_their_output_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two launches of one spec on the PostgreSQL-backed tracking server, from other working folders with
+    other output roots and the server's URI spelled with and without its trailing `/`, wait for the one
+    lock the test holds (in $DVIT_LOCK_DIR, named after the server, not after either output root), then
+    take turns: one submits the run, the other finds it in flight; the server holds one run."""
+    from harness.store import StoreLock
+    from tests.test_cluster_tracking import server_status, unique
+
+    code, exports = server_status()
+    if code != 0 or "MLFLOW_TRACKING_URI" not in exports or "MLFLOW_TRACKING_PASSWORD" in exports:
+        pytest.skip("no open tracking server (bash scripts/tracking-server.sh start)")
+    uri = exports["MLFLOW_TRACKING_URI"].rstrip("/")
+    monkeypatch.setenv("DVIT_LOCK_DIR", str(tmp_path / "locks"))  # the commands' too (popen passes it on)
+    name = unique("lock_turns")
+    path = write(tmp_path / "t.yaml", teacher_only(name=name))
+    with StoreLock(uri) as held:
+        launches = []
+        for where, spelling in (("a", uri), ("b", uri + "/")):
+            (tmp_path / where).mkdir(exist_ok=True)
+            args = [str(path), "--executor", "local", "--output-root", str(tmp_path / where / "runs")]
+            launches.append(popen("harness.launch", *args, "--tracking-uri", spelling, cwd=tmp_path / where))
+        errs = [Lines(p.stderr) for p in launches]
+        wait_until(
+            lambda: (
+                all(any(WAITING in line for line in e.lines) for e in errs)
+                or any(p.poll() is not None for p in launches)
+            ),
+            120,
+            "both launches to wait for the lock",
+        )
+        assert all(p.poll() is None for p in launches), [e.text() for e in errs]
+        waiting = {line.strip() for e in errs for line in e.lines if WAITING in line}
+        assert waiting == {f"{WAITING} (it holds {held.path})"}, waiting
+    assert held.path.parent == tmp_path / "locks", held.path  # in neither output root
+    results = []
+    for launch, err in zip(launches, errs, strict=True):
+        out = launch.stdout.read()
+        launch.wait(timeout=300)
+        results.append((launch.returncode, out, err.text()))
+    assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
+    submitted = sorted(out.split(" submitted,")[0].rsplit(" ", 1)[-1] for _, out, _ in results)
+    assert submitted == ["0", "1"], [out for _, out, _ in results]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    assert len(client.search_runs([experiment.experiment_id], "tags.kind = 'train'")) == 1

@@ -79,7 +79,7 @@ class Launch:
         self.cluster = cluster
         self.rerun = rerun
         self.root = output_root
-        self.lock = lock or StoreLock(tracking_uri, output_root or Path("runs").resolve())
+        self.lock = lock or StoreLock(tracking_uri)
         self._parent_id: str | None = None  # created with the first run it submits
         with self.lock:  # a new store's tables are created (MlflowClient) by one process at a time
             self.client = MlflowClient(tracking_uri)
