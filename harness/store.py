@@ -9,6 +9,7 @@ Standard library only: no MLflow import on this path.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
@@ -108,7 +109,9 @@ def check_store(uri: str, source: str, *, must_exist: bool, write: bool, timeout
     does not answer) within about `timeout_s`; return when the store looks usable.
 
     `must_exist`: a read-only command (status, report) refuses a store that does not exist yet,
-    instead of creating an empty one and reporting that nothing was launched.
+    instead of creating an empty one and reporting that nothing was launched; likewise an SQLite
+    file that is not a set-up MLflow store (an empty file): MLflow's client would write its tables
+    into it. No command writes MLflow's tables into another application's SQLite database.
     """
     quiet_store_setup()
     db = sqlite_path(uri)
@@ -138,20 +141,46 @@ def _check_sqlite(db: Path, uri: str, source: str, *, must_exist: bool, write: b
         raise ConfigError([f"{source}: cannot read the SQLite file ({err.strerror}), got {uri!r}"]) from None
     if header and header != SQLITE_HEADER:
         raise ConfigError([f"{source}: not an SQLite database, got {uri!r}"])
-    if header:
-        try:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=LOCK_WAIT_S) as con:
-                con.execute("select count(*) from sqlite_master").fetchone()
-        except sqlite3.OperationalError as err:
-            if "locked" in str(err):
-                raise _locked(uri, source) from None
-            raise ConfigError([f"{source}: cannot open the SQLite database ({err}), got {uri!r}"]) from None
-        except sqlite3.DatabaseError as err:  # "file is not a database", "database disk image is malformed"
-            raise ConfigError([f"{source}: a damaged SQLite database ({err}), got {uri!r}"]) from None
+    tables = _tables(db, uri, source) if header else set()
+    # MLflow creates `experiments` first and records its schema in `alembic_version` last: a launch
+    # may go on where another is creating the store (some of its tables, or none yet), a reading
+    # command only on a store that is set up; nobody adds MLflow's tables to another database
+    if (must_exist and not tables) or (tables and "experiments" not in tables):
+        raise ConfigError([f"{source}: not an MLflow store (no MLflow tables{_holding(tables, header)}), got {uri!r}"])
+    if must_exist and "alembic_version" not in tables:
+        raise EnvironmentProblem(
+            f"{source}: an MLflow store still being set up (no alembic_version yet: another command is "
+            f"creating it); try again once it has, got {uri!r}"
+        )
     if write and not (os.access(db, os.W_OK) and os.access(db.parent, os.W_OK | os.X_OK)):
         raise ConfigError([f"{source}: the SQLite file (or its folder, for the journal) is not writable, got {uri!r}"])
     if header and write:
         _check_write_lock(db, uri, source)
+
+
+def _holding(tables: set[str], header: bytes) -> str:
+    """What a database that is not an MLflow store holds, for the message."""
+    if not tables:
+        return "; an empty file" if not header else "; an empty database"
+    listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+    return f"; it holds {len(tables)} other table{'s' if len(tables) > 1 else ''}: {listed}"
+
+
+def _tables(db: Path, uri: str, source: str) -> set[str]:
+    """The names of the database's tables, read over a read-only connection (nothing written, not
+    even a journal): whether it is an MLflow store is decided before MLflow's client opens it."""
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro", uri=True, timeout=LOCK_WAIT_S)
+        ) as con:
+            names = {row[0] for row in con.execute("select name from sqlite_master where type = 'table'")}
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err):
+            raise _locked(uri, source) from None
+        raise ConfigError([f"{source}: cannot open the SQLite database ({err}), got {uri!r}"]) from None
+    except sqlite3.DatabaseError as err:  # "file is not a database", "database disk image is malformed"
+        raise ConfigError([f"{source}: a damaged SQLite database ({err}), got {uri!r}"]) from None
+    return {name for name in names if not name.startswith("sqlite_")}  # not SQLite's own (sqlite_sequence)
 
 
 def _locked(uri: str, source: str) -> EnvironmentProblem:

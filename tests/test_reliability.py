@@ -15,6 +15,7 @@ import pickle
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -1054,6 +1055,36 @@ def _case_list() -> list[tuple[str, Callable[[Ctx], Built]]]:
             "move the file aside",
         )
 
+    # -- a store that is not MLflow's: the reading commands set up no tables in it (review M1)
+    def foreign_db(c: Ctx) -> str:
+        with contextlib.closing(sqlite3.connect(c.tmp / "other.db")) as con, con:
+            con.execute("create table trials (id integer primary key, value real)")
+            con.execute("insert into trials (value) values (0.5)")
+        return f"sqlite:///{c.tmp}/other.db"
+
+    def empty_file(c: Ctx) -> str:
+        (c.tmp / "empty.db").touch()
+        return f"sqlite:///{c.tmp}/empty.db"
+
+    for command in ("status", "report"):
+        for kind, make, problem in (
+            ("empty-file", empty_file, "an empty file"),
+            ("foreign", foreign_db, "it holds 1 other table: trials"),
+        ):
+
+            @case(f"{command}-store-{kind}")
+            def _(c: Ctx, command: str = command, make: Callable[[Ctx], str] = make, problem: str = problem) -> Built:
+                uri = make(c)
+                spec = c.spec(notebooks=NOTEBOOKS)
+                argv = ["analysis.report" if command == "report" else "harness.status", spec, "--tracking-uri", uri]
+                return argv, 2, f"--tracking-uri: not an MLflow store (no MLflow tables; {problem}), got", uri
+
+    @case("launch-store-foreign")
+    def _(c: Ctx) -> Built:
+        argv = c.launch(c.spec())
+        argv[argv.index("--tracking-uri") + 1] = uri = foreign_db(c)
+        return argv, 2, "--tracking-uri: not an MLflow store (no MLflow tables; it holds 1 other table: trials)", uri
+
     return cases
 
 
@@ -1126,15 +1157,16 @@ def test_a_new_store_prints_none_of_mlflows_setup_lines(tmp_path: Path) -> None:
     path = write(tmp_path / "spec.yaml", spec_dict())
     for command in (("harness.launch", "--dry-run"), ("harness.status",), ("harness.cancel",)):
         store = tmp_path / f"{command[0]}.db"
-        store.touch()  # a fresh SQLite store: an empty file, its tables created by the command
+        store.touch()  # a fresh SQLite store: an empty file (a launch sets it up; harness.train's test)
         result = cli(command[0], str(path), *command[1:], "--tracking-uri", f"sqlite:///{store}", cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
         output = result.stdout + result.stderr
         assert " INFO " not in output and "Creating initial MLflow database tables" not in output, output
         assert "alembic" not in output.lower(), output
-        if command[0] != "harness.launch":
-            assert store.stat().st_size > 0  # the tables were created
-    assert "0 run(s) cancelled" in result.stderr
+        if command[0] == "harness.launch":
+            assert result.returncode == 0, result.stderr
+        else:  # status and cancel set up no store (review M1): one line, the file left empty
+            assert result.returncode == 2 and "not an MLflow store (no MLflow tables; an empty file)" in output
+            assert store.stat().st_size == 0
 
 
 # ------------------------------------------------------------------ no command hangs (item 3)
