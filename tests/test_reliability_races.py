@@ -191,7 +191,11 @@ def test_two_launches_at_once_on_a_new_store_make_one_run_and_one_job(tmp_path: 
     (run,) = train_runs(tmp_path)
     assert run.info.status == "FINISHED"
     teacher = tmp_path / "runs/mini/tiny/teacher/teacher"
-    assert len(list((teacher.parent / "submitit").glob("*_submission.sh"))) <= 1  # one job
+    # one job: submitit's local executor writes <job id>_submitted.pkl for each job it starts (and
+    # never a *_submission.sh, which only its SLURM executor writes)
+    jobs = sorted(p.name for p in (teacher.parent / "submitit").glob("*_submitted.pkl"))
+    assert len(jobs) == 1, jobs
+    assert jobs[0] == f"{run.data.tags['job_id']}_submitted.pkl", (jobs, run.data.tags)
 
     training = tmp_path / "in-flight"  # the teacher's folder as it is while it trains
     shutil.copytree(teacher, training, ignore=shutil.ignore_patterns("model.pth", "result.json"))
