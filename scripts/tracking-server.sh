@@ -7,10 +7,12 @@
 # served artifact store. Must run as root (postgres itself runs as the
 # `postgres` user). All state, logs and pid files live under TRACKING_DIR.
 #
-# `status` prints the MLFLOW_TRACKING_URI and the Optuna storage URL to use.
-# `start --auth` puts MLflow behind its basic auth (`--app-name basic-auth`);
-# the admin's credentials are printed by `status` as MLFLOW_TRACKING_USERNAME /
+# `start` and `status` print the exports jobs need (MLFLOW_TRACKING_URI, the Optuna
+# storage URL). `start --auth` puts MLflow behind its basic auth (`--app-name
+# basic-auth`); the admin's credentials are then exported as MLFLOW_TRACKING_USERNAME /
 # MLFLOW_TRACKING_PASSWORD. Switching --auth on or off restarts mlflow only.
+# No secret is printed or put on a command line (CI logs the output, `ps` shows
+# argv): the printed passwords are `"$(cat FILE)"` of the 0600 files here.
 #
 # Environment knobs (all optional):
 #   TRACKING_DIR        state folder                                [/tmp/tracking-server]
@@ -126,21 +128,21 @@ EOF
         || die "could not create the database $db" "$LOG/psql.log"
     fi
   done
+  write_pgpass
 }
 
-db_url() { echo "postgresql://$ROLE:$(cat "$D/db_pass")@$PG_HOST:$(pg_port)/$1"; }
-# The server's own URLs carry no password: libpq reads it from $D/pgpass (root's, mode 0600, named by
-# PGPASSFILE), so that `ps` and /proc/PID/cmdline show no secret to other local users.
+# The URLs carry no password, so that `ps` and /proc/PID/cmdline show no secret to other local users:
+# the server's libpq reads it from $D/pgpass (root's, mode 0600, named by PGPASSFILE), jobs' libpq from
+# PGPASSWORD (print_urls).
 server_db_url() { echo "postgresql://$ROLE@$PG_HOST:$(pg_port)/$1"; }
 write_pgpass() {
   (umask 077 && echo "*:$(pg_port):*:$ROLE:$(cat "$D/db_pass")" >"$D/pgpass.tmp" && mv -f "$D/pgpass.tmp" "$D/pgpass")
 }
 # shows_password: the running server's command line holds the database password (started by an older
-# version of this script): it is restarted with the password moved out.
+# version of this script): it is restarted with the password moved out. (grep reads the password from its
+# file: on grep's own command line it would show in `ps`.)
 shows_password() {
-  local pass
-  pass="$(cat "$D/db_pass" 2>/dev/null)" || return 1
-  [[ -n "$pass" ]] && tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" | grep -qF -- "$pass"
+  [[ -s "$D/db_pass" ]] && tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" | grep -qFf "$D/db_pass"
 }
 
 # ---------------------------------------------------------------- mlflow
@@ -180,12 +182,9 @@ start_mlflow() {
     || die "$PY lacks mlflow or psycopg 3 (SQLAlchemy's postgresql:// driver): pip install -e '.[dev]'" "$LOG/mlflow.out"
   port_in_use "$PORT" && die "port $PORT is taken (TRACKING_PORT)"
   mkdir -p "$ARTIFACTS"
-  write_pgpass
   local args=(-m mlflow server --backend-store-uri "$(server_db_url mlflow)"
     --serve-artifacts --artifacts-destination "$ARTIFACTS"
     --host "$HOST" --port "$PORT" --workers "$WORKERS")
-  local env=(env -u MLFLOW_TRACKING_URI -u MLFLOW_TRACKING_USERNAME -u MLFLOW_TRACKING_PASSWORD
-    PGPASSFILE="$D/pgpass")
   if [[ "$auth" == 1 ]]; then
     if [[ ! -s "$D/auth_pass" ]]; then
       (umask 077 && head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$D/auth_pass")
@@ -203,7 +202,6 @@ EOF
       (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$D/flask_secret")
     fi
     args+=(--app-name basic-auth)
-    env+=(MLFLOW_AUTH_CONFIG_PATH="$D/basic_auth.ini" MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$D/flask_secret")")
   fi
   if [[ "$HOST" != 127.0.0.1 && "$HOST" != localhost ]]; then
     args+=(--allowed-hosts "*")  # reached by other nodes under names we cannot list here
@@ -212,7 +210,18 @@ EOF
   echo "$PORT" >"$D/mlflow_port"
   echo "$want_mode" >"$D/mlflow_mode"
   log "starting mlflow server on $HOST:$PORT ($want_mode)"
-  setsid "${env[@]}" "$PY" "${args[@]}" </dev/null >>"$LOG/mlflow.out" 2>&1 9>&- &
+  # The server's environment is set in a subshell, not as `env NAME=VALUE` arguments: the Flask key
+  # would show in `ps`. setsid (not a group leader here) and exec keep $! the server's pid.
+  (
+    unset MLFLOW_TRACKING_URI MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD
+    export PGPASSFILE="$D/pgpass"
+    if [[ "$auth" == 1 ]]; then
+      export MLFLOW_AUTH_CONFIG_PATH="$D/basic_auth.ini"
+      MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$D/flask_secret")"
+      export MLFLOW_FLASK_SERVER_SECRET_KEY
+    fi
+    exec setsid "$PY" "${args[@]}" </dev/null >>"$LOG/mlflow.out" 2>&1 9>&-
+  ) &
   echo $! >"$RUN/mlflow.pid"
   local deadline=$((SECONDS + TIMEOUT))
   until healthy >/dev/null 2>&1; do
@@ -250,13 +259,20 @@ stop_postgres() {
 }
 
 # ---------------------------------------------------------------- commands
+# print_urls: the exports jobs need, for `eval "$(... start|status)"`. No secret in the text (CI logs it):
+# each password is `"$(cat FILE)"` of its 0600 file, read by the shell that evals it (`sudo cat` when this
+# runs under sudo: the user who evals it cannot read root's files). The values then travel in the
+# environment, as SLURM hands it to jobs on every node; libpq reads PGPASSWORD.
 print_urls() {
+  local read=cat
+  [[ -n "${SUDO_USER:-}" ]] && read="sudo cat"
   echo "export MLFLOW_TRACKING_URI=$(tracking_uri)"
   if [[ "$(cat "$D/mlflow_mode" 2>/dev/null)" == auth ]]; then
     echo "export MLFLOW_TRACKING_USERNAME=admin"
-    echo "export MLFLOW_TRACKING_PASSWORD=$(cat "$D/auth_pass")"
+    echo "export MLFLOW_TRACKING_PASSWORD=\"\$($read $(printf '%q' "$D/auth_pass"))\""
   fi
-  echo "export OPTUNA_STORAGE=$(db_url optuna)"
+  echo "export OPTUNA_STORAGE=$(server_db_url optuna)"
+  echo "export PGPASSWORD=\"\$($read $(printf '%q' "$D/db_pass"))\""
 }
 
 cmd_start() {

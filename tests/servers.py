@@ -104,3 +104,16 @@ def mlflow_server(
         yield MlflowServer(uri=uri, pid=proc.pid, root=root, log=log)
     finally:
         _stop(proc, stop_grace_s)
+
+
+def shell_exports(printed: str) -> dict[str, str]:
+    """The variables the `export NAME=...` lines of `printed` (what `scripts/tracking-server.sh start|status`
+    prints) give a shell that evals them: bash evaluates them, so a `"$(cat FILE)"` value is read as a user's
+    `eval "$(...)"` would read it."""
+    lines = [line for line in printed.splitlines() if line.startswith("export ")]
+    names = [line[len("export ") :].split("=", 1)[0] for line in lines]
+    show = 'for name in "$@"; do printf "%s=%s\\0" "$name" "${!name}"; done'
+    result = subprocess.run(
+        ["bash", "-c", "\n".join([*lines, show]), "bash", *names], capture_output=True, text=True, check=True
+    )
+    return dict(item.split("=", 1) for item in result.stdout.split("\0") if item)

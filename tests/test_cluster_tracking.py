@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from tests.servers import shell_exports
 from tests.test_launch import needs_slurm
 from tests.test_search import spec_with
 
@@ -38,24 +39,27 @@ SCRIPT = REPO / "scripts" / "tracking-server.sh"
 
 
 def server_status(env: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
-    """`tracking-server.sh status`: its exit code and the variables it says to export."""
+    """`tracking-server.sh status`: its exit code and the variables its exports give a shell that evals them
+    (the passwords are read from their files by that shell: the printed text holds none)."""
     result = subprocess.run(
         ["bash", str(SCRIPT), "status"], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}
     )
-    exports = dict(
-        line[len("export ") :].split("=", 1) for line in result.stdout.splitlines() if line.startswith("export ")
-    )
-    return result.returncode, exports
+    return result.returncode, shell_exports(result.stdout)
 
 
 @pytest.fixture(scope="module")
-def server() -> dict[str, str]:
+def server() -> Iterator[dict[str, str]]:
+    """The exports of the running server; PGPASSWORD is in this process's environment while the module runs, as
+    in a shell that evaluated them (Optuna here, the commands and SLURM jobs started from here, inherit it)."""
     code, exports = server_status()
     if code != 0 or "MLFLOW_TRACKING_URI" not in exports:
         pytest.skip("no tracking server (bash scripts/tracking-server.sh start)")
     if "MLFLOW_TRACKING_PASSWORD" in exports:
         pytest.skip("the tracking server runs with --auth: these tests expect the open one")
-    return exports
+    assert ":" not in exports["OPTUNA_STORAGE"].split("@")[0].split("://")[1]  # no password in the printed URL
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PGPASSWORD", exports["PGPASSWORD"])
+        yield exports
 
 
 def unique(prefix: str) -> str:

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.servers import free_port
+from tests.servers import free_port, shell_exports
 from tests.test_reliability import cli, search_spec_dict, teacher_only, write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +37,30 @@ def _script(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=300, env={**os.environ, **env}
     )
+
+
+def _start_traced(env: dict[str, str], folder: Path) -> tuple[subprocess.CompletedProcess, str]:
+    """`start --auth`, and every command line it runs (each execve's arguments, through strace, when strace is
+    here): strace is stopped once the script has ended, so it does not follow the server it leaves running."""
+    if not shutil.which("strace"):
+        return _script(env, "start", "--auth"), ""
+    trace, code = folder.parent / f"{folder.name}.trace", folder.parent / f"{folder.name}.rc"
+    # the traced shell runs the script, keeps its exit code, then ends strace (its parent; -I1: SIGTERM detaches it)
+    wrapper = 'bash "$0" start --auth; echo $? >"$1"; kill -TERM "$PPID"'
+    strace = ["strace", "-I1", "-f", "-q", "-e", "trace=execve", "-e", "signal=none", "-s", "4096", "-o", str(trace)]
+    started = subprocess.run(
+        [*strace, "bash", "-c", wrapper, str(SCRIPT), str(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+    try:
+        started.returncode = int(code.read_text())
+        return started, trace.read_text()
+    finally:
+        trace.unlink(missing_ok=True)
+        code.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +80,16 @@ def auth_server() -> Iterator[dict[str, str]]:
         "TRACKING_PYTHON": sys.executable,
     }
     try:
-        started = _script(env, "start", "--auth")
+        started, command_lines = _start_traced(env, folder)
         assert started.returncode == 0, started.stderr[-3000:]
-        exports = dict(
-            line[len("export ") :].split("=", 1) for line in started.stdout.splitlines() if line.startswith("export ")
-        )
+        exports = shell_exports(started.stdout)
         yield {
             "uri": exports["MLFLOW_TRACKING_URI"],
             "password": exports["MLFLOW_TRACKING_PASSWORD"],
             "db_password": (folder / "db_pass").read_text().strip(),
+            "flask_secret": (folder / "flask_secret").read_text().strip(),
+            "start_output": started.stdout + started.stderr,
+            "start_command_lines": command_lines,
             "folder": str(folder),
         }
     finally:
@@ -81,11 +106,13 @@ def test_no_secret_shows_in_ps_output_mlflow_job_files_or_logs(
     - launch, status and search with no or a wrong password: one line, exit 1, within 30 s, nothing written;
     - a real launch given the credentials in $MLFLOW_TRACKING_URI trains and logs its run, and neither
       password appears in `ps` (sampled while it runs), its output, MLflow's params and tags, any file it
-      wrote (run folder, submitit job files and logs) or the server's logs.
+      wrote (run folder, submitit job files and logs) or the server's logs;
+    - neither password nor the server's Flask secret key appears in what `tracking-server.sh start --auth`
+      printed (CI logs it) or on any command line it ran (strace, when installed).
     """
     uri, password, db_password = auth_server["uri"], auth_server["password"], auth_server["db_password"]
     host = uri.split("://", 1)[1]
-    secrets = (password, db_password)
+    secrets = (password, db_password, auth_server["flask_secret"])
 
     def ps() -> str:  # every process's whole command line (without -ww, ps cuts lines at $COLUMNS or 80)
         return subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
@@ -161,6 +188,8 @@ def test_no_secret_shows_in_ps_output_mlflow_job_files_or_logs(
     assert host in recorded  # the tracking URI is recorded, without its credentials
 
     places = {
+        "tracking-server.sh start's output": auth_server["start_output"],  # CI's log holds it
+        "command lines while tracking-server.sh started (strace)": auth_server["start_command_lines"],
         "stdout and stderr": launched.stdout + launched.stderr,
         "ps": "\n".join(seen),
         "MLflow params and tags": recorded,
