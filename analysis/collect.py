@@ -19,6 +19,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from harness.lifecycle import RunState, status_filter
+
 # output column -> (search_runs column, kind); numbers become float, seeds nullable ints
 _SOURCES: dict[str, tuple[str, str]] = {
     "row": ("tags.row", "str"),
@@ -121,7 +123,7 @@ def collect_runs(
     extra seed. An experiment that does not exist yields an empty frame.
     """
     extra = [f"params.{key}" for key in params]
-    filters = ["attributes.status = 'FINISHED'"]
+    filters = [status_filter(RunState.FINISHED)]
     if scale is not None:
         filters.append(f"tags.scale = {_quote(scale)}")
     with _tracking_uri(tracking_uri):
@@ -186,7 +188,9 @@ def _search_database(
     from sqlalchemy import select
 
     finished = select(SqlRun.run_uuid).where(
-        SqlRun.experiment_id == int(experiment_id), SqlRun.status == "FINISHED", SqlRun.lifecycle_stage == "active"
+        SqlRun.experiment_id == int(experiment_id),
+        SqlRun.status == RunState.FINISHED.value,
+        SqlRun.lifecycle_stage == "active",
     )
     wanted = _WANTED + [f"params.{key}" for key in params]
     keys = {

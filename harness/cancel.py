@@ -16,12 +16,13 @@ import argparse
 import sys
 import time
 
+from harness import lifecycle
 from harness.cluster import scancel, signal_local, wait_until_gone
 from harness.errors import EnvironmentProblem, handle
+from harness.lifecycle import RunState
 from harness.spec import load_and_expand
 from harness.store import bound_requests, check_store, resolve_uri
 
-IN_FLIGHT = "attributes.status = 'SCHEDULED' or attributes.status = 'RUNNING'"
 GONE_TIMEOUT_S = 90  # past SLURM's default KillWait (30 s), after which a cancelled job is SIGKILLed
 
 
@@ -29,17 +30,13 @@ def cancel(experiment: str, scale: str, uri: str) -> list[str]:
     """Stop the experiment's launches and jobs at `scale`, mark the runs KILLED; one line per run."""
     from mlflow import MlflowClient
 
-    from harness.tracking import current_run_id, find_runs
+    from harness.tracking import find_runs
 
     client = MlflowClient(uri)
     where = f"tags.scale = '{scale}'"
-    runs = [
-        r
-        for r in find_runs(uri, experiment, f"tags.kind = 'train' and {where}")
-        if r.info.status in ("SCHEDULED", "RUNNING")
-    ]
+    runs = [r for r in find_runs(uri, experiment, f"tags.kind = 'train' and {where}") if lifecycle.in_flight(r)]
     launches = [
-        r for r in find_runs(uri, experiment, f"tags.kind = 'launch' and {where}") if r.info.status == "RUNNING"
+        r for r in find_runs(uri, experiment, f"tags.kind = 'launch' and {where}") if r.info.status == RunState.RUNNING
     ]
     for launch in launches:  # first, so that no launch submits the next run or stage meanwhile
         signal_local(launch.data.tags.get("launcher_pid", ""), launch.data.tags.get("launcher_host"))
@@ -62,24 +59,23 @@ def cancel(experiment: str, scale: str, uri: str) -> list[str]:
             how = f"local job {tags['job_id']} " + ("stopped" if term else "not running")
         else:
             how = "never submitted"
-        run_id = current_run_id(client, run.info.run_id)  # a job that started meanwhile replaced its placeholder
-        client.set_tag(run_id, "cancelled", stamp)
-        client.set_terminated(run_id, "KILLED")
+        run_id = lifecycle.current_run_id(client, run.info.run_id)  # a job that started meanwhile replaced it
+        lifecycle.cancel(client, run_id, stamp)
         lines.append(
-            f"{tags.get('stage', '?')}/{run.info.run_name or run.info.run_id}: {how}; MLflow run {run_id} KILLED"
+            f"{tags.get('stage', '?')}/{run.info.run_name or run.info.run_id}: {how}; "
+            f"MLflow run {run_id} {RunState.KILLED}"
         )
     for launch in launches:
-        client.set_terminated(launch.info.run_id, "KILLED")
+        lifecycle.kill(client, launch.info.run_id)
     # a process that TERM could not reach (gone, or its pid now another user's) is not waited for
     if runs and wait_until_gone(slurm_ids, stopped, GONE_TIMEOUT_S):
         print(
-            f"warning: some jobs had not stopped after {GONE_TIMEOUT_S} s; their runs are marked KILLED as of now",
+            f"warning: some jobs had not stopped after {GONE_TIMEOUT_S} s; their runs are marked "
+            f"{RunState.KILLED} as of now",
             file=sys.stderr,
         )
     for run in runs:  # a job that was still starting when cancelled may have marked its run RUNNING since
-        run_id = current_run_id(client, run.info.run_id)
-        if client.get_run(run_id).info.status in ("SCHEDULED", "RUNNING"):
-            client.set_terminated(run_id, "KILLED")
+        lifecycle.kill_if_in_flight(client, lifecycle.current_run_id(client, run.info.run_id))
     return lines
 
 

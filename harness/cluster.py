@@ -136,7 +136,7 @@ def slurm_job_alive(job: str) -> bool:
         return True
     if queue.returncode != 0:  # a job SLURM has forgotten, or no controller to ask
         return "invalid job id" not in queue.stderr.lower()
-    rows = [line.split(None, 1) + [""] for line in queue.stdout.strip().splitlines() if line.strip()]
+    rows = [[*line.split(None, 1), ""] for line in queue.stdout.strip().splitlines() if line.strip()]
     if any(state == "PENDING" and reason.strip() == "DependencyNeverSatisfied" for state, reason, *_ in rows):
         subprocess.run(["scancel", job], capture_output=True, timeout=30)
         return False

@@ -13,11 +13,11 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sized
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -34,6 +34,7 @@ from harness import checkpointing as ckpt
 from harness.config import RunConfig
 from harness.data import DataBundle, build_data, make_loader, set_epoch
 from harness.distributed import DistEnv, all_reduce_sum, barrier, init_distributed
+from harness.lifecycle import RunState
 from harness.losses import loss_for
 from harness.measure import count_gflops, count_params_m, measure_throughput
 from harness.optim import build_optimizer, build_schedule, current_lrs, gumbel_tau
@@ -113,8 +114,12 @@ class EpochSums:
         return {key: value / max(self.count, 1) for key, value in self.sums.items()}
 
 
-def build_model(cfg: RunConfig, data: DataBundle) -> models.DynamicVisionTransformer:
-    """The student (or dense) model named by the config, sized to the data."""
+def build_model(cfg: RunConfig, data: DataBundle) -> Any:
+    """The student (or dense) model named by the config, sized to the data.
+
+    Any: timm builds it by name; DynamicVisionTransformer and its peers, DynamicSwin and DynamicCNN
+    share the interface the engine uses (`set_gumbel_tau`, `forward_pruned`, `num_keep`, ...) by duck typing.
+    """
     m = cfg.model
     kwargs: dict[str, Any] = dict(
         variant=m.variant,
@@ -137,8 +142,8 @@ def build_model(cfg: RunConfig, data: DataBundle) -> models.DynamicVisionTransfo
     return model
 
 
-def build_teacher(cfg: RunConfig, data: DataBundle) -> nn.Module | None:
-    """The frozen dense teacher of the same backbone, or None when no loss needs one."""
+def build_teacher(cfg: RunConfig, data: DataBundle) -> Any | None:
+    """The frozen dense teacher of the same backbone, or None when no loss needs one (Any: as `build_model`)."""
     if not cfg.needs_teacher:
         return None
     source = cfg.teacher.checkpoint or cfg.teacher.run_dir
@@ -322,13 +327,13 @@ class Trainer:
             values[f"keep_stage{stage + 1}"] = output.keep_fractions[:, stage].detach().mean()
         stacked = torch.stack([v.float() for v in values.values()]).cpu()
         if not torch.isfinite(stacked).all():
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(values, stacked.tolist()))
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(values, stacked.tolist(), strict=True))
             raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {self.epoch}): {shown}")
         if micro == 0:
             self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss / self.accum).backward()  # the mean over the update's micro-batches
         if micro < self.accum - 1:
-            return dict(zip(values, stacked.tolist()))
+            return dict(zip(values, stacked.tolist(), strict=True))
         if self.cfg.optim.clip_grad:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
@@ -336,7 +341,7 @@ class Trainer:
         self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model, step=step)
-        return dict(zip(values, stacked.tolist()))
+        return dict(zip(values, stacked.tolist(), strict=True))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -466,6 +471,7 @@ class Trainer:
         column; `mlflow.pytorch.load_model("runs:/<id>/model")`), linked to the last epoch's
         metrics; its model id (the final GFLOPs and throughput are logged linked to it too).
         """
+        assert self.tracker is not None  # rank 0, the one that tracks, writes them
         resolved = self.out / "config.yaml"
         resolved.write_text(yaml.safe_dump(self.cfg.model_dump(), sort_keys=False))
         paths = [resolved]
@@ -473,7 +479,7 @@ class Trainer:
         if n_images and self.model.num_keep:
             from harness.visualize import kept_token_figure  # matplotlib: imported only to draw
 
-            images = torch.stack([self.data.val[i][0] for i in range(min(n_images, len(self.data.val)))])
+            images = torch.stack([self.data.val[i][0] for i in range(min(n_images, len(cast(Sized, self.data.val))))])
             with torch.no_grad():
                 _, kept = self.model.eval().forward_pruned(images.to(self.device), return_positions=True)
             grid = getattr(self.model, "selection_grid", None) or tuple(
@@ -492,8 +498,18 @@ class Trainer:
             return None
         return self.tracker.log_pytorch_model(self.model.eval(), step=max(self.epoch - 1, 0))
 
-    def fit(self, on_epoch: EpochCallback | None = None) -> dict[str, float]:
-        """Train the remaining epochs; `on_epoch` runs on rank 0 after each epoch's metrics are logged."""
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """The run's session around training: resume from the checkpoint, open the MLflow run (the
+        launcher's placeholder replaced by this job's own run), and end it as the training ends.
+
+        Leaving normally: FINISHED. The failure branches: a stop signal (`Preempted`) ends the run
+        KILLED (a requeue makes it SCHEDULED again: harness.job); MLflow gone past the outage limit
+        (`TrackingUnavailable`) writes a checkpoint and the unsent points and leaves the run RUNNING
+        for a relaunch; a pruned trial (`Pruned`) is KILLED, tag `trial_state=PRUNED`; any other
+        exception is FAILED with tag `error`. Each state change goes through harness/lifecycle.py
+        (`RunTracker.finish`). Only rank 0 has a tracker; the other ranks resume and train.
+        """
         from harness import runstate  # the folder, checkpoint and MLflow run are this run key's (or refused)
 
         cfg = self.cfg
@@ -529,8 +545,38 @@ class Trainer:
             if state is not None:
                 self.logged_upto = self.tracker.last_step("train/loss_step")
         try:
-            with _StopSignal() as stop:
-                while self.epoch < cfg.train.epochs:
+            yield
+            if self.tracker:
+                self.tracker.finish(RunState.FINISHED)
+        except Preempted:
+            if self.tracker:
+                self.tracker.finish(RunState.KILLED)
+            raise
+        except TrackingUnavailable as err:  # MLflow gone too long: resumable from here by a relaunch
+            self.save()
+            kept = self.tracker.spill(self.out / UNSENT) if self.tracker else 0
+            print(
+                f"checkpoint written at epoch {self.epoch}, batch {self.batches_done}; {kept} metric points "
+                f"kept in {self.out / UNSENT} for the resumed job (the MLflow run stays {RunState.RUNNING}: "
+                "relaunch to resume)",
+                file=sys.stderr,
+            )
+            raise err
+        except Pruned:
+            if self.tracker:
+                self.tracker.set_tags({"trial_state": "PRUNED"})
+                self.tracker.finish(RunState.KILLED)
+            raise
+        except BaseException as err:
+            if self.tracker:
+                self.tracker.finish(RunState.FAILED, reason=str(err)[:4000])
+            raise
+
+    def fit(self, on_epoch: EpochCallback | None = None) -> dict[str, float]:
+        """Train the remaining epochs; `on_epoch` runs on rank 0 after each epoch's metrics are logged."""
+        with self.session():  # resume, the MLflow run, and how it ends (FINISHED, KILLED, FAILED)
+            with _StopSignal() as stop:  # TERM/USR2: a checkpoint at the next step, then `Preempted`
+                while self.epoch < self.cfg.train.epochs:
                     self._epoch_started = time.perf_counter() - self.epoch_elapsed
                     self.train_epoch(stop)
                     metrics = self.epoch_metrics(time.perf_counter() - self._epoch_started)
@@ -550,43 +596,23 @@ class Trainer:
             barrier(self.env)
             final = {**self.history, **self.final_metrics()} if self.env.is_main else {}
             if self.tracker:
-                model_id = self.write_artifacts()
-                self.tracker.log_metrics(
-                    {k: final[k] for k in ("gflops", "params_m", "throughput_img_s")},
-                    step=cfg.train.epochs,
-                    model_id=model_id,
-                )
-                (self.out / RESULT).write_text(
-                    json.dumps(
-                        {"mlflow_run_id": self.tracker.run_id, "run_key": cfg.run_key(), "metrics": final}, indent=2
-                    )
-                )
-                self.tracker.finish("FINISHED")
-            return final
-        except Preempted:
-            if self.tracker:
-                self.tracker.finish("KILLED")
-            raise
-        except TrackingUnavailable as err:  # MLflow gone too long: resumable from here by a relaunch
-            self.save()
-            kept = self.tracker.spill(self.out / UNSENT) if self.tracker else 0
-            print(
-                f"checkpoint written at epoch {self.epoch}, batch {self.batches_done}; {kept} metric points "
-                f"kept in {self.out / UNSENT} for the resumed job (the MLflow run stays RUNNING: "
-                "relaunch to resume)",
-                file=sys.stderr,
+                self.record_result(final)
+        return final
+
+    def record_result(self, final: dict[str, float]) -> None:
+        """The final model and metrics to MLflow, then `result.json` (the run is FINISHED right after)."""
+        assert self.tracker is not None
+        model_id = self.write_artifacts()
+        self.tracker.log_metrics(
+            {k: final[k] for k in ("gflops", "params_m", "throughput_img_s")},
+            step=self.cfg.train.epochs,
+            model_id=model_id,
+        )
+        (self.out / RESULT).write_text(
+            json.dumps(
+                {"mlflow_run_id": self.tracker.run_id, "run_key": self.cfg.run_key(), "metrics": final}, indent=2
             )
-            raise err
-        except Pruned:
-            if self.tracker:
-                self.tracker.set_tags({"trial_state": "PRUNED"})
-                self.tracker.finish("KILLED")
-            raise
-        except BaseException as err:
-            if self.tracker:
-                self.tracker.set_tags({"error": str(err)[:4000]})
-                self.tracker.finish("FAILED")
-            raise
+        )
 
 
 def run(cfg: RunConfig, on_epoch: EpochCallback | None = None) -> dict[str, float]:

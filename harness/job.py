@@ -24,19 +24,19 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from typing import Any
 
 import submitit
 
 from harness.cluster import slurm_job_state
 from harness.config import RunConfig
+from harness.lifecycle import RunState, requeue, was_cancelled
 from harness.store import unbound_requests
 
 
 def stopped_for_good(stop: BaseException) -> tuple[bool, str]:
     """(a cancel, not the time limit or a preemption; why it is taken so): see the module docstring."""
-    signals = getattr(stop, "signals", frozenset())
+    signals: frozenset[int] = getattr(stop, "signals", frozenset())
     if signal.SIGUSR2 in signals:
         return False, "USR2: SLURM's warning of the time limit or a preemption"
     job = os.environ.get("SLURM_JOB_ID")
@@ -58,11 +58,12 @@ def mark_requeued(cfg: RunConfig) -> None:
 
         from harness.tracking import resolve_tracking_uri
 
-        client = MlflowClient(resolve_tracking_uri(cfg.tracking))
-        client.set_tag(cfg.tracking.run_id, "requeued", time.strftime("%Y-%m-%dT%H:%M:%S"))
-        client.update_run(cfg.tracking.run_id, status="SCHEDULED")
+        requeue(MlflowClient(resolve_tracking_uri(cfg.tracking)), cfg.tracking.run_id)
     except Exception as err:  # the requeue matters more than the bookkeeping
-        print(f"could not mark MLflow run {cfg.tracking.run_id} SCHEDULED for its requeue: {err}", file=sys.stderr)
+        print(
+            f"could not mark MLflow run {cfg.tracking.run_id} {RunState.SCHEDULED} for its requeue: {err}",
+            file=sys.stderr,
+        )
 
 
 def cancelled_before_start(cfg: RunConfig) -> bool:
@@ -82,7 +83,7 @@ def cancelled_before_start(cfg: RunConfig) -> bool:
         run = MlflowClient(resolve_tracking_uri(cfg.tracking)).get_run(cfg.tracking.run_id)
     except Exception:  # the engine reports an unreachable store itself
         return False
-    return run.info.status == "KILLED" and "cancelled" in run.data.tags
+    return was_cancelled(run)
 
 
 def job_id_tags() -> dict[str, str]:

@@ -27,15 +27,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from harness.lifecycle import RunState, in_flight
+
 STEP_METRIC, EPOCH_METRIC = "train/loss_step", "epoch_time_s"  # logged by harness/engine.py
 STEPS_TAG = "steps_per_epoch"  # tag harness/engine.py sets when a run starts
 STATES = ("finished", "running", "queued", "failed")
 _STATE_OF = {
-    "FINISHED": "finished",
-    "RUNNING": "running",
-    "SCHEDULED": "queued",
-    "FAILED": "failed",
-    "KILLED": "failed",
+    RunState.FINISHED: "finished",
+    RunState.RUNNING: "running",
+    RunState.SCHEDULED: "queued",
+    RunState.FAILED: "failed",
+    RunState.KILLED: "failed",
 }
 
 
@@ -83,7 +85,7 @@ class RunProgress:
 
 
 def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(float(seconds)))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
@@ -256,7 +258,7 @@ class Watch:
     def _rate(self, run: Any) -> float | None:
         """Steps per second seen by this watch (robust to a resumed run's earlier job); None until it moved."""
         point = _latest(run, STEP_METRIC)
-        if run.info.status != "RUNNING" or point is None:
+        if run.info.status != RunState.RUNNING or point is None:
             return None
         first = self.seen.setdefault(run.info.run_id, (point.step, point.timestamp / 1000))
         if point.step > first[0] and point.timestamp / 1000 > first[1]:
@@ -368,9 +370,9 @@ def launch_watch(launch: Any) -> Watch:
     done = set()
     for key, runs in launch.by_key.items():
         for run in runs:
-            if run.info.status in ("SCHEDULED", "RUNNING") and run.data.tags.get("mlflow.parentRunId"):
+            if in_flight(run) and run.data.tags.get("mlflow.parentRunId"):
                 parents.append(run.data.tags["mlflow.parentRunId"])
-            elif run.info.status == "FINISHED" and not launch.rerun:
+            elif run.info.status == RunState.FINISHED and not launch.rerun:
                 done.add(key)
     return Watch(launch.client, launch.experiment_id, parents, "train", expected, done)
 

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness import lifecycle
 from harness.config import ConfigError, RunConfig
 from harness.errors import EnvironmentProblem
 from harness.files import write_atomic
+from harness.lifecycle import RunState, Tag
 
 BINDING = "run.json"
 RESULT = "result.json"  # the engine's final metrics (harness.engine.RESULT)
@@ -66,7 +68,7 @@ def read_binding(folder: Path) -> Binding | None:
     for name in (BINDING, RESULT):
         data = _read_json(folder / name)
         if data and data.get("run_key"):
-            return Binding(str(data["run_key"]), data.get("mlflow_run_id"), data.get("queued_as"))
+            return Binding(str(data["run_key"]), data.get("mlflow_run_id"), data.get(Tag.QUEUED_AS.value))
     return None
 
 
@@ -78,11 +80,11 @@ def holds_state(folder: Path) -> bool:
 def bind(folder: Path, run_key: str, mlflow_run_id: str | None, queued_as: str | None = None) -> None:
     """Record (atomically) that `folder` belongs to this run key and MLflow run.
 
-    `queued_as`: the placeholder run the job replaced (harness.tracking.replace_placeholder): the
+    `queued_as`: the placeholder run the job replaced (harness.lifecycle.replace_placeholder): the
     other ranks of a distributed job, started with its id, still find the folder theirs.
     """
     record = {"run_key": run_key, "mlflow_run_id": mlflow_run_id}
-    text = json.dumps({**record, "queued_as": queued_as} if queued_as else record)
+    text = json.dumps({**record, Tag.QUEUED_AS.value: queued_as} if queued_as else record)
     write_atomic(folder / BINDING, lambda handle: handle.write(text.encode()))
 
 
@@ -228,7 +230,7 @@ def check_sources(cfg: RunConfig) -> None:
             missing = " and ".join(n for n in (RESULT, "model.pth") if not (where / n).is_file()) or RESULT
             raise SourceNotFinished(
                 f"{field}: {folder} holds no finished run (no {missing}: it is still training "
-                f"or was stopped); a run starts only from a FINISHED run's final weights: "
+                f"or was stopped); a run starts only from a {RunState.FINISHED} run's final weights: "
                 f"relaunch once it has finished, got {folder}"
             )
         if expected and result.get("run_key") != expected:
@@ -238,10 +240,10 @@ def check_sources(cfg: RunConfig) -> None:
                 f"got {folder}"
             )
         status = _mlflow_status(cfg, result.get("mlflow_run_id"))
-        if status not in (None, "FINISHED"):
+        if status is not None and status != RunState.FINISHED:
             raise SourceNotFinished(
                 f"{field}: {folder}: its MLflow run {result['mlflow_run_id']} is {status}, not "
-                f"FINISHED; a run starts only from a FINISHED run: relaunch once it has "
+                f"{RunState.FINISHED}; a run starts only from a {RunState.FINISHED} run: relaunch once it has "
                 f"finished, got {folder}"
             )
 
@@ -363,18 +365,17 @@ def mark_failed(cfg: RunConfig, err: BaseException) -> None:
             run_id = bound.mlflow_run_id if bound else None
             if not run_id:
                 return
-        from harness.tracking import current_run_id
-
-        run_id = current_run_id(client, run_id)  # another rank's job may have replaced the placeholder
+        run_id = lifecycle.current_run_id(client, run_id)  # another rank's job may have replaced the placeholder
         status = client.get_run(run_id).info.status
-        if status == "SCHEDULED" or buried:
-            client.set_tag(run_id, "error", _one_line(err, Path(cfg.output_dir)))
-        if status == "SCHEDULED":
-            client.set_terminated(run_id, "FAILED")
+        reason = _one_line(err, Path(cfg.output_dir))
+        if status == RunState.SCHEDULED:
+            lifecycle.fail(client, run_id, reason)
+        elif buried:
+            lifecycle.set_error(client, run_id, reason)
     except Exception as problem:  # the original error matters more; say why the run was not marked
         import sys
 
-        print(f"could not mark MLflow run {run_id} FAILED: {_one_line(problem)}", file=sys.stderr)
+        print(f"could not mark MLflow run {run_id} {RunState.FAILED}: {_one_line(problem)}", file=sys.stderr)
 
 
 def mark_finished_if_open(cfg: RunConfig) -> None:
@@ -385,6 +386,4 @@ def mark_finished_if_open(cfg: RunConfig) -> None:
 
     from harness.tracking import resolve_tracking_uri
 
-    client = MlflowClient(resolve_tracking_uri(cfg.tracking))
-    if client.get_run(cfg.tracking.run_id).info.status != "FINISHED":
-        client.set_terminated(cfg.tracking.run_id, "FINISHED")
+    lifecycle.finish_if_open(MlflowClient(resolve_tracking_uri(cfg.tracking)), cfg.tracking.run_id)

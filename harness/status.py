@@ -44,14 +44,15 @@ def show(args: argparse.Namespace) -> int:
     bound_requests()
 
     from mlflow import MlflowClient
+    from mlflow.entities import Run
 
     from harness.tracking import find_runs
 
     client = MlflowClient(uri)
     runs = find_runs(uri, expanded.spec.name, f"tags.kind = 'train' and tags.scale = '{expanded.scale}'")
-    latest: dict[str, object] = {}
-    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
-        latest[run.data.tags.get("run_key", "")] = run
+    latest: dict[str, Run] = {}
+    for found in sorted(runs, key=lambda r: r.info.start_time or 0):
+        latest[found.data.tags.get("run_key", "")] = found
     header = ["stage", "name", "state", "epoch", "step", "ETA", "best val/acc1", "job id", "mlflow run id"]
     rows = []
     for plan in expanded.runs:
@@ -77,9 +78,9 @@ def show(args: argparse.Namespace) -> int:
                 run.info.run_id,
             ]
         )
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
     for line in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
     return 0
 
 

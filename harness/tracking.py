@@ -1,4 +1,13 @@
-"""The only module that talks to MLflow for a run: params, metrics, tags, artifacts, resume.
+"""A run's MLflow tracking from inside its job: params, metrics, tags, artifacts, resume, outages.
+
+`RunTracker` is what the engine logs through. It is not the only module that talks to MLflow:
+harness/lifecycle.py makes every change of a run's state (placeholders, resume, the ends, cancel,
+requeue) through a client it is given by harness/launch/submit.py, harness/cancel.py,
+harness/job.py, harness/runstate.py and the search (harness/search/driver.py, worker.py); the
+launcher and the search also create their experiment, parent and trial runs, tag and find runs;
+harness/status.py and harness/progress.py read runs; harness/store.py asks whether a store
+answers (over HTTP or SQLite, before MLflow's client is made); analysis/collect.py,
+figures.py and mlflow_report.py read finished runs and put a report on a launch's run.
 
 It uses `mlflow.MlflowClient` with an explicit run id everywhere, never the fluent API's
 global "active run", so that several runs in one process, child runs and a requeued job that
@@ -25,7 +34,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
 from mlflow import MlflowClient
@@ -41,8 +50,8 @@ from mlflow.utils.validation import (
 from harness.config import DataConfig, TrackingConfig, flatten
 from harness.errors import EnvironmentProblem
 from harness.files import PathLike
-
-Status = Literal["FINISHED", "FAILED", "KILLED"]
+from harness.lifecycle import RunState, Tag, end_state, is_placeholder, replace_placeholder, terminate
+from harness.lifecycle import start as mark_started
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 _TRUNCATED = "...[truncated]"
@@ -234,6 +243,7 @@ def dataset_inputs(data: DataConfig) -> list[Any]:
 
     settings = data.model_dump(exclude={"num_workers"})
     inputs = []
+    source: dict[str, Any]
     for split, context in (("train", "training"), ("val", "eval")):
         digest = hashlib.sha1(json.dumps({**settings, "split": split}, sort_keys=True, default=str).encode())
         if data.name == "imagenet" and data.root:
@@ -264,56 +274,6 @@ def find_runs(tracking_uri: str, experiment_name: str, filter_string: str = "") 
         token = page.token
         if not token:
             return runs
-
-
-# ----------------------------------------------------------------- queued runs (placeholders)
-REPLACED_BY = "replaced_by"  # tag of a deleted placeholder: the run its job created
-QUEUED_AS = "queued_as"  # tag of that run: the placeholder it replaced
-QUEUED_AT = "queued_at_ms"  # tag the launcher sets at each submission (a relaunch reuses a placeholder)
-_PLACEHOLDER_ONLY_TAGS = {"mlflow.runName", "error", "cancelled", "requeued"}
-
-
-def is_placeholder(run: Run) -> bool:
-    """Whether `run` only stands for a queued job: SCHEDULED and nothing logged by a job yet.
-
-    The launcher creates one per submitted run, so that relaunches, `harness.cancel` and the
-    runs table see the job queued; MLflow cannot move a run's start time later (UpdateRun
-    takes status, end time and name), so the job replaces it with a run of its own.
-    """
-    return run.info.status == "SCHEDULED" and not run.data.params and not run.data.metrics
-
-
-def replace_placeholder(
-    client: MlflowClient, placeholder: Run, call: Callable[..., Any] = lambda fn, *a, **k: fn(*a, **k)
-) -> tuple[str, float]:
-    """Create the job's run in the placeholder's place; (its id, seconds the job was queued).
-
-    The new run has the placeholder's name, parent and tags (job ids, run key), tag
-    `queued_as`, metric `queue_time_s` (logged by the caller); the placeholder gets tag
-    `replaced_by` and is deleted (the runs table shows active runs; `current_run_id` follows it).
-    Created before the placeholder is deleted: a relaunch meanwhile sees the run in flight.
-    `call` runs each MLflow request (RunTracker.call: waits out an outage, one request at a time).
-    """
-    tags = {k: v for k, v in placeholder.data.tags.items() if k not in _PLACEHOLDER_ONLY_TAGS}
-    tags[QUEUED_AS] = placeholder.info.run_id
-    created = call(client.create_run, placeholder.info.experiment_id, run_name=placeholder.info.run_name, tags=tags)
-    call(client.set_tag, placeholder.info.run_id, REPLACED_BY, created.info.run_id)
-    call(client.delete_run, placeholder.info.run_id)
-    queued_at = placeholder.data.tags.get(QUEUED_AT, "")
-    since = int(queued_at) if queued_at.isdigit() else placeholder.info.start_time
-    queued_s = max(0.0, (created.info.start_time - since) / 1000)
-    return created.info.run_id, queued_s
-
-
-def current_run_id(client: MlflowClient, run_id: str) -> str:
-    """The run that stands for `run_id` now: the job's run if `run_id` was a replaced placeholder."""
-    for _ in range(5):  # a chain only if a placeholder was replaced more than once (never, but bounded)
-        run = client.get_run(run_id)
-        successor = run.data.tags.get(REPLACED_BY)
-        if run.info.lifecycle_stage != "deleted" or not successor:
-            return run_id
-        run_id = successor
-    return run_id
 
 
 class RunTracker:
@@ -385,11 +345,11 @@ class RunTracker:
             run_id, queued_s = replace_placeholder(client, run, probe.call)
         elif run is not None:
             run_id = run.info.run_id
-            probe.call(client.update_run, run_id, status="RUNNING")
+            mark_started(client, run_id, probe.call)
             have = run.data.params
             changed = sorted(k for k, v in flat.items() if k in have and have[k] != v)
             if changed:
-                warnings.warn(f"resumed run {run_id}: params differ and are kept as logged: {changed}")
+                warnings.warn(f"resumed run {run_id}: params differ and are kept as logged: {changed}", stacklevel=1)
             flat = {k: v for k, v in flat.items() if k not in have}
         else:
             experiment_id = probe.call(_get_or_create_experiment, client, cfg, uri)
@@ -701,10 +661,12 @@ class RunTracker:
         return str(logged.model_id)
 
     # ------------------------------------------------------------------------------- ending
-    def finish(self, status: Status = "FINISHED") -> None:
-        """Flush pending metrics and mark the run terminated. Calling it twice is harmless."""
-        if status not in ("FINISHED", "FAILED", "KILLED"):
-            raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
+    def finish(self, status: RunState | str = RunState.FINISHED, reason: str | None = None) -> None:
+        """Flush pending metrics and end the run (harness/lifecycle.py's `terminate`); `reason`, set first,
+        is tag `error`. Calling it twice is harmless."""
+        status = end_state(status)
+        if reason is not None:
+            self.set_tags({Tag.ERROR.value: reason})
         if self._finished:
             return
         try:
@@ -718,18 +680,18 @@ class RunTracker:
                     self._cond.notify_all()
                 self._thread.join()
             self._finished = True
-            self.call(self.client.set_terminated, self._run_id, status)
+            terminate(self.client, self._run_id, status, self.call)
 
     def __enter__(self) -> RunTracker:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
-            self.finish("FINISHED")
+            self.finish(RunState.FINISHED)
         elif issubclass(exc_type, KeyboardInterrupt):
-            self.finish("KILLED")
+            self.finish(RunState.KILLED)
         else:
-            self.finish("FAILED")
+            self.finish(RunState.FAILED)
 
 
 def _first_line(error: BaseException) -> str:

@@ -185,3 +185,81 @@ def test_the_graph_sees_function_local_relative_and_submodule_imports(tmp_path, 
     assert graph["harness.d"] == set()  # TYPE_CHECKING imports never run
     cycle = find_cycle(graph)
     assert cycle is not None and {"harness.a", "harness.b", "harness.sub.c"} <= set(cycle)
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """The ids of the docstring constants of a module, its classes and functions (prose, not code)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def lifecycle_spellings(source: str, states: set[str], tags: set[str], slurm: bool = False) -> set[str]:
+    """The run states and lifecycle tag names a module's source spells in its string constants: a tag
+    name as a whole string, a state anywhere as a word (a filter `attributes.status = 'RUNNING'`, a
+    message `... KILLED`), f-strings' literal parts included, docstrings not. `slurm`: SLURM's own job
+    states (PENDING, RUNNING, ...) are harness/cluster.py's vocabulary, not MLflow's."""
+    import re
+
+    word = re.compile(r"\b(" + "|".join(sorted(states)) + r")\b")
+    tree = ast.parse(source)
+    docstrings = _docstrings(tree)
+    found = set()
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)) or id(node) in docstrings:
+            continue
+        if node.value in tags:
+            found.add(node.value)
+        elif not slurm:
+            found |= set(word.findall(node.value))
+    return found
+
+
+def test_only_harness_lifecycle_spells_a_run_state_or_a_lifecycle_tag():
+    """Issue 22: the run lifecycle has one home. Every MLflow run status and every lifecycle tag
+    name is harness/lifecycle.py's (`RunState`, `Tag`); the other modules of harness/, models/ and
+    analysis/ use those constants, and nothing writes MLflow's private fields (`info._status`).
+    harness.lifecycle imports only the standard library (harness.cancel and the launcher import it)."""
+    from harness.lifecycle import RunState, Tag
+
+    states, tags = {s.value for s in RunState}, {t.value for t in Tag}
+    assert states == {"SCHEDULED", "RUNNING", "FINISHED", "FAILED", "KILLED"}
+    assert {"superseded", "requeued", "replaced_by", "queued_as", "error"} <= tags
+    spelled, private = {}, set()
+    for name, path in module_files().items():
+        source = path.read_text()
+        if name != "harness.lifecycle":
+            found = lifecycle_spellings(source, states, tags, slurm=name == "harness.cluster")
+            if found:
+                spelled[name] = sorted(found)
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Attribute) and node.attr == "_status":
+                private.add(name)
+    assert not spelled, f"run states or lifecycle tags spelled outside harness.lifecycle: {spelled}"
+    assert not private, f"MLflow's private run.info._status written in {sorted(private)}"
+    imported = {
+        alias.name if isinstance(node, ast.Import) else node.module or ""
+        for node in _imports(ast.parse(module_files()["harness.lifecycle"].read_text()))
+        for alias in node.names
+    }
+    assert not {module for module in imported if module.split(".")[0] not in sys.stdlib_module_names}
+
+
+def test_the_lifecycle_reader_finds_states_and_tags_in_code_not_in_docstrings():
+    """The reader itself, on the spellings the modules had before issue 22."""
+    source = '''"""A docstring may say FINISHED and superseded."""
+def f(client, run, why):
+    """So may a function's: KILLED."""
+    client.set_tag(run, "superseded", why)
+    client.set_terminated(run, "KILLED")
+    where = "attributes.status = 'SCHEDULED' or attributes.status = 'RUNNING'"
+    print(f"MLflow run {run} FAILED")
+    return {"FAIL": 0, "COMPLETE": 1}  # Optuna's states are not MLflow's
+'''
+    states, tags = {"SCHEDULED", "RUNNING", "FINISHED", "FAILED", "KILLED"}, {"superseded", "error"}
+    assert lifecycle_spellings(source, states, tags) == {"superseded", "KILLED", "SCHEDULED", "RUNNING", "FAILED"}
+    assert lifecycle_spellings(source, states, tags, slurm=True) == {"superseded"}

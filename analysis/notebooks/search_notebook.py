@@ -97,7 +97,7 @@ frame
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 4))
-styles = {"COMPLETE": ("o", "C0"), "PRUNED": ("x", "C3"), "FAIL": ("v", "0.5"), "RUNNING": ("s", "C2")}
+styles = {S.COMPLETE.name: ("o", "C0"), S.PRUNED.name: ("x", "C3"), S.FAIL.name: ("v", "0.5"), S.RUNNING.name: ("s", "C2")}
 for state, part in frame.groupby("state") if not frame.empty else []:
     marker, color = styles.get(state, ("o", "0.5"))
     ys = part["acc1"].fillna(0.0) if state == "FAIL" else part["acc1"]

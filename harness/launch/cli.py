@@ -18,6 +18,7 @@ from harness.launch.plan import check_output_root, check_report_inputs, check_ru
 from harness.launch.report import print_urls, report
 from harness.launch.submit import Launch
 from harness.launch.wait import wait_for
+from harness.lifecycle import RunState
 from harness.spec import MAX_RUNS, load_and_expand
 from harness.store import StoreLock, bound_requests, check_store, resolve_uri
 
@@ -85,13 +86,13 @@ def _main(args: argparse.Namespace) -> int:
     cluster = choose_executor(args.executor)
     launch = Launch(expanded, uri, cluster, args.rerun, output_root, StoreLock(uri))
     progress = sys.stderr.isatty()
-    status = "KILLED"  # unless the launch gets to the end
+    status = RunState.KILLED  # unless the launch gets to the end
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         ok = launch.submit_all(progress)
         if ok and args.wait and cluster == "slurm":
             ok = wait_for([j for jobs in launch.jobs.values() for j in jobs], progress, watch=launch.watch)
-        status = "FINISHED" if ok else "FAILED"
+        status = RunState.FINISHED if ok else RunState.FAILED
     except KeyboardInterrupt as stop:  # Ctrl-C, or TERM (_Terminated): the local jobs end with the launch
         if cluster != "slurm":
             launch.stop_local(
@@ -99,7 +100,7 @@ def _main(args: argparse.Namespace) -> int:
             )
         raise
     except Exception:
-        status = "FAILED"
+        status = RunState.FAILED
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

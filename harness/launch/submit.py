@@ -7,18 +7,16 @@ import contextlib
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from harness import runstate
+from harness import lifecycle, runstate
 from harness.cluster import job_alive, process_alive, scancel, signal_local, wait_until_gone
 from harness.errors import EnvironmentProblem
 from harness.launch.wait import Finished, children_ignore_sigint, failure_line, stop_jobs
+from harness.lifecycle import IN_FLIGHT, RunState, status_filter
 from harness.spec import Expanded, RunPlan
 from harness.store import StoreLock
-
-IN_FLIGHT = ("SCHEDULED", "RUNNING")
 
 
 def make_executor(cluster: str, folder: Path, plan: RunPlan, spec_name: str, dependency: list[str]) -> Any:
@@ -104,12 +102,14 @@ class Launch:
             self.by_key.setdefault(run.data.tags.get("run_key", ""), []).append(run)
         self.launches = {
             run.info.run_id: run
-            for run in find_runs(self.uri, expanded.spec.name, "tags.kind = 'launch' and attributes.status = 'RUNNING'")
+            for run in find_runs(
+                self.uri, expanded.spec.name, f"tags.kind = 'launch' and {status_filter(RunState.RUNNING)}"
+            )
         }
-        for run in self.launches.values():  # killed hard (SIGKILL): nobody marked it
+        for run in list(self.launches.values()):  # killed hard (SIGKILL): nobody marked it
             if run.info.run_id != self._parent_id and not launcher_alive(run.data.tags):
-                self.client.set_terminated(run.info.run_id, "KILLED")
-                run.info._status = "KILLED"
+                lifecycle.kill(self.client, run.info.run_id)
+                del self.launches[run.info.run_id]  # no longer running
         self._job_alive: dict[str, bool] = {}
 
     @property
@@ -147,14 +147,16 @@ class Launch:
                 alive = job_alive(tags)
             else:
                 parent = self.launches.get(tags.get("mlflow.parentRunId", ""))
-                alive = parent is not None and parent.info.status == "RUNNING" and launcher_alive(parent.data.tags)
+                alive = (
+                    parent is not None and parent.info.status == RunState.RUNNING and launcher_alive(parent.data.tags)
+                )
             self._job_alive[run.info.run_id] = alive
         return self._job_alive[run.info.run_id]
 
     def decide(self, plan: RunPlan) -> tuple[str, Any | None]:
         """('skip'|'submit', the existing MLflow run to continue or None)."""
         runs = self.by_key.get(plan.key, [])
-        finished = [r for r in runs if r.info.status == "FINISHED"]
+        finished = [r for r in runs if r.info.status == RunState.FINISHED]
         flying = [r for r in runs if r.info.status in IN_FLIGHT]
         if flying and self.job_alive(flying[0]):
             return "in flight", flying[0]
@@ -177,7 +179,7 @@ class Launch:
             if plan.output_dir.exists():
                 runstate.move_aside(plan.output_dir, self.root)
             return "submit", None
-        failed = [r for r in runs if r.info.status in ("FAILED", "KILLED")]
+        failed = [r for r in runs if r.info.status in (RunState.FAILED, RunState.KILLED)]
         return "submit", failed[0] if failed else None
 
     def prepare(self, plan: RunPlan, continue_run: Any | None) -> dict[str, Any]:
@@ -186,8 +188,6 @@ class Launch:
         A new run is a placeholder until its job starts and replaces it with a run of its own
         (harness.tracking.replace_placeholder), so that MLflow's start time is the job's start.
         """
-        from harness.tracking import QUEUED_AT
-
         tags = {
             "mlflow.source.name": "harness/launch.py",
             "mlflow.source.type": "JOB",
@@ -195,7 +195,6 @@ class Launch:
             "run_key": plan.key,
             "variant": plan.variant,
             "mlflow.parentRunId": self.parent_id,
-            QUEUED_AT: str(int(time.time() * 1000)),
         }
         if continue_run is not None and not runstate.folder_is_resumable(
             plan.output_dir, plan.key, continue_run.info.run_id
@@ -208,13 +207,9 @@ class Launch:
             continue_run = None
         if continue_run is not None:
             run_id = continue_run.info.run_id
-            for key, value in tags.items():
-                self.client.set_tag(run_id, key, value)
+            lifecycle.queue_again(self.client, run_id, tags)
         else:
-            run_id = self.client.create_run(
-                self.experiment_id, run_name=plan.config.tracking.run_name, tags=tags
-            ).info.run_id
-        self.client.update_run(run_id, status="SCHEDULED")
+            run_id = lifecycle.create_placeholder(self.client, self.experiment_id, plan.config.tracking.run_name, tags)
         moved = runstate.claim(plan.output_dir, plan.key, run_id, self.root, resume=continue_run is not None)
         if moved is not None:
             print(
@@ -241,7 +236,7 @@ class Launch:
         todo: list[tuple[RunPlan, dict[str, Any]]] = []
         for plan in self.expanded.stage_runs(stage):
             if waiting:
-                done = any(r.info.status == "FINISHED" for r in self.by_key.get(plan.key, []))
+                done = any(r.info.status == RunState.FINISHED for r in self.by_key.get(plan.key, []))
                 self.skipped[f"{stage}/{plan.name}"] = "finished" if done and not self.rerun else "waits for a stage"
                 continue
             decision, existing = self.decide(plan)
@@ -251,8 +246,8 @@ class Launch:
                 self.skipped[f"{stage}/{plan.name}"] = decision
         if waiting and any(v == "waits for a stage" for k, v in self.skipped.items() if k.startswith(stage + "/")):
             print(
-                f"{stage}: not submitted: it starts from {', '.join(waiting)}, not FINISHED; the launch running "
-                f"it goes on to {stage} (or relaunch once it has finished)",
+                f"{stage}: not submitted: it starts from {', '.join(waiting)}, not {RunState.FINISHED}; "
+                f"the launch running it goes on to {stage} (or relaunch once it has finished)",
                 file=sys.stderr,
             )
         return todo
@@ -263,7 +258,7 @@ class Launch:
         for stage in sorted(stages):
             for plan in self.expanded.stage_runs(stage):
                 states = [r.info.status for r in self.by_key.get(plan.key, [])]
-                if "FINISHED" not in states:
+                if RunState.FINISHED not in states:
                     found.append(f"{stage}/{plan.name} ({states[0] if states else 'not launched'})")
         return found
 
@@ -318,8 +313,7 @@ class Launch:
     def fail_unsubmitted(self, todo: list[tuple[RunPlan, dict[str, Any]]], err: BaseException) -> None:
         """Runs whose submission failed are FAILED with the reason, not SCHEDULED forever."""
         for _, job_cfg in todo:
-            self.client.set_tag(job_cfg["run_id"], "error", f"submission failed: {failure_line(err)}"[:4000])
-            self.client.set_terminated(job_cfg["run_id"], "FAILED")
+            lifecycle.fail(self.client, job_cfg["run_id"], f"submission failed: {failure_line(err)}"[:4000])
 
     def _record(self, todo: list[tuple[RunPlan, dict[str, Any]]], jobs: list[Any]) -> list[tuple[RunPlan, Any]]:
         """Tag each MLflow run with its job id; link the job's log into the run's folder."""
@@ -339,18 +333,16 @@ class Launch:
         placeholder is then deleted and MLflow refuses tags on it)."""
         from mlflow.exceptions import MlflowException
 
-        from harness.tracking import current_run_id
-
         try:
             self.client.set_tag(run_id, key, value)
         except MlflowException:
-            self.client.set_tag(current_run_id(self.client, run_id), key, value)
+            self.client.set_tag(lifecycle.current_run_id(self.client, run_id), key, value)
 
     def in_flight_job_ids(self, stage: str) -> list[str]:
         ids = []
         for plan in self.expanded.stage_runs(stage):
             for run in self.by_key.get(plan.key, []):
-                if run.info.status in IN_FLIGHT and run.data.tags.get("slurm_job_id") and self.job_alive(run):
+                if lifecycle.in_flight(run) and run.data.tags.get("slurm_job_id") and self.job_alive(run):
                     ids.append(run.data.tags["slurm_job_id"])
         return ids
 
@@ -365,8 +357,6 @@ class Launch:
         stopped too) and its MLflow run marked KILLED with tag `superseded` saying why. Waits
         until those jobs have ended (up to `wait_s`) before any folder is handed to a new run.
         """
-        from harness.tracking import current_run_id
-
         current = {
             p.config.tracking.run_name: p.key for s in self.expanded.stage_order for p in self.expanded.stage_runs(s)
         }
@@ -389,10 +379,10 @@ class Launch:
             parent = self.launches.get(tags.get("mlflow.parentRunId", ""))
             if (
                 parent is not None
-                and parent.info.status == "RUNNING"
+                and parent.info.status == RunState.RUNNING
                 and signal_local(parent.data.tags.get("launcher_pid", ""), parent.data.tags.get("launcher_host"))
             ):
-                parent.info._status = "KILLED"  # it would go on submitting the old runs' next stages
+                del self.launches[parent.info.run_id]  # stopped: it would go on submitting the old runs' next stages
             how = (
                 f"job {job} cancelled"
                 if run in waiting
@@ -404,11 +394,9 @@ class Launch:
                 f"superseded: the configuration changed (run key {tags.get('run_key')} -> {new_key}); "
                 f"{how} by launch {self.parent_id}"
             )
-            run_id = current_run_id(self.client, run.info.run_id)  # its job may have started meanwhile
-            self.client.set_tag(run_id, "superseded", reason)
-            self.client.set_terminated(run_id, "KILLED")
-            run.info._status = "KILLED"
-            print(f"{run.info.run_name}: {reason}; MLflow run {run_id} KILLED", file=sys.stderr)
+            run_id = lifecycle.current_run_id(self.client, run.info.run_id)  # its job may have started meanwhile
+            lifecycle.supersede(self.client, run_id, reason)  # `by_key` is read again before any stage is decided
+            print(f"{run.info.run_name}: {reason}; MLflow run {run_id} {RunState.KILLED}", file=sys.stderr)
         left = wait_until_gone(
             [r.data.tags["slurm_job_id"] for r in waiting if r.data.tags.get("slurm_job_id")],
             [r.data.tags["job_id"] for r in waiting if not r.data.tags.get("slurm_job_id")],
@@ -452,20 +440,14 @@ class Launch:
         They ignore Ctrl-C (`children_ignore_sigint`): the launcher, their parent, ends them with TERM,
         as harness.cancel does (a checkpoint at the next step, then KILLED; the next launch resumes).
         """
-        from harness.tracking import current_run_id
-
         live = [(run_id, job) for run_id, job in self.started if not job.done()]
         stop_jobs([job for _, job in live], wait_s)
-        for run_id, _ in live:
-            run_id = current_run_id(self.client, run_id)
-            status = self.client.get_run(run_id).info.status
-            if status == "FINISHED":  # it ended on its own meanwhile
-                continue
-            self.client.set_tag(
-                run_id, "error", f"interrupted: {why}; stopped at its last checkpoint (the next launch resumes it)"
+        for run_id, _ in live:  # a run that FINISHED on its own meanwhile is left alone
+            lifecycle.interrupt(
+                self.client,
+                lifecycle.current_run_id(self.client, run_id),
+                f"interrupted: {why}; stopped at its last checkpoint (the next launch resumes it)",
             )
-            if status in IN_FLIGHT:
-                self.client.set_terminated(run_id, "KILLED")
 
     @property
     def watch(self) -> Any:
@@ -476,19 +458,17 @@ class Launch:
             self._watch = launch_watch(self)
         return self._watch
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: RunState = RunState.FINISHED) -> None:
         if getattr(self, "_watch", None) is not None:
             self._watch.close()
         if self._parent_id is not None:
-            self.client.set_terminated(self._parent_id, status=status)
+            lifecycle.terminate(self.client, self._parent_id, status)
 
     def submitted_run_ids(self) -> list[str]:
         """The MLflow runs of the jobs this launch submitted, in stage order (a started job's own run,
         not the placeholder the launcher created for it)."""
-        from harness.tracking import current_run_id
-
         return [
-            current_run_id(self.client, run_id)
+            lifecycle.current_run_id(self.client, run_id)
             for stage in self.expanded.stage_order
             for run_id in self.run_ids.get(stage, [])
         ]

@@ -12,6 +12,7 @@ from typing import Any
 
 from harness.config import ConfigError
 from harness.errors import EXIT_FAILED, EXIT_INVALID
+from harness.lifecycle import Tag
 from harness.search.spec import PrunerSpec, SearchPlan, load_search
 from harness.search.storage import StorageChoice, choose_storage
 
@@ -86,7 +87,7 @@ def failure_reasons(study: Any) -> list[str]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         if trial.user_attrs.get("surplus"):
             continue
-        why = trial.user_attrs.get("error") or "no error recorded (its worker was lost or killed: see its log)"
+        why = trial.user_attrs.get(Tag.ERROR.value) or "no error recorded (its worker was lost or killed: see its log)"
         reasons.setdefault(why, []).append(trial.number)
     return [
         f"failed: trial{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers[:10]))}"

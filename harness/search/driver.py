@@ -18,8 +18,10 @@ from optuna.trial import TrialState
 from submitit.core.utils import FailedJobError
 from tqdm import tqdm
 
+from harness import lifecycle
 from harness.config import ConfigError
 from harness.launch import children_ignore_sigint, make_executor, stop_jobs
+from harness.lifecycle import RunState
 from harness.progress import trial_watch
 from harness.search.spec import PrunerSpec, SearchPlan
 from harness.search.storage import StorageChoice
@@ -78,15 +80,14 @@ class Search:
         stop_jobs(local, wait_s)
         self.fail_lost_trials({job.job_id for job in local if job.done()})
         self.live = []  # submitit's jobs cancel themselves when collected: now, not during the interpreter's exit
-        self.client.set_tag(self.parent_id, "error", f"interrupted: {why}")
-        self.client.set_terminated(self.parent_id, "KILLED")
+        lifecycle.kill(self.client, self.parent_id, f"interrupted: {why}")
 
     def _parent_run(self) -> str:
         """The study's one parent run, kept in the study so that a re-run continues under it."""
         known = self.study.user_attrs.get("mlflow_parent_run_id")
         if known and self.study.user_attrs.get("mlflow_tracking_uri") == self.uri:
             try:
-                self.client.update_run(known, status="RUNNING")
+                lifecycle.start(self.client, known)
                 return known
             except MlflowException:  # deleted from MLflow meanwhile: start a new parent
                 pass
@@ -104,7 +105,7 @@ class Search:
             "objectives": ", ".join(f"{o.metric} {o.direction}" for o in self.section.objectives),
         }
         run_id = self.client.create_run(self.experiment_id, run_name=f"search-{self.plan.study}", tags=tags).info.run_id
-        params = {f"space.{key}": dim.describe() for key, dim in self.section.space.items()}
+        params: dict[str, Any] = {f"space.{key}": dim.describe() for key, dim in self.section.space.items()}
         params.update(trials=self.section.trials, workers=self.section.workers)
         for key, value in params.items():
             self.client.log_param(run_id, key, value)
@@ -165,8 +166,7 @@ class Search:
         if not run_id:
             return
         self.client.set_tag(run_id, "trial_state", state)
-        if self.client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
-            self.client.set_terminated(run_id, "FAILED")
+        lifecycle.fail_if_in_flight(self.client, run_id)
 
     def watch(self, progress: bool) -> bool:
         """Keep up to `workers` jobs on the budget until it is met; True if it was."""
@@ -187,12 +187,13 @@ class Search:
                 counts = trial_counts(self.study)
                 finished = counts["COMPLETE"] + counts["PRUNED"]
                 bar.n = min(finished, section.trials)
-                bar.set_postfix(pruned=counts["PRUNED"], failed=counts["FAIL"], running=counts["RUNNING"])
+                running = counts[TrialState.RUNNING.name]
+                bar.set_postfix(pruned=counts["PRUNED"], failed=counts["FAIL"], running=running)
                 bar.refresh()
                 self.progress.tick()
                 if finished >= section.trials and not self.live:
                     return True
-                left = section.trials - finished - counts["RUNNING"]
+                left = section.trials - finished - running
                 wanted = min(section.workers - len(self.live), left, cap - self.submitted)
                 if broken:  # a worker failed before its first trial: a replacement would too
                     for job in self.live:
@@ -200,7 +201,7 @@ class Search:
                     return False
                 if wanted > 0 and counts["FAIL"] < section.failure_limit:
                     self.submit(wanted)
-                elif not self.live and counts["RUNNING"] == 0:
+                elif not self.live and running == 0:
                     return False  # nobody is left to finish the budget
                 time.sleep(POLL_S)
 
@@ -251,7 +252,7 @@ class Search:
         counts = trial_counts(self.study)
         summary = {"best_trials": ",".join(map(str, sorted(best_numbers))), **{k.lower(): v for k, v in counts.items()}}
         self.client.log_batch(self.parent_id, tags=[RunTag(k, str(v)) for k, v in summary.items()])
-        for objective, value in zip(self.section.objectives, best[0].values if len(best) == 1 else []):
+        for objective, value in zip(self.section.objectives, best[0].values if len(best) == 1 else [], strict=False):
             self.client.log_metric(self.parent_id, f"best/{objective.metric}", value)
-        self.client.set_terminated(self.parent_id, "FINISHED" if ok else "FAILED")
+        lifecycle.terminate(self.client, self.parent_id, RunState.FINISHED if ok else RunState.FAILED)
         return {"best": best, **summary}

@@ -21,8 +21,10 @@ from mlflow import MlflowClient
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
+from harness import lifecycle
 from harness.cluster import process_alive
 from harness.config import RunConfig, set_dotted
+from harness.lifecycle import Tag
 from harness.search.spec import FINAL_METRICS, Dimension, PrunerSpec, SamplerSpec, SearchSection
 from harness.search.storage import StorageChoice
 
@@ -59,7 +61,8 @@ def make_pruner(spec: PrunerSpec, epochs: int) -> optuna.pruners.BasePruner:
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
     """Trials per state name; `SURPLUS` counts the FAIL trials that only lost a budget race."""
-    counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0, "WAITING": 0, "SURPLUS": 0}
+    names = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
+    counts = {**{state.name: 0 for state in names}, "SURPLUS": 0}
     for trial in study.get_trials(deepcopy=False):
         surplus = trial.user_attrs.get("surplus", False)
         counts["SURPLUS" if surplus else trial.state.name] += 1
@@ -162,7 +165,11 @@ class TrialObjective:
         run_id = self.client.create_run(
             self.setup.experiment_id,
             run_name=cfg.tracking.run_name,
-            tags={**cfg.tracking.tags, "mlflow.parentRunId": self.setup.parent_run_id, "trial_state": "RUNNING"},
+            tags={
+                **cfg.tracking.tags,
+                "mlflow.parentRunId": self.setup.parent_run_id,
+                "trial_state": TrialState.RUNNING.name,
+            },
         ).info.run_id
         cfg.tracking.run_id = run_id
         trial.set_user_attr("mlflow_run_id", run_id)
@@ -236,9 +243,9 @@ class TrialObjective:
         lines = [line for line in str(err).strip().splitlines() if line.strip()]
         reason = f"{type(err).__name__}: {lines[-1] if lines else ''}".rstrip(": ")[:500]
         try:
-            trial.set_user_attr("error", reason)
-            if "error" not in self.client.get_run(run_id).data.tags:  # the engine's own, when it got that far
-                self.client.set_tag(run_id, "error", reason)
+            trial.set_user_attr(Tag.ERROR.value, reason)  # the run's tag's name
+            if Tag.ERROR.value not in self.client.get_run(run_id).data.tags:  # the engine's own, if it got that far
+                lifecycle.set_error(self.client, run_id, reason)
         except Exception as problem:  # the trial's failure matters more
             print(f"could not record trial {trial.number}'s error: {problem}", file=sys.stderr)
 
@@ -272,6 +279,7 @@ def sample(trial: optuna.Trial, section: SearchSection) -> dict[str, Any]:
 def suggest(trial: optuna.Trial, key: str, dim: Dimension) -> Any:
     if dim.type == "categorical":
         return trial.suggest_categorical(key, dim.choices or [])
+    assert dim.low is not None and dim.high is not None  # a range: the spec requires both (Dimension)
     if dim.type == "int":
         return trial.suggest_int(key, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log)
     return trial.suggest_float(key, float(dim.low), float(dim.high), step=dim.step, log=dim.log)
