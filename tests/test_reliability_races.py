@@ -214,12 +214,14 @@ def test_two_launches_at_once_on_a_new_store_make_one_run_and_one_job(tmp_path: 
     )
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    # a folder that holds only the resume point is refused before anything starts (inputs.py), exit 2
     refused = cli("harness.train", str(student), f"train.init_from={training}", cwd=tmp_path, timeout=240)
     lines = refused.stderr.strip().splitlines()
-    assert refused.returncode == 1 and len(lines) == 1, refused.stderr
-    assert lines[0].startswith(f"train.init_from: {training} holds no finished run (no result.json and model.pth"), (
-        lines
-    )
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert lines[0] == (
+        f"{student}: train.init_from: a folder without model.pth: its run has not finished "
+        f"(a checkpoint.pth is a resume point, never used as weights), got '{training}'"
+    ), lines
     client.update_run(run.info.run_id, status="RUNNING")  # result.json is written just before FINISHED
     refused = cli("harness.train", str(student), f"train.init_from={teacher}", cwd=tmp_path, timeout=240)
     lines = refused.stderr.strip().splitlines()
@@ -242,13 +244,12 @@ def test_two_launches_at_once_on_a_new_store_make_one_run_and_one_job(tmp_path: 
         f"sqlite:///{tmp_path}/mlflow.db",
         cwd=tmp_path,
         timeout=240,
-    )  # a launched job: its run FAILED, the reason in its `error` tag
-    assert launched.returncode == 1, launched.stderr
-    (failed,) = [r for r in train_runs(tmp_path) if r.info.run_id != run.info.run_id]
-    assert failed.info.status == "FAILED"
-    assert failed.data.tags["error"].startswith(
-        f"SourceNotFinished: train.init_from: {training} holds no finished run"
-    ), failed.data.tags
+    )  # refused at launch, before any MLflow run or job: one line, exit 2
+    lines = launched.stderr.strip().splitlines()
+    assert launched.returncode == 2 and len(lines) == 1, launched.stderr
+    assert "train.init_from: a folder without model.pth: its run has not finished" in lines[0], lines
+    assert [r.info.run_id for r in train_runs(tmp_path)] == [run.info.run_id]
+    assert not (tmp_path / "other").exists()
 
 
 # -------------------------------------------------- case 11: a store another process holds locked
