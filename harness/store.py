@@ -31,25 +31,26 @@ CLI_REQUEST_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUE
 _SET_BY_US = "DVIT_BOUNDED_MLFLOW_ENV"  # which of CLI_REQUEST_LIMITS this process set (jobs undo them)
 
 
-def resolve_uri(cli_value: str | None) -> tuple[str, str]:
-    """(uri, where it came from): the option, else $MLFLOW_TRACKING_URI, else ./mlflow.db (absolute).
+def resolve_uri(cli_value: str | None, where: str = "--tracking-uri") -> tuple[str, str]:
+    """(uri, where it came from): the option (or the file field `where` names), else $MLFLOW_TRACKING_URI,
+    else ./mlflow.db (absolute).
 
     Credentials never travel in the URI (it is printed, tagged and written into job files): in
     $MLFLOW_TRACKING_URI they move to MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (what
-    MLflow's client and every job read); on a command line (visible in `ps`) they are refused.
+    MLflow's client and every job read); on a command line (visible in `ps`) or in a file they are refused.
     """
     if cli_value:
         clean, user, password = _credentials(cli_value)
         if password is not None:
+            why = "shows in `ps`" if where.startswith("--") else "would be printed, tagged in MLflow"
             raise ConfigError(
                 [
-                    f"--tracking-uri: a password in the URI shows in `ps` and would be written into job "
-                    f"files; export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead, got "
-                    f"{masked(cli_value)!r}"
+                    f"{where}: a password in the URI {why} and would be written into job files; export "
+                    f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead, got {masked(cli_value)!r}"
                 ]
             )
         _export({"MLFLOW_TRACKING_USERNAME": user})
-        return clean, "--tracking-uri"
+        return clean, where
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         clean, user, password = _credentials(env)

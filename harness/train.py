@@ -40,8 +40,8 @@ def prepare(config: str, overrides: list[str]) -> RunConfig:
     problems = check_run_inputs(cfg, config, lambda field: field)
     if problems:
         raise ConfigError(problems)
-    uri, source = resolve_uri(cfg.tracking.uri)
-    check_store(uri, f"{config}: tracking.uri" if cfg.tracking.uri else source, must_exist=False, write=True)
+    uri, source = resolve_uri(cfg.tracking.uri, f"{config}: tracking.uri")
+    check_store(uri, source, must_exist=False, write=True)
     out = Path(cfg.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -267,3 +267,42 @@ def test_the_printed_mlflow_ui_command_is_shell_quoted(tmp_path: Path) -> None:
     (line,) = [line for line in launched.stdout.splitlines() if line.startswith("MLflow UI: ")]
     words = shlex.split(line[len("MLflow UI: ") :].split("   (then")[0])
     assert words == ["mlflow", "ui", "--backend-store-uri", store], line
+
+
+def test_a_password_in_a_run_file_or_in_storage_is_refused_naming_the_field_and_never_shown(tmp_path: Path) -> None:
+    """Review L3: a password in a run file's `tracking.uri` is refused naming that file and field (not
+    `--tracking-uri`); one in `--storage` (in `ps`, in the job files) is refused as `--tracking-uri`'s is, not
+    only warned about; neither line, nor the dashboard command a finished search prints, shows the password."""
+    secret = "s3cret-pw"
+    run = write(
+        tmp_path / "run.yaml",
+        {
+            "model": {"name": "dynamicvit_micro_patch4_32", "variant": "dense"},
+            "data": {"name": "synthetic"},
+            "output_dir": str(tmp_path / "run"),
+            "tracking": {"uri": f"http://admin:{secret}@127.0.0.1:1"},
+        },
+    )
+    storage = f"postgresql+psycopg://harness:{secret}@127.0.0.1:1/optuna"
+    search = write(tmp_path / "search.yaml", search_spec_dict())
+    root = str(tmp_path / "runs")
+    cases = [
+        (["harness.train", str(run)], f"{run}: tracking.uri: a password in the URI", "admin:***@127.0.0.1:1"),
+        (
+            ["harness.search", str(search), "--executor", "local", "--output-root", root, "--storage", storage],
+            "--storage: a password in the URL shows in `ps`",
+            "harness:***@127.0.0.1:1",
+        ),
+    ]
+    for argv, start, shown in cases:
+        refused = cli(argv[0], *argv[1:], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+        lines = [line for line in refused.stderr.splitlines() if line.strip()]
+        assert refused.returncode == 2 and len(lines) == 1, (argv[0], refused.returncode, refused.stderr[-3000:])
+        assert lines[0].startswith(start) and shown in lines[0], lines
+        assert secret not in refused.stdout + refused.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists() and not (tmp_path / "m.db").exists()
+
+    from harness.search.storage import StorageChoice
+
+    dashboard = StorageChoice.parse(storage).dashboard()  # a search's last line: `dashboard: <this>`
+    assert secret not in dashboard and "harness:***@127.0.0.1:1" in dashboard

@@ -103,8 +103,17 @@ def main(argv: list[str] | None = None) -> int:
 
     cluster = choose_executor(args.executor)
     try:
+        typed = StorageChoice.parse(args.storage) if args.storage is not None else None
+        if typed is not None and typed.has_password:  # refused as a password in --tracking-uri is
+            raise ConfigError(
+                [
+                    "--storage: a password in the URL shows in `ps` and would be written into the job files; give "
+                    "libpq the password in PGPASSWORD or ~/.pgpass instead (scripts/tracking-server.sh status "
+                    f"exports it), got {typed.shown!r}"
+                ]
+            )
         plan = load_search(args.spec, args.overrides, args.scale, output_root, args.workers, args.trials, args.storage)
-        storage = choose_storage(plan, cluster)
+        storage = choose_storage(plan, cluster, "--storage" if args.storage is not None else None)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return EXIT_INVALID

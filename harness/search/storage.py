@@ -88,6 +88,11 @@ class StorageChoice:
         return self.written or self.location
 
     @property
+    def has_password(self) -> bool:
+        """An RDB URL with a password in it (which `shown` masks)."""
+        return self.kind == "rdb" and _has_password(self.location)
+
+    @property
     def shown(self) -> str:
         """The location without its password (for printing)."""
         return _hide_password(self.location) if self.kind == "rdb" else self.location
@@ -95,7 +100,7 @@ class StorageChoice:
     def dashboard(self) -> str:
         if self.written:  # the shell expands it: no password on the screen
             return f'optuna-dashboard "{self.written}"'
-        return f"optuna-dashboard {shlex.quote(self.location)}"
+        return f"optuna-dashboard {shlex.quote(self.shown)}"  # a password typed into the spec shows as ***
 
 
 def _damaged_record(path: Path, err: Exception | None = None) -> str:
@@ -118,11 +123,13 @@ def _damaged_record(path: Path, err: Exception | None = None) -> str:
     return f"a record Optuna cannot replay ({type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''})"
 
 
-def choose_storage(plan: SearchPlan, cluster: str) -> StorageChoice:
-    """SQLite for one worker; a journal file for several on one machine; an RDB URL across nodes."""
+def choose_storage(plan: SearchPlan, cluster: str, given_as: str | None = None) -> StorageChoice:
+    """SQLite for one worker; a journal file for several on one machine; an RDB URL across nodes.
+
+    given_as: the option that set the URL (`--storage`), for messages; else the spec's field."""
     spec = plan.section.storage
     workers = plan.section.workers
-    where = f"{plan.path}: search.storage.url"
+    where = given_as or f"{plan.path}: search.storage.url"
     one_machine = cluster != "slurm" or partition_nodes(plan.slurm.partition) == 1
     if spec.url == "auto":
         if workers == 1:
