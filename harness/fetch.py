@@ -9,9 +9,10 @@ verify it against the hash recorded here. Prints `sha256  path  source` per chec
 A file is cached under a name keyed by its whole URL, and only once it is a whole torch
 checkpoint that holds nothing but tensors, plain containers and admitted types
 (harness/unpickle.py); a cache of verified files is only read (it may be read-only).
-Exit codes: 0 all fetched, 1 one failed (one line each on stderr: offline, truncated, a cache
-that cannot be written), 2 invalid spec or a file refused for what it would unpickle, 130 Ctrl-C
-(no partial file is left).
+A local file is checked the same way (it is not copied). Exit codes: 0 all fetched, 1 one failed
+(one line each on stderr: offline, truncated, a cache that cannot be written), 2 invalid spec, a
+file refused for what it would unpickle, or a local file that is missing or not a checkpoint,
+130 Ctrl-C (no partial file is left).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from harness import unpickle
 from harness.errors import EXIT_FAILED, EXIT_INVALID, handle
 from models.checkpoint import CheckpointError, cache_dir, fetch, is_url, read_record, sha256_of
 
@@ -34,6 +37,16 @@ def spec_sources(spec_path: str, scale: str | None, overrides: Sequence[str] = (
             if value and is_url(value) and value not in sources:
                 sources.append(value)
     return sources
+
+
+def local_problem(path: Path) -> str | None:
+    """Why a local file given to fetch is no good, as a download would be refused (nothing is unpickled)."""
+    if not path.is_file():
+        return "no such file" if not path.exists() else "not a file"
+    problem = unpickle.refusal(path, crc=True)
+    if problem is None or problem.startswith("refused"):  # refused: it would run code or build unknown objects
+        return problem
+    return f"the file is {problem}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +81,15 @@ def _main(argv: list[str] | None = None) -> int:
         parser.error("give checkpoint URLs or files, or --spec SPEC")
     failed = refused = 0
     for source in sources:
+        if not is_url(source):  # the user's own file: any problem is bad input (exit 2)
+            local = Path(source).expanduser()
+            problem = local_problem(local)
+            if problem is not None:
+                print(f"checkpoint: {local}: {problem}", file=sys.stderr)
+                refused += 1
+            else:
+                print(f"{sha256_of(local)}  {local}  {source}")
+            continue
         try:
             path = fetch(source)
         except (CheckpointError, FileNotFoundError) as err:
@@ -78,7 +100,7 @@ def _main(argv: list[str] | None = None) -> int:
             print(err, file=sys.stderr)
             refused += 1
             continue
-        record = read_record(path) if is_url(source) else None  # fetch just verified it
+        record = read_record(path)  # fetch just verified it
         print(f"{record['sha256'] if record else sha256_of(path)}  {path}  {source}")
     print(
         f"checkpoints in {cache_dir()}: {len(sources) - failed - refused} ok, {failed + refused} failed",

@@ -358,3 +358,20 @@ def test_a_read_only_cache_of_verified_files_is_used_and_a_missing_file_is_one_l
     (line,) = error_lines(result.stderr)
     assert result.returncode == 1 and result.stderr.rstrip().endswith("1 ok, 1 failed")
     assert line.startswith(f"checkpoint: {cached.parent}: the checkpoint cache cannot be written") and missing in line
+
+
+# ------------------------------------------------- review L5: fetch checks a local file like a download
+def test_fetch_refuses_a_local_file_that_would_run_code_and_a_missing_one_as_bad_input(tmp_path: Path) -> None:
+    """A local file goes through the same check as a download (nothing is unpickled): one whose pickle
+    would call os.system is refused, not reported "ok"; a missing one is the user's input too: exit 2."""
+    marker = tmp_path / "MARKER"
+    bad, missing = tmp_path / "evil.pth", tmp_path / "nope.pth"
+    torch.save(evil(marker), bad)
+    result = fetch_cli(tmp_path, str(TINY_TEACHER), str(bad), str(missing))
+    lines = error_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 2, result.stderr
+    assert lines[0].startswith(f"checkpoint: {bad}: refused: unpickling it would import posix.system"), lines
+    assert lines[1] == f"checkpoint: {missing}: no such file", lines
+    printed = [line.split("  ") for line in result.stdout.splitlines()]
+    assert printed == [[sha256(TINY_TEACHER.read_bytes()), str(TINY_TEACHER), str(TINY_TEACHER)]]
+    assert "1 ok, 2 failed" in result.stderr and not marker.exists()
