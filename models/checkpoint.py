@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from harness import unpickle
-from harness.errors import EnvironmentProblem
+from harness.errors import EnvironmentProblem, os_error_line
 from harness.files import write_atomic
 from harness.unpickle import UnsafeCheckpoint
 
@@ -159,6 +159,24 @@ def _unreachable(url: str, target: Path, err: BaseException) -> CheckpointError:
     )
 
 
+class _CacheWrite(Exception):
+    """An OSError from writing the download into the cache (a full disk, a read-only or forbidden folder):
+    the cache's problem, not the network's."""
+
+    def __init__(self, err: OSError) -> None:
+        super().__init__(err)
+        self.err = err
+
+
+def _unwritable(url: str, folder: Path, err: OSError) -> CheckpointError:
+    """The one-line error for a download the cache could not take: the folder and the problem."""
+    where_problem, _ = os_error_line(OSError(err.errno, err.strerror), folder)  # the folder, not the .part
+    return CheckpointError(
+        f"checkpoint: {where_problem}: cannot write the download of {url} into the checkpoint cache; free space "
+        f"there or point DVIT_CACHE at a writable folder; nothing was cached"
+    )
+
+
 def _download(url: str, target: Path, pinned: str | None) -> str:
     """Stream `url` to `target` (hashing as it goes, behind a progress bar); return its sha256.
 
@@ -173,7 +191,11 @@ def _download(url: str, target: Path, pinned: str | None) -> str:
     digest = hashlib.sha256()
     request = urllib.request.Request(url, headers={"User-Agent": "dvit-harness"})
     try:
-        with urllib.request.urlopen(request, timeout=download_timeout_s()) as response, open(part, "wb") as out:
+        try:
+            out = open(part, "wb")  # closed by the `with` below
+        except OSError as err:
+            raise _CacheWrite(err) from None
+        with out, urllib.request.urlopen(request, timeout=download_timeout_s()) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(
                 total=total,
@@ -186,12 +208,19 @@ def _download(url: str, target: Path, pinned: str | None) -> str:
             ) as bar:
                 size = 0
                 while chunk := response.read(_CHUNK):
-                    out.write(chunk)
+                    try:
+                        out.write(chunk)
+                    except OSError as err:
+                        raise _CacheWrite(err) from None
                     digest.update(chunk)
                     bar.update(len(chunk))
                     size += len(chunk)
             if total is not None and size != total:
                 raise http.client.IncompleteRead(b"", total - size)
+            try:
+                out.flush()
+            except OSError as err:
+                raise _CacheWrite(err) from None
         _check_download(part, url, target)
         actual = digest.hexdigest()
         if pinned is not None and actual != pinned:
@@ -199,6 +228,9 @@ def _download(url: str, target: Path, pinned: str | None) -> str:
                 f"checkpoint: {url}: sha256 mismatch: expected {pinned} (pinned in the URL), "
                 f"got {actual}; nothing was cached"
             )
+    except _CacheWrite as problem:
+        part.unlink(missing_ok=True)
+        raise _unwritable(url, target.parent, problem.err) from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         part.unlink(missing_ok=True)
         raise _unreachable(url, target, err) from None

@@ -375,3 +375,34 @@ def test_fetch_refuses_a_local_file_that_would_run_code_and_a_missing_one_as_bad
     printed = [line.split("  ") for line in result.stdout.splitlines()]
     assert printed == [[sha256(TINY_TEACHER.read_bytes()), str(TINY_TEACHER), str(TINY_TEACHER)]]
     assert "1 ok, 2 failed" in result.stderr and not marker.exists()
+
+
+# ------------------------------------------ review L7: a cache that cannot take the download is not "offline"
+def test_a_full_or_unwritable_cache_during_a_download_names_the_cache_not_the_network(
+    tmp_path: Path, site: Site
+) -> None:
+    """The file cannot be written into the cache (as root: a 64 KiB tmpfs, full before the 3.5 MB checkpoint
+    is in; else a folder without write permission that holds only the lock file): one line naming the cache
+    folder and the problem, exit 1 (the environment), no "offline" advice and no partial file."""
+    site.routes["/teacher.pth"] = TINY_TEACHER.read_bytes()
+    url = f"{site.url}/teacher.pth"
+    cache = cached_path(url).parent
+    cache.mkdir(parents=True)
+    with contextlib.ExitStack() as stack:
+        if os.geteuid() == 0:
+            mount = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(cache)]
+            if subprocess.run(mount, capture_output=True).returncode:
+                pytest.skip("running as root without `mount`: no small file system to fill")
+            stack.callback(subprocess.run, ["umount", str(cache)], check=False)
+            problem = "no space left on the device (disk full)"
+        else:
+            Path(f"{cached_path(url)}.lock").touch()  # the lock can be taken; the download cannot be written
+            cache.chmod(0o555)
+            stack.callback(cache.chmod, 0o755)
+            problem = "Permission denied"
+        result = fetch_cli(tmp_path, url)
+        leftovers = sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
+    (line,) = error_lines(result.stderr)
+    assert result.returncode == 1 and line.startswith(f"checkpoint: {cache}: {problem}"), result.stderr
+    assert url in line and "offline" not in line and "DVIT_CACHE" in line
+    assert leftovers == []  # no .part file, no record
