@@ -1,8 +1,9 @@
 """Training runs of one experiment (= one spec) from MLflow, one DataFrame row per run.
 
 A database store (sqlite, postgresql, mysql, mssql URIs) is read with one query per table
-(runs, tags, params, latest metrics) through MLflow's own table models, selecting only the keys
-below: `mlflow.search_runs` would load every param and tag of every run as ORM objects (2 s for
+(runs, tags, params, latest metrics) through MLflow's own table models, selecting only the tags
+and metrics below and the params (every one: a run's configuration, `configuration`):
+`mlflow.search_runs` would load every param and tag of every run as ORM objects (2 s for
 1,000 runs of 83 params, benchmarks/table_regeneration.py). Any other store (an MLflow server,
 a file store) goes through one `mlflow.search_runs` call. Column-wise pandas either way;
 nothing here loads a model or an artifact.
@@ -10,8 +11,10 @@ nothing here loads a model or an artifact.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cache
 
@@ -60,9 +63,14 @@ COLUMNS = [
     "status",
     "stage",
 ]
-EXTRA_COLUMNS = [c for c in _SOURCES if c not in COLUMNS] + ["end_time"]
-# every search_runs column that collect_runs reads: all a database read has to fetch
+EXTRA_COLUMNS = [c for c in _SOURCES if c not in COLUMNS] + ["end_time", "config", "config_params"]
+# every tag and metric column of search_runs that collect_runs reads (and every param: `configuration`)
 _WANTED = sorted({source for source, _ in _SOURCES.values()} | {"tags.kind", "params.model.variant"})
+# another run's folder, by the param that names that run's key (as RunConfig.run_key counts it)
+_RUN_REFERENCES = {
+    "teacher.run_dir": "tracking.tags.teacher_run_key",
+    "train.init_from": "tracking.tags.init_from_run_key",
+}
 _DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # the SQL stores MLflow supports
 
 
@@ -98,6 +106,36 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def configuration(params: Mapping[str, str]) -> dict[str, str]:
+    """A run's configuration but its seed, from its params (the resolved RunConfig, dotted keys).
+
+    What `RunConfig.run_key` hashes less `train.seed`: not where the run is written or how it is
+    tracked (`output_dir`, `tracking.*`), and another run's folder (the teacher, `init_from`) by that
+    run's key where the launcher tagged it, not by its path. Two runs of one row with the same
+    configuration are seeds of one experiment; the tables average nothing else (tables.one_configuration).
+    """
+    config = {
+        key: value
+        for key, value in params.items()
+        if key not in ("train.seed", "output_dir") and not key.startswith("tracking.")
+    }
+    for path, key in _RUN_REFERENCES.items():
+        if path in config and params.get(key):
+            config[path] = f"run {params[key]}"
+    return config
+
+
+def _configurations(raw: pd.DataFrame) -> tuple[list[str], list[dict[str, str]]]:
+    """Per run of a search_runs frame: a short hash of its `configuration` and the configuration."""
+    names = {column: column.removeprefix("params.") for column in raw.columns if column.startswith("params.")}
+    configs = [
+        configuration({names[k]: v for k, v in record.items() if isinstance(v, str)})
+        for record in raw[list(names)].to_dict("records")
+    ]
+    digests = [hashlib.sha1(json.dumps(c, sort_keys=True).encode()).hexdigest()[:12] for c in configs]
+    return digests, configs
+
+
 def experiment_exists(tracking_uri: str, experiment: str) -> bool:
     """Whether the store has an active experiment of that name (the report CLI checks first)."""
     found = mlflow.MlflowClient(tracking_uri).get_experiment_by_name(experiment)
@@ -120,7 +158,9 @@ def collect_runs(
     epoch's; with EMA on, `acc1_ema_best` is the EMA model's best); `keep_ratio` is 1.0 for the dense variant
     (its `model.keep_ratio` param is unused). A run repeated with the same `run_key`
     (same config and seed) counts once, the newest, so that a re-launch never looks like an
-    extra seed. An experiment that does not exist yields an empty frame.
+    extra seed. `config` (a hash) and `config_params` (a dict) are the run's `configuration`, all
+    but its seed: runs of one row alike there are seeds of one experiment. An experiment that does
+    not exist yields an empty frame.
     """
     extra = [f"params.{key}" for key in params]
     filters = [status_filter(RunState.FINISHED)]
@@ -131,7 +171,7 @@ def collect_runs(
         if found is None:
             return empty_runs().assign(**{column: pd.Series(dtype=object) for column in extra})
         if is_database(tracking_uri):
-            raw = _search_database(tracking_uri, found.experiment_id, scale, params)
+            raw = _search_database(tracking_uri, found.experiment_id, scale)
         else:
             raw = mlflow.search_runs(
                 experiment_ids=[found.experiment_id],
@@ -154,6 +194,7 @@ def collect_runs(
     frame["run_id"] = raw["run_id"]
     frame["status"] = raw["status"]
     frame["end_time"] = raw["end_time"]
+    frame["config"], frame["config_params"] = _configurations(raw)
     for name in extra:
         frame[name] = column(name).astype(object).where(column(name).notna(), None)
     frame["variant"] = frame["variant"].where(frame["variant"].notna(), column("params.model.variant"))
@@ -178,12 +219,11 @@ def _engine(tracking_uri: str):  # type: ignore[no-untyped-def]
     return create_sqlalchemy_engine_with_retry(tracking_uri)
 
 
-def _search_database(
-    tracking_uri: str, experiment_id: str, scale: str | None, params: Sequence[str] = ()
-) -> pd.DataFrame:
+def _search_database(tracking_uri: str, experiment_id: str, scale: str | None) -> pd.DataFrame:
     """What `mlflow.search_runs` returns for the FINISHED active runs of an experiment (optionally
     tagged `scale`), ordered as it orders them (end time, start time newest first, then run id),
-    but only the columns `collect_runs` reads: one query each for runs, tags, params, latest metrics."""
+    but only the tags and metrics `collect_runs` reads (every param): one query each for runs, tags,
+    params, latest metrics."""
     from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
     from sqlalchemy import select
 
@@ -192,10 +232,7 @@ def _search_database(
         SqlRun.status == RunState.FINISHED.value,
         SqlRun.lifecycle_stage == "active",
     )
-    wanted = _WANTED + [f"params.{key}" for key in params]
-    keys = {
-        kind: [w.split(".", 1)[1] for w in wanted if w.startswith(kind + ".")] for kind in ("tags", "params", "metrics")
-    }
+    keys = {kind: [w.split(".", 1)[1] for w in _WANTED if w.startswith(kind + ".")] for kind in ("tags", "metrics")}
     with _engine(tracking_uri).connect() as db:
         runs = pd.DataFrame(
             db.execute(
@@ -208,11 +245,10 @@ def _search_database(
         wide = []
         for kind, table in (("tags", SqlTag), ("params", SqlParam), ("metrics", SqlLatestMetric)):
             nan = [table.is_nan] if kind == "metrics" else []
+            named = [table.key.in_(keys[kind])] if kind in keys else []  # every param: the run's configuration
             found = pd.DataFrame(
                 db.execute(
-                    select(table.run_uuid, table.key, table.value, *nan).where(
-                        table.key.in_(keys[kind]), table.run_uuid.in_(finished)
-                    )
+                    select(table.run_uuid, table.key, table.value, *nan).where(*named, table.run_uuid.in_(finished))
                 ).all(),
                 columns=["run_id", "key", "value", *(["is_nan"] if nan else [])],
             )

@@ -10,7 +10,7 @@ The renderers are our own (no `tabulate`, which is not a declared dependency).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,67 @@ def keep_mismatch(runs: pd.DataFrame) -> pd.Series:
     if not diffs:
         return pd.Series(math.nan, index=runs.index)
     return pd.concat(diffs, axis=1).max(axis=1, skipna=True)
+
+
+def one_configuration(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Per row, the runs its numbers may average: the seeds of one configuration, its latest run's.
+
+    A row can hold runs of several configurations (a smoke launch with `train.epochs=1`, then the
+    real one): they are not seeds of one experiment, and the most recent launch is the one a report
+    is about. So a row counts the runs whose configuration (`collect.configuration`: every param
+    but the seed) is that of its most recent run, and of those one per seed, the newest. Returns
+    those runs, in their order, and one note line naming per row what was left out ("" if nothing).
+    Runs without a `config` column (not collect_runs output) are taken as one configuration.
+    """
+    if "config" not in runs or "row" not in runs or runs["row"].isna().all():
+        return runs, ""
+    newest = runs[runs["row"].notna()]
+    if "end_time" in runs:
+        newest = newest.sort_values("end_time", ascending=False, na_position="last", kind="stable")
+    config = newest["config"].fillna("")
+    latest = config.groupby(newest["row"], sort=False).transform("first")
+    same = config == latest
+    repeated = pd.Series(False, index=newest.index)
+    if "seed" in newest:  # the same configuration and seed under two run keys (e.g. a moved teacher folder)
+        repeated = same & newest["seed"].notna() & newest.duplicated(["row", "config", "seed"])
+    parts = []
+    for row, group in newest.groupby("row", sort=True):
+        other, again = group[~same[group.index]], group[repeated[group.index]]
+        said = []
+        if len(other):
+            configs = other.drop_duplicates("config")
+            what = "another configuration" if len(configs) == 1 else f"{len(configs)} other configurations"
+            chosen = group["config_params"].iloc[0] if "config_params" in group else None
+            diffs = "; ".join(
+                _differences(chosen, c)
+                for c in configs.get("config_params", [])
+                if isinstance(chosen, Mapping) and isinstance(c, Mapping)
+            )
+            said.append(f"{_runs(len(other))} of {what}" + (f" ({diffs})" if diffs else ""))
+        if len(again):
+            seeds = ", ".join(str(seed) for seed in sorted(again["seed"].unique()))
+            said.append(f"{_runs(len(again), 'older run')} of a seed already counted (seed {seeds})")
+        if said:
+            parts.append(f"{row}: {' and '.join(said)} left out")
+    kept = newest.index[same & ~repeated]
+    note = (
+        "a row's numbers are over the seeds of one configuration, its most recent run's (one run per seed): "
+        + "; ".join(parts)
+        if parts
+        else ""
+    )
+    return runs[runs.index.isin(kept)], note
+
+
+def _runs(n: int, noun: str = "run") -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _differences(chosen: Mapping[str, Any], other: Mapping[str, Any], limit: int = 3) -> str:
+    """What another configuration sets otherwise, "train.epochs=1 instead of 3" (at most `limit` keys)."""
+    keys = sorted(k for k in chosen.keys() | other.keys() if chosen.get(k) != other.get(k))
+    shown = [f"{k}={other.get(k, 'unset')} instead of {chosen.get(k, 'unset')}" for k in keys[:limit]]
+    return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _aggregate(runs: pd.DataFrame) -> pd.DataFrame:
@@ -153,6 +214,7 @@ def build_table(runs: pd.DataFrame, table: str) -> pd.DataFrame:
     ref = load_reference(table)
     info = table_info(table)
     scale = _single_scale(runs)
+    runs, left_out = one_configuration(runs)
     agg = _aggregate(runs)
     shared = _runs_source(ref, agg)
     picked = agg.reindex(pd.Index(shared, dtype=object))  # None -> an all-NaN row
@@ -239,6 +301,8 @@ def build_table(runs: pd.DataFrame, table: str) -> pd.DataFrame:
         "top-1 (reproduced): the best epoch's val top-1 of the (non-EMA) model, the number the "
         "official code reports (max_accuracy); with validation after the last epoch only, the final model's.",
     ]
+    if left_out:
+        notes.append(left_out)
     if out[KEEP_TRAINED].astype(bool).any():
         notes.append(_keep_note(out, agg))
     orderings = ordering_note(out)

@@ -518,3 +518,69 @@ def test_report_cli_refuses_a_store_that_does_not_exist(tmp_path: Path, capsys: 
     assert report.main([str(spec), "--tracking-uri", missing]) == 2
     assert "no such SQLite file" in capsys.readouterr().err
     assert not (tmp_path / "nothing-here.db").exists()  # not created as a side effect
+
+
+# ------------------------------------------------------------------ one configuration per row
+def test_a_row_averages_the_seeds_of_its_latest_configuration_only(tmp_path: Path) -> None:
+    """A 1-epoch smoke launch, then the real launch of the same rows: the table, and the metrics the
+    report puts on the latest launch's parent run, are over the real launch's seeds only, and the
+    note under the table names the runs left out (before: all averaged as if they were seeds)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment(EXPERIMENT)
+    now = int(time.time() * 1000)
+    launch = {"kind": "launch", "spec": EXPERIMENT, "scale": "tiny"}
+    smoke = client.create_run(experiment_id, start_time=now - 7_200_000, tags=launch).info.run_id
+    real = client.create_run(experiment_id, start_time=now - 3_600_000, tags=launch).info.run_id
+    run = lambda parent, **kw: _fixture_run(client, experiment_id, parent, **kw)  # noqa: E731
+    hour_ago = now - 3_600_000
+    # the smoke launch (scales.tiny.train.epochs=1), then the real one (3 epochs), seeds 0 and 1
+    run(smoke, row="a/dynamic", seed=0, acc1=[40.0], end_time=hour_ago)
+    run(smoke, row="b/random", seed=0, acc1=[20.0], variant="random", end_time=hour_ago)
+    dynamic = [run(real, row="a/dynamic", seed=s, acc1=[30.0, 50.0, acc]) for s, acc in enumerate([61.5, 62.5])]
+    run(real, row="b/random", seed=0, acc1=[40.0, 42.0, 44.2], variant="random")
+    # one configuration, one seed, two run keys (older first): the newest counts once
+    run(real, row="a/structural", seed=0, acc1=[30.0, 35.0, 37.0], variant="structural", end_time=hour_ago)
+    run(real, row="a/structural", seed=0, acc1=[30.0, 35.0, 38.1], variant="structural")
+    # the latest run of a row is the shorter one: its configuration counts, the older seeds are left out
+    for seed in (0, 1):
+        run(real, row="c/1-stage", seed=seed, acc1=[50.0, 55.0, 60.0 + seed], end_time=hour_ago)
+    run(real, row="c/1-stage", seed=0, acc1=[45.0], end_time=now + 1000)
+
+    runs = collect.collect_runs(uri, EXPERIMENT, scale="tiny")
+    configs = runs[runs["row"] == "a/dynamic"].set_index("run_id")["config"]
+    assert configs[dynamic].nunique() == 1 and configs.nunique() == 2  # the seeds: one configuration; the smoke run
+    table = tables.build_table(runs, TABLE_NAME).set_index("row")
+    mean, std = (61.5 + 62.5) / 2, pd.Series([61.5, 62.5]).std()
+    assert table.loc["a/dynamic", tables.TOP1_REPRO] == pytest.approx(mean)
+    assert table.loc["a/dynamic", tables.STD] == pytest.approx(std)
+    assert table.loc["a/dynamic", tables.CI95] == pytest.approx(12.706204736 * std / math.sqrt(2))  # t(0.975, 1)
+    assert table.loc["a/dynamic", [tables.SEEDS, tables.RUNS]].tolist() == [2, 2]
+    assert table.loc["b/random", tables.TOP1_REPRO] == 44.2 and table.loc["b/random", tables.RUNS] == 1
+    assert table.loc["a/structural", tables.TOP1_REPRO] == 38.1 and table.loc["a/structural", tables.RUNS] == 1
+    assert table.loc["c/1-stage", tables.TOP1_REPRO] == 45.0 and table.loc["c/1-stage", tables.SEEDS] == 1
+    left_out = (
+        "a row's numbers are over the seeds of one configuration, its most recent run's (one run per seed): "
+        "a/dynamic: 1 run of another configuration (train.epochs=1 instead of 3) left out; "
+        "a/structural: 1 older run of a seed already counted (seed 0) left out; "
+        "b/random: 1 run of another configuration (train.epochs=1 instead of 3) left out; "
+        "c/1-stage: 2 runs of another configuration (train.epochs=3 instead of 1) left out"
+    )
+    assert left_out in tables.build_table(runs, TABLE_NAME).attrs["notes"]
+
+    out = tmp_path / "report"
+    spec = REPO / "experiments" / "table3.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "analysis.report", str(spec), "--tracking-uri", uri, "--output-dir", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"- {left_out}" in (out / "table3.md").read_text().splitlines()
+    metrics = client.get_run(real).data.metrics  # the report of the real launch: its own runs
+    assert metrics["table/a/dynamic/top1"] == pytest.approx(mean)
+    assert metrics["table/a/dynamic/std"] == pytest.approx(std)
+    assert metrics["table/b/random/gap"] == pytest.approx(44.2 - mean)
+    assert client.get_run(smoke).data.metrics == {}
