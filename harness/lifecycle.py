@@ -8,7 +8,7 @@ through MLflow's public client (`MlflowClient.create_run`, `update_run`, `set_te
                       create_placeholder                  replace_placeholder
     harness.launch ----------------------> SCHEDULED ---------------------------> RUNNING
                                            (placeholder,   the job's own run:       |
-                                            tag queued_at)  tag queued_as; the      |  finish
+                                         tag queued_at_ms) tag queued_as; the      |  terminate
                                               ^    |        placeholder deleted,    +---------> FINISHED
                                               |    |        tag replaced_by         |  fail (tag error)
                    queue_again (a relaunch    |    | fail (died before training,    +---------> FAILED
@@ -22,9 +22,11 @@ through MLflow's public client (`MlflowClient.create_run`, `update_run`, `set_te
     SCHEDULED --cancel / supersede--> KILLED        (a queued job cancelled, or its configuration replaced)
     SCHEDULED, RUNNING --kill_if_in_flight--> KILLED (harness.cancel, once the jobs have stopped)
     SCHEDULED, RUNNING --fail_if_in_flight--> FAILED (a search's trial whose worker is gone)
-    FAILED, KILLED --start--> RUNNING              (a resumed job, a search's parent run opened again)
+    SCHEDULED (again), FAILED, KILLED --start--> RUNNING  (a job resuming its run; a search's parent
+                                                           run opened again)
     any --finish_if_open--> FINISHED               (a finished run, result.json, that a relaunch reopened)
 
+A job ends its run through `RunTracker.finish`, which flushes its metrics, then calls `terminate`.
 A run trained by hand (`harness.train`) or a search's trial is created RUNNING by its job and ends
 the same way. A launch's and a search's parent runs are RUNNING while they submit, then FINISHED,
 FAILED or KILLED (`terminate`); a launch killed hard is marked KILLED by the next one.
