@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -74,7 +74,8 @@ def cache_dir(cfg: DataConfig) -> Path:
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     """Readers never see a partial file; the group reads it when the umask says so (harness.files)."""
-    write_atomic(path, lambda handle: np.savez(handle, **arrays))
+    # cast: numpy's stub would take an `allow_pickle` among the keyword arrays (no array is named so)
+    write_atomic(path, lambda handle: np.savez(handle, **cast("dict[str, Any]", arrays)))
 
 
 def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
@@ -487,7 +488,8 @@ def make_loader(
     elif train:
         sampler = EpochSampler(dataset, seed)
     else:
-        sampler = SequentialSampler(dataset)
+        # our datasets have a length, which torch's Dataset type does not say (as for len() above)
+        sampler = SequentialSampler(dataset)  # type: ignore[arg-type]
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -497,7 +499,7 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(_worker_seed(seed, 0, rank)),
     )
-    loader.seed, loader.rank = seed, rank  # type: ignore[attr-defined]  # for set_epoch
+    loader.seed, loader.rank = seed, rank  # for set_epoch (DataLoader's __setattr__ takes any attribute)
     return loader
 
 
@@ -514,5 +516,5 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
     for obj in (loader.sampler, loader.dataset):
         if hasattr(obj, "set_epoch"):
             obj.set_epoch(epoch)
-    if loader.generator is not None and hasattr(loader, "seed"):
+    if loader.generator is not None and hasattr(loader, "seed") and hasattr(loader, "rank"):  # make_loader sets both
         loader.generator.manual_seed(_worker_seed(loader.seed, epoch, loader.rank))
