@@ -327,7 +327,7 @@ def test_table3_from_runs_mean_std_gaps_and_missing_rows(store: dict[str, Any]) 
         assert by_row.loc[row, tables.STATUS] == tables.MISSING and by_row.loc[row, tables.RUNS] == 0
         assert math.isnan(by_row.loc[row, tables.TOP1_REPRO])
     markdown = tables.to_markdown(table)
-    line = next(l for l in markdown.splitlines() if l.startswith("| c/1-stage |"))
+    line = next(text for text in markdown.splitlines() if text.startswith("| c/1-stage |"))
     assert "missing" in line and "0.00" not in line
     assert "not ImageNet" in markdown  # the tiny-scale caveat
     with pytest.raises(ValueError, match="mix scales"):
@@ -347,7 +347,11 @@ def test_missing_and_unavailable_rows_render_as_gaps(tmp_path: Path) -> None:
     )
     table = tables.build_table(runs, "table1")
     assert table["row"].tolist()[:15] == PAPER_ROWS["table1"] and table["row"].tolist()[15] == "typo/0.7"
-    lines = {l.split(" | ")[0].lstrip("| "): l for l in tables.to_markdown(table).splitlines() if l.startswith("| ")}
+    lines = {
+        text.split(" | ")[0].lstrip("| "): text
+        for text in tables.to_markdown(table).splitlines()
+        if text.startswith("| ")
+    }
     for row in PAPER_ROWS["table1"]:
         assert row in lines, row
     assert "missing" in lines["lvvit-m/0.8"] and "missing" in lines["lvvit-s/1.0"]
@@ -380,7 +384,7 @@ def test_figures_are_pngs_from_runs_and_a_real_model(store: dict[str, Any], tmp_
     for path in made:
         assert _is_png(path), path
     fixture_run = store["expected"]["a/dynamic"][0]  # fixtures have no model.pth
-    with pytest.raises(FileNotFoundError, match="config.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"config\.yaml"):
         figures.load_run_model(store["uri"], fixture_run, tmp_path / "none")
 
 
