@@ -82,15 +82,18 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
         time.sleep(0.3)
 
 
-def running(tmp: Path, kind: str = "train") -> bool:
+def running(tmp: Path, kind: str = "train", job_run: bool = False) -> bool:
     """Whether a run of `kind` is RUNNING, read with sqlite3 (read-only): an MLflow client here would
-    set up the store's tables itself, racing the command that is creating them."""
+    set up the store's tables itself, racing the command that is creating them. `job_run`: a launched
+    job's own run (tag queued_as), not the launcher's placeholder, RUNNING from its creation until the
+    launcher makes it SCHEDULED."""
+    job = " and exists (select 1 from tags q where q.run_uuid = r.run_uuid and q.key = 'queued_as')"
     try:
         with sqlite3.connect(f"file:{tmp / 'mlflow.db'}?mode=ro", uri=True, timeout=1) as con:
             return bool(
                 con.execute(
                     "select count(*) from runs r join tags t on t.run_uuid = r.run_uuid where "
-                    "t.key = 'kind' and t.value = ? and r.status = 'RUNNING'",
+                    "t.key = 'kind' and t.value = ? and r.status = 'RUNNING'" + (job if job_run else ""),
                     (kind,),
                 ).fetchone()[0]
             )
@@ -293,7 +296,7 @@ def test_a_locked_store_is_one_line_within_30_s_and_nothing_is_written(tmp_path:
 def test_ctrl_c_to_a_launch_ends_its_run_killed_with_the_reason_in_one_line(tmp_path: Path) -> None:
     path = write(tmp_path / "t.yaml", teacher_only(**{"base/data/train_digits": 512, "scales/tiny/train/epochs": 3}))
     launch = popen("harness.launch", *launch_args(tmp_path, path, "--wait"), cwd=tmp_path)
-    wait_until(lambda: running(tmp_path) or launch.poll() is not None, 240, "the run to train")
+    wait_until(lambda: running(tmp_path, job_run=True) or launch.poll() is not None, 240, "the run to train")
     assert launch.poll() is None, launch.communicate()
     os.killpg(launch.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     _, err = launch.communicate(timeout=120)
@@ -304,6 +307,52 @@ def test_ctrl_c_to_a_launch_ends_its_run_killed_with_the_reason_in_one_line(tmp_
     assert run.data.tags["error"].startswith(
         "interrupted: Ctrl-C (SIGINT) to the launch; stopped at its last checkpoint"
     ), run.data.tags.get("error")
+
+
+def placeholder_states(tmp: Path) -> list[str]:
+    """The states of the train runs that no job has started yet (no tag queued_as), read with sqlite3."""
+    try:
+        with sqlite3.connect(f"file:{tmp / 'mlflow.db'}?mode=ro", uri=True, timeout=1) as con:
+            rows = con.execute(
+                "select r.status from runs r join tags t on t.run_uuid = r.run_uuid where t.key = 'kind' and "
+                "t.value = 'train' and not exists (select 1 from tags q where q.run_uuid = r.run_uuid and "
+                "q.key = 'queued_as')"
+            ).fetchall()
+    except sqlite3.Error:  # no store, or no tables yet
+        return []
+    return [status for (status,) in rows]
+
+
+def test_ctrl_c_while_a_launch_creates_its_placeholder_ends_that_run_killed(tmp_path: Path) -> None:
+    """Ctrl-C inside `create_placeholder`, between MLflow's create_run (RUNNING) and SCHEDULED: the
+    launcher is frozen (SIGSTOP) as soon as the new run shows RUNNING, and gets the Ctrl-C there. Before
+    the fix the launch exited 130 and left that run RUNNING for good, no job behind it (the flaky case 10:
+    its wait for a RUNNING run could see the placeholder's)."""
+    path = write(tmp_path / "t.yaml", teacher_only())
+    for attempt in range(3):  # the window is milliseconds wide: polled every 2 ms, caught on the first try here
+        folder = tmp_path / f"try{attempt}"
+        folder.mkdir()
+        launch = popen("harness.launch", *launch_args(folder, path, "--wait"), cwd=folder)
+        while launch.poll() is None and not placeholder_states(folder):
+            time.sleep(0.002)
+        os.kill(launch.pid, signal.SIGSTOP)
+        if placeholder_states(folder) == ["RUNNING"]:
+            break
+        os.killpg(launch.pid, signal.SIGKILL)  # past the window: again
+        launch.wait(timeout=30)
+    else:
+        pytest.fail("the launcher was never caught inside create_placeholder")
+    os.killpg(launch.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    os.kill(launch.pid, signal.SIGCONT)
+    _, err = launch.communicate(timeout=120)
+    assert launch.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "harness.launch: interrupted", err
+    (run,) = train_runs(folder)
+    assert run.info.status == "KILLED", run.info.status
+    assert run.data.tags["error"] == (
+        "interrupted: Ctrl-C (SIGINT) to the launch; its job was never submitted (the next launch submits it)"
+    ), run.data.tags.get("error")
+    assert not list(folder.glob("runs/*/*/*/submitit/*_submitted.pkl"))  # no job
 
 
 # -------------------------------------------------- case 9: Ctrl-C during a search's enqueued first trial

@@ -302,9 +302,9 @@ class Launch:
         with Finished(len(todo), progress, stage, self.watch) as finished:
             for entry in todo:
                 running = finished.wait(running, leave=at_once - 1)  # a free slot
-                with children_ignore_sigint():
+                with children_ignore_sigint():  # recorded inside: a Ctrl-C right after still finds the job to stop
                     job = executor.submit(TrainJob(), entry[1]["config"])
-                (pair,) = self._record([entry], [job])
+                    (pair,) = self._record([entry], [job])
                 submitted.append(pair)
                 running.append(pair)
             finished.wait(running)
@@ -448,6 +448,27 @@ class Launch:
                 lifecycle.current_run_id(self.client, run_id),
                 f"interrupted: {why}; stopped at its last checkpoint (the next launch resumes it)",
             )
+        for run_id in self.unsubmitted_run_ids():
+            lifecycle.interrupt(
+                self.client, run_id, f"interrupted: {why}; its job was never submitted (the next launch submits it)"
+            )
+
+    def unsubmitted_run_ids(self) -> list[str]:
+        """This launch's runs in flight that no job of it was submitted for: the interrupt came after they
+        were created or queued again, before their submission (or inside `create_placeholder`, whose new
+        run is RUNNING until it is made SCHEDULED). Left so, they would look queued or training for good."""
+        from harness.tracking import find_runs
+
+        if self._parent_id is None:  # nothing created
+            return []
+        submitted = {run_id for run_id, _ in self.started}
+        submitted |= {lifecycle.current_run_id(self.client, run_id) for run_id in submitted}
+        runs = find_runs(
+            self.uri,
+            self.expanded.spec.name,
+            f"tags.mlflow.parentRunId = '{self._parent_id}' and tags.kind = 'train'",
+        )
+        return [r.info.run_id for r in runs if lifecycle.in_flight(r) and r.info.run_id not in submitted]
 
     @property
     def watch(self) -> Any:
