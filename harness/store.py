@@ -318,9 +318,13 @@ class StoreLock:
     spellings of the URI exclude each other too. Held for the bookkeeping and submission only, not
     while local runs train: a relaunch meanwhile sees them in flight.
     Re-entrant (nested `with` blocks of one StoreLock); released when the process dies.
+
+    An SQLite store that another process locks after `check_store`'s probe (a sqlite3 shell, a backup
+    taking its write lock just then) fails MLflow's next write under this lock after MLflow's own retries:
+    that is `_locked`'s one line (exit 1, naming the store and `source`), not MLflow's traceback.
     """
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, source: str = "the tracking store") -> None:
         import hashlib
 
         from filelock import FileLock
@@ -334,6 +338,7 @@ class StoreLock:
             self.path = lock_dir() / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', f'{scheme}-{host}')}-{digest}.lock"
         self._lock = FileLock(str(self.path))
         self.waited = False
+        self.uri, self.source = uri, source
 
     def __enter__(self) -> StoreLock:
         from filelock import Timeout
@@ -362,5 +367,21 @@ class StoreLock:
             self._lock.acquire()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         self._lock.release()
+        if isinstance(exc, Exception) and sqlite_path(self.uri) is not None and _database_locked(exc):
+            raise _locked(self.uri, self.source) from None
+
+
+def _database_locked(err: BaseException) -> bool:
+    """Whether SQLite's "database is locked" (or "busy") is `err` or its cause, however MLflow or
+    SQLAlchemy wrapped it; not once it is `_locked`'s line already."""
+    seen: BaseException | None = err
+    for _ in range(10):  # a chain of wrappers, bounded
+        if seen is None or isinstance(seen, EnvironmentProblem):
+            return False
+        if isinstance(seen, sqlite3.OperationalError) or "OperationalError" in type(seen).__name__:
+            if "database is locked" in str(seen) or "database is busy" in str(seen):
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -292,6 +292,45 @@ def test_a_locked_store_is_one_line_within_30_s_and_nothing_is_written(tmp_path:
     assert snapshot(tmp_path) == before
 
 
+def test_a_store_locked_after_the_launch_probed_it_is_one_line(tmp_path: Path) -> None:
+    """Review L1: another process takes the store's write lock after the launch's probe, before the launch
+    lock is its (here: while the launch waits for the lock the test holds). MLflow's first write under the
+    lock fails after its own retries: one line naming the store, exit 1, instead of MLflow's traceback."""
+    from filelock import FileLock
+
+    path = write(tmp_path / "t.yaml", teacher_only())
+    MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()  # an existing store
+    held = FileLock(str(tmp_path / "mlflow.db.launch.lock"))
+    held.acquire()
+    launch = popen("harness.launch", *launch_args(tmp_path, path), cwd=tmp_path)
+    err = Lines(launch.stderr)
+    wait_until(lambda: WAITING in "".join(err.lines) or launch.poll() is not None, 120, "the launch to wait")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sqlite3, sys, time\n"
+                f"con = sqlite3.connect({str(tmp_path / 'mlflow.db')!r}, isolation_level=None)\n"
+                "con.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(120)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(tmp_path)
+        held.release()  # the launch goes on to MLflow, past its probe
+        launch.wait(timeout=120)
+    finally:
+        holder.kill()
+    lines = err.text().strip().splitlines()
+    assert launch.returncode == 1 and len(lines) == 2 and WAITING in lines[0], lines
+    assert lines[1].startswith("--tracking-uri: the SQLite store is locked by another process"), lines
+    assert snapshot(tmp_path) == before
+
+
 # -------------------------------------------------- case 10: Ctrl-C to a launch
 def test_ctrl_c_to_a_launch_ends_its_run_killed_with_the_reason_in_one_line(tmp_path: Path) -> None:
     path = write(tmp_path / "t.yaml", teacher_only(**{"base/data/train_digits": 512, "scales/tiny/train/epochs": 3}))

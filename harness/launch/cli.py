@@ -84,7 +84,7 @@ def _main(args: argparse.Namespace) -> int:
     check_run_folders(expanded, output_root)
     bound_requests()
     cluster = choose_executor(args.executor)
-    launch = Launch(expanded, uri, cluster, args.rerun, output_root, StoreLock(uri))
+    launch = Launch(expanded, uri, cluster, args.rerun, output_root, StoreLock(uri, source))
     progress = sys.stderr.isatty()
     status = RunState.KILLED  # unless the launch gets to the end
     previous = signal.signal(signal.SIGTERM, _raise_terminated)

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     uri, source = resolve_uri(args.tracking_uri)
     check_store(uri, source, must_exist=False, write=True)  # in seconds, one line; MLflow's set-up lines kept quiet
     try:
-        with StoreLock(uri):  # two searches (or launches) at once: one sets up the store at a time
+        with StoreLock(uri, source):  # two searches (or launches) at once: one sets up the store at a time
             search = Search(plan, storage, cluster, uri)
     except ConfigError as err:
         print(err, file=sys.stderr)
