@@ -34,6 +34,7 @@ from harness import checkpointing as ckpt
 from harness.config import RunConfig
 from harness.data import DataBundle, build_data, make_loader, set_epoch
 from harness.distributed import DistEnv, all_reduce_sum, barrier, init_distributed
+from harness.files import write_atomic
 from harness.lifecycle import RunState
 from harness.losses import loss_for
 from harness.measure import count_gflops, count_params_m, measure_throughput
@@ -608,11 +609,9 @@ class Trainer:
             step=self.cfg.train.epochs,
             model_id=model_id,
         )
-        (self.out / RESULT).write_text(
-            json.dumps(
-                {"mlflow_run_id": self.tracker.run_id, "run_key": self.cfg.run_key(), "metrics": final}, indent=2
-            )
-        )
+        record = {"mlflow_run_id": self.tracker.run_id, "run_key": self.cfg.run_key(), "metrics": final}
+        # atomic: a half-written result.json would read as a damaged run and hide a finished one
+        write_atomic(self.out / RESULT, lambda handle: handle.write(json.dumps(record, indent=2).encode()))
 
 
 def run(cfg: RunConfig, on_epoch: EpochCallback | None = None) -> dict[str, float]:
