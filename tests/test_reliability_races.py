@@ -181,11 +181,11 @@ def test_two_launches_at_once_on_a_new_store_make_one_run_and_one_job(tmp_path: 
     path = write(tmp_path / "t.yaml", teacher_only())
     launches, errs = start_together(tmp_path, "harness.launch", launch_args(tmp_path, path))
     results = []
-    for launch, err in zip(launches, errs):
+    for launch, err in zip(launches, errs, strict=True):
         out = launch.stdout.read()
         launch.wait(timeout=300)
         results.append((launch.returncode, out, err.text()))
-    for code, out, err in results:
+    for code, _out, err in results:
         assert code == 0, err
         assert "Traceback" not in err and "duplicate column" not in err, err
         assert WAITING in err, err
@@ -435,7 +435,7 @@ def test_two_searches_at_once_share_one_parent_and_ctrl_c_keeps_the_enqueued_poi
     assert all(s.poll() is None for s in searches), [e.text() for e in errs]
     for search in searches:
         os.killpg(search.pid, signal.SIGINT)
-    for search, err in zip(searches, errs):
+    for search, err in zip(searches, errs, strict=True):
         search.wait(timeout=120)
         assert search.returncode == 130, err.text()
         assert "Traceback" not in err.text() and WAITING in err.text(), err.text()
