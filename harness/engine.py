@@ -42,6 +42,7 @@ from harness.optim import build_optimizer, build_schedule, current_lrs, gumbel_t
 from harness.tracking import UNSENT, RunTracker, TrackingUnavailable, http_client_settings
 
 RESULT = "result.json"  # final metrics of a finished run, beside its checkpoint
+INTERRUPTED_BY_HAND = "interrupted: Ctrl-C (SIGINT); the same command resumes from the last checkpoint"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -568,9 +569,13 @@ class Trainer:
                 self.tracker.set_tags({"trial_state": "PRUNED"})
                 self.tracker.finish(RunState.KILLED)
             raise
+        except KeyboardInterrupt:  # Ctrl-C to a run trained by hand (launched jobs ignore SIGINT)
+            if self.tracker:
+                self.tracker.finish(RunState.KILLED, reason=INTERRUPTED_BY_HAND)
+            raise
         except BaseException as err:
             if self.tracker:
-                self.tracker.finish(RunState.FAILED, reason=str(err)[:4000])
+                self.tracker.finish(RunState.FAILED, reason=(str(err) or type(err).__name__)[:4000])
             raise
 
     def fit(self, on_epoch: EpochCallback | None = None) -> dict[str, float]:

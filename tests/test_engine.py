@@ -194,6 +194,36 @@ def test_resume_after_sigterm_is_exact(tmp_path: Path, teacher: Path) -> None:
         assert state["epoch_elapsed"] > 0 and times[state["epoch"]] >= state["epoch_elapsed"]
 
 
+def test_ctrl_c_to_a_run_trained_by_hand_ends_it_killed_with_the_reason(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) to `python -m harness.train` once its run is RUNNING: KILLED, tag `error` says why
+    (it was FAILED with an empty `error` before: str(KeyboardInterrupt()) is '')."""
+    config = write_config(tmp_path, "ctrl-c", train__epochs=50)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.train", str(config)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    deadline = time.time() + 300
+    started: list[Any] = []
+    while not started and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        experiment = client.get_experiment_by_name("engine-tests") if (tmp_path / "mlflow.db").exists() else None
+        if experiment is not None:  # a metric logged: the session is open and training
+            started = [r for r in client.search_runs([experiment.experiment_id]) if r.data.metrics]
+    assert started, "the run never logged a metric"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    (run,) = client.search_runs([started[0].info.experiment_id])
+    assert run.info.status == "KILLED", run.info.status
+    assert run.data.tags["error"] == (
+        "interrupted: Ctrl-C (SIGINT); the same command resumes from the last checkpoint"
+    ), run.data.tags
+
+
 def test_a_hard_killed_run_resumes_without_logging_a_step_twice(tmp_path: Path) -> None:
     """SIGKILL mid-epoch 2: the steps logged since the epoch-1 checkpoint are not logged again."""
     config = write_config(tmp_path, "hard", train__epochs=3, optim__log_every=1)
