@@ -13,7 +13,7 @@ from typing import Any
 from harness import lifecycle, runstate
 from harness.cluster import job_alive, process_alive, scancel, signal_local, wait_until_gone
 from harness.errors import EnvironmentProblem
-from harness.launch.wait import Finished, children_ignore_sigint, failure_line, stop_jobs
+from harness.launch.wait import Finished, children_ignore_sigint, ctrl_c_deferred, failure_line, stop_jobs
 from harness.lifecycle import IN_FLIGHT, RunState, status_filter
 from harness.spec import Expanded, RunPlan
 from harness.store import StoreLock
@@ -205,11 +205,14 @@ class Launch:
                 file=sys.stderr,
             )
             continue_run = None
-        if continue_run is not None:
-            run_id = continue_run.info.run_id
-            lifecycle.queue_again(self.client, run_id, tags)
-        else:
-            run_id = lifecycle.create_placeholder(self.client, self.experiment_id, plan.config.tracking.run_name, tags)
+        with ctrl_c_deferred():  # never a placeholder left RUNNING (MLflow creates it so) by a Ctrl-C
+            if continue_run is not None:
+                run_id = continue_run.info.run_id
+                lifecycle.queue_again(self.client, run_id, tags)
+            else:
+                run_id = lifecycle.create_placeholder(
+                    self.client, self.experiment_id, plan.config.tracking.run_name, tags
+                )
         moved = runstate.claim(plan.output_dir, plan.key, run_id, self.root, resume=continue_run is not None)
         if moved is not None:
             print(

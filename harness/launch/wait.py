@@ -99,6 +99,24 @@ def stop_jobs(jobs: list[Any], wait_s: float, every_s: float = 2.0) -> None:
 
 
 @contextlib.contextmanager
+def ctrl_c_deferred() -> Any:
+    """A Ctrl-C meanwhile is raised once the block is done, not inside it.
+
+    Why: MLflow creates a run RUNNING and the launcher makes it SCHEDULED a moment later; a Ctrl-C
+    between the two left a placeholder RUNNING with no job for good, and a KeyboardInterrupt inside
+    SQLAlchemy's query made it log "Error closing cursor" with a traceback.
+    """
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and previous is not signal.SIG_IGN:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
 def children_ignore_sigint() -> Any:
     """Local jobs started inside ignore SIGINT (an ignored signal stays ignored across exec).
 
