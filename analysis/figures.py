@@ -24,6 +24,7 @@ import pandas as pd
 import seaborn as sns
 
 from analysis.reference import load_reference, table_info
+from analysis.tables import one_configuration
 from harness.files import PathLike
 
 _STYLE = "whitegrid"
@@ -119,12 +120,13 @@ def _paper_points(ax: Any, ref: pd.DataFrame) -> None:
 
 # ------------------------------------------------------------------ accuracy vs cost/ratio
 def accuracy_vs_keep_ratio(runs: pd.DataFrame, path: PathLike, table: str | None = None) -> Path:
-    """Val top-1 vs keep ratio per variant (mean and sd over runs); the paper's beside it if `table`."""
+    """Val top-1 vs keep ratio per variant (mean and sd over runs; of a table row, those the table
+    averages: `tables.one_configuration`); the paper's beside it if `table`."""
     panels = 2 if table else 1
     with sns.axes_style(_STYLE):
         fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
         ax = axes[0][0]
-        data = runs.dropna(subset=["keep_ratio", "acc1"])
+        data = one_configuration(runs)[0].dropna(subset=["keep_ratio", "acc1"])
         if data.empty:
             _empty(ax, "no finished runs with a keep ratio")
         else:
@@ -155,11 +157,12 @@ def accuracy_vs_keep_ratio(runs: pd.DataFrame, path: PathLike, table: str | None
 
 
 def accuracy_vs_gflops(runs: pd.DataFrame, table: str, path: PathLike) -> Path:
-    """Top-1 vs GFLOPs per table row: the reproduction (mean, sd over runs) and, in its own panel, the paper."""
+    """Top-1 vs GFLOPs per table row: the reproduction (mean, sd over the runs the table averages:
+    `tables.one_configuration`) and, in its own panel, the paper."""
     info = table_info(table)
     with sns.axes_style(_STYLE):
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-        data = runs.dropna(subset=["row", "gflops", "acc1"])
+        data = one_configuration(runs)[0].dropna(subset=["row", "gflops", "acc1"])
         if data.empty:
             _empty(left, "no finished runs")
         else:

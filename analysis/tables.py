@@ -84,8 +84,9 @@ def one_configuration(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     real one): they are not seeds of one experiment, and the most recent launch is the one a report
     is about. So a row counts the runs whose configuration (`collect.configuration`: every param
     but the seed) is that of its most recent run, and of those one per seed, the newest. Returns
-    those runs, in their order, and one note line naming per row what was left out ("" if nothing).
-    Runs without a `config` column (not collect_runs output) are taken as one configuration.
+    those runs and the runs of no row, in their order, and one note line naming per row what was
+    left out ("" if nothing). Runs without a `config` column (not collect_runs output) are taken as
+    one configuration.
     """
     if "config" not in runs or "row" not in runs or runs["row"].isna().all():
         return runs, ""
@@ -117,7 +118,7 @@ def one_configuration(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
             said.append(f"{_runs(len(again), 'older run')} of a seed already counted (seed {seeds})")
         if said:
             parts.append(f"{row}: {' and '.join(said)} left out")
-    kept = newest.index[same & ~repeated]
+    kept = newest.index[same & ~repeated].union(runs.index[runs["row"].isna()])
     note = (
         "a row's numbers are over the seeds of one configuration, its most recent run's (one run per seed): "
         + "; ".join(parts)
