@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cache
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -226,9 +227,9 @@ def _search_database(tracking_uri: str, experiment_id: str, scale: str | None) -
     but only the tags and metrics `collect_runs` reads (every param): one query each for runs, tags,
     params, latest metrics."""
     from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
-    from sqlalchemy import select
+    from sqlalchemy import Select, select
 
-    finished = select(SqlRun.run_uuid).where(
+    finished: Select[Any] = select(SqlRun.run_uuid).where(
         SqlRun.experiment_id == int(experiment_id),
         SqlRun.status == RunState.FINISHED.value,
         SqlRun.lifecycle_stage == "active",
