@@ -37,6 +37,7 @@ table = "table1"  # the paper table whose points are drawn beside the search
 fixed_experiment = "table1"  # MLflow experiment of the fixed-ratio runs (absent is fine)
 
 # %%
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -189,11 +190,17 @@ display(Image(filename=str(tau_png)))
 # %%
 min_trials = 5
 importances: dict[str, dict[str, float]] = {}
+
+
+def objective_value(index: int) -> Callable[[optuna.trial.FrozenTrial], float]:
+    """The `index`-th objective of a trial: what fANOVA ranks the parameters by."""
+    return lambda trial: trial.values[index]
+
+
 if len(complete) >= min_trials:
     for index, name in enumerate(names):
         try:
-            importances[name] = optuna.importance.get_param_importances(
-                study, target=lambda t, i=index: t.values[i])
+            importances[name] = optuna.importance.get_param_importances(study, target=objective_value(index))
         except (RuntimeError, ValueError) as err:  # e.g. a parameter that never varied
             print(f"{name}: no importances ({err})")
 fig, axes = plt.subplots(1, max(len(importances), 1), figsize=(5 * max(len(importances), 1), 3), squeeze=False)
