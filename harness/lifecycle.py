@@ -20,6 +20,7 @@ through MLflow's public client (`MlflowClient.create_run`, `update_run`, `set_te
                                                    (tag requeued: SLURM requeues the preempted job)
 
     SCHEDULED --cancel / supersede--> KILLED        (a queued job cancelled, or its configuration replaced)
+    SCHEDULED --interrupt--> KILLED                 (Ctrl-C to a launch before that run's job was submitted)
     SCHEDULED, RUNNING --kill_if_in_flight--> KILLED (harness.cancel, once the jobs have stopped)
     SCHEDULED, RUNNING --fail_if_in_flight--> FAILED (a search's trial whose worker is gone)
     SCHEDULED (again), FAILED, KILLED --start--> RUNNING  (a job resuming its run; a search's parent
