@@ -23,6 +23,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from analysis.tables import one_configuration
 from harness.lifecycle import RunState, status_filter
 
 # output column -> (search_runs column, kind); numbers become float, seeds nullable ints
@@ -277,7 +278,11 @@ def _search_database(tracking_uri: str, experiment_id: str, scale: str | None) -
 
 
 def pick_run(runs: pd.DataFrame, row: str) -> str | None:
-    """The run id to illustrate a table row with (lowest seed, then newest); None if it has no run."""
+    """The run id to illustrate a table row with (lowest seed, then newest); None if it has no run.
+
+    Only among the runs the row's numbers average (`tables.one_configuration`), not a smoke launch's.
+    """
+    runs = one_configuration(runs)[0]
     chosen = runs[runs["row"] == row]
     if chosen.empty:
         return None

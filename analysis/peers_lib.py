@@ -4,7 +4,9 @@ TokenReduction keep-rate group, Pareto fronts, interleaved throughput and the tw
 Used by analysis/notebooks/peers_notebook.ipynb. A TokenReduction point is found by its
 configuration (the knobs `analysis.peers_match.tr_knobs` gives for that rate), not by its stage,
 so that DynamicViT/0.7 and (at the paper scale) Top-K/0.7 count in both groups from the one run
-each.
+each. Every number here averages what the matched table (`tables.build_table`) averages: per row,
+the seeds of its most recent run's configuration (`tables.one_configuration`), so that a smoke
+launch before the real one is not counted as more seeds.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from analysis import collect
+from analysis import collect, tables
 from harness.files import PathLike
 
 KNOBS = ("name", "variant", "keep_ratio", "fuse_token", "tome_r", "stage_ratios", "pool_after_block", "pruning_loc")
@@ -95,12 +97,23 @@ def tr_rate(run: pd.Series) -> tuple[float, str] | None:
 
 
 def tr_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Top-1 (mean, sd, runs) and GFLOPs per TokenReduction rate and method."""
+    """Top-1 (mean, sd, runs) and GFLOPs per TokenReduction rate and method.
+
+    Over the runs `tables.one_configuration` keeps; its note on the rows that hold a keep-rate
+    point ("" when nothing was left out) is in `attrs["notes"]`, which `tr_markdown` prints.
+    """
     found = [tr_rate(run) for _, run in runs.iterrows()]
     rows = runs.assign(rate=[f[0] if f else np.nan for f in found], method=[f[1] if f else None for f in found])
+    points = rows["method"].notna()
+    if "row" in rows:  # the whole of each row with a point: its latest run decides its configuration
+        points |= rows["row"].isin(set(rows.loc[points, "row"].dropna()))
+    rows, note = tables.one_configuration(rows[points])
     rows = rows[rows["method"].notna()]
+    notes = [note] if note else []
     if rows.empty:
-        return pd.DataFrame(columns=["rate", "method", "acc1", "std", "gflops", "runs"])
+        empty = pd.DataFrame(columns=["rate", "method", "acc1", "std", "gflops", "runs"])
+        empty.attrs["notes"] = notes
+        return empty
     grouped = rows.groupby(["rate", "method"], sort=True)
     out = pd.DataFrame(
         {
@@ -111,11 +124,13 @@ def tr_table(runs: pd.DataFrame) -> pd.DataFrame:
         }
     ).reset_index()
     out["method"] = pd.Categorical(out["method"], TR_METHODS, ordered=True)
-    return out.sort_values(["rate", "method"]).reset_index(drop=True)
+    out = out.sort_values(["rate", "method"]).reset_index(drop=True)
+    out.attrs["notes"] = notes
+    return out
 
 
 def tr_markdown(table: pd.DataFrame) -> str:
-    """Rates as rows, methods as columns: `top-1 ± sd (GFLOPs)`."""
+    """Rates as rows, methods as columns: `top-1 ± sd (GFLOPs)`; `tr_table`'s notes below, as `tables.to_markdown`."""
     head = "| keep rate | " + " | ".join(TR_METHODS) + " |"
     lines = [head, "|---:|" + "---:|" * len(TR_METHODS)]
     for rate, part in table.groupby("rate"):
@@ -129,6 +144,8 @@ def tr_markdown(table: pd.DataFrame) -> str:
             sd = f" ± {row['std']:.2f}" if row["runs"] > 1 else ""
             cells.append(f"{row['acc1']:.2f}{sd} ({row['gflops']:.3g} G)")
         lines.append(f"| {rate:g} | " + " | ".join(cells) + " |")
+    notes = table.attrs.get("notes", [])
+    lines += [""] + [f"- {note}" for note in notes] if notes else []
     return "\n".join(lines) + "\n"
 
 
@@ -301,7 +318,9 @@ def accuracy_figure(
 
 
 def points_frame(runs: pd.DataFrame, speeds: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per matched row and per keep-rate point: mean/sd top-1, mean GFLOPs, interleaved images/s."""
+    """Per matched row and per keep-rate point: mean/sd top-1, mean GFLOPs, interleaved images/s
+    (over the runs `tables.one_configuration` keeps, as the tables)."""
+    runs = tables.one_configuration(runs)[0]
     records: list[dict[str, Any]] = []
     matched = runs[runs["row"].isin(MATCHED_ROWS)]
     for row, part in matched.groupby("row", sort=False):
@@ -338,7 +357,8 @@ def points_frame(runs: pd.DataFrame, speeds: pd.DataFrame | None = None) -> pd.D
 
 
 def speed_models(runs: pd.DataFrame) -> dict[str, tuple[str, dict[str, Any]]]:
-    """One architecture per point of `points_frame` (labels alike), rebuilt from a run's knobs."""
+    """One architecture per point of `points_frame` (labels alike), rebuilt from a run's knobs (a run it averages)."""
+    runs = tables.one_configuration(runs)[0]
     chosen: dict[str, tuple[str, dict[str, Any]]] = {}
     for row, part in runs[runs["row"].isin(MATCHED_ROWS)].groupby("row", sort=False):
         run = part.iloc[0]

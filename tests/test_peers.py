@@ -359,9 +359,14 @@ def test_matching_finds_the_nearest_knob() -> None:
 PEERS_SPEC = "experiments/peers.yaml"
 
 
-def _fixture_store(tmp: Path) -> str:
+def _fixture_store(tmp: Path, smoke: tuple[str, ...] = (), running: tuple[tuple[str, int], ...] = ()) -> str:
     """FIXTURES standing in for the tiny peers runs: the spec's own run configs (tags and params as the
-    launcher and engine log them), invented accuracies; a few keep-rate points left without a run."""
+    launcher and engine log them), invented accuracies; a few keep-rate points left without a run.
+
+    `smoke`: rows that also get an older 1-epoch run of seed 0 (top-1 10.0), as a smoke launch
+    (`scales.tiny.train.epochs=1`) before the real one leaves; `running`: (row, seed) runs of the
+    real launch left RUNNING (still training).
+    """
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
@@ -382,11 +387,12 @@ def _fixture_store(tmp: Path) -> str:
         "tome-off-shelf": 40.0,
         "structural": 53.0,
     }
-    for plan in plans:
+    smoke_plans = [plan for plan in plans if plan.row in smoke and plan.config.train.seed == 0]
+    for plan, is_smoke in [(plan, True) for plan in smoke_plans] + [(plan, False) for plan in plans]:
         if plan.row in ("tr/tome/0.9", "tr/evit/0.5"):
             continue  # shown as missing
         seed = plan.config.train.seed
-        acc = invented.get(plan.row, 50.0) + seed * 0.5
+        acc = 10.0 if is_smoke else invented.get(plan.row, 50.0) + seed * 0.5
         run_id = client.create_run(experiment_id).info.run_id
         tags = {
             "spec": "peers",
@@ -396,11 +402,13 @@ def _fixture_store(tmp: Path) -> str:
             "scale": "tiny",
             "stage": plan.stage,
             "kind": "train",
-            "run_key": plan.key,
+            "run_key": f"{plan.key}-smoke" if is_smoke else plan.key,  # another configuration, another key
             "fixture": "true",
         }
         params = {k: str(v) for k, v in flatten(plan.config.model_dump(exclude={"tracking"})).items()}
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000) - (3_600_000 if is_smoke else 0)  # the smoke launch ran an hour earlier
+        if is_smoke:
+            params["train.epochs"] = "1"
         metrics = [
             Metric("val/acc1", acc, now, 2),
             Metric("val/acc1_best", acc, now, 2),
@@ -412,7 +420,8 @@ def _fixture_store(tmp: Path) -> str:
             params=[Param(k, v[:500]) for k, v in params.items()],
             tags=[RunTag(k, v) for k, v in tags.items()],
         )
-        client.set_terminated(run_id, "FINISHED")
+        if is_smoke or (plan.row, seed) not in running:
+            client.set_terminated(run_id, "FINISHED", end_time=now)
     return uri
 
 
@@ -460,6 +469,35 @@ def test_the_peers_report_from_fixture_runs(tmp_path: Path) -> None:
     assert len(speeds) == 8 + 10 and (speeds["images_per_s"] > 0).all() and set(speeds["device"]) == {"cpu"}
     for name in ("peers_acc_vs_gflops.png", "peers_acc_vs_throughput.png"):
         assert (out / name).stat().st_size > 10_000
+
+
+def test_the_peers_report_averages_the_seeds_of_one_configuration(tmp_path: Path) -> None:
+    """Review 2 H1: a 1-epoch smoke launch before the real one is not more seeds. FIXTURE runs: rows
+    `tr/topk/0.5` (one seed) and `topk` (seeds 0-2, seed 0 of the real launch still RUNNING) each hold an
+    older 1-epoch run of seed 0 (top-1 10.0). The keep-rate table, the figures' points and the run the
+    kept-token figures show take the real launch's runs only, as the matched table does, and the note
+    under the keep-rate table names what was left out (before: 30.0 over 2 runs, 42.83 over 3, the smoke
+    run picked)."""
+    from analysis import peers_lib
+    from analysis.collect import pick_run
+
+    uri = _fixture_store(tmp_path, smoke=("tr/topk/0.5", "topk"), running=(("topk", 0),))
+    runs = peers_lib.peer_runs(uri, "peers", "tiny")
+    assert len(runs) == 31 - 2 - 1 + 2  # two points without a run, one still running, two smoke runs
+
+    keep = peers_lib.tr_table(runs)
+    topk = keep[(keep["rate"] == 0.5) & (keep["method"] == "topk")].iloc[0]
+    assert topk["acc1"] == pytest.approx(50.0) and topk["runs"] == 1
+    assert "tr/topk/0.5: 1 run of another configuration (train.epochs=1 instead of 5) left out" in (
+        peers_lib.tr_markdown(keep)
+    )
+
+    points = peers_lib.points_frame(runs).set_index("label")
+    assert points.loc["topk", "acc1"] == pytest.approx(59.25) and points.loc["topk", "runs"] == 2  # seeds 1, 2
+    assert points.loc["topk 0.5", "acc1"] == pytest.approx(50.0) and points.loc["topk 0.5", "runs"] == 1
+
+    chosen = runs.set_index("run_id").loc[pick_run(runs, "topk")]
+    assert chosen["seed"] == 1 and chosen["config_params"]["train.epochs"] == "5"
 
 
 def test_pareto_front() -> None:
