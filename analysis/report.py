@@ -147,13 +147,13 @@ def make_report(
 def _check_store(tracking_uri: str, experiment: str, source: str = "--tracking-uri") -> None:
     """Refuse before starting a kernel: a missing SQLite file or experiment is a typo, not an empty table."""
     from harness.config import ConfigError
-    from harness.store import bound_requests, check_store
+    from harness.store import bound_requests, open_store
 
+    bound_requests()
     try:
-        check_store(tracking_uri, source, must_exist=True, write=False)
+        open_store(tracking_uri, source, write=False)  # waits while a launch sets the store up
     except ConfigError as err:
         raise ReportError(str(err)) from None
-    bound_requests()
     from analysis.collect import experiment_exists  # MLflow: imported once the store is known to be there
 
     try:

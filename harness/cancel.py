@@ -21,7 +21,7 @@ from harness.cluster import scancel, signal_local, wait_until_gone
 from harness.errors import EnvironmentProblem, handle
 from harness.lifecycle import RunState
 from harness.spec import load_and_expand
-from harness.store import bound_requests, check_store, resolve_uri
+from harness.store import bound_requests, open_store, resolve_uri
 
 GONE_TIMEOUT_S = 90  # past SLURM's default KillWait (30 s), after which a cancelled job is SIGKILLed
 
@@ -103,8 +103,8 @@ def _main(args: argparse.Namespace) -> int:
     expanded = load_and_expand(args.spec, args.overrides, args.scale, check_files=False)
     spec, scale = expanded.spec, expanded.scale
     uri, source = resolve_uri(args.tracking_uri)
-    check_store(uri, source, must_exist=True, write=True)
     bound_requests()
+    open_store(uri, source, write=True)  # waits while a launch sets the store up; `cancel` reuses its set-up
     lines = cancel(spec.name, scale, uri)
     for line in lines:
         print(line)

@@ -17,7 +17,7 @@ from pathlib import Path
 from harness.errors import handle
 from harness.progress import run_progress
 from harness.spec import load_and_expand
-from harness.store import bound_requests, check_store, resolve_uri
+from harness.store import bound_requests, open_store, resolve_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,15 +40,13 @@ def show(args: argparse.Namespace) -> int:
         args.spec, args.overrides, args.scale, str(Path(args.output_root).resolve()), check_files=False
     )  # reads MLflow only: the runs' input files do not matter
     uri, source = resolve_uri(args.tracking_uri)
-    check_store(uri, source, must_exist=True, write=False)
     bound_requests()
+    client = open_store(uri, source, write=False)  # waits while a launch sets the store up
 
-    from mlflow import MlflowClient
     from mlflow.entities import Run
 
     from harness.tracking import find_runs
 
-    client = MlflowClient(uri)
     runs = find_runs(uri, expanded.spec.name, f"tags.kind = 'train' and tags.scale = '{expanded.scale}'")
     latest: dict[str, Run] = {}
     for found in sorted(runs, key=lambda r: r.info.start_time or 0):

@@ -18,10 +18,14 @@ import sqlite3
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from harness.config import ConfigError
 from harness.errors import EnvironmentProblem
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 PROBE_TIMEOUT_S = 5.0
 LOCK_WAIT_S = 10.0  # another process's write transaction on an SQLite store: waited out this long, then one line
@@ -143,20 +147,60 @@ def _check_sqlite(db: Path, uri: str, source: str, *, must_exist: bool, write: b
     if header and header != SQLITE_HEADER:
         raise ConfigError([f"{source}: not an SQLite database, got {uri!r}"])
     tables = _tables(db, uri, source) if header else set()
-    # MLflow creates `experiments` first and records its schema in `alembic_version` last: a launch
-    # may go on where another is creating the store (some of its tables, or none yet), a reading
-    # command only on a store that is set up; nobody adds MLflow's tables to another database
+    # MLflow creates `experiments` first, then runs its ~50 alembic migrations, each committed on its
+    # own: `alembic_version` appears with the first (~0.1 s in), long before the store is set up, and a
+    # migration that rebuilds a table leaves an `_alembic_tmp_<table>` until it commits (for good if it
+    # died). A launch may go on where another is creating the store (some of its tables, or none yet);
+    # a reading command only on a store that is not being set up (`open_store` waits for the launch
+    # lock, under which launches and searches set stores up); nobody adds MLflow's tables to another database
     if (must_exist and not tables) or (tables and "experiments" not in tables):
         raise ConfigError([f"{source}: not an MLflow store (no MLflow tables{_holding(tables, header)}), got {uri!r}"])
     if must_exist and "alembic_version" not in tables:
-        raise EnvironmentProblem(
+        raise StoreSettingUp(
             f"{source}: an MLflow store still being set up (no alembic_version yet: another command is "
             f"creating it); try again once it has, got {uri!r}"
+        )
+    half_done = sorted(name for name in tables if name.startswith("_alembic_tmp_"))
+    if must_exist and half_done:
+        raise StoreSettingUp(
+            f"{source}: an MLflow store in the middle of a schema migration (table {half_done[0]}: another "
+            f"command is setting it up, or one died doing so; if this stays, the store has to be made "
+            f"again), got {uri!r}"
         )
     if write and not (os.access(db, os.W_OK) and os.access(db.parent, os.W_OK | os.X_OK)):
         raise ConfigError([f"{source}: the SQLite file (or its folder, for the journal) is not writable, got {uri!r}"])
     if header and write:
         _check_write_lock(db, uri, source)
+
+
+class StoreSettingUp(EnvironmentProblem):
+    """An SQLite store that MLflow has not finished setting up (exit 1): perhaps another command is at it."""
+
+
+def open_store(uri: str, source: str, *, write: bool) -> MlflowClient:
+    """`check_store` for a command that reads an existing store (status, cancel, report), then its
+    MLflow client, both under the store's `StoreLock`.
+
+    Why: `MlflowClient` runs MLflow's whole set-up (tables, every migration) on a store that lacks
+    any of its tables. A store that a launch or search is setting up looks usable well before that
+    is done (see `_check_sqlite`); a second set-up beside it dies with a traceback and can leave the
+    store broken for good. Launches and searches set stores up under the lock, so this waits for them
+    (and says so). A server sets up its own database: no lock for http(s). A reader that cannot
+    create the lock file (a read-only folder) goes on without it: it could not write the store either.
+    """
+    try:
+        check_store(uri, source, must_exist=True, write=write)
+    except StoreSettingUp:
+        pass  # perhaps being set up right now: checked again once the lock is free
+    from mlflow import MlflowClient  # once the store is known to be there (an import of seconds)
+
+    if urlparse(uri).scheme in ("http", "https"):
+        return MlflowClient(uri)
+    with contextlib.ExitStack() as held:
+        with contextlib.suppress(OSError):  # the lock file cannot be created (a read-only folder)
+            held.enter_context(StoreLock(uri, source))
+        check_store(uri, source, must_exist=True, write=write)
+        return MlflowClient(uri)
 
 
 def _holding(tables: set[str], header: bytes) -> str:

@@ -331,6 +331,70 @@ def test_a_store_locked_after_the_launch_probed_it_is_one_line(tmp_path: Path) -
     assert snapshot(tmp_path) == before
 
 
+# ------------------------------ review 2 M1: a reading command never sets up a store another process sets up
+def sqlite_tables(db: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+        return sorted(row[0] for row in con.execute("select name from sqlite_master where type = 'table'"))
+
+
+def half_set_up_store(db: Path, *tables: str) -> None:
+    """A store as MLflow leaves it part-way through its set-up: `experiments`, `alembic_version` at its
+    first revision (~0.1 s in, with dozens of migrations to go) and `tables`."""
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        con.execute("create table experiments (experiment_id integer primary key, name varchar(256))")
+        con.execute("create table alembic_version (version_num varchar(32) primary key)")
+        con.execute("insert into alembic_version values ('451aebb31d03')")
+        for table in tables:
+            con.execute(f"create table {table} (id integer)")
+
+
+def test_status_and_cancel_refuse_a_store_left_half_migrated_in_one_line(tmp_path: Path) -> None:
+    """A migration that died (or is under way without the launch lock) leaves an `_alembic_tmp_*` table:
+    status and cancel say so in one line (exit 1) instead of running MLflow's set-up on it beside (or
+    after) the other, which dies with a traceback; the store is left as it was."""
+    path = write(tmp_path / "t.yaml", teacher_only())
+    db = tmp_path / "mlflow.db"
+    half_set_up_store(db, "_alembic_tmp_model_version_tags")
+    tables = sqlite_tables(db)
+    for module in ("harness.status", "harness.cancel"):
+        result = cli(module, str(path), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path, timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+        assert lines[0].startswith(
+            "--tracking-uri: an MLflow store in the middle of a schema migration (table _alembic_tmp_model_version_tags"
+        ), lines
+        assert sqlite_tables(db) == tables
+
+
+@pytest.mark.timeout(180)
+def test_status_waits_for_the_launch_lock_while_a_store_is_set_up_then_reads_it(tmp_path: Path) -> None:
+    """While a launch holds the store's lock (here the test, as `start_together` does), a store whose set-up
+    has just begun (alembic_version written, the migrations to come) is not read: status says what it waits
+    for and leaves the store alone; once the set-up is done and the lock free, it shows the runs."""
+    from filelock import FileLock
+
+    path = write(tmp_path / "t.yaml", teacher_only())
+    db = tmp_path / "mlflow.db"
+    half_set_up_store(db)
+    tables = sqlite_tables(db)
+    held = FileLock(str(tmp_path / "mlflow.db.launch.lock"))
+    held.acquire()
+    status = popen("harness.status", str(path), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
+    err = Lines(status.stderr)
+    try:
+        wait_until(lambda: WAITING in "".join(err.lines) or status.poll() is not None, 120, "status to wait")
+        assert status.poll() is None, err.text()
+        assert sqlite_tables(db) == tables  # status set up nothing
+        MlflowClient(f"sqlite:///{tmp_path}/done.db").search_experiments()  # the launch finishes the set-up
+        (tmp_path / "done.db").replace(db)
+    finally:
+        held.release()
+    out, _ = status.communicate(timeout=120)
+    lines = err.text().strip().splitlines()
+    assert status.returncode == 0 and len(lines) == 1 and WAITING in lines[0], lines
+    assert "not launched" in out, out
+
+
 # -------------------------------------------------- case 10: Ctrl-C to a launch
 def test_ctrl_c_to_a_launch_ends_its_run_killed_with_the_reason_in_one_line(tmp_path: Path) -> None:
     path = write(tmp_path / "t.yaml", teacher_only(**{"base/data/train_digits": 512, "scales/tiny/train/epochs": 3}))
