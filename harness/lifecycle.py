@@ -237,13 +237,17 @@ def supersede(client: MlflowClient, run_id: str, reason: str) -> None:
 
 
 def interrupt(client: MlflowClient, run_id: str, reason: str) -> None:
-    """A launch stopped its local job (Ctrl-C, TERM): tag `error` says why, KILLED if it was in flight;
-    a run that FINISHED meanwhile is left alone."""
-    status = client.get_run(run_id).info.status
-    if status == RunState.FINISHED:
+    """A launch stopped its local job (Ctrl-C, TERM): tag `error` says why, KILLED if it was in flight.
+
+    A run KILLED by its job at the launch's TERM gets the reason too (the engine records none). A run
+    that ended on its own before its job was reaped keeps its own outcome and reason: FINISHED, FAILED
+    (its `error`, e.g. a non-finite loss) or superseded (tag `superseded`; no launch resumes it).
+    """
+    run = client.get_run(run_id)
+    if run.info.status in (RunState.FINISHED, RunState.FAILED) or Tag.SUPERSEDED.value in run.data.tags:
         return
     set_error(client, run_id, reason)
-    if status in IN_FLIGHT:
+    if run.info.status in IN_FLIGHT:
         terminate(client, run_id, RunState.KILLED)
 
 

@@ -122,6 +122,37 @@ def test_superseded_failed_and_killed_runs(client: MlflowClient) -> None:
     assert client.get_run(parent).info.status == "RUNNING"
 
 
+def test_an_interrupt_keeps_the_reason_of_a_run_that_ended_on_its_own(client: MlflowClient) -> None:
+    """Review 2 L3: a launch's Ctrl-C reaches runs whose job submitit has not reaped yet. A run that
+    FAILED meanwhile keeps its own reason, a superseded one its tag; a run its job ended KILLED at the
+    launch's TERM (the engine records no reason) gets the launch's, as one still in flight does."""
+    experiment = client.create_experiment("lifecycle")
+    why = "interrupted: Ctrl-C (SIGINT) to the launch; stopped at its last checkpoint (the next launch resumes it)"
+
+    failed = client.create_run(experiment).info.run_id  # a job's run, RUNNING
+    lifecycle.fail(client, failed, "NonFiniteLoss: loss is nan at epoch 2")
+    lifecycle.interrupt(client, failed, why)
+    run = client.get_run(failed)
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "NonFiniteLoss: loss is nan at epoch 2"
+
+    superseded = client.create_run(experiment).info.run_id
+    lifecycle.supersede(client, superseded, "superseded: the configuration changed (run key a -> b)")
+    lifecycle.interrupt(client, superseded, why)
+    run = client.get_run(superseded)
+    assert run.info.status == "KILLED" and "error" not in run.data.tags
+
+    stopped = client.create_run(experiment).info.run_id
+    lifecycle.terminate(client, stopped, RunState.KILLED)  # the engine at the launch's TERM: no reason
+    lifecycle.interrupt(client, stopped, why)
+    run = client.get_run(stopped)
+    assert run.info.status == "KILLED" and run.data.tags["error"] == why
+
+    running = client.create_run(experiment).info.run_id
+    lifecycle.interrupt(client, running, why)
+    run = client.get_run(running)
+    assert run.info.status == "KILLED" and run.data.tags["error"] == why
+
+
 def test_the_state_diagram_names_every_transition() -> None:
     """The module docstring's diagram names each public function that changes a run's state."""
     tree = ast.parse((REPO / "harness" / "lifecycle.py").read_text())
