@@ -43,6 +43,12 @@ from harness.tracking import UNSENT, RunTracker, TrackingUnavailable, http_clien
 
 RESULT = "result.json"  # final metrics of a finished run, beside its checkpoint
 INTERRUPTED_BY_HAND = "interrupted: Ctrl-C (SIGINT); the same command resumes from the last checkpoint"
+# a Ctrl-C before the first checkpoint (written at each epoch's end): nothing to resume, and the same
+# command opens a new MLflow run for the run key (this one stays KILLED)
+INTERRUPTED_BEFORE_A_CHECKPOINT = (
+    "interrupted: Ctrl-C (SIGINT) before the first checkpoint (written at each epoch's end); the same "
+    "command starts over, in a new MLflow run"
+)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -571,7 +577,9 @@ class Trainer:
             raise
         except KeyboardInterrupt:  # Ctrl-C to a run trained by hand (launched jobs ignore SIGINT)
             if self.tracker:
-                self.tracker.finish(RunState.KILLED, reason=INTERRUPTED_BY_HAND)
+                resumable = (self.out / ckpt.CHECKPOINT).is_file()
+                why = INTERRUPTED_BY_HAND if resumable else INTERRUPTED_BEFORE_A_CHECKPOINT
+                self.tracker.finish(RunState.KILLED, reason=why)
             raise
         except BaseException as err:
             if self.tracker:

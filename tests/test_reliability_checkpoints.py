@@ -15,6 +15,7 @@ import http.server
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -406,3 +407,49 @@ def test_a_full_or_unwritable_cache_during_a_download_names_the_cache_not_the_ne
     assert result.returncode == 1 and line.startswith(f"checkpoint: {cache}: {problem}"), result.stderr
     assert url in line and "offline" not in line and "DVIT_CACHE" in line
     assert leftovers == []  # no .part file, no record
+
+
+# -------------------------------------- review 2 L1: Ctrl-C to a run trained by hand before its first checkpoint
+def test_ctrl_c_before_the_first_checkpoint_says_the_same_command_starts_over(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) to `python -m harness.train` during its first epoch, before the checkpoint written at
+    the epoch's end: there is nothing to resume, so the KILLED run's `error` says that the same command
+    starts over (in a new MLflow run), not that it resumes from the last checkpoint."""
+    from mlflow import MlflowClient
+
+    config = Ctx(tmp_path, tmp_path).train_cfg(
+        **{"data/train_size": 4096, "train/batch_size": 2, "optim/log_every": 1}
+    )  # an epoch of 2,048 steps: far longer than the wait for its first logged step
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.train", config],
+        cwd=tmp_path,
+        env={k: v for k, v in env.items() if not k.startswith("MLFLOW_")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def logged() -> bool:  # read with sqlite3: an MLflow client here would race the job setting up the store
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{tmp_path / 'mlflow.db'}?mode=ro", uri=True)) as con:
+                return bool(con.execute("select count(*) from metrics").fetchone()[0])
+        except sqlite3.Error:
+            return False
+
+    deadline = time.monotonic() + 240
+    while not logged() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert logged(), "the run never logged a step"
+    checkpoint = tmp_path / "run" / checkpointing.CHECKPOINT
+    assert not checkpoint.exists()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert not checkpoint.exists()  # interrupted before the first epoch's end, as intended
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED", run.info.status
+    assert run.data.tags["error"] == (
+        "interrupted: Ctrl-C (SIGINT) before the first checkpoint (written at each epoch's end); the same "
+        "command starts over, in a new MLflow run"
+    ), run.data.tags
