@@ -93,11 +93,8 @@ def _main(args: argparse.Namespace) -> int:
         if ok and args.wait and cluster == "slurm":
             ok = wait_for([j for jobs in launch.jobs.values() for j in jobs], progress, watch=launch.watch)
         status = RunState.FINISHED if ok else RunState.FAILED
-    except KeyboardInterrupt as stop:  # Ctrl-C, or TERM (_Terminated): the local jobs end with the launch
-        if cluster != "slurm":
-            launch.stop_local(
-                "SIGTERM to the launch" if isinstance(stop, _Terminated) else "Ctrl-C (SIGINT) to the launch"
-            )
+    except KeyboardInterrupt as stop:  # Ctrl-C, or TERM (_Terminated): runs not submitted, local jobs end KILLED
+        launch.stop("SIGTERM to the launch" if isinstance(stop, _Terminated) else "Ctrl-C (SIGINT) to the launch")
         raise
     except Exception:
         status = RunState.FAILED

@@ -13,7 +13,7 @@ from typing import Any
 from harness import lifecycle, runstate
 from harness.cluster import job_alive, process_alive, scancel, signal_local, wait_until_gone
 from harness.errors import EnvironmentProblem
-from harness.launch.wait import Finished, children_ignore_sigint, ctrl_c_deferred, failure_line, stop_jobs
+from harness.launch.wait import Finished, children_ignore_sigint, failure_line, interrupts_deferred, stop_jobs
 from harness.lifecycle import IN_FLIGHT, RunState, status_filter
 from harness.spec import Expanded, RunPlan
 from harness.store import StoreLock
@@ -205,7 +205,7 @@ class Launch:
                 file=sys.stderr,
             )
             continue_run = None
-        with ctrl_c_deferred():  # never a placeholder left RUNNING (MLflow creates it so) by a Ctrl-C
+        with interrupts_deferred():  # never a placeholder left RUNNING (MLflow creates it so) by a Ctrl-C
             if continue_run is not None:
                 run_id = continue_run.info.run_id
                 lifecycle.queue_again(self.client, run_id, tags)
@@ -284,12 +284,13 @@ class Launch:
         folder = todo[0][0].output_dir.parent / "submitit"
         executor = make_executor(self.cluster, folder, todo[0][0], self.expanded.spec.name, depends_on)
         if self.cluster == "slurm":  # one array; SLURM caps its concurrency (array_parallelism)
-            try:
-                array = executor.map_array(TrainJob(), [job["config"] for _, job in todo])
-            except Exception as err:  # sbatch refused: the runs never got a job
-                self.fail_unsubmitted(todo, err)
-                raise EnvironmentProblem(f"{stage}: SLURM refused the submission: {failure_line(err)}") from None
-            jobs = self._record(todo, array)
+            with interrupts_deferred(children_too=True):  # a job submitted is a job recorded: never submitted twice
+                try:
+                    array = executor.map_array(TrainJob(), [job["config"] for _, job in todo])
+                except Exception as err:  # sbatch refused: the runs never got a job
+                    self.fail_unsubmitted(todo, err)
+                    raise EnvironmentProblem(f"{stage}: SLURM refused the submission: {failure_line(err)}") from None
+                jobs = self._record(todo, array)
             print(f"{stage}: submitted {len(jobs)}, skipped {skipped}", file=sys.stderr)
             return jobs, True
         cpus = todo[0][0].slurm.cpus_per_task
@@ -305,8 +306,9 @@ class Launch:
         with Finished(len(todo), progress, stage, self.watch) as finished:
             for entry in todo:
                 running = finished.wait(running, leave=at_once - 1)  # a free slot
-                with children_ignore_sigint():  # recorded inside: a Ctrl-C right after still finds the job to stop
-                    job = executor.submit(TrainJob(), entry[1]["config"])
+                with interrupts_deferred():  # recorded inside: a Ctrl-C or TERM right after still finds the job to stop
+                    with children_ignore_sigint():
+                        job = executor.submit(TrainJob(), entry[1]["config"])
                     (pair,) = self._record([entry], [job])
                 submitted.append(pair)
                 running.append(pair)
@@ -437,12 +439,19 @@ class Launch:
                     return False
         return True
 
-    def stop_local(self, why: str, wait_s: float = 60.0) -> None:
-        """Stop this launch's local jobs that still run, and say why in each run's `error` tag.
+    def stop(self, why: str, wait_s: float = 60.0) -> None:
+        """A Ctrl-C or TERM to the launch: its runs whose job was never submitted end KILLED, its local
+        jobs are stopped, each run's `error` tag says why. Its SLURM jobs go on (harness.cancel stops them).
 
-        They ignore Ctrl-C (`children_ignore_sigint`): the launcher, their parent, ends them with TERM,
+        Local jobs ignore Ctrl-C (`children_ignore_sigint`): the launcher, their parent, ends them with TERM,
         as harness.cancel does (a checkpoint at the next step, then KILLED; the next launch resumes).
         """
+        for run_id in self.unsubmitted_run_ids():  # first: quick, and no job of theirs to wait for
+            lifecycle.interrupt(
+                self.client, run_id, f"interrupted: {why}; its job was never submitted (the next launch submits it)"
+            )
+        if self.cluster == "slurm":
+            return
         live = [(run_id, job) for run_id, job in self.started if not job.done()]
         stop_jobs([job for _, job in live], wait_s)
         for run_id, _ in live:  # a run that FINISHED on its own meanwhile is left alone
@@ -450,10 +459,6 @@ class Launch:
                 self.client,
                 lifecycle.current_run_id(self.client, run_id),
                 f"interrupted: {why}; stopped at its last checkpoint (the next launch resumes it)",
-            )
-        for run_id in self.unsubmitted_run_ids():
-            lifecycle.interrupt(
-                self.client, run_id, f"interrupted: {why}; its job was never submitted (the next launch submits it)"
             )
 
     def unsubmitted_run_ids(self) -> list[str]:

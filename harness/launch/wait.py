@@ -7,12 +7,14 @@ import contextlib
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from harness.cluster import signal_local
 from harness.spec import RunPlan
 
 POLL_S = 0.2  # how often finished local processes are looked for
+STOPS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and TERM (harness.cancel, scancel, kill)
 
 
 def failure_line(err: BaseException) -> str:
@@ -99,21 +101,30 @@ def stop_jobs(jobs: list[Any], wait_s: float, every_s: float = 2.0) -> None:
 
 
 @contextlib.contextmanager
-def ctrl_c_deferred() -> Any:
-    """A Ctrl-C meanwhile is raised once the block is done, not inside it.
+def interrupts_deferred(children_too: bool = False) -> Iterator[None]:
+    """A Ctrl-C (SIGINT) or TERM meanwhile is raised once the block is done, not inside it (the first
+    one, through the handler it had before: `_Terminated` for a launch's TERM).
 
     Why: MLflow creates a run RUNNING and the launcher makes it SCHEDULED a moment later; a Ctrl-C
     between the two left a placeholder RUNNING with no job for good, and a KeyboardInterrupt inside
-    SQLAlchemy's query made it log "Error closing cursor" with a traceback.
+    SQLAlchemy's query made it log "Error closing cursor" with a traceback. A job submitted but not
+    recorded (its job id tagged on its run) was submitted a second time by the next launch.
+    `children_too`: the commands started inside (sbatch) do not get a Ctrl-C, which a terminal sends
+    to its whole process group, either: SIGINT is blocked, a mask they inherit, so that sbatch ends
+    the submission it started. Only for short commands: a blocked SIGINT stays blocked in them.
     """
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    handlers = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in STOPS}
+    masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if children_too else None
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught and previous is not signal.SIG_IGN:
-        raise KeyboardInterrupt
+        if masked is not None:  # a Ctrl-C held back meanwhile reaches the handler above here
+            signal.pthread_sigmask(signal.SIG_SETMASK, masked)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    if caught:
+        signal.raise_signal(caught[0])  # what it would have done: raise, or nothing if it was ignored
 
 
 @contextlib.contextmanager
