@@ -21,6 +21,7 @@ keys, so a DeiT checkpoint loads into a DynamicViT with only the predictor keys 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -192,35 +193,44 @@ def _download(url: str, target: Path, pinned: str | None) -> str:
     request = urllib.request.Request(url, headers={"User-Agent": "dvit-harness"})
     try:
         try:
-            out = open(part, "wb")  # closed by the `with` below
+            out = open(part, "wb")  # closed below, or quietly by `finally` once something failed
         except OSError as err:
             raise _CacheWrite(err) from None
-        with out, urllib.request.urlopen(request, timeout=download_timeout_s()) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                file=sys.stderr,
-                desc=f"download {Path(urlparse(url).path).name or target.name}",
-                mininterval=1.0,
-            ) as bar:
-                size = 0
-                while chunk := response.read(_CHUNK):
-                    try:
-                        out.write(chunk)
-                    except OSError as err:
-                        raise _CacheWrite(err) from None
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-                    size += len(chunk)
-            if total is not None and size != total:
-                raise http.client.IncompleteRead(b"", total - size)
+        try:
+            with urllib.request.urlopen(request, timeout=download_timeout_s()) as response:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    file=sys.stderr,
+                    desc=f"download {Path(urlparse(url).path).name or target.name}",
+                    mininterval=1.0,
+                ) as bar:
+                    size = 0
+                    while chunk := response.read(_CHUNK):
+                        try:
+                            out.write(chunk)
+                        except OSError as err:
+                            raise _CacheWrite(err) from None
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+                        size += len(chunk)
+                if total is not None and size != total:
+                    raise http.client.IncompleteRead(b"", total - size)
+                try:
+                    out.flush()
+                except OSError as err:
+                    raise _CacheWrite(err) from None
             try:
-                out.flush()
+                out.close()  # a file system that reports a write's failure only at close (NFS)
             except OSError as err:
                 raise _CacheWrite(err) from None
+        finally:
+            if not out.closed:  # a failed write or flush: closing flushes the same bytes again, and its
+                with contextlib.suppress(OSError):  # OSError must not replace the error on its way
+                    out.close()
         _check_download(part, url, target)
         actual = digest.hexdigest()
         if pinned is not None and actual != pinned:

@@ -453,3 +453,31 @@ def test_ctrl_c_before_the_first_checkpoint_says_the_same_command_starts_over(tm
         "interrupted: Ctrl-C (SIGINT) before the first checkpoint (written at each epoch's end); the same "
         "command starts over, in a new MLflow run"
     ), run.data.tags
+
+
+# ---------------------------- review 2 L2: a disk that fills on the last buffered bytes of a download
+def test_a_cache_that_fills_on_the_last_buffered_bytes_names_the_cache_not_the_network(
+    tmp_path: Path, site: Site
+) -> None:
+    """A 6,000-byte download fits Python's 8 KiB write buffer: it reaches the disk only at the final flush,
+    which a one-page (4 KiB) tmpfs cuts short; the file's close then fails on the same bytes. Still one line
+    naming the cache folder and the full disk, exit 1, no "offline" advice and no partial file (the close's
+    plain OSError had replaced the cache's error)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a one-page tmpfs (a full disk on the final flush)")
+    site.routes["/small.pth"] = b"PK" + bytes(5998)
+    url = f"{site.url}/small.pth"
+    cache = cached_path(url).parent
+    cache.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(cache)], capture_output=True).returncode:
+        pytest.skip("running as root without `mount`: no small file system to fill")
+    try:
+        result = fetch_cli(tmp_path, url)
+        leftovers = sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
+    finally:
+        subprocess.run(["umount", str(cache)], check=False)
+    (line,) = error_lines(result.stderr)
+    assert result.returncode == 1, result.stderr
+    assert line.startswith(f"checkpoint: {cache}: no space left on the device (disk full)"), line
+    assert url in line and "offline" not in line and "DVIT_CACHE" in line
+    assert leftovers == []
