@@ -3,9 +3,11 @@
 One row per run of the spec: state in MLflow (or 'not launched'), its epoch (the one being
 trained, or the epochs done) and optimiser step of the total, the ETA of a running run (as
 `launch --wait` shows them: harness/progress.py), best val/acc1, job id and MLflow run id.
-Reads MLflow only; submits nothing, creates nothing: a tracking store that does not exist (a
-mistyped `--tracking-uri`) or does not answer is said in one line.
-Exit codes: 0 shown, 1 the tracking server did not answer, 2 invalid spec or arguments.
+Reads MLflow only; submits nothing, creates nothing (but an SQLite store's lock file beside it, if
+no launch made one): a tracking store that does not exist (a mistyped `--tracking-uri`) or does not
+answer is said in one line. A store that a launch or search is setting up is read once that is done
+(it says that it waits); one whose set-up died half-way is said in one line.
+Exit codes: 0 shown, 1 the tracking server did not answer or the store is not set up, 2 invalid spec or arguments.
 """
 
 from __future__ import annotations
