@@ -458,6 +458,43 @@ def test_ctrl_c_while_a_launch_creates_its_placeholder_ends_that_run_killed(tmp_
     assert not list(folder.glob("runs/*/*/*/submitit/*_submitted.pkl"))  # no job
 
 
+def job_tasks(tmp: Path) -> list[int]:
+    """The processes that the local job's submitit controller (its pid: tag job_id) runs: the training."""
+    with sqlite3.connect(f"file:{tmp / 'mlflow.db'}?mode=ro", uri=True, timeout=1) as con:
+        (job,) = {value for (value,) in con.execute("select value from tags where key = 'job_id'")}
+    return [int(pid) for pid in Path(f"/proc/{job}/task/{job}/children").read_text().split()]
+
+
+def test_a_second_ctrl_c_while_a_launch_stops_its_jobs_waits_for_the_clean_up(tmp_path: Path) -> None:
+    """Ctrl-C to a local launch says that it is stopping its jobs (up to a minute); a second Ctrl-C then,
+    the natural reaction, no longer aborts the clean-up (review 2 L4): the run still ends KILLED with the
+    reason. The training is frozen (SIGSTOP) until the second Ctrl-C is sent: the clean-up is under way."""
+    path = write(tmp_path / "t.yaml", teacher_only(**{"base/data/train_digits": 512, "scales/tiny/train/epochs": 3}))
+    launch = popen("harness.launch", *launch_args(tmp_path, path, "--wait"), cwd=tmp_path)
+    err = Lines(launch.stderr)
+    wait_until(lambda: running(tmp_path, job_run=True) or launch.poll() is not None, 240, "the run to train")
+    assert launch.poll() is None, err.text()
+    training = job_tasks(tmp_path)
+    stopping = "stopping 1 local job(s) at their next step (up to 60 s)..."
+    for pid in training:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        os.killpg(launch.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+        wait_until(lambda: stopping in "".join(err.lines) or launch.poll() is not None, 90, "the launch to say so")
+        os.killpg(launch.pid, signal.SIGINT)  # again, while it waits for the job
+    finally:
+        for pid in training:
+            os.kill(pid, signal.SIGCONT)
+    launch.wait(timeout=120)
+    lines = err.text().strip().splitlines()
+    assert launch.returncode == 130 and stopping in lines and lines[-1] == "harness.launch: interrupted", lines
+    (run,) = train_runs(tmp_path)
+    assert run.info.status == "KILLED", run.info.status
+    assert run.data.tags["error"].startswith(
+        "interrupted: Ctrl-C (SIGINT) to the launch; stopped at its last checkpoint"
+    ), run.data.tags.get("error")
+
+
 # -------------------------------------------------- case 9: Ctrl-C during a search's enqueued first trial
 def search_spec() -> dict[str, Any]:
     from tests.test_search import SPEC

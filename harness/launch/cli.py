@@ -17,7 +17,7 @@ from harness.errors import EXIT_FAILED, handle
 from harness.launch.plan import check_output_root, check_report_inputs, check_run_folders, render_table
 from harness.launch.report import print_urls, report
 from harness.launch.submit import Launch
-from harness.launch.wait import wait_for
+from harness.launch.wait import interrupts_deferred, wait_for
 from harness.lifecycle import RunState
 from harness.spec import MAX_RUNS, load_and_expand
 from harness.store import StoreLock, bound_requests, check_store, resolve_uri
@@ -94,7 +94,8 @@ def _main(args: argparse.Namespace) -> int:
             ok = wait_for([j for jobs in launch.jobs.values() for j in jobs], progress, watch=launch.watch)
         status = RunState.FINISHED if ok else RunState.FAILED
     except KeyboardInterrupt as stop:  # Ctrl-C, or TERM (_Terminated): runs not submitted, local jobs end KILLED
-        launch.stop("SIGTERM to the launch" if isinstance(stop, _Terminated) else "Ctrl-C (SIGINT) to the launch")
+        with interrupts_deferred():  # a second Ctrl-C (the jobs take up to a minute to stop) waits for the clean-up
+            launch.stop("SIGTERM to the launch" if isinstance(stop, _Terminated) else "Ctrl-C (SIGINT) to the launch")
         raise
     except Exception:
         status = RunState.FAILED

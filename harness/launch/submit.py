@@ -453,6 +453,8 @@ class Launch:
         if self.cluster == "slurm":
             return
         live = [(run_id, job) for run_id, job in self.started if not job.done()]
+        if live:
+            print(f"stopping {len(live)} local job(s) at their next step (up to {wait_s:.0f} s)...", file=sys.stderr)
         stop_jobs([job for _, job in live], wait_s)
         for run_id, _ in live:  # a run that FINISHED on its own meanwhile is left alone
             lifecycle.interrupt(
