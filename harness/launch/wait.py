@@ -133,7 +133,7 @@ def children_ignore_sigint() -> Any:
 
     Ctrl-C reaches the terminal's whole process group: submitit's job controller died of it with a
     KeyboardInterrupt traceback and the training job with an empty FAILED run. The launcher stops
-    its jobs itself (`Launch.stop_local`).
+    its jobs itself (`Launch.stop`).
     """
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
