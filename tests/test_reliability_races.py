@@ -45,17 +45,18 @@ def _reap() -> Iterator[None]:
             proc.wait(timeout=30)
 
 
-def popen(module: str, *args: str, cwd: Path) -> subprocess.Popen:
-    """A command in its own process group (a terminal's foreground job: Ctrl-C reaches all of it)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["PYTHONPATH"] = str(REPO)
+def popen(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A command in its own process group (a terminal's foreground job: Ctrl-C reaches all of it), with the
+    environment's MLflow variables dropped and `env` (e.g. a PATH with a stand-in command) added."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    full_env.update(PYTHONPATH=str(REPO), **(env or {}))
     proc = subprocess.Popen(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=full_env,
         start_new_session=True,
     )
     STARTED.append(proc)

@@ -113,22 +113,10 @@ def held_sbatch(tmp):
 
 def slurm_launch(tmp, spec, env=None):
     """`python -m harness.launch --executor slurm` in its own process group (a terminal's foreground job)."""
-    import sys
+    from tests.test_reliability_races import popen
 
-    from tests.test_reliability import REPO
-
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    full_env.update(PYTHONPATH=str(REPO), **(env or {}))
     args = ["--executor", "slurm", "--output-root", str(tmp / "runs"), "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]
-    return subprocess.Popen(
-        [sys.executable, "-m", "harness.launch", str(spec), *args],
-        cwd=tmp,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=full_env,
-        start_new_session=True,
-    )
+    return popen("harness.launch", str(spec), *args, cwd=tmp, env=env)
 
 
 def test_ctrl_c_and_term_while_a_launch_waits_for_sbatch_end_it_with_the_job_recorded(slurm_cluster, tmp_path):
